@@ -1,0 +1,183 @@
+"""The `instructloop` command: run each process, manage accounts, move data in and out.
+
+`serve`, `worker` and `beat` are the production processes (docker-compose
+runs exactly these); `demo` runs all three on the embedded default. Commands
+that need torch import the worker package lazily, so `instructloop serve`
+never loads it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from app.config import get_settings
+
+cli = typer.Typer(help="InstructLoop: collect human feedback and retrain models on it.", no_args_is_help=True)
+world_cli = typer.Typer(help="The bundled world: a toy domain with checkable answers and a tiny model.")
+cli.add_typer(world_cli, name="world")
+console = Console(stderr=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str | None = None):
+    """Returns the Alembic configuration for this checkout, optionally for another database."""
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    if url:
+        config.attributes["url"] = url
+    return config
+
+
+def run_migrations(url: str | None = None) -> None:
+    """Upgrades the database to the newest schema."""
+    from alembic import command
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply database migrations (a one-off step before starting the web)."""
+    run_migrations()
+    console.print("[green]database is at the newest schema[/green]")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Number of uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the web server (pages, JSON API, /docs)."""
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                proxy_headers=True, log_level="info")
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: gpu, default.")] = "gpu,default",
+    concurrency: Annotated[int, typer.Option(help="Parallel tasks; 1 for a GPU worker.")] = 1,
+    max_tasks_per_child: Annotated[int, typer.Option(help="Fresh process after N tasks (1 frees GPU memory).")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+) -> None:
+    """Run a Celery worker for sampling and training jobs."""
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main([
+        "worker", f"--queues={queues}", f"--concurrency={concurrency}",
+        f"--max-tasks-per-child={max_tasks_per_child}", f"--loglevel={loglevel}", "--without-gossip",
+        "--without-mingle", "--pool=prefork",
+    ])
+
+
+@cli.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info") -> None:
+    """Run the one Celery beat: dispatch, reaper, lease expiry, retrain checks."""
+    from worker.celery_app import app as celery_app
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.Beat(loglevel=loglevel, schedule=str(settings.data_dir / "celerybeat-schedule")).run()
+
+
+@cli.command("create-user")
+def create_user_cmd(
+    name: Annotated[str, typer.Argument(help="Username.")],
+    role: Annotated[str, typer.Option(help="admin or labeler.")] = "labeler",
+    password: Annotated[Optional[str], typer.Option(help="Password; asked for when omitted.")] = None,
+) -> None:
+    """Create a user account."""
+    from app.db import session_scope
+    from app.security import CredentialError, create_user
+
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        with session_scope() as db:
+            user = create_user(db, name, role, password)
+            console.print(f"created {user.role} [bold]{user.username}[/bold] (id {user.id})")
+    except CredentialError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@cli.command("create-token")
+def create_token_cmd(
+    user: Annotated[str, typer.Option("--user", help="Owner's username.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: export:read, label, admin.")],
+    name: Annotated[str, typer.Option(help="A label to recognise the token by.")] = "",
+) -> None:
+    """Create an API token; the token is printed alone on the last line."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import User
+    from app.security import CredentialError, create_api_token, parse_scopes
+
+    try:
+        with session_scope() as db:
+            owner = db.scalar(select(User).where(User.username == user))
+            if owner is None:
+                raise CredentialError(f"user: no user named '{user}'")
+            raw, token = create_api_token(db, owner, parse_scopes(scopes), name)
+            console.print(f"token {token.id} for {owner.username} with scopes {', '.join(token.scopes)}; "
+                          "it is shown only now:")
+    except CredentialError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    print(raw)
+
+
+@cli.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Interface for the web server.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the web server.")] = 8000,
+) -> None:
+    """Run the whole product on the embedded default: SQLite, a filesystem broker, web + worker + beat."""
+    from app.demo import run_demo
+
+    sys.exit(run_demo(host=host, port=port))
+
+
+@world_cli.command("pretrain")
+def world_pretrain(
+    out: Annotated[Path, typer.Option(help="Where to save the base model.")] = ROOT / "models" / "world-base",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    register: Annotated[bool, typer.Option(help="Register it as the base model version.")] = True,
+) -> None:
+    """Pretrain the tiny base model on the bundled world's corpus (CPU, minutes)."""
+    from worker.world_model import pretrain_base
+
+    kwargs = {"steps": steps} if steps else {}
+    metrics = pretrain_base(out, seed=seed, progress=True, **kwargs)
+    console.print(f"saved base model to {out}: {metrics}")
+    if register:
+        from app.db import session_scope
+        from app.services.registry import register_base_model
+
+        run_migrations()
+        with session_scope() as db:
+            version = register_base_model(db, str(out), metrics=metrics)
+            console.print(f"registered model version {version.name}")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Settings for every InstructLoop process, read from the environment.
+
+Web, worker, beat and the CLI all read the same `Settings` (env prefix
+`INSTRUCTLOOP_`), so a deployment is configured in one place. The embedded
+default (`instructloop demo`) runs on a SQLite file and a filesystem broker
+under the data dir; production points the URLs at PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_KEY = "change-me-instructloop-local-only"
+
+
+class Settings(BaseSettings):
+    """All configuration of an InstructLoop deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="INSTRUCTLOOP_", env_file=".env", extra="ignore")
+
+    environment: Literal["local", "demo", "test", "production"] = Field(
+        "local", description="Deployment mode; 'production' refuses the default secret key."
+    )
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty means a SQLite file in the data dir."
+    )
+    broker_url: str = Field(
+        "", description="Celery broker URL; empty means a filesystem broker in the data dir."
+    )
+    secret_key: str = Field(DEFAULT_SECRET_KEY, description="Signs sessions and CSRF tokens.")
+    data_dir: Path = Field(Path("./instructloop-data"), description="Artifacts, models, SQLite, broker.")
+    public_base_url: str = Field("http://127.0.0.1:8000", description="URL users reach the web at.")
+    base_model: str = Field(
+        "", description="Path or hub id of the base model; empty means the bundled world model."
+    )
+
+    session_max_age_s: int = Field(7 * 24 * 3600, description="Lifetime of a login session.")
+    login_max_failures: int = Field(5, description="Failed logins per account or IP before a lockout.")
+    login_window_s: int = Field(300, description="Window of the login rate limit, in seconds.")
+    max_body_bytes: int = Field(50 * 1024 * 1024, description="Largest request body accepted.")
+    lease_minutes: int = Field(20, description="How long a labeler holds a task before it returns.")
+    max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> "Settings":
+        if self.environment == "production" and self.secret_key == DEFAULT_SECRET_KEY:
+            raise ValueError(
+                "INSTRUCTLOOP_SECRET_KEY is still the default; set a long random value "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`) "
+                "before running with INSTRUCTLOOP_ENVIRONMENT=production"
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'instructloop.sqlite3').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The broker URL, defaulting to the serverless filesystem transport."""
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Where the filesystem broker keeps its messages."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where model versions and training runs write their files."""
+        return (self.data_dir / "artifacts").resolve()
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies get the Secure flag when the site is served over HTTPS."""
+        return self.public_base_url.startswith("https://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Returns the process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,177 @@
+"""Request dependencies: the database session and who is asking.
+
+`SessionDep` opens one transaction per request and commits it when the route
+function returns, before the response is sent, so a client never sees a 200
+for data that was not stored. Who is asking comes from a bearer token (API
+clients) or the session cookie (browsers); cookie-authenticated requests
+that change state must carry the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy.orm import Session
+
+from app.config import Settings, get_settings
+from app.db import get_sessionmaker
+from app.models import User, UserSession
+from app.security import ROLE_SCOPES, SESSION_COOKIE, csrf_matches, load_session, resolve_api_token
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def get_db() -> Iterator[Session]:
+    """Yields a session; commits when the route returns, rolls back on error."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@dataclass
+class Principal:
+    """The authenticated caller: a user, what they may do, and how they proved it."""
+
+    user: User
+    scopes: frozenset[str]
+    via: str  # "session" or "token"
+    session: UserSession | None = None
+    token_id: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.user.role == "admin"
+
+    @property
+    def csrf_token(self) -> str:
+        return self.session.csrf_token if self.session else ""
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Authorization header must be 'Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return value.strip()
+
+
+def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) -> Principal | None:
+    """Returns the caller if they are authenticated, else None; a bad token is a 401."""
+    raw = _bearer(request)
+    if raw is not None:
+        found = resolve_api_token(db, raw)
+        if found is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "API token is invalid, expired or revoked",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        token, user = found
+        scopes = frozenset(token.scopes) & ROLE_SCOPES[user.role]
+        return Principal(user=user, scopes=scopes, via="token", token_id=token.id)
+    loaded = load_session(db, settings, request.cookies.get(SESSION_COOKIE))
+    if loaded is None:
+        return None
+    session, user = loaded
+    return Principal(user=user, scopes=ROLE_SCOPES[user.role], via="session", session=session)
+
+
+OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
+
+
+async def _submitted_csrf(request: Request) -> str | None:
+    header = request.headers.get("x-csrf-token")
+    if header:
+        return header
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()  # cached on the request; the route reads the same form
+        value = form.get("csrf_token")
+        return value if isinstance(value, str) else None
+    return None
+
+
+async def check_csrf(request: Request, principal: OptionalPrincipal) -> None:
+    """Refuses a state-changing, cookie-authenticated request without the session's CSRF token."""
+    if request.method not in UNSAFE_METHODS or principal is None or principal.via != "session":
+        return
+    if not csrf_matches(principal.csrf_token, await _submitted_csrf(request)):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "CSRF token missing or wrong: reload the page and try again "
+            "(API clients send the X-CSRF-Token header or use a bearer token)",
+        )
+
+
+def require_scope(scope: str):
+    """Builds an API dependency: 401 when anonymous, 403 without `scope`."""
+
+    def dependency(principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]) -> Principal:
+        if principal is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "Authentication required", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if scope not in principal.scopes:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"This needs the '{scope}' scope")
+        return principal
+
+    return dependency
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies for anonymous visitors; the app redirects to /login."""
+
+    def __init__(self, next_url: str):
+        self.next_url = next_url
+
+
+def require_role(role: str):
+    """Builds a page dependency: redirect to login when anonymous, 403 for the wrong role."""
+
+    def dependency(
+        request: Request, principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]
+    ) -> Principal:
+        if principal is None or principal.via != "session":
+            raise LoginRequired(request.url.path)
+        if principal.user.role != role:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"This page is for {role}s only")
+        return principal
+
+    return dependency
+
+
+def require_login(
+    request: Request, principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]
+) -> Principal:
+    """Page dependency for any signed-in user."""
+    if principal is None or principal.via != "session":
+        raise LoginRequired(request.url.path)
+    return principal
+
+
+AdminPage = Annotated[Principal, Depends(require_role("admin"))]
+LabelerPage = Annotated[Principal, Depends(require_role("labeler"))]
+AnyUserPage = Annotated[Principal, Depends(require_login)]
+ExportReader = Annotated[Principal, Depends(require_scope("export:read"))]
+LabelerApi = Annotated[Principal, Depends(require_scope("label"))]
+AdminApi = Annotated[Principal, Depends(require_scope("admin"))]

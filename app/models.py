@@ -1,0 +1,406 @@
+"""Every table of the loop, in the order data walks through it.
+
+users and their credentials → prompt batches → prompts → completions (model
+samples) → labeling tasks → assignments (leases) → demonstrations and
+rankings → training runs → model versions, which sample the next batch.
+Constraints make bad states impossible rather than merely unlikely: one
+submitted ranking per assignment, ranks 1..9, Likert 1..7, K in 4..9 for
+ranking tasks, one promoted model per kind, one active training run per kind.
+Relationships are `lazy="raise"` so an N+1 query fails loudly in tests.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+ROLES = ("labeler", "admin")
+TOKEN_SCOPES = ("export:read", "label", "admin")
+BATCH_STATUSES = ("draft", "sampling", "labeling", "paused", "completed", "archived")
+PROMPT_CATEGORIES = ("plain", "few-shot", "user-based")
+SPLITS = ("train", "valid", "test")
+TASK_KINDS = ("demonstration", "ranking", "eval")
+ASSIGNMENT_STATES = ("leased", "submitted", "skipped", "expired")
+MODEL_KINDS = ("base", "sft", "rm", "policy")
+MODEL_STATUSES = ("training", "ready", "failed", "promoted", "retired")
+RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+RANKING_FLAGS = (
+    "fails_instruction",
+    "hallucination",
+    "inappropriate_for_assistant",
+    "sexual_content",
+    "violent_content",
+    "encourages_violence",
+    "denigrates_protected_class",
+    "harmful_advice",
+    "moral_judgment",
+    "personal_data",
+)
+
+
+def utcnow() -> datetime:
+    """Returns the current time, timezone-aware in UTC."""
+    return datetime.now(timezone.utc)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType, datetime: DateTime(timezone=True)}
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # Held-out labelers' rankings go to validation only (RM accuracy on unseen people).
+    held_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UserSession(Base):
+    """A login session; the cookie carries a signed random id, stored here hashed."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="raise")
+
+
+class ApiToken(Base):
+    """A bearer token: shown once, stored as a SHA-256 hash, scoped and revocable."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="raise")
+
+
+class LoginFailure(Base):
+    """One failed login, kept for the per-account and per-IP rate limit."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    ip: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    """A trained model: base, SFT, reward model or PPO policy."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        CheckConstraint(_in("kind", MODEL_KINDS), name="kind"),
+        CheckConstraint(_in("status", MODEL_STATUSES), name="status"),
+        # Exactly one promoted model of each kind (the policy that samples, the RM that scores).
+        Index(
+            "uq_model_versions_one_promoted",
+            "kind",
+            unique=True,
+            postgresql_where=text("status = 'promoted'"),
+            sqlite_where=text("status = 'promoted'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="training")
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    # Secondary parents, e.g. the RM a policy was trained against: {"rm": id, "sft": id}.
+    lineage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    data_snapshot: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    artifact_path: Mapped[str] = mapped_column(Text, default="")
+    training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id", use_alter=True))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[datetime | None]
+
+
+class PromptBatch(Base):
+    """A unit of data collection: prompts, how to sample them and how to label them."""
+
+    __tablename__ = "prompt_batches"
+    __table_args__ = (
+        CheckConstraint(_in("status", BATCH_STATUSES), name="status"),
+        CheckConstraint("k BETWEEN 4 AND 9", name="k_range"),
+        CheckConstraint("overlap >= 1", name="overlap_positive"),
+        CheckConstraint("extra_overlap_fraction >= 0 AND extra_overlap_fraction <= 1", name="extra_fraction"),
+        CheckConstraint("wants_demonstrations OR wants_rankings", name="some_task_kind"),
+        CheckConstraint(_in("pii_policy", ("drop", "redact", "flag")), name="pii_policy"),
+        CheckConstraint("temperature >= 0 AND top_p > 0 AND top_p <= 1", name="sampling"),
+        CheckConstraint("max_new_tokens BETWEEN 1 AND 4096", name="max_new_tokens"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    wants_demonstrations: Mapped[bool] = mapped_column(Boolean, default=True)
+    wants_rankings: Mapped[bool] = mapped_column(Boolean, default=True)
+    allow_prompt_writing: Mapped[bool] = mapped_column(Boolean, default=False)
+    k: Mapped[int] = mapped_column(Integer, default=4)
+    overlap: Mapped[int] = mapped_column(Integer, default=1)
+    extra_overlap_fraction: Mapped[float] = mapped_column(Float, default=0.0)
+    extra_overlap: Mapped[int] = mapped_column(Integer, default=1)
+    temperature: Mapped[float] = mapped_column(Float, default=1.0)
+    top_p: Mapped[float] = mapped_column(Float, default=0.95)
+    max_new_tokens: Mapped[int] = mapped_column(Integer, default=48)
+    policy_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    pii_policy: Mapped[str] = mapped_column(String(8), default="drop")
+    hygiene_report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (
+        CheckConstraint(_in("category", PROMPT_CATEGORIES), name="category"),
+        CheckConstraint(_in("split", SPLITS), name="split"),
+        CheckConstraint("length(text) > 0", name="text_not_empty"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("prompt_batches.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    source_user_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    category: Mapped[str] = mapped_column(String(16), default="plain")
+    split: Mapped[str] = mapped_column(String(8), default="train")
+    # Hashes of the normalised text and of its leading characters, for hygiene against earlier batches.
+    normalized_key: Mapped[str] = mapped_column(String(64), index=True)
+    prefix_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    extra: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    pii_flags: Mapped[list[Any]] = mapped_column(default=list)
+    source_line: Mapped[int | None] = mapped_column(Integer)
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Completion(Base):
+    """A candidate output for a prompt: a model sample (with its version) or human text."""
+
+    __tablename__ = "completions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    sampling: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Task(Base):
+    """One unit of labeling work on a prompt, needing `needed` distinct labelers."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint(_in("kind", TASK_KINDS), name="kind"),
+        CheckConstraint("kind <> 'ranking' OR (k BETWEEN 4 AND 9)", name="ranking_k"),
+        CheckConstraint("needed >= 1", name="needed_positive"),
+        CheckConstraint("done_count >= 0 AND done_count <= needed", name="done_count"),
+        UniqueConstraint("prompt_id", "kind", name="uq_tasks_prompt_kind"),
+        # The lease query walks open tasks by priority then age.
+        Index("ix_tasks_open", "is_open", "priority", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("prompt_batches.id", ondelete="CASCADE"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int | None] = mapped_column(Integer)
+    needed: Mapped[int] = mapped_column(Integer, default=1)
+    done_count: Mapped[int] = mapped_column(Integer, default=0)
+    is_open: Mapped[bool] = mapped_column(Boolean, default=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TaskItem(Base):
+    """A completion shown in a ranking (or eval) task."""
+
+    __tablename__ = "task_items"
+    __table_args__ = (UniqueConstraint("task_id", "completion_id", name="uq_task_items_task_completion"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class Assignment(Base):
+    """A labeler's lease on a task; the unit a submission is idempotent on."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        CheckConstraint(_in("state", ASSIGNMENT_STATES), name="state"),
+        UniqueConstraint("task_id", "labeler_id", name="uq_assignments_task_labeler"),
+        Index("ix_assignments_labeler_state", "labeler_id", "state"),
+        Index("ix_assignments_expiry", "state", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    state: Mapped[str] = mapped_column(String(16), default="leased")
+    leased_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    skip_reason: Mapped[str | None] = mapped_column(String(64))
+    skip_note: Mapped[str | None] = mapped_column(Text)
+    draft: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    display_order: Mapped[list[Any]] = mapped_column(default=list)
+    active_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Demonstration(Base):
+    __tablename__ = "demonstrations"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    active_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Ranking(Base):
+    __tablename__ = "rankings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # One submitted ranking per assignment: a repeated submit can never create a second one.
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    all_unacceptable: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    active_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    items: Mapped[list[RankingItem]] = relationship(lazy="raise", order_by="RankingItem.position")
+
+
+class RankingItem(Base):
+    __tablename__ = "ranking_items"
+    __table_args__ = (
+        UniqueConstraint("ranking_id", "completion_id", name="uq_ranking_items_ranking_completion"),
+        CheckConstraint("rank BETWEEN 1 AND 9", name="rank_range"),
+        CheckConstraint("likert BETWEEN 1 AND 7", name="likert_range"),
+        CheckConstraint("position BETWEEN 0 AND 8", name="position_range"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    ranking_id: Mapped[int] = mapped_column(ForeignKey("rankings.id", ondelete="CASCADE"), index=True)
+    completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
+    rank: Mapped[int] = mapped_column(Integer)
+    likert: Mapped[int] = mapped_column(Integer)
+    flags: Mapped[list[Any]] = mapped_column(default=list)
+    # Where the output was shown to this labeler (0 = first), for position-bias analysis.
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class TrainingRun(Base):
+    """A background job (sampling, pretraining or training) and the source of truth on its state."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        CheckConstraint(_in("kind", RUN_KINDS), name="kind"),
+        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),
+        # One active training run per kind: the scheduler and admins cannot start a second.
+        Index(
+            "uq_training_runs_one_active",
+            "kind",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running') AND kind IN ('sft', 'rm', 'ppo')"),
+            sqlite_where=text("status IN ('queued', 'running') AND kind IN ('sft', 'rm', 'ppo')"),
+        ),
+        # The outbox: runs committed but not yet handed to the broker.
+        Index("ix_training_runs_unsent", "status", "enqueued_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("prompt_batches.id"), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    checkpoint_dir: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    triggered_by: Mapped[str] = mapped_column(String(32), default="admin")
+    output_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

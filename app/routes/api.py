@@ -1,0 +1,90 @@
+"""The /api/v1 JSON API: the account, its tokens, and the routers of each stage.
+
+Every route names the scope it needs (`label`, `export:read`, `admin`);
+callers authenticate with `Authorization: Bearer <token>` or, from the
+browser, the session cookie plus the X-CSRF-Token header on writes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from app.deps import OptionalPrincipal, SessionDep, check_csrf
+from app.models import ApiToken
+from app.security import CredentialError, create_api_token, parse_scopes, revoke_api_token
+
+router = APIRouter(prefix="/api/v1")
+
+
+class MeOut(BaseModel):
+    id: int
+    username: str
+    role: str
+    scopes: list[str]
+    via: str
+
+
+class TokenIn(BaseModel):
+    name: str = Field("", max_length=128)
+    scopes: list[str] = Field(..., min_length=1, description="Any of export:read, label, admin")
+    expires_at: datetime | None = None
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class NewTokenOut(TokenOut):
+    token: str = Field(description="The secret; shown only in this response")
+
+
+def _authenticated(principal: OptionalPrincipal, _csrf: None = Depends(check_csrf)):
+    if principal is None:
+        raise HTTPException(401, "Authentication required", headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+@router.get("/me", response_model=MeOut, tags=["account"])
+def me(principal=Depends(_authenticated)):
+    """Tells who the caller is and what they may do."""
+    return MeOut(
+        id=principal.user.id, username=principal.user.username, role=principal.user.role,
+        scopes=sorted(principal.scopes), via=principal.via,
+    )
+
+
+@router.get("/tokens", response_model=list[TokenOut], tags=["account"])
+def list_tokens(db: SessionDep, principal=Depends(_authenticated)):
+    """Lists the caller's API tokens (never their secrets)."""
+    rows = db.scalars(select(ApiToken).where(ApiToken.user_id == principal.user.id).order_by(ApiToken.id)).all()
+    return [TokenOut.model_validate(row, from_attributes=True) for row in rows]
+
+
+@router.post("/tokens", response_model=NewTokenOut, status_code=201, tags=["account"])
+def create_token(body: TokenIn, db: SessionDep, principal=Depends(_authenticated)):
+    """Creates an API token for the caller; the secret is shown once."""
+    if principal.via != "session":
+        raise HTTPException(403, "Create tokens from a browser session or the CLI, not with another token")
+    try:
+        raw, token = create_api_token(db, principal.user, parse_scopes(body.scopes), body.name, body.expires_at)
+    except CredentialError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return NewTokenOut(token=raw, **TokenOut.model_validate(token, from_attributes=True).model_dump())
+
+
+@router.delete("/tokens/{token_id}", status_code=204, tags=["account"])
+def delete_token(token_id: int, db: SessionDep, principal=Depends(_authenticated)):
+    """Revokes one of the caller's tokens (admins may revoke anyone's)."""
+    owner = None if principal.is_admin else principal.user
+    if not revoke_api_token(db, token_id, owner):
+        raise HTTPException(404, f"No active token {token_id} of yours")

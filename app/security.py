@@ -1,0 +1,260 @@
+"""Credentials: password hashing, login sessions, API tokens, CSRF and the login rate limit.
+
+Passwords are hashed with argon2. Session ids and API tokens are 256-bit
+random strings: only their SHA-256 hash is stored (a fast hash is right for
+high-entropy secrets; argon2 is for guessable passwords), compared in
+constant time by the database's unique index lookup plus `hmac.compare_digest`.
+The session cookie carries the session id signed with the secret key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime, timedelta, timezone
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from itsdangerous import BadSignature, URLSafeSerializer
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import ROLES, TOKEN_SCOPES, ApiToken, LoginFailure, User, UserSession, utcnow
+
+SESSION_COOKIE = "il_session"
+LOGIN_CSRF_COOKIE = "il_login_csrf"
+TOKEN_PREFIX = "il_"
+
+# What each role may do; a token's scopes are cut down to its owner's role.
+ROLE_SCOPES: dict[str, frozenset[str]] = {
+    "labeler": frozenset({"label"}),
+    "admin": frozenset(TOKEN_SCOPES),
+}
+
+_hasher = PasswordHasher()
+
+
+class CredentialError(ValueError):
+    """A user-caused problem with credentials; the message is safe to show."""
+
+
+def hash_password(password: str) -> str:
+    """Hashes a password with argon2id."""
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    """Checks a password against its argon2 hash."""
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+# A hash to verify against when the user does not exist, so timing does not reveal usernames.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def sha256_hex(value: str) -> str:
+    """Returns the SHA-256 hex digest of a secret."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def validate_new_user(username: str, role: str, password: str) -> None:
+    """Raises CredentialError when a new account's fields are unacceptable."""
+    if not username or len(username) > 64 or not all(c.isalnum() or c in "._-" for c in username):
+        raise CredentialError("username: use 1-64 letters, digits, '.', '_' or '-'")
+    if role not in ROLES:
+        raise CredentialError(f"role: must be one of {', '.join(ROLES)}")
+    if len(password) < 8:
+        raise CredentialError("password: must be at least 8 characters")
+
+
+def create_user(db: Session, username: str, role: str, password: str) -> User:
+    """Creates an account with a hashed password."""
+    validate_new_user(username, role, password)
+    if db.scalar(select(User.id).where(User.username == username)) is not None:
+        raise CredentialError(f"username: '{username}' already exists")
+    user = User(username=username, role=role, password_hash=hash_password(password))
+    db.add(user)
+    db.flush()
+    return user
+
+
+def authenticate(db: Session, username: str, password: str) -> User | None:
+    """Returns the active user with these credentials, or None."""
+    user = db.scalar(select(User).where(User.username == username))
+    if user is None:
+        verify_password(_DUMMY_HASH, password)
+        return None
+    if not verify_password(user.password_hash, password) or not user.is_active:
+        return None
+    return user
+
+
+# --- login rate limit -------------------------------------------------------------------------
+
+
+def login_blocked(db: Session, settings: Settings, username: str, ip: str) -> bool:
+    """Tells whether recent failures for this account or this IP exceed the limit."""
+    since = utcnow() - timedelta(seconds=settings.login_window_s)
+    by_user = db.scalar(
+        select(func.count()).where(LoginFailure.username == username, LoginFailure.at >= since)
+    )
+    by_ip = db.scalar(select(func.count()).where(LoginFailure.ip == ip, LoginFailure.at >= since))
+    return by_user >= settings.login_max_failures or by_ip >= settings.login_max_failures * 4
+
+
+def record_login_failure(db: Session, settings: Settings, username: str, ip: str) -> None:
+    """Records a failed login and forgets failures older than the window."""
+    db.add(LoginFailure(username=username[:64], ip=ip[:64]))
+    cutoff = utcnow() - timedelta(seconds=settings.login_window_s * 2)
+    db.execute(delete(LoginFailure).where(LoginFailure.at < cutoff))
+
+
+def clear_login_failures(db: Session, username: str) -> None:
+    """Forgets an account's failures after a successful login."""
+    db.execute(delete(LoginFailure).where(LoginFailure.username == username))
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+def _serializer(settings: Settings) -> URLSafeSerializer:
+    return URLSafeSerializer(settings.secret_key, salt="instructloop-session")
+
+
+def start_session(db: Session, settings: Settings, user: User) -> tuple[str, UserSession]:
+    """Creates a fresh session (a new id at every login) and returns its signed cookie value."""
+    raw = secrets.token_urlsafe(32)
+    session = UserSession(
+        user_id=user.id,
+        token_hash=sha256_hex(raw),
+        csrf_token=secrets.token_urlsafe(32),
+        expires_at=utcnow() + timedelta(seconds=settings.session_max_age_s),
+    )
+    db.add(session)
+    db.flush()
+    return _serializer(settings).dumps(raw), session
+
+
+def load_session(db: Session, settings: Settings, cookie: str | None) -> tuple[UserSession, User] | None:
+    """Returns the live session a cookie names and its user, or None."""
+    if not cookie:
+        return None
+    try:
+        raw = _serializer(settings).loads(cookie)
+    except BadSignature:
+        return None
+    if not isinstance(raw, str):
+        return None
+    row = db.execute(
+        select(UserSession, User)
+        .join(User, User.id == UserSession.user_id)
+        .where(UserSession.token_hash == sha256_hex(raw))
+    ).first()
+    if row is None:
+        return None
+    session, user = row
+    if session.revoked_at is not None or _aware(session.expires_at) <= utcnow() or not user.is_active:
+        return None
+    return session, user
+
+
+def end_session(db: Session, session: UserSession) -> None:
+    """Revokes a session (logout)."""
+    session.revoked_at = utcnow()
+
+
+def csrf_matches(expected: str, given: str | None) -> bool:
+    """Compares a submitted CSRF token with the expected one in constant time."""
+    return bool(given) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def sign_login_csrf(settings: Settings, value: str) -> str:
+    """Signs the double-submit CSRF token used by the login form (no session exists yet)."""
+    return URLSafeSerializer(settings.secret_key, salt="instructloop-login-csrf").dumps(value)
+
+
+def unsign_login_csrf(settings: Settings, cookie: str | None) -> str | None:
+    """Reads the login form's CSRF cookie; None when missing or tampered with."""
+    if not cookie:
+        return None
+    try:
+        value = URLSafeSerializer(settings.secret_key, salt="instructloop-login-csrf").loads(cookie)
+    except BadSignature:
+        return None
+    return value if isinstance(value, str) else None
+
+
+# --- API tokens -------------------------------------------------------------------------------
+
+
+def parse_scopes(text: str | list[str]) -> list[str]:
+    """Parses a comma-separated scope list, refusing unknown scopes."""
+    items = text if isinstance(text, list) else [s.strip() for s in text.split(",")]
+    scopes = sorted({s for s in items if s})
+    unknown = [s for s in scopes if s not in TOKEN_SCOPES]
+    if unknown:
+        raise CredentialError(f"scopes: unknown {', '.join(unknown)}; known: {', '.join(TOKEN_SCOPES)}")
+    if not scopes:
+        raise CredentialError("scopes: give at least one of " + ", ".join(TOKEN_SCOPES))
+    return scopes
+
+
+def create_api_token(
+    db: Session, user: User, scopes: list[str], name: str = "", expires_at: datetime | None = None
+) -> tuple[str, ApiToken]:
+    """Creates a token for a user; returns the plain token (shown once) and its row."""
+    allowed = ROLE_SCOPES[user.role]
+    beyond = [s for s in scopes if s not in allowed]
+    if beyond:
+        raise CredentialError(f"scopes: a {user.role} cannot hold {', '.join(beyond)}")
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(user_id=user.id, name=name, token_hash=sha256_hex(raw), scopes=scopes, expires_at=expires_at)
+    db.add(token)
+    db.flush()
+    return raw, token
+
+
+def resolve_api_token(db: Session, raw: str) -> tuple[ApiToken, User] | None:
+    """Returns the live token and its user for a presented bearer token, or None."""
+    if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
+        return None
+    digest = sha256_hex(raw)
+    row = db.execute(
+        select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.token_hash == digest)
+    ).first()
+    if row is None:
+        return None
+    token, user = row
+    # The index lookup is by hash, so this compare is belt and braces against timing.
+    if not hmac.compare_digest(token.token_hash, digest):
+        return None
+    now = utcnow()
+    if token.revoked_at is not None or not user.is_active:
+        return None
+    if token.expires_at is not None and _aware(token.expires_at) <= now:
+        return None
+    if token.last_used_at is None or now - _aware(token.last_used_at) > timedelta(minutes=1):
+        token.last_used_at = now
+    return token, user
+
+
+def revoke_api_token(db: Session, token_id: int, owner: User | None = None) -> bool:
+    """Revokes a token (an admin's, or the owner's own); returns whether one was revoked."""
+    query = select(ApiToken).where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+    if owner is not None:
+        query = query.where(ApiToken.user_id == owner.id)
+    token = db.scalar(query)
+    if token is None:
+        return False
+    token.revoked_at = utcnow()
+    return True
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -1,0 +1,165 @@
+"""Celery tasks: the light housekeeping jobs and the GPU jobs that sample and train.
+
+Every GPU job receives only a run id. `execute_run` claims the run with a
+conditional UPDATE (a duplicate message does nothing), hands the work a
+`RunReporter` for heartbeats and progress, and records success or failure
+with the traceback. The stage bodies live in `worker.jobs`; torch is
+imported there, inside the task, never when this module loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.db import session_scope
+from app.jobs import send_pending_runs
+from app.services import runs
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+class RunCancelled(Exception):
+    """The run was reaped, cancelled or taken over; this worker must stop working on it."""
+
+
+class RunReporter:
+    """Writes a run's heartbeat, progress and live metrics, at most every `min_interval` seconds."""
+
+    def __init__(self, run_id: int, min_interval: float = 2.0):
+        self.run_id = run_id
+        self.min_interval = min_interval
+        self._last = 0.0
+
+    def __call__(self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None,
+                 force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval:
+            return
+        self._last = now
+        with session_scope() as db:
+            if not runs.heartbeat(db, self.run_id, progress, message, metrics):
+                raise RunCancelled(f"run {self.run_id} is no longer held by this worker")
+
+
+JobBody = Callable[[int, RunReporter], tuple[dict[str, Any], int | None]]
+
+
+def execute_run(run_id: int, body: JobBody) -> str:
+    """Claims a run, runs its body and records the outcome; returns the final status."""
+    with session_scope() as db:
+        if not runs.claim_run(db, run_id):
+            log.info("run %s is not queued (done, running elsewhere or unknown); nothing to do", run_id)
+            return "skipped"
+    reporter = RunReporter(run_id)
+    try:
+        metrics, version_id = body(run_id, reporter)
+    except RunCancelled as exc:
+        log.warning("%s", exc)
+        return "cancelled"
+    except SoftTimeLimitExceeded:
+        with session_scope() as db:
+            runs.fail_run(db, run_id, "time limit exceeded", traceback.format_exc())
+        return "failed"
+    except Exception as exc:  # the run records the failure; the message is acknowledged
+        log.exception("run %s failed", run_id)
+        with session_scope() as db:
+            runs.fail_run(db, run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return "failed"
+    with session_scope() as db:
+        runs.finish_run(db, run_id, metrics=metrics, output_version_id=version_id)
+    return "succeeded"
+
+
+# --- GPU queue --------------------------------------------------------------------------------
+
+
+@app.task(name="instructloop.sample_batch")
+def sample_batch(run_id: int) -> str:
+    """Samples K outputs per prompt of a batch from its policy and opens the batch for labeling."""
+    from worker.jobs import run_sampling
+
+    return execute_run(run_id, run_sampling)
+
+
+@app.task(name="instructloop.pretrain")
+def pretrain(run_id: int) -> str:
+    """Pretrains the bundled world's tiny base model and registers it."""
+    from worker.jobs import run_pretrain
+
+    return execute_run(run_id, run_pretrain)
+
+
+@app.task(name="instructloop.train_sft")
+def train_sft(run_id: int) -> str:
+    """Fine-tunes the base model on the collected demonstrations."""
+    from worker.jobs import run_sft
+
+    return execute_run(run_id, run_sft)
+
+
+@app.task(name="instructloop.train_rm")
+def train_rm(run_id: int) -> str:
+    """Trains the reward model on the collected rankings, K outputs per micro-batch."""
+    from worker.jobs import run_rm
+
+    return execute_run(run_id, run_rm)
+
+
+@app.task(name="instructloop.train_ppo")
+def train_ppo(run_id: int) -> str:
+    """Optimises the policy against the reward model with PPO."""
+    from worker.jobs import run_ppo
+
+    return execute_run(run_id, run_ppo)
+
+
+# --- default queue ----------------------------------------------------------------------------
+
+
+@app.task(name="instructloop.ping")
+def ping() -> str:
+    """Answers, proving a worker consumes the default queue."""
+    return "pong"
+
+
+@app.task(name="instructloop.dispatch_pending_runs")
+def dispatch_pending_runs() -> int:
+    """Sends runs that never reached the broker (or were lost by it)."""
+    with session_scope() as db:
+        return send_pending_runs(db)
+
+
+@app.task(name="instructloop.reap_stale_runs")
+def reap_stale_runs() -> list[int]:
+    """Re-queues runs whose worker stopped sending heartbeats, then sends them."""
+    with session_scope() as db:
+        reaped = runs.reap_stale_runs(db)
+    if reaped:
+        with session_scope() as db:
+            send_pending_runs(db)
+    return reaped
+
+
+@app.task(name="instructloop.expire_leases")
+def expire_leases() -> int:
+    """Returns expired task leases to the pool."""
+    from app.services.labeling import expire_leases as expire
+
+    with session_scope() as db:
+        return expire(db)
+
+
+@app.task(name="instructloop.check_retrain")
+def check_retrain() -> list[str]:
+    """Starts SFT, RM or PPO when enough new data arrived since the last run of each."""
+    from app.services.training import start_due_runs
+
+    with session_scope() as db:
+        return [run.kind for run in start_due_runs(db)]
