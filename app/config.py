@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     login_window_s: int = Field(300, description="Window of the login rate limit, in seconds.")
     max_body_bytes: int = Field(50 * 1024 * 1024, description="Largest request body accepted.")
     lease_minutes: int = Field(20, description="How long a labeler holds a task before it returns.")
+    run_stale_after_s: int = Field(180, description="A run with no heartbeat for this long is re-queued.")
     max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")
 
     @model_validator(mode="after")

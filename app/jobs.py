@@ -46,8 +46,6 @@ TASK_ROUTES = {name: {"queue": GPU_QUEUE} for name in RUN_TASKS.values()} | {
     name: {"queue": DEFAULT_QUEUE} for name in LIGHT_TASKS
 }
 
-# A run whose heartbeat is older than this is presumed dead and re-queued by the reaper.
-STALE_AFTER = timedelta(minutes=3)
 # A sent run that no worker claimed within this time is sent again (Redis may have lost it).
 UNCLAIMED_AFTER = timedelta(minutes=10)
 
@@ -104,19 +102,22 @@ def enqueue_run(db: Session, run: TrainingRun) -> TrainingRun:
     """Adds a run and arranges for its message to be sent once the transaction commits."""
     db.add(run)
     db.flush()
-    pending: set[int] = db.info.setdefault("pending_runs", set())
-    if not pending:
-        event.listen(db, "after_commit", _send_after_commit, once=True)
-        event.listen(db, "after_rollback", _forget_after_rollback, once=True)
-    pending.add(run.id)
+    if not db.info.get("outbox_listening"):
+        event.listen(db, "after_commit", _send_after_commit)
+        event.listen(db, "after_soft_rollback", _forget_after_rollback)
+        db.info["outbox_listening"] = True
+    db.info.setdefault("pending_runs", set()).add(run.id)
     return run
 
 
-def _forget_after_rollback(db: Session) -> None:
-    db.info.pop("pending_runs", None)
+def _forget_after_rollback(db: Session, previous_transaction) -> None:
+    if not previous_transaction.nested and previous_transaction.parent is None:  # the whole transaction
+        db.info.pop("pending_runs", None)
 
 
 def _send_after_commit(db: Session) -> None:
+    if db.in_nested_transaction():
+        return  # only a savepoint was released; the rows are not visible to others yet
     run_ids = db.info.pop("pending_runs", set())
     if not run_ids:
         return

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import get_settings
 from app.deps import LoginRequired
-from app.routes import api, pages
+from app.routes import admin, api, batches_api, export, labeling, labeling_api, pages
 from app.templating import templates
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def create_app() -> FastAPI:
         openapi_url="/api/v1/openapi.json",
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.include_router(pages.router)
-    app.include_router(api.router)
+    for module in (pages, labeling, admin, api, labeling_api, batches_api, export):
+        app.include_router(module.router)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

@@ -10,15 +10,18 @@ error and never leaves a usable model behind.
 
 from __future__ import annotations
 
-import socket
 import os
+import socket
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.jobs import STALE_AFTER, enqueue_run
+from datetime import timedelta
+
+from app.config import get_settings
+from app.jobs import enqueue_run
 from app.models import RUN_KINDS, ModelVersion, TrainingRun, utcnow
 
 MAX_ATTEMPTS = 3
@@ -118,7 +121,7 @@ def fail_run(db: Session, run_id: int, error: str, tb: str | None = None) -> Non
 
 def reap_stale_runs(db: Session) -> list[int]:
     """Re-queues running runs whose heartbeat stopped; fails those out of attempts. Returns their ids."""
-    cutoff = utcnow() - STALE_AFTER
+    cutoff = utcnow() - timedelta(seconds=get_settings().run_stale_after_s)
     stale = db.scalars(
         select(TrainingRun)
         .where(TrainingRun.status == "running", TrainingRun.heartbeat_at < cutoff)

@@ -1,0 +1,159 @@
+"""The labeler JSON API: the same lease → draft → submit/skip flow as the pages, for scripts and other front ends.
+
+Callers use a labeler session (with the X-CSRF-Token header on writes) or a
+token with the `label` scope. Errors name the field: `items[2].likert: ...`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel, Field
+
+from app.deps import LabelerApi, SessionDep
+from sqlalchemy import select
+
+from app.models import RANKING_FLAGS as _FLAGS
+from app.models import Demonstration, Ranking, RankingItem
+from app.services import labeling
+
+router = APIRouter(prefix="/api/v1", tags=["labeling"])
+
+
+class CompletionOut(BaseModel):
+    id: int
+    text: str
+
+
+class AssignmentOut(BaseModel):
+    assignment_id: int
+    task_id: int
+    kind: str
+    batch_id: int
+    prompt_id: int
+    prompt: str
+    guidelines: str
+    completions: list[CompletionOut] = Field(description="In this labeler's display order")
+    draft: dict[str, Any]
+    lease_expires_at: datetime
+    state: str
+    flags: list[str] = Field(default_factory=lambda: list(_FLAGS))
+    skip_reasons: dict[str, str] = Field(default_factory=lambda: dict(labeling.SKIP_REASONS))
+
+
+class RankingItemIn(BaseModel):
+    completion_id: int
+    rank: int = Field(description="Slot, 1 = best; outputs in the same slot are tied")
+    likert: int = Field(description="1 (worst) to 7 (best)")
+    flags: list[str] = Field(default_factory=list)
+
+
+class SubmitIn(BaseModel):
+    text: str | None = Field(None, description="The demonstration (for demonstration tasks)")
+    items: list[RankingItemIn] | None = Field(None, description="Ranks and scores (for ranking tasks)")
+    all_unacceptable: bool = False
+    active_seconds: float = Field(0.0, ge=0, le=86400)
+
+
+class SubmitOut(BaseModel):
+    assignment_id: int
+    kind: Literal["demonstration", "ranking"]
+    id: int
+    created_at: datetime
+    items: list[dict[str, Any]] | None = None
+
+
+class SkipIn(BaseModel):
+    reason: str
+    note: str = Field("", max_length=2000)
+
+
+class DraftIn(BaseModel):
+    draft: dict[str, Any]
+    active_seconds: float | None = Field(None, ge=0, le=86400)
+
+
+def _raise(exc: labeling.LabelingError):
+    raise HTTPException(exc.status, str(exc)) from exc
+
+
+def assignment_out(db, assignment) -> AssignmentOut:
+    """Serialises an assignment with everything needed to label it."""
+    view = labeling.task_view(db, assignment)
+    return AssignmentOut(
+        assignment_id=assignment.id, task_id=view.task.id, kind=view.task.kind, batch_id=view.batch.id,
+        prompt_id=view.prompt.id, prompt=view.prompt.text, guidelines=view.batch.guidelines,
+        completions=[CompletionOut(id=c.id, text=c.text) for c in view.completions], draft=assignment.draft or {},
+        lease_expires_at=assignment.expires_at, state=assignment.state,
+    )
+
+
+@router.get("/tasks/next", response_model=AssignmentOut, responses={204: {"description": "Nothing left to label"}})
+def next_task(db: SessionDep, principal: LabelerApi,
+              kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
+    """Leases the next task (or returns the one already held); 204 when nothing is left."""
+    try:
+        assignment = labeling.lease_next_task(db, principal.user, kind)
+    except labeling.LabelingError as exc:
+        _raise(exc)
+    if assignment is None:
+        return Response(status_code=204)
+    return assignment_out(db, assignment)
+
+
+@router.get("/assignments/{assignment_id}", response_model=AssignmentOut)
+def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
+    """Shows one of the caller's assignments."""
+    try:
+        return assignment_out(db, labeling.get_assignment(db, assignment_id, principal.user))
+    except labeling.LabelingError as exc:
+        _raise(exc)
+
+
+@router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
+def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
+    """Submits a demonstration or a ranking; repeating it returns the stored result."""
+    try:
+        assignment = labeling.get_assignment(db, assignment_id, principal.user)
+        kind = labeling.task_view(db, assignment).task.kind
+        if kind == "demonstration":
+            demo: Demonstration = labeling.submit_demonstration(
+                db, principal.user, assignment_id, body.text or "", body.active_seconds)
+            return SubmitOut(assignment_id=assignment_id, kind="demonstration", id=demo.id, created_at=demo.created_at)
+        if kind == "ranking":
+            if body.items is None:
+                raise labeling.LabelingError("items", "give a rank and a Likert score for every output")
+            ranking: Ranking = labeling.submit_ranking(
+                db, principal.user, assignment_id, [i.model_dump() for i in body.items],
+                all_unacceptable=body.all_unacceptable, active_seconds=body.active_seconds)
+            items = db.scalars(select(RankingItem).where(RankingItem.ranking_id == ranking.id)
+                               .order_by(RankingItem.position)).all()
+            return SubmitOut(
+                assignment_id=assignment_id, kind="ranking", id=ranking.id, created_at=ranking.created_at,
+                items=[{"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
+                       for i in items])
+        raise labeling.LabelingError("assignment", f"{kind} tasks are submitted on their own page")
+    except labeling.LabelingError as exc:
+        _raise(exc)
+
+
+@router.post("/assignments/{assignment_id}/skip")
+def skip(assignment_id: int, body: SkipIn, db: SessionDep, principal: LabelerApi) -> dict:
+    """Skips a task with a reason; it is not offered to the caller again."""
+    try:
+        assignment = labeling.skip(db, principal.user, assignment_id, body.reason, body.note)
+    except labeling.LabelingError as exc:
+        _raise(exc)
+    return {"assignment_id": assignment.id, "state": assignment.state}
+
+
+@router.put("/assignments/{assignment_id}/draft")
+def save_draft(assignment_id: int, body: DraftIn, db: SessionDep, principal: LabelerApi) -> dict:
+    """Autosaves a draft and renews the lease."""
+    try:
+        assignment = labeling.save_draft(db, principal.user, assignment_id, body.draft, body.active_seconds)
+    except labeling.LabelingError as exc:
+        _raise(exc)
+    return {"assignment_id": assignment.id, "lease_expires_at": assignment.expires_at.isoformat()}

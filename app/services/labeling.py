@@ -1,0 +1,371 @@
+"""Labeling: leasing tasks to labelers and taking their demonstrations, rankings and skips.
+
+`lease_next_task` hands a labeler the next task that still needs labels and
+that they have not done, highest batch priority first, then oldest. On
+PostgreSQL the task row is taken with `FOR UPDATE SKIP LOCKED`, so labelers
+leasing at the same moment never share a slot. A lease expires (the pool
+gets the slot back) unless autosave renews it. Submissions are idempotent
+per assignment: a repeat returns the stored result, never a second label.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import timedelta, timezone
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.models import (
+    RANKING_FLAGS,
+    Assignment,
+    Completion,
+    Demonstration,
+    Prompt,
+    PromptBatch,
+    Ranking,
+    RankingItem,
+    Task,
+    TaskItem,
+    User,
+    utcnow,
+)
+
+SKIP_REASONS = {
+    "unclear": "The prompt is unclear or incomplete",
+    "unsafe": "The prompt asks for something harmful",
+    "expertise": "It needs expertise I do not have",
+    "broken_outputs": "The outputs are broken or unreadable",
+    "language": "It is in a language I do not read",
+    "other": "Another reason (please say which)",
+}
+MAX_DEMONSTRATION_CHARS = 20000
+MAX_DRAFT_CHARS = 100_000
+
+
+class LabelingError(ValueError):
+    """A problem with a labeler's request; `field` names what is wrong, `status` the HTTP code."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.status = status
+
+
+@dataclass
+class TaskView:
+    """Everything a labeling page or API client needs to show one assignment."""
+
+    assignment: Assignment
+    task: Task
+    prompt: Prompt
+    batch: PromptBatch
+    completions: list[Completion]  # in this labeler's display order
+
+
+def _lease_expiry() -> Any:
+    return utcnow() + timedelta(minutes=get_settings().lease_minutes)
+
+
+def _active_leases(task_id_col) -> Any:
+    return (
+        select(func.count())
+        .where(Assignment.task_id == task_id_col, Assignment.state == "leased", Assignment.expires_at > utcnow())
+        .scalar_subquery()
+    )
+
+
+def lease_next_task(db: Session, labeler: User, kind: str | None = None) -> Assignment | None:
+    """Leases the next task this labeler can do, or returns the lease they already hold; None when none is left."""
+    if kind is not None and kind not in ("demonstration", "ranking", "eval"):
+        raise LabelingError("kind", "must be demonstration, ranking or eval")
+    held = _held_lease(db, labeler, kind)
+    if held is not None:
+        held.expires_at = _lease_expiry()
+        return held
+    finished_by_me = exists().where(
+        Assignment.task_id == Task.id,
+        Assignment.labeler_id == labeler.id,
+        Assignment.state.in_(("submitted", "skipped")),
+    )
+    query = (
+        select(Task)
+        .join(PromptBatch, PromptBatch.id == Task.batch_id)
+        .where(
+            Task.is_open,
+            PromptBatch.status == "labeling",
+            ~finished_by_me,
+            Task.done_count + _active_leases(Task.id) < Task.needed,
+        )
+        .order_by(Task.priority.desc(), Task.id)
+        .limit(1)
+        .with_for_update(of=Task, skip_locked=True)
+    )
+    if kind is not None:
+        query = query.where(Task.kind == kind)
+    task = _lock_free_slot(db, query)
+    if task is None:
+        return None
+    assignment = db.scalar(
+        select(Assignment).where(Assignment.task_id == task.id, Assignment.labeler_id == labeler.id)
+    )
+    if assignment is None:
+        assignment = Assignment(task_id=task.id, labeler_id=labeler.id)
+        db.add(assignment)
+    assignment.state = "leased"
+    assignment.leased_at = utcnow()
+    assignment.expires_at = _lease_expiry()
+    if task.kind in ("ranking", "eval") and not assignment.display_order:
+        ids = list(db.scalars(select(TaskItem.completion_id).where(TaskItem.task_id == task.id).order_by(TaskItem.position)))
+        # A fresh random order per labeler; stored so position bias can be measured later.
+        random.SystemRandom().shuffle(ids)
+        assignment.display_order = ids
+    db.flush()
+    return assignment
+
+
+def _lock_free_slot(db: Session, query) -> Task | None:
+    """Locks the first task the query finds that still has a free slot once locked."""
+    passed_over: list[int] = []
+    while True:
+        found = query.where(Task.id.not_in(passed_over)) if passed_over else query
+        task = db.scalar(found.execution_options(populate_existing=True))
+        if task is None:
+            return None
+        # A lease committed after this statement's snapshot but before we got the row lock is
+        # invisible to the query above; recount in a fresh statement now that no one else can
+        # lease this task, so a slot is never handed out twice.
+        leased = db.scalar(
+            select(func.count()).where(
+                Assignment.task_id == task.id, Assignment.state == "leased", Assignment.expires_at > utcnow()
+            )
+        )
+        if task.done_count + leased < task.needed:
+            return task
+        passed_over.append(task.id)
+
+
+def _held_lease(db: Session, labeler: User, kind: str | None) -> Assignment | None:
+    query = (
+        select(Assignment)
+        .join(Task, Task.id == Assignment.task_id)
+        .where(Assignment.labeler_id == labeler.id, Assignment.state == "leased", Assignment.expires_at > utcnow())
+        .order_by(Assignment.id)
+        .limit(1)
+    )
+    if kind is not None:
+        query = query.where(Task.kind == kind)
+    return db.scalar(query)
+
+
+def get_assignment(db: Session, assignment_id: int, labeler: User, *, lock: bool = False) -> Assignment:
+    """Returns one of the labeler's own assignments; 404 for anyone else's."""
+    query = select(Assignment).where(Assignment.id == assignment_id, Assignment.labeler_id == labeler.id)
+    if lock:
+        # populate_existing: the row may already sit in the session from an unlocked read, and
+        # the state that decides idempotency must be the one read under the lock.
+        query = query.with_for_update().execution_options(populate_existing=True)
+    assignment = db.scalar(query)
+    if assignment is None:
+        raise LabelingError("assignment_id", f"no assignment {assignment_id} of yours", status=404)
+    return assignment
+
+
+def task_view(db: Session, assignment: Assignment) -> TaskView:
+    """Loads what is needed to show an assignment."""
+    task = db.get(Task, assignment.task_id)
+    prompt = db.get(Prompt, task.prompt_id)
+    batch = db.get(PromptBatch, task.batch_id)
+    completions: list[Completion] = []
+    if assignment.display_order:
+        by_id = {c.id: c for c in db.scalars(select(Completion).where(Completion.id.in_(assignment.display_order)))}
+        completions = [by_id[cid] for cid in assignment.display_order if cid in by_id]
+    return TaskView(assignment=assignment, task=task, prompt=prompt, batch=batch, completions=completions)
+
+
+def _lapsed(assignment: Assignment) -> bool:
+    # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session's
+    # time zone, which need not be UTC, so convert rather than drop the zone.
+    expires = assignment.expires_at
+    expires = expires.replace(tzinfo=timezone.utc) if expires.tzinfo is None else expires.astimezone(timezone.utc)
+    return assignment.state == "expired" or expires <= utcnow()
+
+
+def _ensure_submittable(db: Session, assignment: Assignment, task: Task) -> None:
+    """Refuses a submit on a lease that lapsed and whose slot someone else now fills."""
+    if assignment.state == "skipped":
+        raise LabelingError("assignment", "this task was skipped; it cannot be submitted", status=409)
+    if not _lapsed(assignment):
+        return
+    others = db.scalar(
+        select(func.count()).where(
+            Assignment.task_id == task.id, Assignment.id != assignment.id, Assignment.state == "leased",
+            Assignment.expires_at > utcnow(),
+        )
+    )
+    if task.done_count + others >= task.needed:
+        raise LabelingError(
+            "assignment", "your lease expired and another labeler has taken this task; please take the next one",
+            status=409,
+        )
+
+
+def _count_label(db: Session, task: Task) -> None:
+    # Conditional so two racing submits can never push done_count past needed.
+    result = db.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.done_count < Task.needed)
+        .values(done_count=Task.done_count + 1, is_open=Task.done_count + 1 < Task.needed)
+    )
+    if result.rowcount != 1:
+        raise LabelingError("assignment", "this task already has all the labels it needs", status=409)
+
+
+def _finish(assignment: Assignment, active_seconds: float) -> None:
+    assignment.state = "submitted"
+    assignment.finished_at = utcnow()
+    assignment.active_seconds = max(0.0, float(active_seconds or 0.0))
+    assignment.draft = {}
+
+
+def submit_demonstration(db: Session, labeler: User, assignment_id: int, text: str,
+                         active_seconds: float = 0.0) -> Demonstration:
+    """Stores a demonstration once; a repeated submit returns the stored one."""
+    assignment = get_assignment(db, assignment_id, labeler, lock=True)
+    if assignment.state == "submitted":
+        existing = db.scalar(select(Demonstration).where(Demonstration.assignment_id == assignment.id))
+        if existing is not None:
+            return existing
+    task = db.get(Task, assignment.task_id)
+    if task.kind != "demonstration":
+        raise LabelingError("assignment", f"this is a {task.kind} task, not a demonstration")
+    text = (text or "").strip("\n")
+    if not text.strip():
+        raise LabelingError("text", "write a response before submitting")
+    if len(text) > MAX_DEMONSTRATION_CHARS:
+        raise LabelingError("text", f"is longer than {MAX_DEMONSTRATION_CHARS} characters")
+    _ensure_submittable(db, assignment, task)
+    _count_label(db, task)
+    demo = Demonstration(assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id,
+                         labeler_id=labeler.id, text=text, active_seconds=max(0.0, float(active_seconds or 0)))
+    db.add(demo)
+    _finish(assignment, active_seconds)
+    db.flush()
+    return demo
+
+
+def validate_ranking_items(expected_ids: list[int], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checks a submitted ranking and returns its items with dense ranks; errors name the item and field."""
+    if not isinstance(items, list) or not items:
+        raise LabelingError("items", "give a rank and a Likert score for every output")
+    seen: set[int] = set()
+    for i, item in enumerate(items):
+        where = f"items[{i}]"
+        cid = item.get("completion_id")
+        if cid not in expected_ids:
+            raise LabelingError(f"{where}.completion_id", f"{cid!r} is not one of this task's outputs")
+        if cid in seen:
+            raise LabelingError(f"{where}.completion_id", f"output {cid} appears twice")
+        seen.add(cid)
+        rank = item.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= len(expected_ids):
+            raise LabelingError(f"{where}.rank", f"put output {cid} in a slot from 1 to {len(expected_ids)}")
+        likert = item.get("likert")
+        if not isinstance(likert, int) or isinstance(likert, bool) or not 1 <= likert <= 7:
+            raise LabelingError(f"{where}.likert", f"give output {cid} a score from 1 to 7")
+        flags = item.get("flags") or []
+        if not isinstance(flags, list) or any(f not in RANKING_FLAGS for f in flags):
+            raise LabelingError(f"{where}.flags", "unknown flag; allowed: " + ", ".join(RANKING_FLAGS))
+    missing = [cid for cid in expected_ids if cid not in seen]
+    if missing:
+        raise LabelingError("items", f"every output needs a slot and a score; missing output(s) {missing}")
+    # Dense ranks: slots 1, 3, 3 become 1, 2, 2 (ties share a rank, no gaps).
+    dense = {rank: i + 1 for i, rank in enumerate(sorted({item["rank"] for item in items}))}
+    return [
+        {"completion_id": item["completion_id"], "rank": dense[item["rank"]], "likert": item["likert"],
+         "flags": sorted(set(item.get("flags") or []))}
+        for item in items
+    ]
+
+
+def submit_ranking(db: Session, labeler: User, assignment_id: int, items: list[dict[str, Any]], *,
+                   all_unacceptable: bool = False, active_seconds: float = 0.0) -> Ranking:
+    """Stores a ranking once; a repeated submit returns the stored one."""
+    assignment = get_assignment(db, assignment_id, labeler, lock=True)
+    if assignment.state == "submitted":
+        existing = db.scalar(select(Ranking).where(Ranking.assignment_id == assignment.id))
+        if existing is not None:
+            return existing
+    task = db.get(Task, assignment.task_id)
+    if task.kind != "ranking":
+        raise LabelingError("assignment", f"this is a {task.kind} task, not a ranking")
+    order = assignment.display_order or list(
+        db.scalars(select(TaskItem.completion_id).where(TaskItem.task_id == task.id).order_by(TaskItem.position))
+    )
+    clean = validate_ranking_items(order, items)
+    _ensure_submittable(db, assignment, task)
+    _count_label(db, task)
+    ranking = Ranking(assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id, labeler_id=labeler.id,
+                      all_unacceptable=bool(all_unacceptable), is_gold=task.is_gold,
+                      active_seconds=max(0.0, float(active_seconds or 0)))
+    db.add(ranking)
+    db.flush()
+    position = {cid: i for i, cid in enumerate(order)}
+    db.add_all(RankingItem(ranking_id=ranking.id, position=position[item["completion_id"]], **item) for item in clean)
+    _finish(assignment, active_seconds)
+    db.flush()
+    return ranking
+
+
+def skip(db: Session, labeler: User, assignment_id: int, reason: str, note: str = "") -> Assignment:
+    """Skips a task with a reason; it is never offered to this labeler again."""
+    assignment = get_assignment(db, assignment_id, labeler, lock=True)
+    if assignment.state == "skipped":
+        return assignment
+    if assignment.state == "submitted":
+        raise LabelingError("assignment", "this task was already submitted", status=409)
+    if reason not in SKIP_REASONS:
+        raise LabelingError("reason", "choose one of " + ", ".join(SKIP_REASONS))
+    if reason == "other" and not (note or "").strip():
+        raise LabelingError("note", "say why you skip when the reason is 'other'")
+    assignment.state = "skipped"
+    assignment.skip_reason = reason
+    assignment.skip_note = (note or "")[:2000]
+    assignment.finished_at = utcnow()
+    return assignment
+
+
+def save_draft(db: Session, labeler: User, assignment_id: int, draft: dict[str, Any],
+               active_seconds: float | None = None) -> Assignment:
+    """Autosaves a draft and renews the lease while it is still this labeler's."""
+    import json
+
+    assignment = get_assignment(db, assignment_id, labeler)
+    if assignment.state in ("submitted", "skipped"):
+        raise LabelingError("assignment", f"this task was already {assignment.state}", status=409)
+    if not isinstance(draft, dict):
+        raise LabelingError("draft", "must be a JSON object")
+    if len(json.dumps(draft)) > MAX_DRAFT_CHARS:
+        raise LabelingError("draft", f"is larger than {MAX_DRAFT_CHARS} characters")
+    assignment.draft = draft
+    if active_seconds is not None:
+        assignment.active_seconds = max(assignment.active_seconds, float(active_seconds))
+    if _lapsed(assignment):
+        task = db.get(Task, assignment.task_id)
+        _ensure_submittable(db, assignment, task)
+        assignment.state = "leased"
+    assignment.expires_at = _lease_expiry()
+    return assignment
+
+
+def expire_leases(db: Session) -> int:
+    """Marks lapsed leases expired so dashboards show them free; returns how many."""
+    result = db.execute(
+        update(Assignment)
+        .where(and_(Assignment.state == "leased", Assignment.expires_at <= utcnow()))
+        .values(state="expired")
+    )
+    return result.rowcount

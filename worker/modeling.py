@@ -1,0 +1,193 @@
+"""The model layer shared by sampling and every trainer (SFT, reward model, PPO).
+
+It loads any Hugging Face causal LM (local path or hub id) with its tokenizer,
+saves model versions atomically, turns a prompt from the database into the text
+the model sees (the tokenizer's chat template, or a plain template for base
+models such as the bundled world model), and builds the tiny models used by the
+tests and by world pretraining. Trainers and samplers go through these
+functions so that a model written by one stage loads unchanged in the next.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+# Plain template for tokenizers without a chat template. The world corpus never
+# contains "Answer:", so a base model pretrained on it does not know what to do
+# after this marker: it continues text, and SFT is what teaches it to answer.
+PROMPT_TEMPLATE = "{prompt}\n\nAnswer:"
+
+
+def default_device() -> str:
+    """Returns "cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_for(device: str) -> torch.dtype:
+    # bf16 halves memory and is fast on GPUs that have it; CPU kernels are
+    # faster and more exact in fp32.
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Gives the tokenizer a pad token (the EOS token if it has none) and left padding."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad token nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoder-only models generate after the last prompt token, so prompts of
+    # different lengths must be padded on the left.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _sync_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.eos_token_id is not None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_model(
+    path_or_id: str | Path, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a causal LM and its tokenizer (bf16 on CUDA when available, fp32 on CPU)."""
+    device = device or default_device()
+    source = str(path_or_id)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(device))
+    model.to(device)
+    _sync_special_ids(model, tokenizer)
+    return model, tokenizer
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+) -> Path:
+    """Saves model and tokenizer to `path` atomically (temp dir beside it, then rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    to_save = _merged_copy(model) if _is_peft(model) else model
+    try:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            # os.replace cannot replace a non-empty directory, so move the old
+            # version aside first; readers never see a half-written directory.
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is optional
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _merged_copy(model: Any) -> PreTrainedModel:
+    # A saved model version must load with plain AutoModelForCausalLM, so LoRA
+    # weights are merged into a copy; the training model keeps its adapters.
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """Turns a prompt text into model input: the chat template if any, else PROMPT_TEMPLATE."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def format_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> str:
+    """Returns the target text a trainer appends after format_prompt: " " + completion + EOS."""
+    # The leading space matches how the plain template ends ("Answer:") and how
+    # sampled completions begin; generation strips it again.
+    eos = tokenizer.eos_token or ""
+    sep = "" if getattr(tokenizer, "chat_template", None) else " "
+    return f"{sep}{completion.strip()}{eos}"
+
+
+def adds_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether to let the tokenizer add special tokens (False when a chat template already did)."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerBase, seed: int | None = None, **overrides: Any
+) -> PreTrainedModel:
+    """Builds a tiny Llama-style causal LM (about 1-2 M parameters) for tests and the world."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    settings.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    _sync_special_ids(model, tokenizer)
+    return model
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: list[str] | str | None = "all-linear",
+) -> PreTrainedModel:
+    """Wraps the model with LoRA adapters via peft; only the adapters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Counts the model's parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
