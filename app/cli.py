@@ -174,6 +174,98 @@ def world_pretrain(
             console.print(f"registered model version {version.name}")
 
 
+@cli.command("export")
+def export_cmd(
+    kind: Annotated[str, typer.Argument(help="comparisons, demonstrations or rankings.")],
+    out: Annotated[Path, typer.Option(help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    gzip: Annotated[bool, typer.Option(help="Write a gzip file.")] = False,
+    batch: Annotated[Optional[str], typer.Option(help="Prompt batch id or name.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="train, valid or test.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Submitted at or after (ISO 8601, UTC if naive).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Submitted before (ISO 8601).")] = None,
+    labeler: Annotated[Optional[str], typer.Option(help="Pseudonymous labeler id (lab_...).")] = None,
+    model_version: Annotated[Optional[str], typer.Option(help="Model version id or name.")] = None,
+    min_overlap: Annotated[Optional[int], typer.Option(help="Only tasks labeled by at least N labelers.")] = None,
+    exclude_flagged: Annotated[bool, typer.Option(help="Drop rankings marked all-unacceptable.")] = False,
+    cursor: Annotated[Optional[str], typer.Option(help="Resume after the row carrying this cursor.")] = None,
+) -> None:
+    """Export demonstrations, comparisons or rankings from one database snapshot, with a progress bar."""
+    from datetime import datetime
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from app.db import get_engine
+    from app.services.export import ExportError, SnapshotExport
+
+    def when(param: str, value: str | None) -> datetime | None:
+        try:
+            return datetime.fromisoformat(value) if value else None
+        except ValueError as exc:
+            raise ExportError(param, f"not an ISO 8601 time: {value!r}") from exc
+
+    try:
+        export = SnapshotExport(
+            get_engine(), kind, secret_key=get_settings().secret_key, fmt=fmt, cursor=cursor, gzip=gzip,
+            batch=batch, split=split, since=when("since", since), until=when("until", until), labeler=labeler,
+            model_version=model_version, min_overlap=min_overlap, exclude_flagged=exclude_flagged,
+        )
+    except ExportError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    unit = "demonstrations" if kind == "demonstrations" else "rankings"
+    columns = (TextColumn(f"{kind}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeRemainingColumn())
+    written = 0
+    with Progress(*columns, console=console) as progress, out.open("wb") as handle:
+        task = progress.add_task(kind, total=export.count_units())
+        for chunk in export.chunks(on_progress=lambda n: progress.advance(task, n)):
+            handle.write(chunk)
+            written += len(chunk)
+    console.print(f"wrote {written:,} bytes to {out}")
+
+
+@cli.command("import-prompts")
+def import_prompts_cmd(
+    file: Annotated[Path, typer.Argument(help="JSON Lines or CSV file of prompts.", exists=True, dir_okay=False)],
+    batch: Annotated[str, typer.Option("--batch", help="Batch name; a draft batch is created when none has it.")],
+    replace: Annotated[bool, typer.Option(help="Replace the draft batch's current prompts.")] = False,
+    prefix_chars: Annotated[int, typer.Option(help="Shared-prefix length that marks a near duplicate.")] = 100,
+    max_per_user: Annotated[int, typer.Option(help="Most prompts kept per source_user_id.")] = 200,
+) -> None:
+    """Import prompts into a batch with hygiene; all-or-nothing, errors listed by line."""
+    import json
+
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import PromptBatch
+    from app.routes.batches_api import Upload, hygiene_summary, run_import
+    from app.services.batches import BatchError, create_batch
+
+    try:
+        with session_scope() as db:
+            target = db.scalar(select(PromptBatch).where(PromptBatch.name == batch))
+            if target is None:
+                target = create_batch(db, name=batch)
+                console.print(f"created draft batch [bold]{batch}[/bold] (id {target.id})")
+            outcome, replaced = run_import(db, target, Upload(file.read_bytes(), file.name, None), replace=replace,
+                                           prefix_chars=prefix_chars, max_per_user=max_per_user)
+            if not outcome.ok:
+                # Raising rolls the session back: not even the batch created above is kept.
+                for issue in outcome.errors["errors"]:
+                    console.print(f"line {issue['line']}: {issue['field'] or '-'}: {issue['message']}")
+                console.print(f"[red]{outcome.errors['total']} errors; nothing was imported[/red]")
+                raise typer.Exit(1)
+            report = hygiene_summary(target.hygiene_report)
+            console.print(f"stored {outcome.stored} of {report['received']} prompts into {batch} "
+                          f"(replaced {replaced})")
+            print(json.dumps({"batch_id": target.id, "stored": outcome.stored, "replaced": replaced,
+                              "hygiene": report}))
+    except BatchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
 def main() -> None:
     """Entry point of the console script."""
     cli()

@@ -102,7 +102,7 @@ def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_sessio
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     db = committed_session
-    batch_id = _seed_batch(db, tiny_model_path, n_prompts=400, k=4, max_new_tokens=24)
+    batch_id = _seed_batch(db, tiny_model_path, n_prompts=160, k=4, max_new_tokens=24)
     worker = start_celery_worker(log_path=tmp_path / "w1.log")
     try:
         wait_until(lambda: (r := _run_of(db, batch_id)) and r.status == "running" and r.progress > 0 and r,
@@ -135,8 +135,8 @@ def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_sessio
         select(func.count()).select_from(Completion).join(Prompt, Prompt.id == Completion.prompt_id)
         .where(Prompt.batch_id == batch_id).group_by(Completion.prompt_id)
     ).scalars().all()
-    assert len(counts) == 400 and set(counts) == {4}
-    assert db.scalar(select(func.count()).select_from(Task).where(Task.batch_id == batch_id)) == 400
+    assert len(counts) == 160 and set(counts) == {4}
+    assert db.scalar(select(func.count()).select_from(Task).where(Task.batch_id == batch_id)) == 160
 
 
 def test_job_requested_while_the_broker_is_down_runs_when_it_returns(committed_session, tiny_model_path, tmp_path,

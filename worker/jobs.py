@@ -16,7 +16,9 @@ from typing import Any
 from app.config import get_settings
 from app.db import session_scope
 from app.models import ModelVersion, PromptBatch, TrainingRun
-from app.services import registry
+from sqlalchemy import select
+
+from app.services import registry, training
 from app.services.sampling import open_for_labeling, prompts_needing_samples, store_samples
 
 log = logging.getLogger(__name__)
@@ -82,3 +84,126 @@ def version_artifact(version_id: int) -> str:
     """Returns where a model version's files are."""
     with session_scope() as db:
         return db.get(ModelVersion, version_id).artifact_path
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def _progress(report, start: float = 0.0, span: float = 0.95):
+    """Adapts a trainer's (step, total, metrics) callback to the run reporter; keeps a loss curve."""
+    curve: list[dict[str, Any]] = []
+
+    def callback(step: int, total: int, metrics: dict[str, float]) -> None:
+        curve.append({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        report(start + span * step / max(1, total), f"step {step}/{total}", {"curve": curve[-200:]})
+
+    return callback
+
+
+def _begin_version(run_id: int, kind: str, parent_id: int | None, lineage: dict[str, Any],
+                   snapshot: dict[str, Any]) -> tuple[int, Path]:
+    """Registers the model a run is producing (status `training`) and returns its id and final path."""
+    out = get_settings().artifacts_dir / "models" / f"{kind}-run{run_id}"
+    with session_scope() as db:
+        name = f"{kind}-run{run_id}"
+        existing = db.scalar(select(ModelVersion).where(ModelVersion.name == name))
+        if existing is not None:  # a resumed run reuses its version row
+            return existing.id, out
+        version = registry.register_version(
+            db, kind=kind, name=name, artifact_path=str(out), status="training", parent_id=parent_id,
+            lineage=lineage, data_snapshot=snapshot, training_run_id=run_id,
+        )
+        return version.id, out
+
+
+def _complete_version(version_id: int, metrics: dict[str, Any]) -> None:
+    with session_scope() as db:
+        version = db.get(ModelVersion, version_id)
+        version.metrics = _jsonable(metrics)
+        version.status = "ready"
+        if registry.promoted(db, version.kind) is None:
+            registry.promote(db, version)
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def _params(run_id: int) -> dict[str, Any]:
+    with session_scope() as db:
+        return dict(db.get(TrainingRun, run_id).params or {})
+
+
+def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
+    """Fine-tunes the newest base model on the demonstrations collected so far."""
+    from worker.common import config_from_dict
+    from worker.train_sft import SFTConfig, train_sft
+
+    params = _params(run_id)
+    with session_scope() as db:
+        base = registry.promoted(db, "base") or training.latest(db, "base")
+        if base is None:
+            raise RuntimeError("no base model registered")
+        data, snap = training.demonstrations(db)
+        base_id, base_path = base.id, base.artifact_path
+    if not data["train"]:
+        raise RuntimeError("no demonstrations in the train split yet")
+    version_id, out = _begin_version(run_id, "sft", base_id, {"base": base_id}, snap.as_dict())
+    metrics = train_sft(base_path, data["train"], data["valid"], config_from_dict(SFTConfig, params), out,
+                        checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report))
+    _complete_version(version_id, metrics)
+    return _jsonable(metrics), version_id
+
+
+def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
+    """Trains a reward model on the rankings, from the newest SFT model (else the base)."""
+    from worker.common import config_from_dict
+    from worker.train_rm import RankingExample, RMConfig, train_rm
+
+    params = _params(run_id)
+    with session_scope() as db:
+        backbone = training.latest(db, "sft") or registry.promoted(db, "base") or training.latest(db, "base")
+        if backbone is None:
+            raise RuntimeError("no SFT or base model to start the reward model from")
+        data, snap = training.rankings(db)
+        demos, _ = training.demonstrations(db)
+        backbone_id, backbone_path = backbone.id, backbone.artifact_path
+
+    def examples(rows):
+        return [RankingExample(r.prompt, r.completions, r.ranks, r.labeler) for r in rows]
+
+    if not data["train"]:
+        raise RuntimeError("no rankings in the train split yet")
+    version_id, out = _begin_version(run_id, "rm", backbone_id, {"backbone": backbone_id}, snap.as_dict())
+    metrics = train_rm(backbone_path, examples(data["train"]), examples(data["valid"]),
+                       config_from_dict(RMConfig, params), out, checkpoint_dir=run_dir(run_id) / "checkpoint",
+                       progress=_progress(report), demonstrations=demos["train"] or None)
+    _complete_version(version_id, metrics)
+    return _jsonable(metrics), version_id
+
+
+def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
+    """Optimises the SFT policy against the newest reward model with PPO (KL-penalised)."""
+    from worker.common import config_from_dict
+    from worker.train_ppo import PPOConfig, train_ppo
+
+    params = _params(run_id)
+    with session_scope() as db:
+        sft, rm = training.latest(db, "sft"), training.latest(db, "rm")
+        if sft is None or rm is None:
+            raise RuntimeError("PPO needs an SFT model and a reward model")
+        prompts = training.prompts_for_ppo(db, "train")
+        eval_prompts = training.prompts_for_ppo(db, "valid", limit=200)
+        demos, _ = training.demonstrations(db)
+        sft_id, sft_path, rm_id, rm_path = sft.id, sft.artifact_path, rm.id, rm.artifact_path
+    config = config_from_dict(PPOConfig, params)
+    version_id, out = _begin_version(run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id},
+                                     {"counts": {"prompts": len(prompts)}})
+    metrics = train_ppo(sft_path, rm_path, prompts, config, out,
+                        ptx_examples=demos["train"] if getattr(config, "ptx_coef", 0) else None,
+                        checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
+                        eval_prompts=eval_prompts or None)
+    _complete_version(version_id, metrics)
+    return _jsonable(metrics), version_id

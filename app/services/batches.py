@@ -173,7 +173,7 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
         {
             "batch_id": batch.id, "text": p.text, "source_user_id": p.source_user_id, "category": p.category,
             "split": p.split, "normalized_key": p.normalized_key, "prefix_key": p.prefix_key,
-            "metadata": p.metadata, "pii_flags": p.pii_flags, "source_line": p.line, "created_at": utcnow(),
+            "extra": p.metadata, "pii_flags": p.pii_flags, "source_line": p.line, "created_at": utcnow(),
         }
         for p in result.kept
     ]

@@ -242,7 +242,7 @@ def submit_demonstration(db: Session, labeler: User, assignment_id: int, text: s
     task = db.get(Task, assignment.task_id)
     if task.kind != "demonstration":
         raise LabelingError("assignment", f"this is a {task.kind} task, not a demonstration")
-    text = (text or "").strip("\n")
+    text = (text or "").replace("\x00", "").strip("\n")
     if not text.strip():
         raise LabelingError("text", "write a response before submitting")
     if len(text) > MAX_DEMONSTRATION_CHARS:
@@ -348,8 +348,11 @@ def save_draft(db: Session, labeler: User, assignment_id: int, draft: dict[str, 
         raise LabelingError("assignment", f"this task was already {assignment.state}", status=409)
     if not isinstance(draft, dict):
         raise LabelingError("draft", "must be a JSON object")
-    if len(json.dumps(draft)) > MAX_DRAFT_CHARS:
+    encoded = json.dumps(draft)
+    if len(encoded) > MAX_DRAFT_CHARS:
         raise LabelingError("draft", f"is larger than {MAX_DRAFT_CHARS} characters")
+    if "\\u0000" in encoded:
+        raise LabelingError("draft", "contains a NUL character, which cannot be stored")
     assignment.draft = draft
     if active_seconds is not None:
         assignment.active_seconds = max(assignment.active_seconds, float(active_seconds))

@@ -40,8 +40,9 @@ def store_samples(db: Session, model_version_id: int, samples: dict[int, list[st
             Completion.prompt_id.in_(list(samples)), Completion.model_version_id == model_version_id
         )
     )
+    # PostgreSQL text cannot hold NUL; an untrained model can emit it.
     rows = [
-        {"prompt_id": pid, "text": text, "model_version_id": model_version_id, "sampling": sampling,
+        {"prompt_id": pid, "text": text.replace("\x00", ""), "model_version_id": model_version_id, "sampling": sampling,
          "created_at": utcnow()}
         for pid, texts in samples.items()
         for text in texts
