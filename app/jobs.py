@@ -83,6 +83,8 @@ def celery_config(settings: Settings) -> dict:
             "data_folder_in": folder,
             "data_folder_out": folder,
             "store_processed": False,
+            # Worker pings and remote control live beside the messages, not in the current directory.
+            "control_folder": str(settings.broker_dir / "control"),
         }
     else:
         # Longer than any job: the claim makes a redelivery harmless, but there is no need for one.
