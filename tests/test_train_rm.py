@@ -1,0 +1,174 @@
+"""Reward model on a tiny character-level model: the K-way loss, K forward rows per ranking, learning, save/load."""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from worker.modeling import save_model, tiny_causal_lm
+from worker.train_rm import (
+    RankingExample,
+    RewardModel,
+    RMConfig,
+    collate_rankings,
+    kway_loss,
+    load_reward_model,
+    score_completions,
+    train_rm,
+)
+
+FILLER = ["blue", "fish", "tree", "lamp", "rain", "milk", "salt", "wave", "star", "leaf"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over ASCII letters, digits and punctuation."""
+    chars = list(string.ascii_letters + string.digits + " .,:;!?'-\n")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(
+        tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("rm") / "base")
+
+
+def keyword_rankings(n: int, seed: int, k_choices: tuple[int, ...] = (4,)) -> list[RankingExample]:
+    """Completions containing 'good' beat those without (tied among themselves)."""
+    rng = random.Random(seed)
+    rankings = []
+    for i in range(n):
+        k = rng.choice(k_choices)
+        n_good = rng.randint(1, k - 1)
+        completions = []
+        for j in range(k):
+            # Same length either way, so only the keyword separates them.
+            words = rng.sample(FILLER, 3)
+            if j < n_good:
+                words[rng.randint(0, 2)] = "good"
+            completions.append(" ".join(words))
+        ranks = [1] * n_good + [2] * (k - n_good)
+        order = list(range(k))
+        rng.shuffle(order)
+        rankings.append(RankingExample(
+            prompt=f"Say something {i % 7}", completions=[completions[o] for o in order],
+            ranks=[ranks[o] for o in order], labeler=["ann", "bob"][i % 2],
+        ))
+    return rankings
+
+
+def test_kway_loss_matches_hand_computed_pairs_with_ties() -> None:
+    scores = torch.tensor([1.0, 0.0, 0.5, -1.0], requires_grad=True)
+    ranks = [1, 2, 2, 3]  # completions 1 and 2 tie: 5 pairs, not 6
+    loss = kway_loss(scores, ranks)
+    # Pairs (0,1) (0,2) (0,3) (1,3) (2,3) with margins 1, 0.5, 2, 1, 1.5; -log σ(m) = log(1 + e^-m).
+    expected = sum(math.log1p(math.exp(-m)) for m in [1.0, 0.5, 2.0, 1.0, 1.5]) / 5
+    assert expected == pytest.approx(0.2857883, abs=1e-7)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    explicit = torch.stack([
+        -F.logsigmoid(scores[w] - scores[l]) for w in range(4) for l in range(4) if ranks[w] < ranks[l]
+    ]).mean()
+    assert loss.item() == pytest.approx(explicit.item(), abs=1e-7)
+    loss.backward()
+    # Tied completions 1 and 2 only meet the others, never each other.
+    assert scores.grad is not None and scores.grad[0] < 0 < scores.grad[3]
+
+    with_l2 = kway_loss(torch.tensor([1.0, 0.0, 0.5, -1.0]), ranks, l2=0.1)
+    assert with_l2.item() == pytest.approx(expected + 0.1 * (1 + 0 + 0.25 + 1) / 4, abs=1e-6)
+
+
+def test_all_tie_ranking_contributes_nothing() -> None:
+    scores = torch.tensor([0.3, -2.0, 1.0], requires_grad=True)
+    loss = kway_loss(scores, [2, 2, 2])
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(scores.grad, torch.zeros(3))
+    assert RankingExample("p", ["a", "b", "c"], [2, 2, 2]).n_pairs == 0
+    assert RankingExample("p", ["a", "b", "c", "d"], [1, 2, 2, 3]).n_pairs == 5
+
+
+def test_collate_puts_each_ranking_once_in_one_batch() -> None:
+    tokenizer = char_tokenizer()
+    rankings = keyword_rankings(3, seed=5, k_choices=(4, 6, 9))
+    batch, spans = collate_rankings(tokenizer, rankings, max_length=128)
+    ks = [len(r.completions) for r in rankings]
+    assert batch["input_ids"].shape[0] == sum(ks)  # K rows per ranking, not 2·C(K, 2)
+    assert [s.stop - s.start for s in spans] == ks and spans[0].start == 0 and spans[-1].stop == sum(ks)
+    last = batch["attention_mask"].sum(1) - 1
+    assert (batch["input_ids"][torch.arange(sum(ks)), last] == tokenizer.eos_token_id).all()
+
+
+@pytest.mark.slow
+def test_training_forwards_exactly_k_rows_per_ranking(
+    base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rankings = keyword_rankings(10, seed=1, k_choices=(4, 5, 6, 7, 8, 9))
+    rows_per_call: list[int] = []
+    forward = RewardModel.forward
+
+    def recording_forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+        if torch.is_grad_enabled():
+            rows_per_call.append(input_ids.shape[0])
+        return forward(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(RewardModel, "forward", recording_forward)
+    step_rows: list[int] = []
+    config = RMConfig(epochs=2, learning_rate=1e-3, rankings_per_step=4, rankings_per_micro_batch=1, device="cpu")
+    train_rm(base_model, rankings, [], config, tmp_path / "rm",
+             progress=lambda step, total, m: step_rows.append(m["rows"]))
+    ks = sorted(len(r.completions) for r in rankings)
+    # One forward call per ranking per epoch, with exactly its K completions.
+    assert len(rows_per_call) == 20
+    assert sorted(rows_per_call[:10]) == ks and sorted(rows_per_call[10:]) == ks
+    assert sum(step_rows) == 2 * sum(ks) and len(step_rows) == 2 * 3
+
+
+@pytest.mark.slow
+def test_reward_model_learns_a_separable_preference(base_model: Path, tmp_path: Path) -> None:
+    train, valid = keyword_rankings(64, seed=2), keyword_rankings(40, seed=3)
+    train.append(RankingExample("Say something", ["blue fish", "tree lamp"], [1, 1], "ann"))  # all ties: skipped
+    demonstrations = [(f"Say something {i}", f"{FILLER[i]} good") for i in range(7)]
+    config = RMConfig(
+        epochs=2, learning_rate=3e-3, rankings_per_step=8, rankings_per_micro_batch=4, warmup_ratio=0.1, seed=0,
+        device="cpu",
+    )
+    metrics = train_rm(base_model, train, valid, config, tmp_path / "rm", demonstrations=demonstrations)
+    assert metrics["n_train"] == 64 and metrics["n_train_all_ties"] == 1
+    assert metrics["valid_accuracy"] > 0.9
+    assert metrics["valid_accuracy"] > metrics["initial_valid_accuracy"] + 0.2
+    assert set(metrics["labeler_agreement"]) == {"ann", "bob"}
+    assert all(acc > 0.85 for acc in metrics["labeler_agreement"].values())
+    assert metrics["valid_pairs"] == sum(r.n_pairs for r in valid) == sum(metrics["labeler_pairs"].values())
+    assert metrics["normalised_on"] == "demonstrations"
+
+    rm, tokenizer = load_reward_model(tmp_path / "rm")
+    assert rm.reward_offset == pytest.approx(metrics["reward_offset"])
+    demo_scores = score_completions(rm, tokenizer, [p for p, _ in demonstrations], [c for _, c in demonstrations])
+    assert sum(demo_scores) / len(demo_scores) == pytest.approx(0.0, abs=1e-4)
+    good, bad = score_completions(rm, tokenizer, ["Say something 3"] * 2, ["milk good star", "milk salt star"])
+    assert good > bad

@@ -1,0 +1,408 @@
+"""Step 2 of the InstructGPT recipe: the reward model, trained on labelers' rankings.
+
+A labeler ranks K = 4..9 completions of one prompt (rank 1 best, ties share a
+rank). The reward model is the causal LM's transformer body with a scalar head
+read at the last real token of format_prompt(prompt) + completion + EOS. Its
+loss per ranking is InstructGPT's eq. 1: the mean over the ranking's non-tied
+pairs of -log σ(r_w − r_l), every ranking weighted equally. All K completions
+of a ranking go through the model once, in the same micro-batch (K forward
+rows, not 2·C(K,2)), because the paper found that pairs fed as independent
+examples overfit after one pass. After training the rewards are shifted so
+that demonstrations (or, without them, the training completions) score 0 on
+average, which keeps PPO's reward on a stable scale; the shift is saved with
+the model. PPO (worker/train_ppo.py) scores its rollouts with this model and
+starts its value network from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from worker.common import (
+    Progress,
+    adamw,
+    cosine_schedule,
+    disable_dropout,
+    encode_pair,
+    fingerprint,
+    load_checkpoint,
+    make_accelerator,
+    micro_batches,
+    pad_right,
+    position_ids,
+    replace_directory,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    shuffled_batches,
+)
+from worker.modeling import load_model, prepare_tokenizer
+
+HEAD_FILE = "head.safetensors"
+META_FILE = "reward_model.json"
+
+
+@dataclass
+class RankingExample:
+    """One labeler's ranking of K completions of a prompt (rank 1 is best; ties share a rank)."""
+
+    prompt: str
+    completions: list[str]
+    ranks: list[int]
+    labeler: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.completions) != len(self.ranks):
+            raise ValueError("a ranking needs exactly one rank per completion")
+
+    @property
+    def n_pairs(self) -> int:
+        """How many (better, worse) pairs the ranking yields; tied completions yield none."""
+        return sum(1 for a in self.ranks for b in self.ranks if a < b)
+
+
+@dataclass
+class RMConfig:
+    """Settings of one reward-model training run."""
+
+    epochs: int = field(default=1, metadata={"help": "Passes over the rankings (InstructGPT: 1; more overfits)."})
+    learning_rate: float = field(default=9e-6, metadata={"help": "Peak AdamW learning rate (InstructGPT 6B RM: 9e-6)."})
+    rankings_per_step: int = field(default=8, metadata={"help": "Rankings per optimizer step (InstructGPT: 64)."})
+    rankings_per_micro_batch: int = field(
+        default=8,
+        metadata={"help": "Whole rankings per forward pass; all K completions of a ranking share one pass."},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on weight matrices."})
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Fraction of steps of linear warmup before cosine decay."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    max_length: int = field(
+        default=1024, metadata={"help": "Tokens per (prompt, completion); longer ones are truncated."}
+    )
+    score_l2: float = field(
+        default=0.0, metadata={"help": "Coefficient of a small L2 penalty on scores, keeping them near 0."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for shuffling and the head's initialisation."})
+    checkpoint_every: int = field(default=100, metadata={"help": "Write a checkpoint every N optimizer steps."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Rankings per forward pass when evaluating."})
+    device: str | None = field(default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose."})
+    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16'."})
+
+
+class RewardModel(nn.Module):
+    """A transformer body with a scalar head read at the last real token; also PPO's value network."""
+
+    def __init__(self, backbone: PreTrainedModel, reward_offset: float = 0.0, max_length: int = 1024) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # As in OpenAI's lm-human-preferences: unit-variance scores at init.
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.head.bias)
+        self.reward_offset = reward_offset
+        self.max_length = max_length
+
+    @classmethod
+    def from_causal_lm(cls, model: PreTrainedModel, max_length: int = 1024) -> RewardModel:
+        """Builds a reward model on the body of a causal LM (its LM head is dropped)."""
+        return cls(model.base_model, max_length=max_length)
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw head output at every position, [batch, length] (PPO reads values from this)."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One reward per row, read at its last real token (left or right padding), minus the offset."""
+        scores = self.token_scores(input_ids, attention_mask)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(-1)
+        return scores.gather(1, last.unsqueeze(1)).squeeze(1) - self.reward_offset
+
+    def save(self, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+        """Writes backbone (save_pretrained), head weights and offset to `path` atomically."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        self.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, tmp / HEAD_FILE)
+        meta = {"reward_offset": self.reward_offset, "max_length": self.max_length, "format": 1}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        return replace_directory(tmp, target)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
+        """Loads a reward model written by save() (fp32)."""
+        path = Path(path)
+        meta = json.loads((path / META_FILE).read_text())
+        backbone = AutoModel.from_pretrained(path / "backbone", dtype=torch.float32)
+        model = cls(backbone, reward_offset=meta["reward_offset"], max_length=meta.get("max_length", 1024))
+        model.head.load_state_dict(load_file(path / HEAD_FILE))
+        return model.to(device or "cpu").eval()
+
+
+def load_reward_model(
+    path: str | Path, device: str | torch.device | None = None
+) -> tuple[RewardModel, PreTrainedTokenizerBase]:
+    """Loads a saved reward model and the tokenizer saved beside it."""
+    return RewardModel.load(path, device), prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+
+
+def kway_loss(scores: torch.Tensor, ranks: list[int] | torch.Tensor, l2: float = 0.0) -> torch.Tensor:
+    """InstructGPT eq. 1 for one ranking: mean over non-tied pairs of -log σ(r_better − r_worse) (+ l2·mean r²)."""
+    ranks = torch.as_tensor(ranks, device=scores.device)
+    better = ranks.unsqueeze(1) < ranks.unsqueeze(0)  # [i, j]: completion i is ranked above j
+    if not better.any():
+        # An all-tie ranking teaches nothing; keep the graph so callers can sum.
+        return scores.sum() * 0.0
+    margins = scores.unsqueeze(1) - scores.unsqueeze(0)
+    loss = -F.logsigmoid(margins[better]).mean()
+    return loss + l2 * scores.pow(2).mean() if l2 else loss
+
+
+def pair_outcomes(scores: torch.Tensor, ranks: list[int]) -> tuple[float, int]:
+    """(correctly ordered pairs, pairs) of one ranking; equal scores count half."""
+    ranks_t = torch.as_tensor(ranks, device=scores.device)
+    better = ranks_t.unsqueeze(1) < ranks_t.unsqueeze(0)
+    margins = (scores.unsqueeze(1) - scores.unsqueeze(0))[better]
+    return float((margins > 0).sum() + 0.5 * (margins == 0).sum()), int(better.sum())
+
+
+def collate_rankings(
+    tokenizer: PreTrainedTokenizerBase, rankings: list[RankingExample], max_length: int
+) -> tuple[dict[str, torch.Tensor], list[slice]]:
+    """Stacks every completion of the rankings into one right-padded batch; returns it and each ranking's rows."""
+    sequences, spans = [], []
+    for ranking in rankings:
+        start = len(sequences)
+        for completion in ranking.completions:
+            prompt_ids, completion_ids = encode_pair(tokenizer, ranking.prompt, completion, max_length)
+            sequences.append(prompt_ids + completion_ids)
+        spans.append(slice(start, len(sequences)))
+    input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, spans
+
+
+def ranking_losses(
+    rm: nn.Module, tokenizer: PreTrainedTokenizerBase, rankings: list[RankingExample], config: RMConfig
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Forward all completions of the rankings once; returns (summed loss, scores, correct pairs, pairs)."""
+    batch, spans = collate_rankings(tokenizer, rankings, config.max_length)
+    device = next(rm.parameters()).device
+    scores = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+    loss = scores.sum() * 0.0
+    correct, pairs = 0.0, 0
+    for ranking, span in zip(rankings, spans):
+        loss = loss + kway_loss(scores[span], ranking.ranks, config.score_l2)
+        ok, n = pair_outcomes(scores[span].detach(), ranking.ranks)
+        correct, pairs = correct + ok, pairs + n
+    return loss, scores.detach(), correct, pairs
+
+
+@torch.no_grad()
+def evaluate_rankings(
+    rm: nn.Module, tokenizer: PreTrainedTokenizerBase, rankings: list[RankingExample], config: RMConfig
+) -> dict[str, Any]:
+    """Held-out loss, pairwise accuracy, and accuracy on each labeler's rankings (their agreement with the RM)."""
+    was_training = rm.training
+    rm.eval()
+    loss_sum, correct, pairs = 0.0, 0.0, 0
+    by_labeler: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for start in range(0, len(rankings), config.eval_batch_size):
+        chunk = rankings[start : start + config.eval_batch_size]
+        loss, scores, _, _ = ranking_losses(rm, tokenizer, chunk, config)
+        loss_sum += float(loss)
+        offset = 0
+        for ranking in chunk:
+            ok, n = pair_outcomes(scores[offset : offset + len(ranking.ranks)], ranking.ranks)
+            offset += len(ranking.ranks)
+            correct, pairs = correct + ok, pairs + n
+            if ranking.labeler is not None:
+                by_labeler[ranking.labeler][0] += ok
+                by_labeler[ranking.labeler][1] += n
+    rm.train(was_training)
+    return {
+        "loss": loss_sum / max(len(rankings), 1),
+        "accuracy": correct / pairs if pairs else None,
+        "pairs": pairs,
+        "labeler_agreement": {who: ok / n for who, (ok, n) in sorted(by_labeler.items()) if n},
+        "labeler_pairs": {who: n for who, (_, n) in sorted(by_labeler.items()) if n},
+    }
+
+
+@torch.no_grad()
+def score_completions(
+    rm: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    completions: list[str],
+    batch_size: int = 16,
+) -> list[float]:
+    """Rewards of (prompt, completion) pairs, offset applied."""
+    was_training = rm.training
+    rm.eval()
+    device = next(rm.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        sequences = [
+            sum(encode_pair(tokenizer, p, c, rm.max_length), [])
+            for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size])
+        ]
+        input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id)
+        scores += rm(input_ids.to(device), attention_mask.to(device)).float().tolist()
+    rm.train(was_training)
+    return scores
+
+
+def train_rm(
+    base_model_path: str | Path,
+    train: list[RankingExample],
+    valid: list[RankingExample],
+    config: RMConfig | None,
+    out_dir: str | Path,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    demonstrations: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Trains a reward model on rankings from the causal LM at base_model_path, normalises it, saves it to out_dir."""
+    config = config or RMConfig()
+    # All-tie rankings yield no pair: they would cost K forward rows and teach nothing.
+    usable = [r for r in train if r.n_pairs]
+    valid = [r for r in valid if r.n_pairs]
+    if not usable:
+        raise ValueError("reward-model training needs at least one ranking with two different ranks")
+    accelerator = make_accelerator(config.device, config.mixed_precision)
+    seed_everything(config.seed)
+    lm, tokenizer = load_model(base_model_path, device=str(accelerator.device))
+    rm = RewardModel.from_causal_lm(lm.float(), max_length=config.max_length).to(accelerator.device)
+    del lm
+    disable_dropout(rm)
+
+    steps_per_epoch = math.ceil(len(usable) / config.rankings_per_step)
+    total_steps = config.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(adamw(rm.named_parameters(), config.learning_rate, config.weight_decay))
+    scheduler = cosine_schedule(optimizer, total_steps, config.warmup_ratio)
+    history: dict[str, Any] = {"step": 0, "epoch_losses": [], "train_loss_curve": [], "valid_curve": []}
+    data_id = fingerprint(
+        [str(base_model_path), [asdict(r) for r in train], [asdict(r) for r in valid], demonstrations]
+    )
+    state = load_checkpoint(checkpoint_dir, config, data_id)
+    if state is not None:
+        rm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        set_rng_state(state["rng"])
+    else:
+        history["initial_valid"] = evaluate_rankings(rm, tokenizer, valid, config) if valid else None
+    model, optimizer = accelerator.prepare(rm, optimizer)
+
+    model.train()
+    while history["step"] < total_steps:
+        step = history["step"]
+        epoch, first = divmod(step, steps_per_epoch)
+        for batch in shuffled_batches(len(usable), config.rankings_per_step, config.seed, epoch)[first:]:
+            shard = batch[accelerator.process_index :: accelerator.num_processes]
+            step_loss, correct, pairs, rows = 0.0, 0.0, 0, 0
+            for micro in micro_batches(shard, config.rankings_per_micro_batch):
+                rankings = [usable[i] for i in micro]
+                with accelerator.autocast():
+                    loss, _, ok, n = ranking_losses(model, tokenizer, rankings, config)
+                # Each ranking counts once in the step's mean, whatever its K.
+                accelerator.backward(loss * accelerator.num_processes / len(batch))
+                step_loss, correct, pairs = step_loss + loss.item(), correct + ok, pairs + n
+                rows += sum(len(r.completions) for r in rankings)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history["step"] = step = step + 1
+            history["epoch_losses"].append(step_loss / len(shard))
+            metrics = {
+                "loss": step_loss / len(shard),
+                "accuracy": correct / max(pairs, 1),
+                "rows": rows,
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": epoch + 1,
+            }
+            epoch_done = step % steps_per_epoch == 0
+            if epoch_done:
+                history["train_loss_curve"].append(sum(history["epoch_losses"]) / len(history["epoch_losses"]))
+                history["epoch_losses"] = []
+                if valid:
+                    result = evaluate_rankings(rm, tokenizer, valid, config)
+                    history["valid_curve"].append(result)
+                    metrics.update(valid_loss=result["loss"], valid_accuracy=result["accuracy"])
+            if checkpoint_dir and accelerator.is_main_process and (epoch_done or step % config.checkpoint_every == 0):
+                save_checkpoint(
+                    checkpoint_dir,
+                    {
+                        "model": rm.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                        "rng": rng_state(),
+                        "config": asdict(config),
+                        "data_fingerprint": data_id,
+                    },
+                )
+            if progress and accelerator.is_main_process:
+                progress(step, total_steps, metrics)
+
+    # Shift rewards so the reference set scores 0 on average: demonstrations
+    # are what a good policy writes, so PPO's rewards start near 0 for SFT.
+    if demonstrations:
+        reference, normalised_on = demonstrations, "demonstrations"
+    else:
+        reference = [(r.prompt, c) for r in usable for c in r.completions]
+        normalised_on = "training_completions"
+    rm.reward_offset = 0.0
+    prompts, completions = [p for p, _ in reference], [c for _, c in reference]
+    raw = score_completions(rm, tokenizer, prompts, completions, config.eval_batch_size)
+    rm.reward_offset = sum(raw) / len(raw)
+
+    final = history["valid_curve"][-1] if history["valid_curve"] else None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rm.save(out_dir, tokenizer)
+    curve = history["train_loss_curve"]
+    initial = history.get("initial_valid")
+    return {
+        "train_loss": curve[-1] if curve else None,
+        "train_loss_curve": curve,
+        "valid_loss": final["loss"] if final else None,
+        "valid_accuracy": final["accuracy"] if final else None,
+        "valid_accuracy_curve": [v["accuracy"] for v in history["valid_curve"]],
+        "initial_valid_accuracy": initial["accuracy"] if initial else None,
+        "valid_pairs": final["pairs"] if final else 0,
+        "labeler_agreement": final["labeler_agreement"] if final else {},
+        "labeler_pairs": final["labeler_pairs"] if final else {},
+        "reward_offset": rm.reward_offset,
+        "normalised_on": normalised_on,
+        "steps": history["step"],
+        "n_train": len(usable),
+        "n_train_all_ties": len(train) - len(usable),
+        "n_valid": len(valid),
+    }
