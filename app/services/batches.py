@@ -10,6 +10,7 @@ nothing and reports every error by line and field.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,30 +170,48 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
         existing_user_counts=lambda users: _existing_user_counts(db, batch.id, users),
         config=config,
     )
-    rows = [
-        {
-            "batch_id": batch.id, "text": p.text, "source_user_id": p.source_user_id, "category": p.category,
-            "split": p.split, "normalized_key": p.normalized_key, "prefix_key": p.prefix_key,
-            "extra": p.metadata, "pii_flags": p.pii_flags, "source_line": p.line, "created_at": utcnow(),
-        }
-        for p in result.kept
-    ]
-    for start in range(0, len(rows), 5000):
-        db.execute(insert(Prompt), rows[start:start + 5000])
+    _insert_prompts(db, batch.id, result.kept)
     report = result.report.to_dict()
     report["dropped"] = report["dropped"][:1000]  # the full list is in the downloadable CSV
     batch.hygiene_report = report
     outcome.hygiene = result
-    outcome.stored = len(rows)
+    outcome.stored = len(result.kept)
     return outcome
+
+
+PROMPT_COLUMNS = ("batch_id", "text", "source_user_id", "category", "split", "normalized_key", "prefix_key",
+                  "metadata", "pii_flags", "source_line", "created_at")
+
+
+def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
+    """Stores the kept prompts: COPY on PostgreSQL (several times faster than INSERT), else executemany."""
+    now = utcnow()
+    if db.get_bind().dialect.name == "postgresql":
+        cursor = db.connection().connection.dbapi_connection.cursor()
+        with cursor.copy(f"COPY prompts ({', '.join(PROMPT_COLUMNS)}) FROM STDIN") as copy:
+            for p in kept:
+                copy.write_row((batch_id, p.text, p.source_user_id, p.category, p.split, p.normalized_key,
+                                p.prefix_key, json.dumps(p.metadata), json.dumps(p.pii_flags), p.line, now))
+        return
+    rows = [
+        {"batch_id": batch_id, "text": p.text, "source_user_id": p.source_user_id, "category": p.category,
+         "split": p.split, "normalized_key": p.normalized_key, "prefix_key": p.prefix_key, "extra": p.metadata,
+         "pii_flags": p.pii_flags, "source_line": p.line, "created_at": now}
+        for p in kept
+    ]
+    for start in range(0, len(rows), 5000):
+        db.execute(insert(Prompt), rows[start:start + 5000])
 
 
 def _existing_keys(db: Session, batch_id: int, keys: list[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(keys), 5000):
         chunk = keys[start:start + 5000]
-        found.update(db.scalars(select(Prompt.normalized_key).where(Prompt.normalized_key.in_(chunk))))
-        found.update(db.scalars(select(Prompt.prefix_key).where(Prompt.prefix_key.in_(chunk))))
+        # Text keys and prefix keys never collide (different hash inputs), so one query serves both.
+        found.update(db.scalars(
+            select(Prompt.normalized_key).where(Prompt.normalized_key.in_(chunk))
+            .union(select(Prompt.prefix_key).where(Prompt.prefix_key.in_(chunk)))
+        ))
     return found
 
 
