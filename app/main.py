@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import get_settings
 from app.deps import LoginRequired
-from app.routes import admin, api, batches_api, export, labeling, labeling_api, pages
+from app.routes import (admin, api, batches_api, export, labeling, labeling_api, models_admin, models_api, pages,
+                        prompt_writing)
 from app.templating import templates
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,56 @@ DOCS_CSP = (
     "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
     "frame-ancestors 'none'"
 )
+
+# What a 422 really carries (see the handlers in create_app), published instead of FastAPI's default
+# `detail: [{loc, msg, type}]`, so clients and schema-driven tools read errors as they are sent.
+ERROR_SCHEMAS = {
+    "HTTPValidationError": {
+        "title": "HTTPValidationError",
+        "type": "object",
+        "required": ["detail"],
+        "properties": {
+            "detail": {"type": "string", "description": "What is wrong, naming each field: 'field: problem; ...'"},
+            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}},
+        },
+    },
+    "ValidationError": {
+        "title": "ValidationError",
+        "type": "object",
+        "required": ["message"],
+        "properties": {
+            "field": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "Dotted path, e.g. items.2.likert"},
+            "message": {"type": "string"},
+            "line": {"type": "integer", "description": "Line of an uploaded file, for import errors"},
+        },
+    },
+}
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every response (plain ASGI: no per-request task like BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, hsts: bool = False):
+        self.app = app
+        extra = {"strict-transport-security": "max-age=31536000"} if hsts else {}
+        self.headers = [(k.encode(), v.encode()) for k, v in (SECURITY_HEADERS | extra).items()]
+        self.docs_headers = [(k, DOCS_CSP.encode() if k == b"content-security-policy" else v) for k, v in self.headers]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = self.docs_headers if scope["path"] == "/docs" else self.headers
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (name, value) for name, value in headers if name not in present
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class BodyLimitMiddleware:
@@ -98,6 +149,26 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     return errors
 
 
+MAX_DB_ID = 2**63 - 1  # ids are 64-bit integers (BIGINT on PostgreSQL, INTEGER on SQLite)
+
+
+def path_ids_in_range(request: Request) -> None:
+    """Answers 404 for a path id no row can have, before the database sees it.
+
+    Routes take ids as Python ints of any size; PostgreSQL would refuse one beyond
+    64 bits with an error, and that would be a 500 instead of "not found".
+    """
+    for name, value in request.path_params.items():
+        if not name.endswith("_id"):
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            continue  # not a number: the route's own validation answers 422
+        if abs(number) > MAX_DB_ID:
+            raise HTTPException(404, f"{name}: no such id {value}")
+
+
 def create_app() -> FastAPI:
     """Builds the web application."""
     settings = get_settings()
@@ -108,23 +179,25 @@ def create_app() -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/api/v1/openapi.json",
+        dependencies=[Depends(path_ids_in_range)],
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (pages, labeling, admin, api, labeling_api, batches_api, export):
+    for module in (pages, labeling, admin, api, labeling_api, batches_api, export, models_admin, models_api,
+                   prompt_writing):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if request.url.path == "/docs":
-            response.headers["content-security-policy"] = DOCS_CSP
-        if settings.secure_cookies:
-            response.headers.setdefault("strict-transport-security", "max-age=31536000")
-        return response
-
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: even a 413 from the body limit carries the headers.
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.secure_cookies)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = FastAPI.openapi(app).get("components", {}).get("schemas", {})
+            if "HTTPValidationError" in schemas:
+                schemas.update(ERROR_SCHEMAS)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired):

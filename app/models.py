@@ -278,6 +278,15 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# The lease queue: open tasks in lease order (higher priority first, then oldest), per kind and for any
+# kind, so `lease_next_task` reads them in index order and stops at the first free slot instead of
+# sorting every open task. Partial, so closed tasks (most of them, once labeled) cost nothing here.
+Index("ix_tasks_lease_queue", Task.kind, Task.priority.desc(), Task.id,
+      postgresql_where=text("is_open"), sqlite_where=text("is_open"))
+Index("ix_tasks_lease_queue_any_kind", Task.priority.desc(), Task.id,
+      postgresql_where=text("is_open"), sqlite_where=text("is_open"))
+
+
 class TaskItem(Base):
     """A completion shown in a ranking (or eval) task."""
 
@@ -404,3 +413,50 @@ class TrainingRun(Base):
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+# --- webhooks (export API, issue 5) -----------------------------------------------------------------
+
+WEBHOOK_EVENTS = ("batch.completed", "model_version.registered", "model_version.promoted", "training_run.failed")
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+class Webhook(Base):
+    """A URL an admin registered to receive signed JSON events."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    # The HMAC-SHA256 signing key; stored in clear because signing needs it (like Stripe's endpoint secrets).
+    secret: Mapped[str] = mapped_column(String(128))
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: the outbox row the worker delivers, retries and logs."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
+        # The worker's query: pending deliveries whose next attempt is due.
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    # Shared by the deliveries of one event to several webhooks, so receivers can deduplicate.
+    event_id: Mapped[str] = mapped_column(String(36))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

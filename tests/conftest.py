@@ -25,11 +25,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("INSTRUCTLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("INSTRUCTLOOP_TEST_REDIS", "redis://127.0.0.1:6379/7")
+_RUN_ID = uuid.uuid4().hex[:8]
+# A Redis database of its own per test run, so two runs on one machine never consume each other's jobs.
+REDIS_URL = os.environ.get("INSTRUCTLOOP_TEST_REDIS", f"redis://127.0.0.1:6379/{1 + int(_RUN_ID, 16) % 15}")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
-_RUN_ID = uuid.uuid4().hex[:8]
 TEST_DB_NAME = f"instructloop_test_{_RUN_ID}"
 TEST_DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{TEST_DB_NAME}"
 DATA_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / f"instructloop-test-{_RUN_ID}"

@@ -116,15 +116,6 @@ def _begin_version(run_id: int, kind: str, parent_id: int | None, lineage: dict[
         return version.id, out
 
 
-def _complete_version(version_id: int, metrics: dict[str, Any]) -> None:
-    with session_scope() as db:
-        version = db.get(ModelVersion, version_id)
-        version.metrics = _jsonable(metrics)
-        version.status = "ready"
-        if registry.promoted(db, version.kind) is None:
-            registry.promote(db, version)
-
-
 def _jsonable(value: Any) -> Any:
     import json
 
@@ -153,7 +144,6 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     version_id, out = _begin_version(run_id, "sft", base_id, {"base": base_id}, snap.as_dict())
     metrics = train_sft(base_path, data["train"], data["valid"], config_from_dict(SFTConfig, params), out,
                         checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report))
-    _complete_version(version_id, metrics)
     return _jsonable(metrics), version_id
 
 
@@ -180,7 +170,6 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     metrics = train_rm(backbone_path, examples(data["train"]), examples(data["valid"]),
                        config_from_dict(RMConfig, params), out, checkpoint_dir=run_dir(run_id) / "checkpoint",
                        progress=_progress(report), demonstrations=demos["train"] or None)
-    _complete_version(version_id, metrics)
     return _jsonable(metrics), version_id
 
 
@@ -205,5 +194,4 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
                         ptx_examples=demos["train"] if getattr(config, "ptx_coef", 0) else None,
                         checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
                         eval_prompts=eval_prompts or None)
-    _complete_version(version_id, metrics)
     return _jsonable(metrics), version_id

@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.db import session_scope
 from app.jobs import send_pending_runs
-from app.services import runs
+from app.services import registry, runs
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,12 @@ def execute_run(run_id: int, body: JobBody) -> str:
             runs.fail_run(db, run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         return "failed"
     with session_scope() as db:
-        runs.finish_run(db, run_id, metrics=metrics, output_version_id=version_id)
+        # The run's success and its model's release are one transaction, and only if the run is still ours.
+        if not runs.finish_run(db, run_id, metrics=metrics, output_version_id=version_id):
+            log.warning("run %s was cancelled or reaped before it finished; its result is dropped", run_id)
+            return "cancelled"
+        if version_id is not None:
+            registry.mark_ready(db, version_id, metrics)
     return "succeeded"
 
 

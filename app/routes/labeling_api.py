@@ -13,10 +13,8 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, SessionDep
-from sqlalchemy import select
-
 from app.models import RANKING_FLAGS as _FLAGS
-from app.models import Demonstration, Ranking, RankingItem
+from app.models import Demonstration
 from app.services import labeling
 
 router = APIRouter(prefix="/api/v1", tags=["labeling"])
@@ -79,9 +77,9 @@ def _raise(exc: labeling.LabelingError):
     raise HTTPException(exc.status, str(exc)) from exc
 
 
-def assignment_out(db, assignment) -> AssignmentOut:
+def assignment_out(db, assignment, view: labeling.TaskView | None = None) -> AssignmentOut:
     """Serialises an assignment with everything needed to label it."""
-    view = labeling.task_view(db, assignment)
+    view = view or labeling.task_view(db, assignment)
     return AssignmentOut(
         assignment_id=assignment.id, task_id=view.task.id, kind=view.task.kind, batch_id=view.batch.id,
         prompt_id=view.prompt.id, prompt=view.prompt.text, guidelines=view.batch.guidelines,
@@ -95,12 +93,12 @@ def next_task(db: SessionDep, principal: LabelerApi,
               kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
     """Leases the next task (or returns the one already held); 204 when nothing is left."""
     try:
-        assignment = labeling.lease_next_task(db, principal.user, kind)
+        view = labeling.lease_next_view(db, principal.user, kind)
     except labeling.LabelingError as exc:
         _raise(exc)
-    if assignment is None:
+    if view is None:
         return Response(status_code=204)
-    return assignment_out(db, assignment)
+    return assignment_out(db, view.assignment, view)
 
 
 @router.get("/assignments/{assignment_id}", response_model=AssignmentOut)
@@ -116,27 +114,18 @@ def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
     """Submits a demonstration or a ranking; repeating it returns the stored result."""
     try:
-        assignment = labeling.get_assignment(db, assignment_id, principal.user)
-        kind = labeling.task_view(db, assignment).task.kind
-        if kind == "demonstration":
-            demo: Demonstration = labeling.submit_demonstration(
-                db, principal.user, assignment_id, body.text or "", body.active_seconds)
-            return SubmitOut(assignment_id=assignment_id, kind="demonstration", id=demo.id, created_at=demo.created_at)
-        if kind == "ranking":
-            if body.items is None:
-                raise labeling.LabelingError("items", "give a rank and a Likert score for every output")
-            ranking: Ranking = labeling.submit_ranking(
-                db, principal.user, assignment_id, [i.model_dump() for i in body.items],
-                all_unacceptable=body.all_unacceptable, active_seconds=body.active_seconds)
-            items = db.scalars(select(RankingItem).where(RankingItem.ranking_id == ranking.id)
-                               .order_by(RankingItem.position)).all()
-            return SubmitOut(
-                assignment_id=assignment_id, kind="ranking", id=ranking.id, created_at=ranking.created_at,
-                items=[{"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
-                       for i in items])
-        raise labeling.LabelingError("assignment", f"{kind} tasks are submitted on their own page")
+        label = labeling.submit(
+            db, principal.user, assignment_id, text=body.text,
+            items=None if body.items is None else [i.model_dump() for i in body.items],
+            all_unacceptable=body.all_unacceptable, active_seconds=body.active_seconds)
     except labeling.LabelingError as exc:
         _raise(exc)
+    if isinstance(label, Demonstration):
+        return SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id, created_at=label.created_at)
+    return SubmitOut(
+        assignment_id=assignment_id, kind="ranking", id=label.id, created_at=label.created_at,
+        items=[{"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
+               for i in label.items])
 
 
 @router.post("/assignments/{assignment_id}/skip")

@@ -131,8 +131,12 @@ def transition(db: Session, batch: PromptBatch, target: str) -> PromptBatch:
     if target not in TRANSITIONS.get(batch.status, set()):
         allowed = ", ".join(sorted(TRANSITIONS.get(batch.status, ()))) or "none"
         raise BatchError("status", f"cannot go from {batch.status} to {target} (allowed: {allowed})", status=409)
+    resumes_sampling = batch.status == "paused" and target == "sampling"
     batch.status = target
     batch.updated_at = utcnow()
+    if resumes_sampling:
+        # Sampling resumes where it stopped: the run only samples prompts still short of K outputs.
+        start_run(db, "sample", batch_id=batch.id, triggered_by="batch-resume")
     return batch
 
 
@@ -142,8 +146,12 @@ def start_batch(db: Session, batch: PromptBatch) -> PromptBatch:
     if not n_prompts:
         raise BatchError("prompts", "import prompts before starting the batch", status=409)
     if batch.wants_rankings:
-        if registry.sampling_policy(db, batch.policy_version_id) is None:
+        policy = registry.sampling_policy(db, batch.policy_version_id)
+        if policy is None:
             raise BatchError("policy_version_id", "no model to sample from; register a base model first", status=409)
+        # Pinned at start: prompts added later (written by labelers, or after a pause) are sampled from the
+        # same model as the rest of the batch, even if another policy is promoted meanwhile.
+        batch.policy_version_id = policy.id
         transition(db, batch, "sampling")
         start_run(db, "sample", batch_id=batch.id, triggered_by="batch-start")
     else:

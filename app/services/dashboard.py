@@ -17,6 +17,7 @@ from app.models import (
     TrainingRun,
     User,
 )
+from app.services.prompt_writing import any_writable_batch
 
 
 def _available_tasks_by_kind(db: Session, user: User) -> dict[str, int]:
@@ -48,6 +49,7 @@ def labeler_summary(db: Session, user: User) -> dict:
         "submitted_today": sum(1 for row in finished if row.state == "submitted"),
         "skipped_today": sum(1 for row in finished if row.state == "skipped"),
         "median_seconds": round(statistics.median(durations), 1) if durations else None,
+        "can_write_prompts": any_writable_batch(db),
     }
 
 

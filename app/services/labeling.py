@@ -16,7 +16,8 @@ from datetime import timedelta, timezone
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, selectinload
 
 from app.config import get_settings
 from app.models import (
@@ -80,23 +81,37 @@ def _active_leases(task_id_col) -> Any:
 
 def lease_next_task(db: Session, labeler: User, kind: str | None = None) -> Assignment | None:
     """Leases the next task this labeler can do, or returns the lease they already hold; None when none is left."""
+    leased = _lease(db, labeler, kind)
+    return leased[0] if leased else None
+
+
+def lease_next_view(db: Session, labeler: User, kind: str | None = None) -> TaskView | None:
+    """Leases like `lease_next_task` and returns what is needed to show the task; None when none is left."""
+    leased = _lease(db, labeler, kind)
+    return task_view(db, *leased) if leased else None
+
+
+def _lease(db: Session, labeler: User, kind: str | None) -> tuple[Assignment, list[Completion]] | None:
+    """Leases (or finds the held lease); returns it with the task's outputs when they were loaded on the way."""
     if kind is not None and kind not in ("demonstration", "ranking", "eval"):
         raise LabelingError("kind", "must be demonstration, ranking or eval")
     held = _held_lease(db, labeler, kind)
     if held is not None:
         held.expires_at = _lease_expiry()
-        return held
+        return held, []
     finished_by_me = exists().where(
         Assignment.task_id == Task.id,
         Assignment.labeler_id == labeler.id,
         Assignment.state.in_(("submitted", "skipped")),
     )
+    # Written so the plan walks ix_tasks_lease_queue in order and stops at the first free slot: the batch
+    # filter is a subquery (a join could reorder the walk and force a sort of every open task).
+    labeling_batches = select(PromptBatch.id).where(PromptBatch.status == "labeling")
     query = (
         select(Task)
-        .join(PromptBatch, PromptBatch.id == Task.batch_id)
         .where(
             Task.is_open,
-            PromptBatch.status == "labeling",
+            Task.batch_id.in_(labeling_batches),
             ~finished_by_me,
             Task.done_count + _active_leases(Task.id) < Task.needed,
         )
@@ -109,22 +124,40 @@ def lease_next_task(db: Session, labeler: User, kind: str | None = None) -> Assi
     task = _lock_free_slot(db, query)
     if task is None:
         return None
-    assignment = db.scalar(
-        select(Assignment).where(Assignment.task_id == task.id, Assignment.labeler_id == labeler.id)
-    )
-    if assignment is None:
-        assignment = Assignment(task_id=task.id, labeler_id=labeler.id)
-        db.add(assignment)
-    assignment.state = "leased"
-    assignment.leased_at = utcnow()
-    assignment.expires_at = _lease_expiry()
-    if task.kind in ("ranking", "eval") and not assignment.display_order:
-        ids = list(db.scalars(select(TaskItem.completion_id).where(TaskItem.task_id == task.id).order_by(TaskItem.position)))
+    order: list[int] = []
+    outputs: list[Completion] = []
+    if task.kind in ("ranking", "eval"):
+        # The outputs themselves, not only their ids, so showing the task needs no second query.
+        outputs = db.scalars(
+            select(Completion).join(TaskItem, TaskItem.completion_id == Completion.id)
+            .where(TaskItem.task_id == task.id).order_by(TaskItem.position)
+        ).all()
+        order = [output.id for output in outputs]
         # A fresh random order per labeler; stored so position bias can be measured later.
-        random.SystemRandom().shuffle(ids)
-        assignment.display_order = ids
-    db.flush()
-    return assignment
+        random.SystemRandom().shuffle(order)
+    now = utcnow()
+    lease = {"state": "leased", "leased_at": now, "expires_at": _lease_expiry()}
+    # One statement in the usual case (a task this labeler never held); ON CONFLICT keeps it correct when
+    # they held it before and the lease lapsed, in which case the old row is renewed below.
+    insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+    assignment = db.scalars(
+        insert(Assignment)
+        .values(task_id=task.id, labeler_id=labeler.id, draft={}, display_order=order, active_seconds=0.0, **lease)
+        .on_conflict_do_nothing(index_elements=["task_id", "labeler_id"])
+        .returning(Assignment)
+    ).first()
+    if assignment is None:
+        assignment = db.scalar(
+            select(Assignment).where(Assignment.task_id == task.id, Assignment.labeler_id == labeler.id)
+            .execution_options(populate_existing=True)
+        )
+        for name, value in lease.items():
+            setattr(assignment, name, value)
+        if not assignment.display_order:
+            # The order shown before is kept: a draft in progress was made against it.
+            assignment.display_order = order
+        db.flush()
+    return assignment, outputs
 
 
 def _lock_free_slot(db: Session, query) -> Task | None:
@@ -174,14 +207,34 @@ def get_assignment(db: Session, assignment_id: int, labeler: User, *, lock: bool
     return assignment
 
 
-def task_view(db: Session, assignment: Assignment) -> TaskView:
-    """Loads what is needed to show an assignment."""
-    task = db.get(Task, assignment.task_id)
-    prompt = db.get(Prompt, task.prompt_id)
-    batch = db.get(PromptBatch, task.batch_id)
+def _lock_with_task(db: Session, assignment_id: int, labeler: User) -> tuple[Assignment, Task]:
+    """Locks one of the labeler's assignments and loads its task in the same round trip; 404 for anyone else's."""
+    # populate_existing: the state that decides idempotency must be the one read under the lock.
+    row = db.execute(
+        select(Assignment, Task)
+        .join(Task, Task.id == Assignment.task_id)
+        .where(Assignment.id == assignment_id, Assignment.labeler_id == labeler.id)
+        .with_for_update(of=Assignment)
+        .execution_options(populate_existing=True)
+    ).first()
+    if row is None:
+        raise LabelingError("assignment_id", f"no assignment {assignment_id} of yours", status=404)
+    return row[0], row[1]
+
+
+def task_view(db: Session, assignment: Assignment, outputs: list[Completion] | None = None) -> TaskView:
+    """Loads what is needed to show an assignment (`outputs`: its completions, when the caller has them)."""
+    task, prompt, batch = db.execute(
+        select(Task, Prompt, PromptBatch)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .join(PromptBatch, PromptBatch.id == Task.batch_id)
+        .where(Task.id == assignment.task_id)
+    ).one()
     completions: list[Completion] = []
     if assignment.display_order:
-        by_id = {c.id: c for c in db.scalars(select(Completion).where(Completion.id.in_(assignment.display_order)))}
+        by_id = {c.id: c for c in outputs or ()}
+        if not set(assignment.display_order) <= by_id.keys():
+            by_id = {c.id: c for c in db.scalars(select(Completion).where(Completion.id.in_(assignment.display_order)))}
         completions = [by_id[cid] for cid in assignment.display_order if cid in by_id]
     return TaskView(assignment=assignment, task=task, prompt=prompt, batch=batch, completions=completions)
 
@@ -234,12 +287,16 @@ def _finish(assignment: Assignment, active_seconds: float) -> None:
 def submit_demonstration(db: Session, labeler: User, assignment_id: int, text: str,
                          active_seconds: float = 0.0) -> Demonstration:
     """Stores a demonstration once; a repeated submit returns the stored one."""
-    assignment = get_assignment(db, assignment_id, labeler, lock=True)
+    assignment, task = _lock_with_task(db, assignment_id, labeler)
+    return _submit_demonstration(db, labeler, assignment, task, text, active_seconds)
+
+
+def _submit_demonstration(db: Session, labeler: User, assignment: Assignment, task: Task, text: str,
+                          active_seconds: float) -> Demonstration:
     if assignment.state == "submitted":
         existing = db.scalar(select(Demonstration).where(Demonstration.assignment_id == assignment.id))
         if existing is not None:
             return existing
-    task = db.get(Task, assignment.task_id)
     if task.kind != "demonstration":
         raise LabelingError("assignment", f"this is a {task.kind} task, not a demonstration")
     text = (text or "").replace("\x00", "").strip("\n")
@@ -293,13 +350,19 @@ def validate_ranking_items(expected_ids: list[int], items: list[dict[str, Any]])
 
 def submit_ranking(db: Session, labeler: User, assignment_id: int, items: list[dict[str, Any]], *,
                    all_unacceptable: bool = False, active_seconds: float = 0.0) -> Ranking:
-    """Stores a ranking once; a repeated submit returns the stored one."""
-    assignment = get_assignment(db, assignment_id, labeler, lock=True)
+    """Stores a ranking once; a repeated submit returns the stored one. `ranking.items` is loaded either way."""
+    assignment, task = _lock_with_task(db, assignment_id, labeler)
+    return _submit_ranking(db, labeler, assignment, task, items, all_unacceptable, active_seconds)
+
+
+def _submit_ranking(db: Session, labeler: User, assignment: Assignment, task: Task, items: list[dict[str, Any]],
+                    all_unacceptable: bool, active_seconds: float) -> Ranking:
     if assignment.state == "submitted":
-        existing = db.scalar(select(Ranking).where(Ranking.assignment_id == assignment.id))
+        existing = db.scalar(
+            select(Ranking).options(selectinload(Ranking.items)).where(Ranking.assignment_id == assignment.id)
+        )
         if existing is not None:
             return existing
-    task = db.get(Task, assignment.task_id)
     if task.kind != "ranking":
         raise LabelingError("assignment", f"this is a {task.kind} task, not a ranking")
     order = assignment.display_order or list(
@@ -308,16 +371,32 @@ def submit_ranking(db: Session, labeler: User, assignment_id: int, items: list[d
     clean = validate_ranking_items(order, items)
     _ensure_submittable(db, assignment, task)
     _count_label(db, task)
+    position = {cid: i for i, cid in enumerate(order)}
+    # Built with its items so one flush writes the ranking, its items and the assignment (three statements).
+    ranking_items = sorted(
+        (RankingItem(position=position[item["completion_id"]], **item) for item in clean), key=lambda i: i.position
+    )
     ranking = Ranking(assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id, labeler_id=labeler.id,
                       all_unacceptable=bool(all_unacceptable), is_gold=task.is_gold,
-                      active_seconds=max(0.0, float(active_seconds or 0)))
+                      active_seconds=max(0.0, float(active_seconds or 0)), items=ranking_items)
     db.add(ranking)
-    db.flush()
-    position = {cid: i for i, cid in enumerate(order)}
-    db.add_all(RankingItem(ranking_id=ranking.id, position=position[item["completion_id"]], **item) for item in clean)
     _finish(assignment, active_seconds)
     db.flush()
     return ranking
+
+
+def submit(db: Session, labeler: User, assignment_id: int, *, text: str | None = None,
+           items: list[dict[str, Any]] | None = None, all_unacceptable: bool = False,
+           active_seconds: float = 0.0) -> Demonstration | Ranking:
+    """Submits a demonstration or a ranking, whichever the assignment's task is; repeats return the stored one."""
+    assignment, task = _lock_with_task(db, assignment_id, labeler)
+    if task.kind == "demonstration":
+        return _submit_demonstration(db, labeler, assignment, task, text or "", active_seconds)
+    if task.kind == "ranking":
+        if items is None and assignment.state != "submitted":
+            raise LabelingError("items", "give a rank and a Likert score for every output")
+        return _submit_ranking(db, labeler, assignment, task, items or [], all_unacceptable, active_seconds)
+    raise LabelingError("assignment", f"{task.kind} tasks are submitted on their own page")
 
 
 def skip(db: Session, labeler: User, assignment_id: int, reason: str, note: str = "") -> Assignment:

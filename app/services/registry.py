@@ -5,6 +5,8 @@ when its artifact is in place, and at most one version per kind is
 `promoted` (enforced by a partial unique index). The policy that samples a
 batch is the batch's own choice, else the promoted policy, else the newest
 usable SFT or base model, so a fresh install can sample from its base model.
+Admins promote, roll back to the previously promoted version, or retire a
+version; `lineage` answers where a version came from.
 """
 
 from __future__ import annotations
@@ -65,6 +67,19 @@ def register_base_model(db: Session, artifact_path: str, metrics: dict[str, Any]
     return version
 
 
+def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = None) -> ModelVersion:
+    """Records a finished model's metrics and makes it usable; the first of its kind is promoted."""
+    version = db.get(ModelVersion, version_id)
+    if metrics is not None:
+        version.metrics = metrics
+    if version.status == "training":
+        version.status = "ready"
+        db.flush()
+        if promoted(db, version.kind) is None:
+            promote(db, version)
+    return version
+
+
 def promoted(db: Session, kind: str) -> ModelVersion | None:
     """Returns the promoted version of a kind, if any."""
     return db.scalar(select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status == "promoted"))
@@ -103,3 +118,88 @@ def sampling_policy(db: Session, requested_id: int | None = None) -> ModelVersio
         if version is not None:
             return version
     return None
+
+
+def rollback_target(db: Session, kind: str) -> ModelVersion | None:
+    """Returns the version a rollback of `kind` would promote: the one promoted before the current one."""
+    current = promoted(db, kind)
+    query = select(ModelVersion).where(
+        ModelVersion.kind == kind, ModelVersion.status == "ready", ModelVersion.promoted_at.is_not(None)
+    )
+    if current is not None and current.promoted_at is not None:
+        query = query.where(ModelVersion.promoted_at < current.promoted_at)
+    return db.scalar(query.order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1))
+
+
+def rollback(db: Session, kind: str) -> ModelVersion:
+    """Promotes the version of `kind` that was promoted before the current one; returns it.
+
+    `promoted_at` records each version's latest promotion, so the versions
+    with one, in that order, are the promotion history. The version rolled
+    back from leaves that history (its `promoted_at` is cleared): a second
+    rollback goes one step further back instead of toggling between two.
+    """
+    target = rollback_target(db, kind)
+    if target is None:
+        raise RegistryError(f"kind: no earlier promoted {kind} model to roll back to")
+    current = promoted(db, kind)
+    promote(db, target)
+    if current is not None:
+        current.promoted_at = None
+    db.flush()
+    return target
+
+
+def retire(db: Session, version: ModelVersion) -> ModelVersion:
+    """Retires a ready version so that it is neither promoted nor sampled from again."""
+    if version.status == "promoted":
+        raise RegistryError(f"status: {version.name} is promoted; promote another {version.kind} model first")
+    if version.status != "ready":
+        raise RegistryError(f"status: only a ready model can be retired; {version.name} is {version.status}")
+    version.status = "retired"
+    db.flush()
+    return version
+
+
+# What to compare versions of a kind by, as (path into metrics, label).
+KEY_METRICS: dict[str, list[tuple[str, str]]] = {
+    "base": [("final_held_out_loss", "held-out loss"), ("parameters", "parameters")],
+    "sft": [("valid_loss", "valid loss"), ("train_loss", "train loss")],
+    "rm": [("valid_accuracy", "valid accuracy"), ("valid_loss", "valid loss")],
+    "policy": [("eval.reward", "eval reward"), ("eval.kl", "KL to SFT")],
+}
+
+
+def key_metrics(version: ModelVersion) -> dict[str, Any]:
+    """Returns the few metrics that compare versions of this kind, keyed by their dotted path."""
+    out: dict[str, Any] = {}
+    for path, _ in KEY_METRICS.get(version.kind, []):
+        value: Any = version.metrics or {}
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[path] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return out
+
+
+def _summary(version: ModelVersion) -> dict[str, Any]:
+    return {"id": version.id, "name": version.name, "kind": version.kind, "status": version.status}
+
+
+def lineage(db: Session, version: ModelVersion, max_depth: int = 100) -> dict[str, Any]:
+    """Returns where a version came from: its parent chain (nearest first), named secondary parents, children."""
+    parents: list[dict[str, Any]] = []
+    seen = {version.id}
+    parent_id = version.parent_id
+    while parent_id is not None and parent_id not in seen and len(parents) < max_depth:
+        parent = db.get(ModelVersion, parent_id)
+        if parent is None:
+            break
+        parents.append(_summary(parent))
+        seen.add(parent.id)
+        parent_id = parent.parent_id
+    refs = {role: ref for role, ref in (version.lineage or {}).items() if isinstance(ref, int)}
+    found = {v.id: v for v in db.scalars(select(ModelVersion).where(ModelVersion.id.in_(list(refs.values()))))}
+    named = {role: _summary(found[ref]) if ref in found else {"id": ref, "name": None, "kind": None, "status": None}
+             for role, ref in refs.items()}
+    children = db.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id).order_by(ModelVersion.id))
+    return {"parents": parents, "lineage": named, "children": [_summary(c) for c in children]}

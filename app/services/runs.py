@@ -94,22 +94,32 @@ def heartbeat(db: Session, run_id: int, progress: float | None = None, message: 
 
 
 def finish_run(db: Session, run_id: int, *, metrics: dict[str, Any] | None = None,
-               output_version_id: int | None = None, message: str = "done") -> None:
-    """Marks a run succeeded."""
-    values: dict[str, Any] = {
-        "status": "succeeded", "progress": 1.0, "finished_at": utcnow(), "message": message,
-        "output_version_id": output_version_id,
-    }
-    if metrics is not None:
-        values["metrics"] = metrics
-    db.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**values))
+               output_version_id: int | None = None, message: str = "done") -> bool:
+    """Marks a run succeeded if this worker still holds it; False when it was cancelled or reaped meanwhile."""
+    run = db.scalar(
+        select(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == "running", TrainingRun.worker == worker_name())
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if run is None:
+        return False
+    final = dict(metrics or {})
+    # Keep the step-by-step curve the heartbeats recorded; the trainer's result replaces the rest.
+    if "curve" not in final and (run.metrics or {}).get("curve"):
+        final["curve"] = run.metrics["curve"]
+    run.status, run.progress, run.finished_at, run.message = "succeeded", 1.0, utcnow(), message
+    run.output_version_id = output_version_id
+    run.metrics = final
+    db.flush()
+    return True
 
 
 def fail_run(db: Session, run_id: int, error: str, tb: str | None = None) -> None:
     """Marks a run failed and any model version it was producing failed too."""
     db.execute(
         update(TrainingRun)
-        .where(TrainingRun.id == run_id)
+        .where(TrainingRun.id == run_id, TrainingRun.status.in_(("queued", "running")))
         .values(status="failed", error=error[:4000], traceback=tb, finished_at=utcnow())
     )
     db.execute(

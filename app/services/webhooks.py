@@ -1,0 +1,194 @@
+"""Webhooks: the loop tells other systems when a batch completes, a model is registered or promoted, or a run fails.
+
+Admins register URLs; `emit_event` writes one delivery row per subscribed
+webhook inside the caller's transaction (an outbox, so an event exists only
+if what it announces was committed). The worker's periodic job calls
+`deliver_due`, which POSTs each due delivery as JSON signed with
+HMAC-SHA256 over "<timestamp>.<body>" and, when a receiver fails, retries
+with exponential backoff until MAX_ATTEMPTS, keeping the last status and
+error for the admin's delivery log. Receivers check signatures with
+`verify_signature` (or its few lines in any language) and deduplicate on
+the event id, since a delivery may arrive more than once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.models import WEBHOOK_EVENTS, User, Webhook, WebhookDelivery, utcnow
+
+MAX_ATTEMPTS = 8
+FIRST_RETRY = timedelta(seconds=10)
+MAX_RETRY = timedelta(hours=1)
+TIMEOUT_S = 10.0
+# A receiver should refuse signatures older than this, so a captured request cannot be replayed later.
+SIGNATURE_TOLERANCE_S = 300
+SIGNATURE_HEADER = "X-InstructLoop-Signature"
+TIMESTAMP_HEADER = "X-InstructLoop-Timestamp"
+EVENT_HEADER = "X-InstructLoop-Event"
+DELIVERY_HEADER = "X-InstructLoop-Delivery"
+
+
+class WebhookError(ValueError):
+    """A user-caused problem with a webhook; the message names the field and is safe to show."""
+
+
+@dataclass
+class DeliveryReport:
+    """What one `deliver_due` pass did."""
+
+    delivered: int = 0
+    retrying: int = 0
+    failed: int = 0
+
+
+def create_webhook(db: Session, url: str, events: list[str], created_by: User | None = None,
+                   description: str = "") -> Webhook:
+    """Registers a URL for some events with a fresh signing secret."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookError("url: must be an absolute http:// or https:// URL")
+    unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+    if unknown or not events:
+        raise WebhookError(f"events: choose among {', '.join(WEBHOOK_EVENTS)}"
+                           + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    webhook = Webhook(url=url, events=sorted(set(events)), description=description[:200],
+                      secret="whsec_" + secrets.token_urlsafe(32), created_by_id=created_by.id if created_by else None)
+    db.add(webhook)
+    db.flush()
+    return webhook
+
+
+def deactivate_webhook(db: Session, webhook_id: int) -> bool:
+    """Stops sending events to a webhook (its log stays); returns whether it was active."""
+    webhook = db.get(Webhook, webhook_id)
+    if webhook is None or not webhook.is_active:
+        return False
+    webhook.is_active = False
+    db.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.webhook_id == webhook_id, WebhookDelivery.status == "pending")
+        .values(status="failed", last_error="webhook deactivated")
+    )
+    return True
+
+
+def emit_event(db: Session, event: str, data: dict[str, Any]) -> list[WebhookDelivery]:
+    """Queues an event for every active webhook subscribed to it, in the caller's transaction."""
+    if event not in WEBHOOK_EVENTS:
+        raise ValueError(f"unknown webhook event {event!r}")
+    now = utcnow()
+    payload = {"id": str(uuid.uuid4()), "event": event, "created_at": now.isoformat(), "data": data}
+    deliveries = [
+        WebhookDelivery(webhook_id=hook.id, event=event, event_id=payload["id"], payload=payload, next_attempt_at=now)
+        for hook in db.scalars(select(Webhook).where(Webhook.is_active.is_(True)).order_by(Webhook.id))
+        if event in hook.events
+    ]
+    db.add_all(deliveries)
+    db.flush()
+    return deliveries
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """Returns the signature header value for a body sent at `timestamp` (Unix seconds)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"sha256={mac}"
+
+
+def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, now: float | None = None) -> bool:
+    """Checks a received webhook: a valid signature made within SIGNATURE_TOLERANCE_S seconds."""
+    try:
+        sent = int(timestamp)
+    except (TypeError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - sent) > SIGNATURE_TOLERANCE_S:
+        return False
+    return hmac.compare_digest(sign(secret, sent, body), signature or "")
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """How long to wait after the n-th failed attempt: 10 s, 20 s, 40 s, ... at most an hour."""
+    return min(FIRST_RETRY * 2 ** (attempts - 1), MAX_RETRY)
+
+
+def deliver_due(db: Session, *, now: datetime | None = None, client: httpx.Client | None = None,
+                limit: int = 100) -> DeliveryReport:
+    """POSTs every due delivery once, recording the outcome and scheduling retries; the caller commits."""
+    now = now or utcnow()
+    query = (
+        select(WebhookDelivery, Webhook)
+        .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+        .limit(limit)
+    )
+    if db.get_bind().dialect.name == "postgresql":
+        # Two workers running this job at once take different deliveries rather than sending one twice.
+        query = query.with_for_update(skip_locked=True, of=WebhookDelivery)
+    report = DeliveryReport()
+    own_client = client is None
+    client = client or httpx.Client(timeout=TIMEOUT_S, follow_redirects=False)
+    try:
+        for delivery, webhook in db.execute(query).all():
+            _attempt(client, delivery, webhook, now)
+            if delivery.status == "delivered":
+                report.delivered += 1
+            elif delivery.status == "failed":
+                report.failed += 1
+            else:
+                report.retrying += 1
+    finally:
+        if own_client:
+            client.close()
+    db.flush()
+    return report
+
+
+def _attempt(client: httpx.Client, delivery: WebhookDelivery, webhook: Webhook, now: datetime) -> None:
+    body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "InstructLoop-Webhooks/1",
+        EVENT_HEADER: delivery.event,
+        DELIVERY_HEADER: str(delivery.id),
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: sign(webhook.secret, timestamp, body),
+    }
+    delivery.attempts += 1
+    try:
+        response = client.post(webhook.url, content=body, headers=headers)
+        delivery.last_status_code = response.status_code
+        ok = 200 <= response.status_code < 300
+        delivery.last_error = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+    except httpx.HTTPError as exc:
+        ok = False
+        delivery.last_status_code = None
+        delivery.last_error = f"{type(exc).__name__}: {exc}"[:500]
+    if ok:
+        delivery.status, delivery.delivered_at = "delivered", now
+    elif delivery.attempts >= MAX_ATTEMPTS:
+        delivery.status = "failed"
+    else:
+        delivery.next_attempt_at = now + retry_delay(delivery.attempts)
+
+
+def list_deliveries(db: Session, webhook_id: int, limit: int = 100) -> list[WebhookDelivery]:
+    """Returns a webhook's most recent deliveries, newest first, for the admin's delivery log."""
+    return list(db.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
+        .order_by(WebhookDelivery.id.desc()).limit(limit)
+    ))

@@ -1,0 +1,61 @@
+"""Run bookkeeping: a cancelled run's late result is dropped; a cancelled sampling run pauses its batch."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from app.models import PromptBatch, TrainingRun
+from app.services import batches, registry, runs
+from tests.factories import BatchFactory, ModelVersionFactory, PromptFactory
+
+pytestmark = pytest.mark.sqlite
+
+
+def test_finish_keeps_the_heartbeat_curve_and_only_for_the_holder(db):
+    run = runs.start_run(db, "sft")
+    assert runs.claim_run(db, run.id)
+    assert runs.heartbeat(db, run.id, 0.5, "step 5/10", {"curve": [{"step": 5, "loss": 1.2}]})
+    assert runs.finish_run(db, run.id, metrics={"valid_loss": 0.9})
+    db.refresh(run)
+    assert run.status == "succeeded" and run.metrics == {"valid_loss": 0.9, "curve": [{"step": 5, "loss": 1.2}]}
+    assert not runs.finish_run(db, run.id, metrics={})  # no longer running: nothing to finish
+
+
+def test_a_cancelled_run_is_not_overwritten_by_its_worker(db):
+    run = runs.start_run(db, "rm")
+    runs.claim_run(db, run.id)
+    version = registry.register_version(db, kind="rm", name="rm-x", artifact_path="/x", status="training",
+                                        training_run_id=run.id)
+    run.status = "cancelled"
+    db.flush()
+    assert not runs.heartbeat(db, run.id, 0.9)
+    assert not runs.finish_run(db, run.id, metrics={"valid_accuracy": 0.7}, output_version_id=version.id)
+    runs.fail_run(db, run.id, "late failure")
+    db.refresh(run)
+    assert run.status == "cancelled"
+
+
+def test_mark_ready_promotes_only_the_first_of_a_kind(db):
+    first = registry.register_version(db, kind="sft", name="sft-a", artifact_path="/a", status="training")
+    second = registry.register_version(db, kind="sft", name="sft-b", artifact_path="/b", status="training")
+    registry.mark_ready(db, first.id, {"valid_loss": 1.0})
+    registry.mark_ready(db, second.id, {"valid_loss": 0.8})
+    assert (first.status, second.status) == ("promoted", "ready")
+    assert second.metrics == {"valid_loss": 0.8}
+
+
+def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client, login):
+    from app.routes.models_api import cancel_run
+    from tests.factories import AdminFactory
+
+    ModelVersionFactory(kind="base", status="promoted")
+    batch = BatchFactory(wants_demonstrations=False)
+    PromptFactory(batch=batch)
+    batches.start_batch(db, batch)
+    run = db.scalar(select(TrainingRun).where(TrainingRun.batch_id == batch.id))
+    cancel_run(db, run, AdminFactory().username)
+    assert db.get(PromptBatch, batch.id).status == "paused"
+    batches.transition(db, batch, "sampling")
+    queued = db.scalars(select(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status == "queued")).all()
+    assert len(queued) == 1 and queued[0].triggered_by == "batch-resume"
