@@ -41,6 +41,7 @@ LIGHT_TASKS = (
     "instructloop.reap_stale_runs",
     "instructloop.expire_leases",
     "instructloop.check_retrain",
+    "instructloop.deliver_webhooks",
 )
 TASK_ROUTES = {name: {"queue": GPU_QUEUE} for name in RUN_TASKS.values()} | {
     name: {"queue": DEFAULT_QUEUE} for name in LIGHT_TASKS
@@ -74,6 +75,7 @@ def celery_config(settings: Settings) -> dict:
             "reap-stale-runs": {"task": "instructloop.reap_stale_runs", "schedule": 60.0},
             "expire-leases": {"task": "instructloop.expire_leases", "schedule": 60.0},
             "check-retrain": {"task": "instructloop.check_retrain", "schedule": 300.0},
+            "deliver-webhooks": {"task": "instructloop.deliver_webhooks", "schedule": 10.0},
         },
     }
     if config["broker_url"].startswith("filesystem://"):

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import get_settings
 from app.deps import LoginRequired
 from app.routes import (admin, api, batches_api, export, labeling, labeling_api, models_admin, models_api, pages,
-                        prompt_writing)
+                        prompt_writing, webhooks_admin)
 from app.templating import templates
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ ERROR_SCHEMAS = {
         "type": "object",
         "required": ["message"],
         "properties": {
-            "field": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "Dotted path, e.g. items.2.likert"},
+            "field": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "e.g. items.2.likert"},
             "message": {"type": "string"},
             "line": {"type": "integer", "description": "Line of an uploaded file, for import errors"},
         },
@@ -183,7 +183,7 @@ def create_app() -> FastAPI:
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (pages, labeling, admin, api, labeling_api, batches_api, export, models_admin, models_api,
-                   prompt_writing):
+                   prompt_writing, webhooks_admin):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -168,3 +168,13 @@ def check_retrain() -> list[str]:
 
     with session_scope() as db:
         return [run.kind for run in start_due_runs(db)]
+
+
+@app.task(name="instructloop.deliver_webhooks")
+def deliver_webhooks() -> int:
+    """Sends due webhook events (signed, retried with backoff); returns how many were attempted."""
+    from app.services.webhooks import deliver_due
+
+    with session_scope() as db:
+        report = deliver_due(db)
+    return report.delivered + report.retrying + report.failed

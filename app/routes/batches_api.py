@@ -61,7 +61,10 @@ class BatchIn(BatchFields):
 
 
 class BatchPatch(BaseModel):
-    """Changes to a batch; only the fields given are touched. `status` moves it through its lifecycle."""
+    """Changes to a batch; only the fields given are touched (null: unchanged, but for `policy_version_id`).
+
+    `status` moves it through its lifecycle.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -220,8 +223,11 @@ def get_batch(batch_id: int, db: SessionDep, principal: AdminApi):
 def patch_batch(batch_id: int, body: BatchPatch, db: SessionDep, principal: AdminApi):
     """Edits a batch (sampling and labeling settings only as a draft) and/or changes its status."""
     batch = get_batch_or_404(db, batch_id)
+    # An explicit null leaves a setting as it is; only the sampling model has a meaningful null (the default).
+    fields = {k: v for k, v in body.model_dump(exclude_unset=True).items()
+              if v is not None or k == "policy_version_id"}
     try:
-        change_batch(db, batch, body.model_dump(exclude_unset=True))
+        change_batch(db, batch, fields)
     except BatchError as exc:
         raise_batch_error(exc)
     return batch_out(db, batch)

@@ -134,10 +134,25 @@ def transition(db: Session, batch: PromptBatch, target: str) -> PromptBatch:
     resumes_sampling = batch.status == "paused" and target == "sampling"
     batch.status = target
     batch.updated_at = utcnow()
+    if target == "completed":
+        from app.services.webhooks import emit_event
+
+        emit_event(db, "batch.completed", {"batch_id": batch.id, "name": batch.name})
     if resumes_sampling:
         # Sampling resumes where it stopped: the run only samples prompts still short of K outputs.
         start_run(db, "sample", batch_id=batch.id, triggered_by="batch-resume")
     return batch
+
+
+def complete_if_done(db: Session, batch_id: int) -> bool:
+    """Completes a labeling batch once none of its tasks needs labels; returns whether it did."""
+    batch = db.get(PromptBatch, batch_id, with_for_update=True)
+    if batch is None or batch.status != "labeling":
+        return False
+    if db.scalar(select(Task.id).where(Task.batch_id == batch_id, Task.is_open).limit(1)) is not None:
+        return False
+    transition(db, batch, "completed")
+    return True
 
 
 def start_batch(db: Session, batch: PromptBatch) -> PromptBatch:

@@ -275,6 +275,10 @@ def _count_label(db: Session, task: Task) -> None:
     )
     if result.rowcount != 1:
         raise LabelingError("assignment", "this task already has all the labels it needs", status=409)
+    if task.done_count + 1 >= task.needed:  # this label closed the task: maybe the whole batch is done
+        from app.services.batches import complete_if_done
+
+        complete_if_done(db, task.batch_id)
 
 
 def _finish(assignment: Assignment, active_seconds: float) -> None:

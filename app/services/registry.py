@@ -48,7 +48,16 @@ def register_version(
     )
     db.add(version)
     db.flush()
+    if status == "ready":
+        _announce(db, "model_version.registered", version)
     return version
+
+
+def _announce(db: Session, event: str, version: ModelVersion) -> None:
+    from app.services.webhooks import emit_event
+
+    emit_event(db, event, {"model_version_id": version.id, "name": version.name, "kind": version.kind,
+                           "status": version.status, "parent_id": version.parent_id})
 
 
 def register_base_model(db: Session, artifact_path: str, metrics: dict[str, Any] | None = None) -> ModelVersion:
@@ -75,6 +84,7 @@ def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = No
     if version.status == "training":
         version.status = "ready"
         db.flush()
+        _announce(db, "model_version.registered", version)
         if promoted(db, version.kind) is None:
             promote(db, version)
     return version
@@ -98,6 +108,7 @@ def promote(db: Session, version: ModelVersion) -> ModelVersion:
     version.status = "promoted"
     version.promoted_at = utcnow()
     db.flush()
+    _announce(db, "model_version.promoted", version)
     return version
 
 

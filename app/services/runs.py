@@ -117,11 +117,17 @@ def finish_run(db: Session, run_id: int, *, metrics: dict[str, Any] | None = Non
 
 def fail_run(db: Session, run_id: int, error: str, tb: str | None = None) -> None:
     """Marks a run failed and any model version it was producing failed too."""
-    db.execute(
+    failed = db.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status.in_(("queued", "running")))
         .values(status="failed", error=error[:4000], traceback=tb, finished_at=utcnow())
-    )
+        .returning(TrainingRun.kind, TrainingRun.batch_id)
+    ).first()
+    if failed is not None:
+        from app.services.webhooks import emit_event
+
+        emit_event(db, "training_run.failed", {"run_id": run_id, "kind": failed.kind, "batch_id": failed.batch_id,
+                                               "error": error[:500]})
     db.execute(
         update(ModelVersion)
         .where(ModelVersion.training_run_id == run_id, ModelVersion.status == "training")
