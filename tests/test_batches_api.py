@@ -353,3 +353,37 @@ def test_admin_session_needs_the_csrf_header_to_write(client, db, admin, login):
     response = client.post(f"/api/v1/batches/{created.json()['id']}/prompts", data={"csrf_token": csrf},
                            files={"file": ("p.jsonl", jsonl({"text": "Hi"}), "application/octet-stream")})
     assert response.status_code == 201, response.text
+
+
+def test_dropped_csv_lists_every_dropped_line_beyond_the_preview(client, auth, db):
+    import csv
+    import io
+    import json
+
+    batch = client.post("/api/v1/batches", json={"name": "many-dupes"}, headers=auth).json()
+    lines = [json.dumps({"text": "the same prompt"}) for _ in range(1500)]
+    response = client.post(f"/api/v1/batches/{batch['id']}/prompts", content="\n".join(lines),
+                           headers=auth | {"content-type": "application/x-ndjson"})
+    assert response.status_code == 201
+    rows = list(csv.reader(io.StringIO(client.get(f"/api/v1/batches/{batch['id']}/hygiene/dropped.csv",
+                                                  headers=auth).text)))
+    assert rows[0] == ["line", "rule", "detail"]
+    assert len(rows) - 1 == 1499 and {r[1] for r in rows[1:]} == {"duplicate"}
+
+
+def test_split_fractions_are_configurable_and_validated(client, auth, db):
+    import json
+
+    batch = client.post("/api/v1/batches", json={"name": "all-valid"}, headers=auth).json()
+    body = "\n".join(json.dumps({"text": f"prompt {i}", "source_user_id": f"u{i}"}) for i in range(50))
+    bad = client.post(f"/api/v1/batches/{batch['id']}/prompts?split=0.5,0.5", content=body,
+                      headers=auth | {"content-type": "application/x-ndjson"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("split:")
+    ok = client.post(f"/api/v1/batches/{batch['id']}/prompts?split=0,1,0", content=body,
+                     headers=auth | {"content-type": "application/x-ndjson"})
+    assert ok.status_code == 201
+    from sqlalchemy import select
+
+    from app.models import Prompt
+
+    assert set(db.scalars(select(Prompt.split).where(Prompt.batch_id == batch["id"]))) == {"valid"}

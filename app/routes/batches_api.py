@@ -165,7 +165,8 @@ UploadDep = Annotated[Upload, Depends(read_upload)]
 
 def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool = False,
                fmt: Literal["jsonl", "csv"] | None = None, prefix_chars: int | None = 100,
-               max_per_user: int | None = 200) -> tuple[ImportOutcome, int]:
+               max_per_user: int | None = 200,
+               split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> tuple[ImportOutcome, int]:
     """Imports an upload into a batch all-or-nothing; returns the outcome and how many old prompts it replaced.
 
     The replace and the import share one savepoint, so a file with errors leaves
@@ -180,7 +181,7 @@ def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool
     try:
         replaced = batches.replace_prompts(db, batch) if replace else 0
         outcome = batches.import_prompts(db, batch, upload.data, fmt, prefix_chars=prefix_chars,
-                                         max_per_user=max_per_user)
+                                         max_per_user=max_per_user, split_fractions=split_fractions)
     except BaseException:
         savepoint.rollback()
         raise
@@ -242,12 +243,19 @@ def import_file(
                                                 description="Default: from file name, content type, content"),
     prefix_chars: int = Query(100, ge=1, le=100_000, description="Shared-prefix length that marks a near duplicate"),
     max_per_user: int = Query(200, ge=1, description="Most prompts kept per source_user_id"),
+    split: str = Query("0.8,0.1,0.1", description="train,valid,test fractions, split by source user"),
 ):
     """Imports JSON Lines or CSV prompts all-or-nothing; answers the hygiene report, or every error by line."""
     batch = get_batch_or_404(db, batch_id)
     try:
-        outcome, replaced = run_import(db, batch, upload, replace=replace, fmt=fmt,
-                                       prefix_chars=prefix_chars, max_per_user=max_per_user)
+        fractions = tuple(float(part) for part in split.split(","))
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError
+    except ValueError:
+        raise HTTPException(422, "split: give three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1")
+    try:
+        outcome, replaced = run_import(db, batch, upload, replace=replace, fmt=fmt, prefix_chars=prefix_chars,
+                                       max_per_user=max_per_user, split_fractions=fractions)
     except BatchError as exc:
         raise_batch_error(exc)
     if not outcome.ok:
@@ -265,7 +273,10 @@ def import_file(
 
 
 def dropped_csv(batch: PromptBatch) -> str:
-    """Renders the last import's dropped lines (at most 1,000 are kept) as CSV."""
+    """Returns the last import's dropped lines as CSV: the full file, else the report's preview."""
+    path = batches.dropped_csv_path(batch.id)
+    if path.exists():
+        return path.read_text(encoding="utf-8")
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["line", "rule", "detail"])
@@ -276,7 +287,7 @@ def dropped_csv(batch: PromptBatch) -> str:
 
 @router.get("/batches/{batch_id}/hygiene/dropped.csv", response_class=Response)
 def download_dropped(batch_id: int, db: SessionDep, principal: AdminApi):
-    """Downloads the lines the last import dropped, with the rule and reason (first 1,000)."""
+    """Downloads every line the last import dropped, with the rule and reason."""
     batch = get_batch_or_404(db, batch_id)
     return Response(
         dropped_csv(batch), media_type="text/csv; charset=utf-8",

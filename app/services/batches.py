@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.models import Completion, Prompt, PromptBatch, Task, TaskItem, utcnow
 from app.services import registry
-from app.services.hygiene import HygieneConfig, HygieneResult, apply_hygiene
+from app.services.hygiene import HygieneConfig, HygieneResult, apply_hygiene, dropped_csv
 from app.services.prompt_import import ImportFormat, ParseResult, parse_prompts
 from app.services.runs import start_run
 
@@ -177,7 +178,8 @@ def start_batch(db: Session, batch: PromptBatch) -> PromptBatch:
 
 
 def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportFormat, *,
-                   prefix_chars: int | None = 100, max_per_user: int | None = 200) -> ImportOutcome:
+                   prefix_chars: int | None = 100, max_per_user: int | None = 200,
+                   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> ImportOutcome:
     """Validates a whole file, applies hygiene and stores the kept prompts; stores nothing on any error."""
     if batch.status != "draft":
         raise BatchError("status", f"prompts can only be imported into a draft batch (it is {batch.status})", 409)
@@ -186,7 +188,8 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
     if not parsed.ok:
         outcome.errors = parsed.error_summary(100)
         return outcome
-    config = HygieneConfig(prefix_chars=prefix_chars, max_per_user=max_per_user, pii_policy=batch.pii_policy)
+    config = HygieneConfig(prefix_chars=prefix_chars, max_per_user=max_per_user, pii_policy=batch.pii_policy,
+                           split_fractions=split_fractions)
     result = apply_hygiene(
         parsed.rows,
         existing_keys=lambda keys: _existing_keys(db, batch.id, keys),
@@ -195,7 +198,8 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
     )
     _insert_prompts(db, batch.id, result.kept)
     report = result.report.to_dict()
-    report["dropped"] = report["dropped"][:1000]  # the full list is in the downloadable CSV
+    report["dropped"] = report["dropped"][:1000]  # a preview; the full list is in the downloadable CSV
+    _write_dropped_csv(batch.id, dropped_csv(result))
     batch.hygiene_report = report
     outcome.hygiene = result
     outcome.stored = len(result.kept)
@@ -224,6 +228,19 @@ def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
     ]
     for start in range(0, len(rows), 5000):
         db.execute(insert(Prompt), rows[start:start + 5000])
+
+
+def dropped_csv_path(batch_id: int) -> Path:
+    """Where the full list of lines the last import dropped is kept (a preview lives in the report)."""
+    return get_settings().data_dir.resolve() / "imports" / f"batch-{batch_id}-dropped.csv"
+
+
+def _write_dropped_csv(batch_id: int, text: str) -> None:
+    path = dropped_csv_path(batch_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _existing_keys(db: Session, batch_id: int, keys: list[str]) -> set[str]:
