@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(50 * 1024 * 1024, description="Largest request body accepted.")
     lease_minutes: int = Field(20, description="How long a labeler holds a task before it returns.")
     run_stale_after_s: int = Field(180, description="A run with no heartbeat for this long is re-queued.")
+    retrain_min_new_demonstrations: int = Field(50, description="New demonstrations before beat retrains SFT.")
+    retrain_min_new_rankings: int = Field(50, description="New rankings before beat retrains the reward model.")
     max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")
 
     @model_validator(mode="after")

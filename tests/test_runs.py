@@ -59,3 +59,33 @@ def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client
     batches.transition(db, batch, "sampling")
     queued = db.scalars(select(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status == "queued")).all()
     assert len(queued) == 1 and queued[0].triggered_by == "batch-resume"
+
+
+def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
+    from app.config import get_settings
+    from app.services import labeling, training
+    from tests.factories import UserFactory
+    from tests.test_labeling import seed_batch
+
+    monkeypatch.setenv("INSTRUCTLOOP_RETRAIN_MIN_NEW_DEMONSTRATIONS", "3")
+    monkeypatch.setenv("INSTRUCTLOOP_RETRAIN_MIN_NEW_RANKINGS", "100")
+    get_settings.cache_clear()
+    try:
+        seed_batch(db, n_prompts=3, rankings=False, demonstrations=True)
+        labeler = UserFactory()
+        assert training.due_kinds(db) == []
+        for _ in range(3):
+            assignment = labeling.lease_next_task(db, labeler, "demonstration")
+            labeling.submit_demonstration(db, labeler, assignment.id, "an answer")
+        assert training.due_kinds(db) == ["sft"]
+        started = training.start_due_runs(db)
+        assert [run.kind for run in started] == ["sft"] and started[0].triggered_by == "schedule"
+        assert training.start_due_runs(db) == []  # one stage at a time
+        version = registry.register_version(db, kind="sft", name="sft-sched", artifact_path="/s", status="ready",
+                                            data_snapshot={"max_ids": {"demonstration": 10**9}})
+        started[0].status = "succeeded"
+        db.flush()
+        assert training.due_kinds(db) == []  # trained on everything; too few rankings for an RM
+        assert version.status == "ready"
+    finally:
+        get_settings.cache_clear()

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.deps import AdminApi, SessionDep
 from app.models import ModelVersion, PromptBatch, TrainingRun, utcnow
 from app.services import batches, registry, training
@@ -257,8 +258,8 @@ def schedule_preview(db: Session) -> Schedule:
     due = training.due_kinds(db)
     active = [kind for kind in ("sft", "rm", "ppo") if active_run(db, kind) is not None]
     return Schedule(due=due, active=active, next=None if active or not due else due[0],
-                    min_new_demonstrations=training.MIN_NEW_DEMONSTRATIONS,
-                    min_new_rankings=training.MIN_NEW_RANKINGS)
+                    min_new_demonstrations=get_settings().retrain_min_new_demonstrations,
+                    min_new_rankings=get_settings().retrain_min_new_rankings)
 
 
 def get_version_or_404(db: Session, version_id: int) -> ModelVersion:

@@ -16,12 +16,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.models import Completion, Demonstration, ModelVersion, Prompt, Ranking, RankingItem, TrainingRun, User
 from app.services.runs import RunError, active_run, start_run
 
-# New labels since the last model of a kind before beat retrains it.
-MIN_NEW_DEMONSTRATIONS = 50
-MIN_NEW_RANKINGS = 50
 
 
 @dataclass
@@ -106,9 +104,11 @@ def _trained_up_to(version: ModelVersion | None, key: str) -> int:
     return int(version.data_snapshot.get("max_ids", {}).get(key, 0))
 
 
-def due_kinds(db: Session, min_demonstrations: int = MIN_NEW_DEMONSTRATIONS,
-              min_rankings: int = MIN_NEW_RANKINGS) -> list[str]:
-    """Returns which of sft, rm, ppo should run now, in chain order."""
+def due_kinds(db: Session, min_demonstrations: int | None = None, min_rankings: int | None = None) -> list[str]:
+    """Returns which of sft, rm, ppo should run now, in chain order (thresholds from the settings by default)."""
+    settings = get_settings()
+    min_demonstrations = settings.retrain_min_new_demonstrations if min_demonstrations is None else min_demonstrations
+    min_rankings = settings.retrain_min_new_rankings if min_rankings is None else min_rankings
     due: list[str] = []
     sft, rm, policy = latest(db, "sft"), latest(db, "rm"), latest(db, "policy")
     new_demos = db.scalar(select(func.count()).where(Demonstration.id > _trained_up_to(sft, "demonstration")))
