@@ -19,8 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import get_settings
 from app.deps import LoginRequired
+from app.models import MAX_ID
 from app.routes import (admin, api, batches_api, export, labeling, labeling_api, models_admin, models_api, pages,
-                        prompt_writing, webhooks_admin)
+                        prompt_writing, quality, webhooks_admin)
 from app.templating import templates
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,6 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     return errors
 
 
-MAX_DB_ID = 2**63 - 1  # ids are 64-bit integers (BIGINT on PostgreSQL, INTEGER on SQLite)
-
-
 def path_ids_in_range(request: Request) -> None:
     """Answers 404 for a path id no row can have, before the database sees it.
 
@@ -165,7 +163,7 @@ def path_ids_in_range(request: Request) -> None:
             number = int(value)
         except (TypeError, ValueError):
             continue  # not a number: the route's own validation answers 422
-        if abs(number) > MAX_DB_ID:
+        if abs(number) > MAX_ID:
             raise HTTPException(404, f"{name}: no such id {value}")
 
 
@@ -183,7 +181,7 @@ def create_app() -> FastAPI:
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (pages, labeling, admin, api, labeling_api, batches_api, export, models_admin, models_api,
-                   prompt_writing, webhooks_admin):
+                   prompt_writing, quality, webhooks_admin):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

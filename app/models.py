@@ -44,6 +44,7 @@ NAMING_CONVENTION = {
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+MAX_ID = 2**63 - 1  # the largest id either database holds; requests naming a larger one are refused early
 
 ROLES = ("labeler", "admin")
 TOKEN_SCOPES = ("export:read", "label", "admin")

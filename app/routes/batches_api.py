@@ -18,21 +18,28 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from app.deps import AdminApi, SessionDep
-from app.models import PromptBatch
+from app.models import MAX_ID, PromptBatch
 from app.services import batches
 from app.services.batches import BatchError, ImportOutcome
-from app.services.prompt_import import detect_format
+from app.services.prompt_import import detect_format, why_unstorable
 
 router = APIRouter(prefix="/api/v1", tags=["batches"])
 
 PiiPolicy = Literal["drop", "redact", "flag"]
 BatchStatus = Literal["draft", "sampling", "labeling", "paused", "completed", "archived"]
+
+
+def storable_text(value: str | None) -> str | None:
+    """Refuses text PostgreSQL cannot store (NUL characters, lone surrogates) with a message naming why."""
+    if value is not None and (why := why_unstorable(value)) is not None:
+        raise ValueError(why)
+    return value
 
 
 class BatchFields(BaseModel):
@@ -51,13 +58,18 @@ class BatchFields(BaseModel):
     temperature: float = Field(1.0, ge=0, le=10)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(48, ge=1, le=4096)
-    policy_version_id: int | None = Field(None, description="Model to sample from; default: the promoted policy")
+    policy_version_id: int | None = Field(None, ge=1, le=MAX_ID,
+                                          description="Model to sample from; default: the promoted policy")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher batches are labeled first")
     pii_policy: PiiPolicy = Field("drop", description="What import does with prompts containing PII")
+
+    _storable_guidelines = field_validator("guidelines")(storable_text)
 
 
 class BatchIn(BatchFields):
     name: str = Field(min_length=1, max_length=200)
+
+    _storable_name = field_validator("name")(storable_text)
 
 
 class BatchPatch(BaseModel):
@@ -80,10 +92,12 @@ class BatchPatch(BaseModel):
     temperature: float | None = Field(None, ge=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
-    policy_version_id: int | None = None
+    policy_version_id: int | None = Field(None, ge=1, le=MAX_ID)
     priority: int | None = Field(None, ge=-1000, le=1000)
     pii_policy: PiiPolicy | None = None
     status: BatchStatus | None = None
+
+    _storable_text = field_validator("name", "guidelines")(storable_text)
 
 
 class BatchOut(BatchIn):

@@ -52,9 +52,13 @@ class ExportQuery(BaseModel):
     labeler: str | None = Field(None, description="Pseudonymous labeler id as it appears in exports (lab_...).")
     model_version: str | None = Field(
         None, description="Rankings with at least one output from this model version (id or name).")
-    min_overlap: int | None = Field(None, ge=1, description="Only tasks labeled by at least this many labelers.")
+    min_overlap: int | None = Field(None, ge=1, le=1000,
+                                    description="Only tasks labeled by at least this many labelers.")
     exclude_flagged: bool = Field(False, description="Drop rankings whose outputs were all marked unacceptable.")
     cursor: str | None = Field(None, description="Resume after the row carrying this cursor.")
+    aggregate: Literal["none", "consensus"] = Field(
+        "none", description="Rankings only: 'consensus' gives one row per task with its labelers' ranks and their "
+                            "Borda consensus (consensus_rank per completion); the cursor is then the task id.")
 
 
 def _accepts_gzip(header: str) -> bool:
@@ -92,10 +96,11 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
     settings = get_settings()
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
-    filters = query.model_dump(exclude={"format", "compress", "cursor"})
+    filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate"})
     try:
         export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
-                                cursor=query.cursor, gzip=file_gzip or transfer_gzip, **filters)
+                                cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate,
+                                **filters)
     except ExportError as exc:
         raise HTTPException(422, str(exc)) from exc
     chunks = export.chunks()
@@ -136,7 +141,7 @@ def export_comparisons(query: Params, request: Request, db: SessionDep, principa
 
 @export_router.get("/rankings", response_class=ExportResponse, responses=RESPONSES, status_code=200)
 def export_rankings(query: Params, request: Request, db: SessionDep, principal: ExportReader):
-    """Streams one row per ranking with all K outputs, their ranks, Likert scores, flags and display order."""
+    """Streams one row per ranking with all K outputs, ranks, Likert, flags and display order (or per task: consensus)."""
     return _export("rankings", query, request, db)
 
 

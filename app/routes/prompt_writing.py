@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, LabelerPage, SessionDep
+from app.models import MAX_ID
 from app.routes.labeling import render_guidelines
 from app.routes.pages import render
 from app.services import prompt_writing as writing
@@ -121,7 +122,10 @@ def _int(raw: Any) -> int:
 
 def _batch_id(raw: Any) -> int:
     try:
-        return int(raw)
+        value = int(raw)
+        if not 1 <= value <= MAX_ID:
+            raise ValueError
+        return value
     except (TypeError, ValueError):
         raise writing.PromptWritingError("batch_id", "choose a batch") from None
 
@@ -135,7 +139,7 @@ class ExampleIn(BaseModel):
 
 
 class WrittenPromptIn(BaseModel):
-    batch_id: int
+    batch_id: int = Field(ge=1, le=MAX_ID)
     category: Literal["plain", "few-shot", "user-based"] = "plain"
     text: str = Field("", max_length=100_000, description="The prompt (plain and user-based)")
     instruction: str = Field("", max_length=100_000, description="The instruction (few-shot)")

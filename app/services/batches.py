@@ -91,9 +91,12 @@ def update_batch(db: Session, batch: PromptBatch, **fields: Any) -> PromptBatch:
             raise BatchError(name, f"can only change while the batch is a draft (it is {batch.status})", status=409)
         if name == "name" and value != batch.name:
             _check_unique_name(db, value)
-    for name, value in fields.items():
-        setattr(batch, name, value)
-    _validate(db, batch)
+    # Validated before anything is flushed: a lookup in _validate would otherwise autoflush a bad
+    # policy_version_id into a foreign-key error (a 500) instead of the BatchError naming it.
+    with db.no_autoflush:
+        for name, value in fields.items():
+            setattr(batch, name, value)
+        _validate(db, batch)
     return batch
 
 

@@ -4,7 +4,8 @@ Three exports read the labeled data out of the database: demonstrations as
 TRL prompt-completion rows, comparisons as TRL reward/DPO rows (one per pair
 of outputs with different ranks, weighted 1/P so a trainer can reproduce
 InstructGPT's per-ranking normalisation) and rankings as one row per ranking
-with all K outputs. Each export is one read-only snapshot (REPEATABLE READ
+with all K outputs (or, with `aggregate="consensus"`, one row per task with
+the Borda consensus of its labelers' ranks). Each export is one read-only snapshot (REPEATABLE READ
 on PostgreSQL, one read transaction on SQLite) streamed through a
 server-side cursor, so memory stays flat whatever the size and submissions
 arriving meanwhile never show up half-written. Rows come in a stable order
@@ -35,6 +36,7 @@ from sqlalchemy import Connection, Engine, Select, exists, func, select
 from sqlalchemy.orm import Session
 
 from app.models import (
+    MAX_ID,
     SPLITS,
     Completion,
     Demonstration,
@@ -45,6 +47,7 @@ from app.models import (
     RankingItem,
     User,
 )
+from app.services.agreement import borda_consensus
 
 EXPORT_KINDS = ("demonstrations", "comparisons", "rankings")
 EXPORT_FORMATS = ("jsonl", "csv")
@@ -64,7 +67,18 @@ RANKING_COLUMNS = (
     "ranking_id", "prompt_id", "task_id", "prompt", "k", "completions", "all_unacceptable", "is_gold",
     "active_seconds", "batch", "batch_id", "split", "labeler", "labeler_held_out", "submitted_at", "cursor",
 )
-COLUMNS = {"demonstrations": DEMONSTRATION_COLUMNS, "comparisons": COMPARISON_COLUMNS, "rankings": RANKING_COLUMNS}
+# rankings?aggregate=consensus: one row per task with at least one ranking (after the filters), in task order.
+# `labelers` lists the pseudonyms of the labelers whose rankings were combined; each of `completions` (in
+# completion id order) has completion_id, text, model_version, consensus_rank (Borda count over those rankings
+# as dense ranks: 1 = best, equal scores tie) and ranks (one per labeler, in the order of `labelers`).
+# `cursor` is the task id.
+CONSENSUS_COLUMNS = (
+    "task_id", "prompt_id", "prompt", "k", "n_rankings", "labelers", "completions", "batch", "batch_id", "split",
+    "cursor",
+)
+AGGREGATES = ("none", "consensus")
+COLUMNS = {"demonstrations": DEMONSTRATION_COLUMNS, "comparisons": COMPARISON_COLUMNS, "rankings": RANKING_COLUMNS,
+           "consensus": CONSENSUS_COLUMNS}
 
 # Roughly this many characters per chunk handed to the web server: big enough that the per-chunk
 # thread hop and ASGI send cost nothing per row, small enough that memory stays flat.
@@ -182,7 +196,11 @@ def _lookup(db, param: str, value: str | None, id_col, name_col, what: str) -> i
     # A value is an id when it is all digits and such an id exists, else a name.
     if value is None:
         return None
-    found = db.execute(select(id_col).where(id_col == int(value))).scalar() if value.isdigit() else None
+    if "\x00" in value or len(value) > 200:
+        raise ExportError(param, f"no {what} has the id or name {value[:200]!r}")
+    # ASCII digits only ('²' passes isdigit() but not int()), and within the 64-bit id range.
+    is_id = value.isascii() and value.isdigit() and int(value) <= MAX_ID
+    found = db.execute(select(id_col).where(id_col == int(value))).scalar() if is_id else None
     if found is None:
         found = db.execute(select(id_col).where(name_col == value)).scalar()
     if found is None:
@@ -500,11 +518,58 @@ def _demonstration_csv(row: Sequence, skip_through: int, names: _Names) -> str:
     return _csv_line(_demonstration_record(row, names))
 
 
+def _consensus_units(conn: Connection, filters: ExportFilters, cursor: Cursor | None) -> Iterator[tuple[int, list]]:
+    """Yields (task_id, [(ranking row, item rows), ...]) per task in task order, after the cursor's task."""
+    # A task's rankings are scattered over the ranking-id order, so they are gathered in memory first.
+    by_task: dict[int, list] = {}
+    for ranking, items in _units(conn, "rankings", filters, None):
+        if items and (cursor is None or ranking[R_TASK_ID] > cursor.unit_id):
+            by_task.setdefault(ranking[R_TASK_ID], []).append((ranking, items))
+    for task_id in sorted(by_task):
+        yield task_id, by_task[task_id]
+
+
+def _consensus_record(task_id: int, rankings: list, names: _Names) -> dict[str, Any]:
+    outputs = dict(sorted((row[I_COMPLETION], row) for _ranking, items in rankings for row in items))
+    index = {completion: i for i, completion in enumerate(outputs)}
+    # Every ranking of a task covers its K outputs; one that does not cannot enter a consensus.
+    complete = [(ranking, items) for ranking, items in rankings if len(items) == len(outputs)]
+    given = []
+    for _ranking, items in complete:
+        ranks = [0] * len(outputs)
+        for row in items:
+            ranks[index[row[I_COMPLETION]]] = row[I_RANK]
+        given.append(ranks)
+    consensus = borda_consensus(given)
+    first = complete[0][0]
+    return {
+        "task_id": task_id, "prompt_id": first[R_PROMPT_ID], "prompt": first[P_TEXT], "k": len(outputs),
+        "n_rankings": len(complete), "labelers": [names.labeler(ranking[R_LABELER]) for ranking, _items in complete],
+        "completions": [
+            {"completion_id": completion, "text": row[I_TEXT], "model_version": names.versions[row[I_VERSION]],
+             "consensus_rank": consensus[i], "ranks": [ranks[i] for ranks in given]}
+            for i, (completion, row) in enumerate(outputs.items())
+        ],
+        "batch": first[B_NAME], "batch_id": first[P_BATCH_ID], "split": first[P_SPLIT], "cursor": str(task_id),
+    }
+
+
+def _consensus_jsonl(unit: tuple[int, list], skip_through: int, names: _Names) -> str:
+    return _json_any(_consensus_record(*unit, names)) + "\n"
+
+
+def _consensus_csv(unit: tuple[int, list], skip_through: int, names: _Names) -> str:
+    record = _consensus_record(*unit, names)
+    record["labelers"], record["completions"] = _json_any(record["labelers"]), _json_any(record["completions"])
+    return _csv_line(record.values())
+
+
 # (kind, format) -> renders one unit as text, leaving out its pairs up to `skip_through` (comparisons only).
 _RENDER: dict[tuple[str, str], Callable[[Any, int, _Names], str]] = {
     ("comparisons", "jsonl"): _comparison_jsonl, ("comparisons", "csv"): _comparison_csv,
     ("rankings", "jsonl"): _ranking_jsonl, ("rankings", "csv"): _ranking_csv,
     ("demonstrations", "jsonl"): _demonstration_jsonl, ("demonstrations", "csv"): _demonstration_csv,
+    ("consensus", "jsonl"): _consensus_jsonl, ("consensus", "csv"): _consensus_csv,
 }
 
 
@@ -519,7 +584,7 @@ def _texts(kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, nam
     size = count = 0
     for unit in units:
         count += 1
-        unit_id = unit[0][R_ID] if kind != "demonstrations" else unit[0]
+        unit_id = unit[0][R_ID] if kind in ("comparisons", "rankings") else unit[0]
         text = render(unit, skip_through if unit_id == skip_id else -1, names)
         pieces.append(text)
         size += len(text)
@@ -539,12 +604,17 @@ def export_chunks(
     cursor: Cursor | None = None,
     gzip: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    aggregate: str = "none",
 ) -> Iterator[bytes]:
     """Streams an export read from `conn` as UTF-8 (optionally gzip) chunks; `on_progress` gets units read."""
-    _check_kind_and_format(kind, fmt)
+    _check_kind_and_format(kind, fmt, aggregate)
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if gzip else None
     names = _Names(conn, secret_key)
-    for text, units in _texts(kind, fmt, _units(conn, kind, filters, cursor), cursor, names):
+    if aggregate == "consensus":
+        pieces = _texts("consensus", fmt, _consensus_units(conn, filters, cursor), cursor, names)
+    else:
+        pieces = _texts(kind, fmt, _units(conn, kind, filters, cursor), cursor, names)
+    for text, units in pieces:
         data = text.encode()
         if compressor is not None:
             data = compressor.compress(data)
@@ -556,20 +626,24 @@ def export_chunks(
         yield compressor.flush()
 
 
-def _check_kind_and_format(kind: str, fmt: str) -> None:
+def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none") -> None:
     if kind not in EXPORT_KINDS:
         raise ExportError("kind", f"must be one of {', '.join(EXPORT_KINDS)}")
     if fmt not in EXPORT_FORMATS:
         raise ExportError("format", f"must be one of {', '.join(EXPORT_FORMATS)}")
+    if aggregate not in AGGREGATES:
+        raise ExportError("aggregate", f"must be one of {', '.join(AGGREGATES)}")
+    if aggregate != "none" and kind != "rankings":
+        raise ExportError("aggregate", "only the rankings export can be aggregated")
 
 
 class SnapshotExport:
     """One export on its own snapshot connection: filters are checked on creation, then `chunks()` streams."""
 
     def __init__(self, engine: Engine, kind: str, *, secret_key: str, fmt: str = "jsonl",
-                 cursor: str | None = None, gzip: bool = False, **filter_values: Any):
-        _check_kind_and_format(kind, fmt)
-        self.kind, self.secret_key, self.fmt, self.gzip = kind, secret_key, fmt, gzip
+                 cursor: str | None = None, gzip: bool = False, aggregate: str = "none", **filter_values: Any):
+        _check_kind_and_format(kind, fmt, aggregate)
+        self.kind, self.secret_key, self.fmt, self.gzip, self.aggregate = kind, secret_key, fmt, gzip, aggregate
         self.cursor = parse_cursor(kind, cursor) if cursor else None
         self.conn: Connection | None = open_snapshot(engine)
         try:
@@ -587,7 +661,8 @@ class SnapshotExport:
         """Streams the export; the snapshot closes when the stream ends, fails or is closed."""
         try:
             yield from export_chunks(self.conn, self.kind, self.filters, secret_key=self.secret_key, fmt=self.fmt,
-                                     cursor=self.cursor, gzip=self.gzip, on_progress=on_progress)
+                                     cursor=self.cursor, gzip=self.gzip, on_progress=on_progress,
+                                     aggregate=self.aggregate)
         finally:
             self.close()
 

@@ -34,6 +34,7 @@ from app.models import (
     User,
     utcnow,
 )
+from app.services.prompt_import import why_unstorable
 
 SKIP_REASONS = {
     "unclear": "The prompt is unclear or incomplete",
@@ -304,6 +305,8 @@ def _submit_demonstration(db: Session, labeler: User, assignment: Assignment, ta
     if task.kind != "demonstration":
         raise LabelingError("assignment", f"this is a {task.kind} task, not a demonstration")
     text = (text or "").replace("\x00", "").strip("\n")
+    if (why := why_unstorable(text)) is not None:
+        raise LabelingError("text", why)
     if not text.strip():
         raise LabelingError("text", "write a response before submitting")
     if len(text) > MAX_DEMONSTRATION_CHARS:
@@ -414,6 +417,8 @@ def skip(db: Session, labeler: User, assignment_id: int, reason: str, note: str 
         raise LabelingError("reason", "choose one of " + ", ".join(SKIP_REASONS))
     if reason == "other" and not (note or "").strip():
         raise LabelingError("note", "say why you skip when the reason is 'other'")
+    if (why := why_unstorable(note or "")) is not None:
+        raise LabelingError("note", why)
     assignment.state = "skipped"
     assignment.skip_reason = reason
     assignment.skip_note = (note or "")[:2000]
@@ -436,6 +441,8 @@ def save_draft(db: Session, labeler: User, assignment_id: int, draft: dict[str, 
         raise LabelingError("draft", f"is larger than {MAX_DRAFT_CHARS} characters")
     if "\\u0000" in encoded:
         raise LabelingError("draft", "contains a NUL character, which cannot be stored")
+    if (why := why_unstorable(json.dumps(draft, ensure_ascii=False))) is not None:
+        raise LabelingError("draft", why)
     assignment.draft = draft
     if active_seconds is not None:
         assignment.active_seconds = max(assignment.active_seconds, float(active_seconds))

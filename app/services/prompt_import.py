@@ -157,7 +157,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _storable(value: str) -> str | None:
+def why_unstorable(value: str) -> str | None:
     """Returns why PostgreSQL could not store the string, or None if it can."""
     if "\x00" in value:
         return "contains a NUL character"
@@ -213,7 +213,7 @@ def _validate(
         errors.append(ImportIssue(line, "text", "text is empty"))
     elif len(text) > max_text_chars:
         errors.append(ImportIssue(line, "text", f"text has {len(text)} characters; the maximum is {max_text_chars}"))
-    elif escapes and (why := _storable(text)) is not None:
+    elif escapes and (why := why_unstorable(text)) is not None:
         errors.append(ImportIssue(line, "text", f"text {why}"))
 
     user = record.get("source_user_id")
@@ -224,7 +224,7 @@ def _validate(
         if user is not None and len(user) > MAX_SOURCE_USER_ID_CHARS:
             message = f"source_user_id is longer than {MAX_SOURCE_USER_ID_CHARS} characters"
             errors.append(ImportIssue(line, "source_user_id", message))
-        elif user is not None and escapes and (why := _storable(user)) is not None:
+        elif user is not None and escapes and (why := why_unstorable(user)) is not None:
             errors.append(ImportIssue(line, "source_user_id", f"source_user_id {why}"))
     elif user is not None:
         message = f"source_user_id must be a string or an integer, not {_type_name(user)}"
@@ -258,7 +258,7 @@ def _validate(
     elif metadata and escapes:
         # json.dumps escapes a NUL as \u0000, which JSONB refuses too.
         dumped = json.dumps(metadata, ensure_ascii=False)
-        why = "contains a NUL character" if "\\u0000" in dumped else _storable(dumped)
+        why = "contains a NUL character" if "\\u0000" in dumped else why_unstorable(dumped)
         if why is not None:
             errors.append(ImportIssue(line, "metadata", f"metadata {why}"))
 

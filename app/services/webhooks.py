@@ -59,7 +59,7 @@ def create_webhook(db: Session, url: str, events: list[str], created_by: User | 
                    description: str = "") -> Webhook:
     """Registers a URL for some events with a fresh signing secret."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if "\x00" in url or "\x00" in description or parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError("url: must be an absolute http:// or https:// URL")
     unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
     if unknown or not events:
