@@ -9,6 +9,8 @@ data, because each export reads from a snapshot connection of its own.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import csv
 import gzip
 import io
@@ -649,7 +651,9 @@ def test_a_client_hanging_up_ends_the_snapshot_at_once(committed_world, monkeypa
             await application(scope, receive, send)
         closed_when_done.append(len(closed))
 
-    anyio.run(hang_up_after_the_first_chunk)
+    # In a thread of its own: Playwright's sync API (browser tests) keeps an event loop in the main thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, hang_up_after_the_first_chunk).result()
     full = len(get_snapshot_rows(committed_world))
     assert closed_when_done == [1]
     assert sum(body.count(b"\n") for body in bodies) < full / 2
