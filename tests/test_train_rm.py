@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import math
 import random
-import string
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from worker.modeling import save_model, tiny_causal_lm
+from tests.tiny_lm import char_tokenizer, one_torch_thread, save_tiny_model
 from worker.train_rm import (
     RankingExample,
     RewardModel,
@@ -28,35 +25,14 @@ from worker.train_rm import (
 FILLER = ["blue", "fish", "tree", "lamp", "rain", "milk", "salt", "wave", "star", "leaf"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over ASCII letters, digits and punctuation."""
-    chars = list(string.ascii_letters + string.digits + " .,:;!?'-\n")
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny matrices: threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tokenizer = char_tokenizer()
-    model = tiny_causal_lm(
-        tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("rm") / "base")
+    return save_tiny_model(tmp_path_factory.mktemp("rm") / "base")
 
 
 def keyword_rankings(n: int, seed: int, k_choices: tuple[int, ...] = (4,)) -> list[RankingExample]:
