@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     retrain_min_new_demonstrations: int = Field(50, description="New demonstrations before beat retrains SFT.")
     retrain_min_new_rankings: int = Field(50, description="New rankings before beat retrains the reward model.")
     max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")
+    eval_after_ppo_prompts: int = Field(
+        50, ge=0, le=2000,
+        description="Held-out prompts of the blind evaluation started after each PPO run (0: none).",
+    )
+    eval_overlap: int = Field(1, ge=1, le=20, description="Labelers per prompt in scheduled evaluations.")
+    promotion_requires_eval_win: bool = Field(
+        False, description="A policy is promoted only after winning a blind evaluation against the promoted one.",
+    )
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> "Settings":

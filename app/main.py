@@ -20,8 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import get_settings
 from app.deps import LoginRequired
 from app.models import MAX_ID
-from app.routes import (admin, api, batches_api, export, labeling, labeling_api, models_admin, models_api, pages,
-                        prompt_writing, quality, webhooks_admin)
+from app.routes import (admin, api, batches_api, evaluations, export, labeling, labeling_api, models_admin,
+                        models_api, pages, prompt_writing, quality, webhooks_admin)
 from app.templating import templates
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def create_app() -> FastAPI:
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (pages, labeling, admin, api, labeling_api, batches_api, export, models_admin, models_api,
-                   prompt_writing, quality, webhooks_admin):
+                   prompt_writing, quality, webhooks_admin, evaluations):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

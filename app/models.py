@@ -49,12 +49,16 @@ MAX_ID = 2**63 - 1  # the largest id either database holds; requests naming a la
 ROLES = ("labeler", "admin")
 TOKEN_SCOPES = ("export:read", "label", "admin")
 BATCH_STATUSES = ("draft", "sampling", "labeling", "paused", "completed", "archived")
+# A collection batch gathers training data; an evaluation batch holds the prompts of one blind comparison.
+BATCH_PURPOSES = ("collection", "evaluation")
 PROMPT_CATEGORIES = ("plain", "few-shot", "user-based")
 SPLITS = ("train", "valid", "test")
 TASK_KINDS = ("demonstration", "ranking", "eval")
 ASSIGNMENT_STATES = ("leased", "submitted", "skipped", "expired")
 MODEL_KINDS = ("base", "sft", "rm", "policy")
 MODEL_STATUSES = ("training", "ready", "failed", "promoted", "retired")
+GOLD_SOURCES = ("ranking", "consensus")
+EVALUATION_STATUSES = ("sampling", "labeling", "completed", "cancelled")
 RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 RANKING_FLAGS = (
@@ -190,6 +194,8 @@ class PromptBatch(Base):
         CheckConstraint(_in("pii_policy", ("drop", "redact", "flag")), name="pii_policy"),
         CheckConstraint("temperature >= 0 AND top_p > 0 AND top_p <= 1", name="sampling"),
         CheckConstraint("max_new_tokens BETWEEN 1 AND 4096", name="max_new_tokens"),
+        CheckConstraint(_in("purpose", BATCH_PURPOSES), name="purpose"),
+        CheckConstraint("gold_share >= 0 AND gold_share <= 1", name="gold_share"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -208,6 +214,9 @@ class PromptBatch(Base):
     max_new_tokens: Mapped[int] = mapped_column(Integer, default=48)
     policy_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # The share of ranking leases that serve one of the batch's gold tasks instead (quality checks).
+    gold_share: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    purpose: Mapped[str] = mapped_column(String(16), default="collection", server_default=text("'collection'"))
     pii_policy: Mapped[str] = mapped_column(String(8), default="drop")
     hygiene_report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
@@ -275,6 +284,8 @@ class Task(Base):
     done_count: Mapped[int] = mapped_column(Integer, default=0)
     is_open: Mapped[bool] = mapped_column(Boolean, default=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # A gold task has a known answer (`GoldAnswer`); it is closed to the normal queue and served to
+    # labelers who have not done it as a check, at the batch's `gold_share`.
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -286,6 +297,8 @@ Index("ix_tasks_lease_queue", Task.kind, Task.priority.desc(), Task.id,
       postgresql_where=text("is_open"), sqlite_where=text("is_open"))
 Index("ix_tasks_lease_queue_any_kind", Task.priority.desc(), Task.id,
       postgresql_where=text("is_open"), sqlite_where=text("is_open"))
+# A batch's gold tasks, looked up when a lease draws a gold check.
+Index("ix_tasks_gold", Task.batch_id, postgresql_where=text("is_gold"), sqlite_where=text("is_gold"))
 
 
 class TaskItem(Base):
@@ -348,6 +361,7 @@ class Ranking(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     all_unacceptable: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A labeler's answer to a gold task (a quality check), scored against the task's GoldAnswer.
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     active_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -372,6 +386,80 @@ class RankingItem(Base):
     flags: Mapped[list[Any]] = mapped_column(default=list)
     # Where the output was shown to this labeler (0 = first), for position-bias analysis.
     position: Mapped[int] = mapped_column(Integer)
+
+
+class GoldAnswer(Base):
+    """The known answer of a gold task: a rank per output, copied from a trusted ranking or a consensus."""
+
+    __tablename__ = "gold_answers"
+    __table_args__ = (CheckConstraint(_in("source", GOLD_SOURCES), name="source"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), unique=True)
+    # {completion_id (as a string, JSON keys are strings): dense rank}, 1 = best.
+    ranks: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    source: Mapped[str] = mapped_column(String(16))
+    source_ranking_id: Mapped[int | None] = mapped_column(ForeignKey("rankings.id", ondelete="SET NULL"))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Evaluation(Base):
+    """A blind side-by-side human comparison of two model versions on held-out prompts.
+
+    The prompts are copied into a batch of their own (`purpose = 'evaluation'`), where the worker
+    samples one output per model and each prompt becomes an `eval` task showing the two outputs in a
+    random order per labeler. Model A is the candidate, B the baseline; win rates are A's.
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        CheckConstraint(_in("status", EVALUATION_STATUSES), name="status"),
+        CheckConstraint("model_a_id <> model_b_id", name="two_models"),
+        CheckConstraint("n_prompts >= 1", name="n_prompts"),
+        CheckConstraint("overlap >= 1", name="overlap"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_a_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    model_b_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("prompt_batches.id"), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="sampling")
+    n_prompts: Mapped[int] = mapped_column(Integer)
+    overlap: Mapped[int] = mapped_column(Integer, default=1)
+    prompt_split: Mapped[str] = mapped_column(String(8), default="test")
+    temperature: Mapped[float] = mapped_column(Float, default=0.0)
+    max_new_tokens: Mapped[int] = mapped_column(Integer, default=48)
+    # Prompts where both models wrote exactly the same text: no task, reported apart from the judgments.
+    n_identical: Mapped[int] = mapped_column(Integer, default=0)
+    triggered_by: Mapped[str] = mapped_column(String(32), default="admin")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+
+
+class EvalJudgment(Base):
+    """One labeler's blind verdict on one eval task: A better, B better, or a tie."""
+
+    __tablename__ = "eval_judgments"
+    __table_args__ = (
+        CheckConstraint(_in("winner", ("a", "b", "tie")), name="winner"),
+        CheckConstraint(_in("shown_first", ("a", "b")), name="shown_first"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    # One verdict per assignment: a repeated submit returns the stored one.
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    winner: Mapped[str] = mapped_column(String(4))
+    chosen_completion_id: Mapped[int | None] = mapped_column(ForeignKey("completions.id"))  # None for a tie
+    # Which model's output this labeler saw first (on the left), for position-bias checks.
+    shown_first: Mapped[str] = mapped_column(String(1))
+    active_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class TrainingRun(Base):

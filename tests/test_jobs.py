@@ -176,3 +176,44 @@ def test_job_requested_while_the_broker_is_down_runs_when_it_returns(committed_s
         monkeypatch.delenv("INSTRUCTLOOP_BROKER_URL")
         get_settings.cache_clear()
         sender.cache_clear()
+
+
+def test_an_evaluation_is_sampled_by_the_worker_from_both_models(committed_session, celery_worker, tiny_model_path):
+    """Two versions answer held-out prompts through the real worker; differing pairs become blind eval tasks."""
+    from app.models import Evaluation, ModelVersion
+    from app.services.evaluations import start_evaluation
+    from app.world import generate_prompts
+
+    db = committed_session
+    tag = time.monotonic_ns()
+    source = PromptBatch(name=f"held-out-{tag}", status="completed")
+    db.add(source)
+    db.flush()
+    for i, p in enumerate(generate_prompts(5, seed=11)):
+        db.add(Prompt(batch_id=source.id, text=p.text, normalized_key=f"{tag:032x}{i:032x}", split="test"))
+    a = ModelVersion(name=f"eval-a-{tag}", kind="sft", status="ready", artifact_path=str(tiny_model_path))
+    b = ModelVersion(name=f"eval-b-{tag}", kind="sft", status="ready", artifact_path=str(tiny_model_path))
+    db.add_all([a, b])
+    db.flush()
+    # Sampled (not greedy) from two copies of one random model: outputs differ on nearly every prompt.
+    evaluation = start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=5, temperature=1.0,
+                                  max_new_tokens=8)
+    db.commit()
+    run = wait_until(lambda: (r := _run_of(db, evaluation.batch_id)) and r.status in ("succeeded", "failed") and r,
+                     timeout=120, message="the evaluation's sampling run to finish")
+    assert run.status == "succeeded", run.error
+    db.expire_all()
+    evaluation = db.get(Evaluation, evaluation.id)
+    outputs = db.execute(
+        select(Completion.model_version_id, func.count()).join(Prompt, Prompt.id == Completion.prompt_id)
+        .where(Prompt.batch_id == evaluation.batch_id).group_by(Completion.model_version_id)
+    ).all()
+    assert dict(outputs) == {a.id: 5, b.id: 5}
+    tasks = db.scalars(select(Task).where(Task.batch_id == evaluation.batch_id)).all()
+    assert len(tasks) + evaluation.n_identical == 5 and {t.kind for t in tasks} <= {"eval"}
+    assert run.metrics["tasks_created"] == len(tasks)
+    assert evaluation.status == ("labeling" if tasks else "completed")
+    for task in tasks:
+        items = db.scalars(select(TaskItem).where(TaskItem.task_id == task.id).order_by(TaskItem.position)).all()
+        models = [db.get(Completion, item.completion_id).model_version_id for item in items]
+        assert models == [a.id, b.id]

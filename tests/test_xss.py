@@ -4,7 +4,7 @@ A corpus of payloads (script tags, event handlers, attribute breakouts,
 `javascript:` URLs, markdown link tricks, template syntax, closing tags that
 would end a <pre>, <textarea> or <script>) goes into prompts, model outputs,
 batch names and guidelines, usernames, skip notes, demonstration drafts,
-model names, metrics and artifact paths, run messages, errors,
+model names (also in blind evaluations), metrics and artifact paths, run messages, errors,
 tracebacks and parameters, and webhook URLs and descriptions. Each page that shows them is opened in headless
 Chromium, logged in through /login, with the Content-Security-Policy
 *bypassed*, so escaping alone has to keep the payloads inert (the CSP is
@@ -20,9 +20,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from app.models import Assignment, ModelVersion, TrainingRun, User, Webhook
+from app.models import Assignment, ModelVersion, Prompt, TrainingRun, User, Webhook
 from app.security import hash_password
-from app.services import labeling
+from app.services import evaluations, gold, labeling
+from app.services.sampling import store_samples
 from tests.factories import PASSWORD
 from tests.test_labeling import seed_batch
 
@@ -96,10 +97,24 @@ def hostile(committed_session) -> dict:
                        data_snapshot={"source": PAYLOADS[7], "rows": [PAYLOADS[0]]})
     hook = Webhook(url=PAYLOADS[6], description=PAYLOADS[1], secret="s" * 32, events=["batch.completed"])
     s.add_all([sft, hook])
+    s.flush()
+    # A blind evaluation of the two hostile-named models on a hostile held-out prompt with hostile outputs,
+    # and a gold task (the other labeler's ranking) on the ranking batch.
+    s.add(Prompt(batch_id=ranking.id, text=PAYLOADS[7], split="test", normalized_key="e" * 64))
+    s.flush()
+    evaluation = evaluations.start_evaluation(s, model_a_id=sft.id, model_b_id=base.id, n_prompts=1)
+    (prompt_id, _), = evaluations.prompts_needing_output(s, evaluation, sft.id)
+    store_samples(s, sft.id, {prompt_id: [PAYLOADS[0]]}, {})
+    store_samples(s, base.id, {prompt_id: [PAYLOADS[3]]}, {})
+    evaluations.open_for_judging(s, evaluation)
+    order = foreign.display_order
+    labeling.submit_ranking(s, other, foreign.id, [{"completion_id": c, "rank": i + 1, "likert": 4, "flags": []}
+                                                   for i, c in enumerate(order)])
+    gold.mark_consensus_gold(s, foreign.task_id, None, min_rankings=1)
     s.commit()
     return {"labeler": labeler.username, "admin": admin.username, "ranking": ranking.id, "demos": demos.id,
             "held": held.id, "foreign": foreign.id, "run": run.id, "failed": failed.id, "sft": sft.id,
-            "base": base.id}
+            "base": base.id, "evaluation": evaluation.id}
 
 
 # --- browser ------------------------------------------------------------------------------------
@@ -170,6 +185,13 @@ def test_labeler_pages_show_payloads_as_text(browser_page, live_server, hostile)
     assert page.get_by_test_id("prompt").inner_text() in (PAYLOADS[0], PAYLOADS[4])
     assert_inert(page, visible=[RANKING_BATCH])
 
+    page.goto(f"{live_server}/label/next?kind=eval")
+    page.get_by_test_id("eval-page").wait_for()
+    assert page.get_by_test_id("prompt").inner_text() == PAYLOADS[7]
+    assert sorted([page.get_by_test_id("eval-text-left").inner_text(),
+                   page.get_by_test_id("eval-text-right").inner_text()]) == sorted([PAYLOADS[0], PAYLOADS[3]])
+    assert_inert(page, visible=[PAYLOADS[7]])
+
     page.goto(f"{live_server}/label/write")
     page.get_by_test_id("write-page").wait_for()
     assert_inert(page, visible=[DEMO_BATCH, PAYLOADS[2]])
@@ -220,8 +242,14 @@ def test_admin_pages_show_payloads_as_text(browser_page, live_server, hostile):
 
     page.goto(f"{live_server}/admin/batches/{hostile['ranking']}/quality")
     assert_inert(page, visible=[RANKING_BATCH])
+    page.goto(f"{live_server}/admin/batches/{hostile['ranking']}/gold")
+    assert_inert(page, visible=[RANKING_BATCH])
     page.goto(f"{live_server}/admin/labelers")
     assert_inert(page, visible=[LABELER_NAME])
+    page.goto(f"{live_server}/admin/evaluations")
+    assert_inert(page, visible=[MODEL_NAME, PAYLOADS[5][:128]])
+    page.goto(f"{live_server}/admin/evaluations/{hostile['evaluation']}")
+    assert_inert(page, visible=[MODEL_NAME, PAYLOADS[5][:128]])
     page.goto(f"{live_server}/admin/webhooks")
     assert_inert(page, visible=[PAYLOADS[6], PAYLOADS[1]])
 

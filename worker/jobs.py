@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
-from app.db import session_scope
-from app.models import ModelVersion, PromptBatch, TrainingRun
 from sqlalchemy import select
 
-from app.services import registry, training
+from app.config import get_settings
+from app.db import session_scope
+from app.models import Evaluation, ModelVersion, PromptBatch, TrainingRun
+from app.services import evaluations, registry, training
 from app.services.sampling import open_for_labeling, prompts_needing_samples, store_samples
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     with session_scope() as db:
         run = db.get(TrainingRun, run_id)
         batch = db.get(PromptBatch, run.batch_id)
+        if batch.purpose == "evaluation":
+            return run_eval_sampling(run_id, report)
         policy = registry.sampling_policy(db, batch.policy_version_id)
         if policy is None:
             raise RuntimeError("no model version to sample from; register a base model first")
@@ -62,6 +64,42 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         batch = db.get(PromptBatch, batch_id)
         tasks = open_for_labeling(db, batch)
     return {"prompts_sampled": done, "k": k, "tasks_created": tasks, "model_version_id": policy_id}, None
+
+
+def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
+    """Samples one output per prompt from each of an evaluation's two models, then opens the blind comparison."""
+    from worker.generate import sample_completions
+    from worker.modeling import load_model
+
+    with session_scope() as db:
+        batch_id = db.get(TrainingRun, run_id).batch_id
+        evaluation = evaluations.for_batch(db, batch_id)
+        models = [(v.id, v.artifact_path) for v in
+                  (db.get(ModelVersion, evaluation.model_a_id), db.get(ModelVersion, evaluation.model_b_id))]
+        settings = {"temperature": evaluation.temperature, "top_p": 1.0, "max_new_tokens": evaluation.max_new_tokens}
+        evaluation_id = evaluation.id
+    sampled = 0
+    for index, (model_id, artifact) in enumerate(models):
+        with session_scope() as db:
+            todo = evaluations.prompts_needing_output(db, db.get(Evaluation, evaluation_id), model_id)
+        report(index / 2, f"loading {artifact}", force=True)
+        model, tokenizer = load_model(artifact)
+        for start in range(0, len(todo), SAMPLE_CHUNK):
+            chunk = todo[start:start + SAMPLE_CHUNK]
+            outputs = sample_completions(model, tokenizer, [text for _, text in chunk], 1, **settings)
+            with session_scope() as db:
+                store_samples(db, model_id, {pid: texts for (pid, _), texts in zip(chunk, outputs)},
+                              settings | {"model_version_id": model_id, "evaluation_id": evaluation_id})
+            sampled += len(chunk)
+            report((index + (start + len(chunk)) / max(1, len(todo))) / 2,
+                   f"model {index + 1}/2: sampled {start + len(chunk)}/{len(todo)} prompts", force=True)
+        del model
+    with session_scope() as db:
+        evaluation = db.get(Evaluation, evaluation_id)
+        tasks = evaluations.open_for_judging(db, evaluation)
+        identical = evaluation.n_identical
+    return {"evaluation_id": evaluation_id, "outputs_sampled": sampled, "tasks_created": tasks,
+            "identical_pairs": identical}, None
 
 
 def run_pretrain(run_id: int, report) -> tuple[dict[str, Any], int | None]:

@@ -27,6 +27,7 @@ from app.routes.batches_api import BatchIn, Upload, change_batch, get_batch_or_4
 from app.routes.pages import render
 from app.services import batches
 from app.services.batches import BatchError
+from app.services.errors import first_validation_error
 from app.services.registry import USABLE
 
 router = APIRouter(include_in_schema=False)
@@ -161,9 +162,7 @@ def _validated(fields: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     try:
         checked = BatchIn.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "form"
-        raise BatchError(field, err["msg"]) from exc
+        raise BatchError(*first_validation_error(exc)) from exc
     out = checked.model_dump()
     return {k: out[k] for k in fields} if partial else out
 
@@ -182,7 +181,8 @@ SettingsDepForm = Annotated[SettingsForm, Depends(_settings_form)]
 @router.get("/admin/batches")
 def batch_list(request: Request, principal: AdminPage, db: SessionDep):
     """Lists batches with status, prompts, samples, labels done/needed per kind, active labelers and ETA."""
-    found = db.scalars(select(PromptBatch).order_by(PromptBatch.priority.desc(), PromptBatch.id.desc())).all()
+    found = db.scalars(select(PromptBatch).where(PromptBatch.purpose == "collection")
+                       .order_by(PromptBatch.priority.desc(), PromptBatch.id.desc())).all()
     progress = batches.batch_progress(db, [b.id for b in found]) if found else {}
     recent, labelers = _labels_by_batch(db, utcnow() - RATE_WINDOW)
     rows = [

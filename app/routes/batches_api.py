@@ -62,6 +62,8 @@ class BatchFields(BaseModel):
                                           description="Model to sample from; default: the promoted policy")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher batches are labeled first")
     pii_policy: PiiPolicy = Field("drop", description="What import does with prompts containing PII")
+    gold_share: float = Field(0.0, ge=0, le=1, description="Share of ranking leases that serve one of the batch's "
+                                                            "gold tasks (known answers) as a hidden check")
 
     _storable_guidelines = field_validator("guidelines")(storable_text)
 
@@ -95,6 +97,7 @@ class BatchPatch(BaseModel):
     policy_version_id: int | None = Field(None, ge=1, le=MAX_ID)
     priority: int | None = Field(None, ge=-1000, le=1000)
     pii_policy: PiiPolicy | None = None
+    gold_share: float | None = Field(None, ge=0, le=1)
     status: BatchStatus | None = None
 
     _storable_text = field_validator("name", "guidelines")(storable_text)
@@ -219,8 +222,8 @@ def create_batch(body: BatchIn, db: SessionDep, principal: AdminApi):
 
 @router.get("/batches", response_model=list[BatchOut])
 def list_batches(db: SessionDep, principal: AdminApi, status: BatchStatus | None = Query(None)):
-    """Lists batches, newest first, with status and progress."""
-    query = select(PromptBatch).order_by(PromptBatch.id.desc())
+    """Lists collection batches, newest first, with status and progress (evaluations: /api/v1/evaluations)."""
+    query = select(PromptBatch).where(PromptBatch.purpose == "collection").order_by(PromptBatch.id.desc())
     if status is not None:
         query = query.where(PromptBatch.status == status)
     found = db.scalars(query).all()

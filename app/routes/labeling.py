@@ -87,11 +87,10 @@ def render_guidelines(text: str) -> Markup:
 
 @router.get("/label/next")
 def next_task(request: Request, db: SessionDep, principal: LabelerPage,
-              kind: Literal["ranking", "demonstration"] | None = Query(None)):
+              kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
     """Leases the next task (or the one already held) and opens it; a calm 'all done' page when none is left."""
     assignment = None
-    # Without a kind, only kinds these pages can show: eval tasks are not leased from here.
-    for wanted in [kind] if kind else ["ranking", "demonstration"]:
+    for wanted in [kind] if kind else ["eval", "ranking", "demonstration"]:
         assignment = assignment or labeling.lease_next_task(db, principal.user, wanted)
     if assignment is None:
         return render(request, "labeling/done.html", principal, kind=kind)
@@ -107,9 +106,9 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
         raise HTTPException(exc.status, str(exc)) from exc
     view = labeling.task_view(db, assignment)
     kind = view.task.kind
-    if assignment.state in ("submitted", "skipped") or kind not in ("demonstration", "ranking"):
+    if assignment.state in ("submitted", "skipped"):
         # Done already (the back button, a second tab): carry on with the next one of the same kind.
-        return RedirectResponse(f"/label/next?kind={kind}" if kind != "eval" else "/label", status_code=303)
+        return RedirectResponse(f"/label/next?kind={kind}", status_code=303)
     context = {
         "view": view,
         "guidelines_html": render_guidelines(view.batch.guidelines),

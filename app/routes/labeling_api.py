@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, SessionDep
 from app.models import RANKING_FLAGS as _FLAGS
-from app.models import Demonstration
+from app.models import Demonstration, EvalJudgment
 from app.services import labeling
 
 router = APIRouter(prefix="/api/v1", tags=["labeling"])
@@ -52,15 +52,18 @@ class SubmitIn(BaseModel):
     text: str | None = Field(None, description="The demonstration (for demonstration tasks)")
     items: list[RankingItemIn] | None = Field(None, description="Ranks and scores (for ranking tasks)")
     all_unacceptable: bool = False
+    choice: int | Literal["tie"] | None = Field(
+        None, description="The id of the better output, or \"tie\" (for eval tasks: blind side-by-side comparisons)")
     active_seconds: float = Field(0.0, ge=0, le=86400)
 
 
 class SubmitOut(BaseModel):
     assignment_id: int
-    kind: Literal["demonstration", "ranking"]
+    kind: Literal["demonstration", "ranking", "eval"]
     id: int
     created_at: datetime
     items: list[dict[str, Any]] | None = None
+    choice: int | Literal["tie"] | None = None
 
 
 class SkipIn(BaseModel):
@@ -117,9 +120,13 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
         label = labeling.submit(
             db, principal.user, assignment_id, text=body.text,
             items=None if body.items is None else [i.model_dump() for i in body.items],
-            all_unacceptable=body.all_unacceptable, active_seconds=body.active_seconds)
+            all_unacceptable=body.all_unacceptable, choice=body.choice, active_seconds=body.active_seconds)
     except labeling.LabelingError as exc:
         _raise(exc)
+    if isinstance(label, EvalJudgment):
+        # Blind: the answer echoes the output chosen, never which model wrote it.
+        return SubmitOut(assignment_id=assignment_id, kind="eval", id=label.id, created_at=label.created_at,
+                         choice=label.chosen_completion_id or "tie")
     if isinstance(label, Demonstration):
         return SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id, created_at=label.created_at)
     return SubmitOut(

@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 
 from app.deps import AdminPage, SessionDep
 from app.models import MODEL_KINDS, ModelVersion, PromptBatch, TrainingRun
+from app.routes.charts import interval_bars
+from app.routes.labeling import FLAG_LABELS
 from app.routes.models_api import (
     RunRequestError,
     cancel_run,
@@ -33,7 +35,8 @@ from app.routes.models_api import (
     trainer_params,
 )
 from app.routes.pages import render
-from app.services import registry
+from app.services import evaluations, registry
+from app.services.behaviour import model_behaviour
 from app.services.registry import KEY_METRICS, RegistryError
 
 router = APIRouter(include_in_schema=False)
@@ -185,11 +188,23 @@ def _model_page(request: Request, principal, db: Session, version: ModelVersion,
     rows, other = flat_metrics(version.metrics or {})
     snapshot_rows, snapshot_other = flat_metrics(version.data_snapshot or {})
     run = db.get(TrainingRun, version.training_run_id) if version.training_run_id else None
+    found = evaluations.for_model(db, version.id)
+    behaviour = model_behaviour(db, version.id) if version.kind != "rm" else None
     return render(
         request, "admin/model.html", principal, status_code=status_code, version=version,
         lineage=registry.lineage(db, version), run=run, metric_rows=rows, metric_other=_pretty(other) if other else "",
         snapshot_rows=snapshot_rows, snapshot_other=_pretty(snapshot_other) if snapshot_other else "",
-        charts=curves(version.metrics or {}), **context,
+        charts=curves(version.metrics or {}), evaluations=found, behaviour=behaviour,
+        flag_labels=FLAG_LABELS,
+        eval_chart=interval_bars([
+            {"label": f"#{e['evaluation_id']} vs {e['opponent']['name']}", "value": e["result"]["win_rate"],
+             "low": e["result"]["low"], "high": e["result"]["high"], "n": e["result"]["n"]} for e in found[:20]
+        ], reference=0.5),
+        flag_chart=interval_bars([
+            {"label": FLAG_LABELS[name], "value": e.value, "low": e.low, "high": e.high, "n": e.n}
+            for name, e in behaviour.flags.items()
+        ]) if behaviour and behaviour.n_outputs else None,
+        **context,
     )
 
 
@@ -203,6 +218,9 @@ def model_promote(version_id: int, request: Request, principal: AdminPage, db: S
             with db.begin_nested():
                 registry.promote(db, version)
         except RegistryError as exc:
+            if _back(next_url, "/admin/models") == f"/admin/models/{version.id}":
+                db.refresh(version)
+                return _model_page(request, principal, db, version, status_code=409, error=str(exc))
             return _models_page(request, principal, db, status_code=409, error=str(exc))
     return RedirectResponse(_back(next_url, "/admin/models"), status_code=303)
 

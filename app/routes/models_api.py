@@ -28,6 +28,8 @@ from app.config import get_settings
 from app.deps import AdminApi, SessionDep
 from app.models import ModelVersion, PromptBatch, TrainingRun, utcnow
 from app.services import batches, registry, training
+from app.services.behaviour import model_behaviour
+from app.services.errors import FieldError
 from app.services.registry import RegistryError
 from app.services.runs import RunError, active_run, start_run
 
@@ -129,12 +131,8 @@ class Schedule(BaseModel):
 # --- shared with the pages -----------------------------------------------------------------------
 
 
-class RunRequestError(ValueError):
+class RunRequestError(FieldError):
     """A user-caused problem with a run request; names the field and the HTTP status."""
-
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -313,6 +311,12 @@ def list_models(db: SessionDep, principal: AdminApi, kind: ModelKind | None = Qu
 def get_model(version_id: int, db: SessionDep, principal: AdminApi):
     """Shows a version: parent chain, named parents, children, data snapshot and all metrics."""
     return model_detail(db, get_version_or_404(db, version_id))
+
+
+@router.get("/models/{version_id}/behaviour")
+def model_behaviour_api(version_id: int, db: SessionDep, principal: AdminApi) -> dict[str, Any]:
+    """Rates of each metadata flag and the mean Likert score over this version's ranked outputs, with 95 % intervals."""
+    return model_behaviour(db, get_version_or_404(db, version_id).id).as_dict()
 
 
 @router.post("/models/rollback", response_model=ModelDetail)

@@ -1,4 +1,4 @@
-"""Admin views of ranking quality: a batch's agreement (API and page) and the held-out labelers.
+"""Admin views of ranking quality: a batch's agreement, its gold tasks (API and pages), held-out labelers.
 
 Before a batch's rankings train the reward model, admins check here how far
 labelers agree (`app.services.quality`), which labelers to look at (too fast,
@@ -15,11 +15,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy.orm import Session
 
 from app.deps import AdminApi, AdminPage, SessionDep
+from app.models import MAX_ID, PromptBatch
 from app.routes.batches_api import get_batch_or_404
+from app.routes.charts import interval_bars
 from app.routes.pages import render
-from app.services import quality
+from app.services import gold, quality
+from app.services.errors import first_validation_error
 from app.services.quality import DailyAgreement
 
 router = APIRouter()
@@ -79,6 +84,114 @@ def labeler_held_out(labeler_id: int, principal: AdminPage, db: SessionDep,
     if user is None:
         raise HTTPException(404, f"No labeler {labeler_id}")
     return RedirectResponse("/admin/labelers", status_code=303)
+
+
+# --- gold tasks ----------------------------------------------------------------------------------
+
+
+class GoldIn(BaseModel):
+    """Which answer becomes gold: a submitted ranking (`ranking_id`), or a task's consensus (`task_id`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ranking_id: int | None = Field(None, ge=1, le=MAX_ID, description="A submitted ranking to use as the answer key")
+    task_id: int | None = Field(None, ge=1, le=MAX_ID, description="A task whose rankings' consensus is the answer")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GoldIn":
+        if (self.ranking_id is None) == (self.task_id is None):
+            raise ValueError("give either ranking_id (a trusted ranking) or task_id (its consensus), not both")
+        return self
+
+
+def _gold_error(exc: gold.GoldError):
+    raise HTTPException(exc.status, str(exc)) from exc
+
+
+def gold_summary(db: Session, batch_id: int) -> dict[str, Any]:
+    """A batch's gold tasks, labelers' accuracy on them and candidate tasks, as JSON-ready data."""
+    tasks, labelers = gold.gold_report(db, batch_id)
+    return {"batch_id": batch_id, "gold_share": db.get(PromptBatch, batch_id).gold_share,
+            "tasks": [vars(t) | {"answer": {str(k): v for k, v in t.answer.items()}} for t in tasks],
+            "labelers": [row.as_dict() for row in labelers]}
+
+
+@api_router.get("/batches/{batch_id}/gold")
+def batch_gold_api(batch_id: int, db: SessionDep, principal: AdminApi) -> dict:
+    """A batch's gold tasks with their answers, and each labeler's accuracy on gold with a 95 % interval."""
+    get_batch_or_404(db, batch_id)
+    return gold_summary(db, batch_id)
+
+
+def _mark(db: Session, batch_id: int, body: GoldIn, admin) -> int:
+    with db.begin_nested():
+        if body.ranking_id is not None:
+            return gold.mark_ranking_gold(db, body.ranking_id, admin, batch_id).task_id
+        return gold.mark_consensus_gold(db, body.task_id, admin, batch_id).task_id
+
+
+@api_router.post("/batches/{batch_id}/gold", status_code=201)
+def batch_gold_mark(batch_id: int, body: GoldIn, db: SessionDep, principal: AdminApi) -> dict:
+    """Makes a ranking, or a task's consensus, the known answer of its task; the task becomes a gold check."""
+    get_batch_or_404(db, batch_id)
+    try:
+        task_id = _mark(db, batch_id, body, principal.user)
+    except gold.GoldError as exc:
+        _gold_error(exc)
+    return {"task_id": task_id, "is_gold": True}
+
+
+@api_router.delete("/batches/{batch_id}/gold/{task_id}")
+def batch_gold_unmark(batch_id: int, task_id: int, db: SessionDep, principal: AdminApi) -> dict:
+    """Turns a gold task back into an ordinary one; the checks already answered stay recorded."""
+    get_batch_or_404(db, batch_id)
+    try:
+        task = gold.unmark_gold(db, task_id, batch_id)
+    except gold.GoldError as exc:
+        _gold_error(exc)
+    return {"task_id": task.id, "is_gold": False}
+
+
+def _gold_page(request: Request, principal, db: Session, batch, status_code: int = 200, **context: Any):
+    tasks, labelers = gold.gold_report(db, batch.id)
+    chart = interval_bars([{"label": row.username, "value": row.accuracy.value, "low": row.accuracy.low,
+                            "high": row.accuracy.high, "n": row.accuracy.n} for row in labelers])
+    return render(request, "admin/gold.html", principal, status_code=status_code, batch=batch, tasks=tasks,
+                  labelers=labelers, chart=chart, candidates=gold.candidate_tasks(db, batch.id),
+                  min_consensus=gold.MIN_CONSENSUS_RANKINGS, **context)
+
+
+@pages_router.get("/admin/batches/{batch_id}/gold")
+def batch_gold_page(batch_id: int, request: Request, principal: AdminPage, db: SessionDep):
+    """Shows a batch's gold tasks, labelers' accuracy on them (chart and table) and tasks that could become gold."""
+    return _gold_page(request, principal, db, get_batch_or_404(db, batch_id))
+
+
+@pages_router.post("/admin/batches/{batch_id}/gold")
+def batch_gold_form(batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
+                    ranking_id: Annotated[str, Form()] = "", task_id: Annotated[str, Form()] = ""):
+    """Marks gold from the page: a ranking id, or a task whose consensus becomes the answer."""
+    batch = get_batch_or_404(db, batch_id)
+    try:
+        body = GoldIn.model_validate({k: v for k, v in (("ranking_id", ranking_id), ("task_id", task_id)) if v})
+        _mark(db, batch.id, body, principal.user)
+    except ValidationError as exc:
+        field, message = first_validation_error(exc)
+        return _gold_page(request, principal, db, batch, status_code=422, error=f"{field}: {message}")
+    except gold.GoldError as exc:
+        return _gold_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    return RedirectResponse(f"/admin/batches/{batch.id}/gold", status_code=303)
+
+
+@pages_router.post("/admin/batches/{batch_id}/gold/{task_id}/remove")
+def batch_gold_remove(batch_id: int, task_id: int, request: Request, principal: AdminPage, db: SessionDep):
+    """Turns a gold task back into an ordinary one."""
+    batch = get_batch_or_404(db, batch_id)
+    try:
+        gold.unmark_gold(db, task_id, batch.id)
+    except gold.GoldError as exc:
+        return _gold_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    return RedirectResponse(f"/admin/batches/{batch.id}/gold", status_code=303)
 
 
 router.include_router(api_router)

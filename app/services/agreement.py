@@ -64,6 +64,11 @@ def _pair_counts(a: Ranks, b: Ranks, ties: TieRule) -> tuple[float, int]:
     return agree, counted
 
 
+def pair_counts(a: Ranks, b: Ranks, ties: TieRule = "exclude") -> tuple[float, int]:
+    """Returns (agreeing pairs, counted pairs) for two rankings of the same outputs; see `pairwise_agreement`."""
+    return _pair_counts(a, b, ties)
+
+
 def pairwise_agreement(a: Ranks, b: Ranks, ties: TieRule = "exclude") -> float | None:
     """Returns the share of output pairs that two rankings order the same way.
 

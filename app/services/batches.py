@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.models import Completion, Prompt, PromptBatch, Task, TaskItem, utcnow
 from app.services import registry
+from app.services.errors import FieldError
 from app.services.hygiene import HygieneConfig, HygieneResult, apply_hygiene, dropped_csv
 from app.services.prompt_import import ImportFormat, ParseResult, parse_prompts
 from app.services.runs import start_run
@@ -36,19 +37,14 @@ TRANSITIONS: dict[str, set[str]] = {
 EDITABLE_FIELDS = {
     "name", "guidelines", "wants_demonstrations", "wants_rankings", "allow_prompt_writing", "k", "overlap",
     "extra_overlap_fraction", "extra_overlap", "temperature", "top_p", "max_new_tokens", "policy_version_id",
-    "priority", "pii_policy",
+    "priority", "pii_policy", "gold_share",
 }
 # Fields that change what is sampled or labeled; only a draft may change them.
-DRAFT_ONLY_FIELDS = EDITABLE_FIELDS - {"name", "guidelines", "priority"}
+DRAFT_ONLY_FIELDS = EDITABLE_FIELDS - {"name", "guidelines", "priority", "gold_share"}
 
 
-class BatchError(ValueError):
+class BatchError(FieldError):
     """A user-caused batch problem; `field` names what is wrong."""
-
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.status = status
 
 
 @dataclass
@@ -111,6 +107,8 @@ def _validate(db: Session, batch: PromptBatch) -> None:
         raise BatchError("k", "must be between 4 and 9")
     if (batch.overlap or 1) < 1:
         raise BatchError("overlap", "must be at least 1")
+    if batch.gold_share is not None and not (0 <= batch.gold_share <= 1):
+        raise BatchError("gold_share", "must be between 0 and 1 (the share of ranking leases that are gold checks)")
     if not (0 <= (batch.extra_overlap_fraction or 0) <= 1):
         raise BatchError("extra_overlap_fraction", "must be between 0 and 1")
     if batch.wants_demonstrations is False and batch.wants_rankings is False:
@@ -156,6 +154,10 @@ def complete_if_done(db: Session, batch_id: int) -> bool:
     if db.scalar(select(Task.id).where(Task.batch_id == batch_id, Task.is_open).limit(1)) is not None:
         return False
     transition(db, batch, "completed")
+    if batch.purpose == "evaluation":
+        from app.services.evaluations import on_batch_completed
+
+        on_batch_completed(db, batch)
     return True
 
 

@@ -6,6 +6,13 @@ PostgreSQL the task row is taken with `FOR UPDATE SKIP LOCKED`, so labelers
 leasing at the same moment never share a slot. A lease expires (the pool
 gets the slot back) unless autosave renews it. Submissions are idempotent
 per assignment: a repeat returns the stored result, never a second label.
+
+Gold tasks (known answers, `app.services.gold`) are closed to the normal
+queue; a ranking lease serves one of its batch's gold tasks instead, with
+probability `batch.gold_share`, looking exactly like any other task. A gold
+check is stored as a ranking marked `is_gold` and does not count towards the
+task's overlap. Eval tasks (blind A/B comparisons, `app.services.evaluations`)
+are leased like rankings and submitted as a choice.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from app.models import (
     User,
     utcnow,
 )
+from app.services.errors import FieldError
 from app.services.prompt_import import why_unstorable
 
 SKIP_REASONS = {
@@ -45,16 +53,13 @@ SKIP_REASONS = {
     "other": "Another reason (please say which)",
 }
 MAX_DEMONSTRATION_CHARS = 20000
+# Draws whether a lease serves a gold check; a module attribute so tests can seed it.
+gold_draw = random.Random()
 MAX_DRAFT_CHARS = 100_000
 
 
-class LabelingError(ValueError):
+class LabelingError(FieldError):
     """A problem with a labeler's request; `field` names what is wrong, `status` the HTTP code."""
-
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.status = status
 
 
 @dataclass
@@ -122,9 +127,14 @@ def _lease(db: Session, labeler: User, kind: str | None) -> tuple[Assignment, li
     )
     if kind is not None:
         query = query.where(Task.kind == kind)
-    task = _lock_free_slot(db, query)
-    if task is None:
+    found = _lock_free_slot(db, query)
+    if found is None:
         return None
+    task, gold_share = found
+    if task.kind == "ranking" and gold_share and gold_draw.random() < gold_share:
+        # A quality check instead: one of the same batch's gold tasks this labeler has not seen, shown the
+        # same way (same batch, same guidelines), so it cannot be told apart.
+        task = _gold_task_for(db, labeler, task.batch_id) or task
     order: list[int] = []
     outputs: list[Completion] = []
     if task.kind in ("ranking", "eval"):
@@ -161,14 +171,18 @@ def _lease(db: Session, labeler: User, kind: str | None) -> tuple[Assignment, li
     return assignment, outputs
 
 
-def _lock_free_slot(db: Session, query) -> Task | None:
-    """Locks the first task the query finds that still has a free slot once locked."""
+def _lock_free_slot(db: Session, query) -> tuple[Task, float] | None:
+    """Locks the first task the query finds that still has a free slot once locked; returns it and its batch's gold share."""
+    # The batch's gold share comes with the task (a subquery on the one row returned), not in a second round trip.
+    gold_share = select(PromptBatch.gold_share).where(PromptBatch.id == Task.batch_id).scalar_subquery()
+    query = query.add_columns(gold_share)
     passed_over: list[int] = []
     while True:
         found = query.where(Task.id.not_in(passed_over)) if passed_over else query
-        task = db.scalar(found.execution_options(populate_existing=True))
-        if task is None:
+        row = db.execute(found.execution_options(populate_existing=True)).first()
+        if row is None:
             return None
+        task, share = row
         # A lease committed after this statement's snapshot but before we got the row lock is
         # invisible to the query above; recount in a fresh statement now that no one else can
         # lease this task, so a slot is never handed out twice.
@@ -178,8 +192,20 @@ def _lock_free_slot(db: Session, query) -> Task | None:
             )
         )
         if task.done_count + leased < task.needed:
-            return task
+            return task, float(share or 0.0)
         passed_over.append(task.id)
+
+
+def _gold_task_for(db: Session, labeler: User, batch_id: int) -> Task | None:
+    """Picks at random one of a batch's gold tasks this labeler has never held; None when none is left."""
+    held_before = exists().where(Assignment.task_id == Task.id, Assignment.labeler_id == labeler.id,
+                                 Assignment.state != "expired")
+    candidates = db.scalars(
+        select(Task.id).where(Task.batch_id == batch_id, Task.is_gold, Task.kind == "ranking", ~held_before)
+    ).all()
+    if not candidates:
+        return None
+    return db.get(Task, gold_draw.choice(candidates), populate_existing=True)
 
 
 def _held_lease(db: Session, labeler: User, kind: str | None) -> Assignment | None:
@@ -252,8 +278,8 @@ def _ensure_submittable(db: Session, assignment: Assignment, task: Task) -> None
     """Refuses a submit on a lease that lapsed and whose slot someone else now fills."""
     if assignment.state == "skipped":
         raise LabelingError("assignment", "this task was skipped; it cannot be submitted", status=409)
-    if not _lapsed(assignment):
-        return
+    if not _lapsed(assignment) or task.is_gold:
+        return  # a gold check has no slots to run out of
     others = db.scalar(
         select(func.count()).where(
             Assignment.task_id == task.id, Assignment.id != assignment.id, Assignment.state == "leased",
@@ -377,7 +403,8 @@ def _submit_ranking(db: Session, labeler: User, assignment: Assignment, task: Ta
     )
     clean = validate_ranking_items(order, items)
     _ensure_submittable(db, assignment, task)
-    _count_label(db, task)
+    if not task.is_gold:  # a gold check measures the labeler; the task already has its answer
+        _count_label(db, task)
     position = {cid: i for i, cid in enumerate(order)}
     # Built with its items so one flush writes the ranking, its items and the assignment (three statements).
     ranking_items = sorted(
@@ -394,8 +421,8 @@ def _submit_ranking(db: Session, labeler: User, assignment: Assignment, task: Ta
 
 def submit(db: Session, labeler: User, assignment_id: int, *, text: str | None = None,
            items: list[dict[str, Any]] | None = None, all_unacceptable: bool = False,
-           active_seconds: float = 0.0) -> Demonstration | Ranking:
-    """Submits a demonstration or a ranking, whichever the assignment's task is; repeats return the stored one."""
+           choice: int | str | None = None, active_seconds: float = 0.0) -> Demonstration | Ranking | Any:
+    """Submits a demonstration, a ranking or an eval verdict, whichever the task is; repeats return the stored one."""
     assignment, task = _lock_with_task(db, assignment_id, labeler)
     if task.kind == "demonstration":
         return _submit_demonstration(db, labeler, assignment, task, text or "", active_seconds)
@@ -403,7 +430,9 @@ def submit(db: Session, labeler: User, assignment_id: int, *, text: str | None =
         if items is None and assignment.state != "submitted":
             raise LabelingError("items", "give a rank and a Likert score for every output")
         return _submit_ranking(db, labeler, assignment, task, items or [], all_unacceptable, active_seconds)
-    raise LabelingError("assignment", f"{task.kind} tasks are submitted on their own page")
+    from app.services.evaluations import submit_judgment
+
+    return submit_judgment(db, labeler, assignment, task, choice, active_seconds)
 
 
 def skip(db: Session, labeler: User, assignment_id: int, reason: str, note: str = "") -> Assignment:

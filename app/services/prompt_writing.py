@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.models import PROMPT_CATEGORIES, Prompt, PromptBatch, Task, TrainingRun, User, utcnow
 from app.services.batches import _needed
+from app.services.errors import FieldError
 from app.services.hygiene import HygieneConfig, apply_hygiene
 from app.services.prompt_import import PromptRow
 from app.services.runs import start_run
@@ -76,14 +77,8 @@ _DROP_MESSAGES = {
 }
 
 
-class PromptWritingError(ValueError):
+class PromptWritingError(FieldError):
     """A problem with a written prompt; `field` names the form field, `status` the HTTP code."""
-
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.status = status
 
 
 @dataclass

@@ -261,9 +261,12 @@ def set_held_out(db: Session, labeler_id: int, held_out: bool | None = None) -> 
 
 
 def labelers_overview(db: Session) -> list[dict[str, Hashable | float | None]]:
-    """Lists every labeler with held-out status, rankings submitted and agreement over all batches."""
+    """Lists every labeler with held-out status, rankings submitted, agreement and gold accuracy over all batches."""
+    from app.services.gold import gold_accuracy_by_labeler
+
     report = quality_report(db, None)
     by_id = {row.labeler_id: row for row in report.labelers}
+    on_gold = gold_accuracy_by_labeler(db)
     out = []
     for user in db.scalars(select(User).where(User.role == "labeler").order_by(User.username)):
         row = by_id.get(user.id)
@@ -273,5 +276,7 @@ def labelers_overview(db: Session) -> list[dict[str, Hashable | float | None]]:
             "agreement": row.agreement if row else None,
             "consensus_agreement": row.consensus_agreement if row else None,
             "warnings": row.warnings if row else [],
+            "gold_checks": on_gold[user.id].n_checks if user.id in on_gold else 0,
+            "gold_accuracy": on_gold[user.id].accuracy if user.id in on_gold else None,
         })
     return out

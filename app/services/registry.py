@@ -87,6 +87,11 @@ def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = No
         _announce(db, "model_version.registered", version)
         if promoted(db, version.kind) is None:
             promote(db, version)
+        elif version.kind == "policy":
+            # A new policy is judged by people, blind, against the one in use (when the settings ask).
+            from app.services.evaluations import schedule_after_policy
+
+            schedule_after_policy(db, version)
     return version
 
 
@@ -95,10 +100,19 @@ def promoted(db: Session, kind: str) -> ModelVersion | None:
     return db.scalar(select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status == "promoted"))
 
 
-def promote(db: Session, version: ModelVersion) -> ModelVersion:
-    """Makes a version the promoted one of its kind; the previous one goes back to `ready`."""
+def promote(db: Session, version: ModelVersion, *, gated: bool = True) -> ModelVersion:
+    """Makes a version the promoted one of its kind; the previous one goes back to `ready`.
+
+    With `Settings.promotion_requires_eval_win`, a policy must first win a blind evaluation against the
+    promoted one (`gated=False` skips that, for rollbacks to a version that was promoted before).
+    """
     if version.status not in USABLE:
         raise RegistryError(f"status: only a ready model can be promoted; {version.name} is {version.status}")
+    if gated:
+        from app.services.evaluations import promotion_block
+
+        if (why := promotion_block(db, version)) is not None:
+            raise RegistryError(f"status: {why}")
     db.execute(
         update(ModelVersion)
         .where(ModelVersion.kind == version.kind, ModelVersion.status == "promoted", ModelVersion.id != version.id)
@@ -154,7 +168,7 @@ def rollback(db: Session, kind: str) -> ModelVersion:
     if target is None:
         raise RegistryError(f"kind: no earlier promoted {kind} model to roll back to")
     current = promoted(db, kind)
-    promote(db, target)
+    promote(db, target, gated=False)
     if current is not None:
         current.promoted_at = None
     db.flush()

@@ -67,6 +67,9 @@ def rankings(db: Session, max_id: int | None = None) -> tuple[dict[str, list[Ran
         .join(User, User.id == Ranking.labeler_id)
         .join(RankingItem, RankingItem.ranking_id == Ranking.id)
         .join(Completion, Completion.id == RankingItem.completion_id)
+        # Gold checks are left out: every labeler answers the same few gold tasks, which would weigh them
+        # once per labeler. The gold answers themselves are ordinary rankings and stay in.
+        .where(Ranking.is_gold.is_(False))
         .order_by(Ranking.id, RankingItem.position)
     )
     if max_id is not None:
