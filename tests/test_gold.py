@@ -239,6 +239,9 @@ def test_gold_page_shows_labelers_accuracy_as_a_chart(client, db, login, seeded_
     assert "83.3 %" in page.text  # checker's accuracy
     labelers = client.get("/admin/labelers")
     assert "83.3 %" in labelers.text
+    dashboard = client.get("/admin/quality")  # every batch at once: agreement, gold and win-rate charts
+    assert dashboard.status_code == 200 and 'data-testid="gold-chart"' in dashboard.text
+    assert "83.3 %" in dashboard.text
     # Marking by form (with CSRF) and a refusal that names the field.
     bad = client.post(f"/admin/batches/{batch.id}/gold", data={"csrf_token": csrf, "ranking_id": "999999"})
     assert bad.status_code == 404 and "ranking_id" in bad.text

@@ -169,13 +169,23 @@ def _generators(db: Session) -> list[ModelVersion]:
         .order_by(ModelVersion.id.desc())))
 
 
+def _win_bars(rows: list[EvaluationOut]) -> dict[str, Any] | None:
+    return interval_bars([
+        {"label": f"#{r.id} {r.model_a.name} vs {r.model_b.name}", "value": r.overall.win_rate,
+         "low": r.overall.low, "high": r.overall.high, "n": r.overall.n} for r in rows
+    ], reference=0.5)
+
+
+def recent_win_rates(db: Session, limit: int = 20) -> dict[str, Any] | None:
+    """The win-rate chart of the latest evaluations (also drawn on the quality dashboard)."""
+    return _win_bars([evaluation_out(db, e) for e in
+                      db.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(limit))])
+
+
 def _list_page(request: Request, principal, db: Session, status_code: int = 200, **context: Any):
     found = db.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(200)).all()
     rows = [evaluation_out(db, e) for e in found]
-    chart = interval_bars([
-        {"label": f"#{r.id} {r.model_a.name} vs {r.model_b.name}", "value": r.overall.win_rate,
-         "low": r.overall.low, "high": r.overall.high, "n": r.overall.n} for r in rows[:20]
-    ], reference=0.5)
+    chart = _win_bars(rows[:20])
     batches = db.scalars(select(PromptBatch).where(PromptBatch.purpose == "collection")
                          .order_by(PromptBatch.id.desc()).limit(200)).all()
     context.setdefault("form", {})

@@ -70,6 +70,23 @@ def batch_quality_page(batch_id: int, request: Request, principal: AdminPage, db
                   chart=agreement_chart(report.over_time))
 
 
+@pages_router.get("/admin/quality")
+def quality_dashboard(request: Request, principal: AdminPage, db: SessionDep, ties: Ties = "exclude"):
+    """Data quality at a glance, over every batch: agreement over time, each labeler's agreement and gold
+    accuracy, warnings, and the win rates of the latest blind evaluations, as charts and tables."""
+    from app.routes.evaluations import recent_win_rates
+
+    report = quality.quality_report(db, None, ties)
+    _, on_gold = gold.gold_report(db, None)
+    agreement_bars = interval_bars([
+        {"label": row.username, "value": row.agreement, "n": row.n_pairs} for row in report.labelers])
+    gold_bars = interval_bars([{"label": row.username, "value": row.accuracy.value, "low": row.accuracy.low,
+                                "high": row.accuracy.high, "n": row.accuracy.n} for row in on_gold])
+    return render(request, "admin/quality_overview.html", principal, report=report, chart=agreement_chart(report.over_time),
+                  agreement_bars=agreement_bars, gold_rows=on_gold, gold_bars=gold_bars,
+                  win_bars=recent_win_rates(db))
+
+
 @pages_router.get("/admin/labelers")
 def labelers_page(request: Request, principal: AdminPage, db: SessionDep):
     """Lists labelers with their held-out status and agreement over all batches."""

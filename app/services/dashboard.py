@@ -55,7 +55,8 @@ def labeler_summary(db: Session, user: User) -> dict:
 
 def admin_summary(db: Session) -> dict:
     """Returns batch counts by status, labeling progress, recent runs and current models."""
-    batches = dict(db.execute(select(PromptBatch.status, func.count()).group_by(PromptBatch.status)).all())
+    batches = dict(db.execute(select(PromptBatch.status, func.count()).where(PromptBatch.purpose == "collection")
+                              .group_by(PromptBatch.status)).all())
     progress = db.execute(select(func.coalesce(func.sum(Task.done_count), 0), func.coalesce(func.sum(Task.needed), 0))).one()
     runs = db.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
     models = db.scalars(
