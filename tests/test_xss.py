@@ -219,7 +219,7 @@ def test_skip_note_is_stored_verbatim_and_the_batch_page_stays_inert(browser_pag
 
     log_in(page, live_server, hostile["admin"], "/admin")
     page.goto(f"{live_server}/admin/batches/{hostile['ranking']}")
-    assert_inert(page, visible=[LABELER_NAME, "other"])  # the labelers' table and the skip reasons
+    assert_inert(page, visible=[LABELER_NAME, "other", SKIP_NOTE])  # labelers, skip reasons and the note itself
 
 
 # --- admin pages --------------------------------------------------------------------------------

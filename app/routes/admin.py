@@ -58,6 +58,9 @@ def _labels_by_batch(db: Session, since) -> tuple[dict[int, int], dict[int, int]
     return recent, labelers
 
 
+SKIP_NOTES_SHOWN = 20  # the latest notes on the batch page
+
+
 def _eta_hours(progress: dict[str, Any], recent_labels: int) -> float | None:
     remaining = sum(t["needed"] - t["done"] for t in progress.get("tasks", {}).values())
     if remaining <= 0 or recent_labels <= 0:
@@ -80,19 +83,23 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
     """Gathers a batch's labeling activity: progress over time, per-labeler throughput, time per task, skips."""
     rows = db.execute(
         select(User.username, Assignment.state, Assignment.finished_at, Assignment.active_seconds,
-               Assignment.skip_reason)
+               Assignment.skip_reason, Assignment.skip_note, Assignment.task_id)
         .join(Task, Task.id == Assignment.task_id).join(User, User.id == Assignment.labeler_id)
         .where(Task.batch_id == batch_id, Assignment.state.in_(("submitted", "skipped")))
         .order_by(Assignment.finished_at)
     ).all()
     per_labeler: dict[str, dict[str, Any]] = defaultdict(lambda: {"submitted": 0, "skipped": 0, "seconds": []})
     skips: Counter[str] = Counter()
+    notes: list[dict[str, Any]] = []  # what labelers wrote when they skipped: often a broken prompt or output
     done_times, seconds = [], []
-    for username, state, finished_at, active, reason in rows:
+    for username, state, finished_at, active, reason, note, task_id in rows:
         entry = per_labeler[username]
         if state == "skipped":
             entry["skipped"] += 1
             skips[reason or "unspecified"] += 1
+            if note and note.strip():
+                notes.append({"username": username, "reason": reason, "note": note, "task_id": task_id,
+                              "at": finished_at})
             continue
         entry["submitted"] += 1
         entry["seconds"].append(active or 0.0)
@@ -111,7 +118,7 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
     bars = [{"label": f"{lo}–{hi}s" if hi else f"{lo}s+", "count": n, "height": round(n / top * 120, 1)}
             for (lo, hi), n in zip(TIME_BINS, histogram)]
     return {
-        "labelers": labelers, "skips": skips.most_common(), "histogram": bars if seconds else [],
+        "labelers": labelers, "skips": skips.most_common(), "skip_notes": notes[-SKIP_NOTES_SHOWN:][::-1], "histogram": bars if seconds else [],
         "chart": _line_chart(points), "median_seconds": statistics.median(seconds) if seconds else None,
         "first": done_times[0] if done_times else None, "last": done_times[-1] if done_times else None,
     }
