@@ -4,7 +4,7 @@ For each seed, in process and without a database: the shipped base model
 (models/world-base) → simulated demonstrations of train prompts → SFT →
 K = 4..6 samples per prompt from the SFT model → simulated labelers rank them
 (true score + noise tuned to ~73 % agreement between two labelers) → reward
-model → PPO against the reward model (KL β = 0.02) → evaluation on held-out
+model → PPO against the reward model (KL β = 0.1) → evaluation on held-out
 test prompts. The trainers are called directly (worker/train_*.py, the
 functions the worker's jobs run). Because the bundled world has a true scorer
 (app.world.score), each stage is judged by real quality, not by its own
@@ -39,18 +39,19 @@ sys.path.insert(0, str(ROOT))
 # Sizes of a full run and of --quick; every one can be overridden on the command line.
 FULL = dict(
     demos=600, sft_valid=60, sft_epochs=6, sft_lr=3e-3,
-    rm_prompts=900, rm_valid_prompts=200, rm_epochs=1, rm_lr=1e-3, rm_batch=4,
-    ppo_steps=30, ppo_batch=32, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=4,
+    rm_prompts=900, rm_valid_prompts=200, rm_epochs=2, rm_lr=1e-3, rm_batch=4,
+    ppo_steps=30, ppo_batch=32, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=4, ppo_lr_schedule="constant",
     test_prompts=200,
 )
 QUICK = dict(
     demos=120, sft_valid=20, sft_epochs=4, sft_lr=3e-3,
-    rm_prompts=80, rm_valid_prompts=40, rm_epochs=1, rm_lr=1e-3, rm_batch=4,
-    ppo_steps=6, ppo_batch=16, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=2,
+    rm_prompts=80, rm_valid_prompts=40, rm_epochs=2, rm_lr=1e-3, rm_batch=4,
+    ppo_steps=6, ppo_batch=16, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=2, ppo_lr_schedule="constant",
     test_prompts=60,
 )
 N_LABELERS = 5
 TEST_SEED = 424242  # the test prompts are the same for every seed, so seeds differ only in training
+BASE_EVALUATION: dict[str, Any] = {}
 
 
 def log(message: str) -> None:
@@ -209,7 +210,8 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
     ppo_config = PPOConfig(
         steps=sizes["ppo_steps"], rollout_batch_size=sizes["ppo_batch"], minibatch_size=sizes["ppo_batch"] // 4,
         micro_batch_size=sizes["ppo_batch"] // 4, ppo_epochs=sizes["ppo_epochs"], learning_rate=sizes["ppo_lr"],
-        value_learning_rate=sizes["ppo_value_lr"], kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens,
+        value_learning_rate=sizes["ppo_value_lr"], lr_schedule=sizes["ppo_lr_schedule"], kl_coef=args.kl_coef,
+        max_new_tokens=args.max_new_tokens,
         eval_batch_size=64, seed=seed, checkpoint_every=10_000, device="cpu",
     )
 
@@ -227,8 +229,11 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
 
     # ---- 5. the true score of base, SFT and PPO on the test prompts (greedy, same settings)
     t = time.perf_counter()
-    evaluations = {name: greedy_eval(path, test, args.max_new_tokens)
-                   for name, path in (("base", args.base), ("sft", sft_dir), ("ppo", ppo_dir))}
+    if "base" not in BASE_EVALUATION:  # the same base model and test prompts for every seed: evaluate once
+        BASE_EVALUATION["base"] = greedy_eval(args.base, test, args.max_new_tokens)
+    evaluations = {"base": BASE_EVALUATION["base"]}
+    evaluations.update({name: greedy_eval(path, test, args.max_new_tokens)
+                        for name, path in (("sft", sft_dir), ("ppo", ppo_dir))})
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     log(f"[seed {seed}] true score (greedy, test): base {evaluations['base']['true_score']:.3f}, "
@@ -280,7 +285,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared 2-core machine 2 threads are often ~10x slower here)")
     parser.add_argument("--base", default=str(ROOT / "models" / "world-base"), help="base model path")
-    parser.add_argument("--kl-coef", type=float, default=0.02, help="PPO's KL coefficient β")
+    parser.add_argument("--kl-coef", type=float, default=0.1,
+                        help="PPO's KL coefficient β (0.02, InstructGPT's, lets PPO overfit this small reward model)")
     parser.add_argument("--demo-error-rate", type=float, default=0.2, help="simulated demonstrators' error rate")
     parser.add_argument("--keep", default=None, help="keep each seed's SFT, RM and policy under this folder")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="longest completion, in tokens")

@@ -6,13 +6,22 @@ completions per ranking, in the same process, one after the other. Ours
 (worker.train_rm) sends the K completions of a ranking through the model once
 and takes the mean pairwise loss over the ranking's non-tied pairs; TRL gets
 the same rankings exploded into (chosen, rejected) pairs, one example per
-non-tied pair, as its RewardTrainer expects. Throughput is rankings per second
+non-tied pair, as its RewardTrainer expects. Both get the same rankings, epochs,
+learning rate and schedule; a step of ours holds 8 whole rankings (the paper's
+batches are of whole rankings), one of TRL's 32 pairs drawn across rankings
+(`--rankings-per-step 0` gives ours as many pairs per step as TRL's instead:
+at K = 9 that is one ranking, one prompt's correlated pairs, per step, which
+costs ours about 2 points of accuracy). Throughput is rankings per second
 of the training loop (timed between the first and last optimizer step, scaled
-to all steps, the same way for both); accuracy is the pairwise accuracy of
+to all steps, the same way for both), in wall time and in this process's CPU
+time (the steadier figure on a shared machine); accuracy is the pairwise accuracy of
 each trained model on the same held-out rankings, scored by the same code,
 beside the noise ceiling (the true scorer's own accuracy on those noisy
-labels). TRL is a benchmark-only dependency: `.venv/bin/pip install trl`.
-Prints one JSON object on its last line.
+labels). One epoch on a few hundred rankings leaves each accuracy a point or
+two from where another draw of the data would put it, so every K is repeated
+on `--repeats` independent draws of train and held-out rankings and the
+accuracies are compared by their mean and spread. TRL is a benchmark-only
+dependency: `.venv/bin/pip install trl`. Prints one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import contextlib
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -100,21 +110,27 @@ def noise_ceiling(rankings: list[Any]) -> float:
 
 
 class StepClock:
-    """Timestamps of optimizer steps; the loop time is their span scaled to all steps (same rule for both trainers)."""
+    """Timestamps of optimizer steps; the loop time is their span scaled to all steps (same rule for both trainers).
+
+    Wall time and this process's CPU time are both kept: on a shared machine the wall time of a loop depends on
+    what else ran meanwhile, while its CPU time (one torch thread) does not."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def tick(self) -> None:
         """Records one optimizer step."""
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
 
-    def loop_seconds(self) -> float:
+    def loop_seconds(self, cpu: bool = False) -> float:
         """Span from the first to the last step, scaled by steps/(steps − 1) to count the first step too."""
-        n = len(self.times)
+        times = self.cpu_times if cpu else self.times
+        n = len(times)
         if n < 2:
             raise RuntimeError("need at least two optimizer steps to time the loop")
-        return (self.times[-1] - self.times[0]) * n / (n - 1)
+        return (times[-1] - times[0]) * n / (n - 1)
 
 
 def matched_rankings_per_step(rankings: list[Any], pairs_per_step: int) -> int:
@@ -140,12 +156,13 @@ def run_ours(
     end_to_end = time.perf_counter() - started
     rm, tokenizer = load_reward_model(out)
     accuracy = held_out_accuracy(lambda p, cs: score_completions(rm, tokenizer, [p] * len(cs), cs), valid)
-    loop = clock.loop_seconds()
+    loop, cpu = clock.loop_seconds(), clock.loop_seconds(cpu=True)
     rows = sum(len(r.completions) for r in train)
     return {
-        "loop_s": round(loop, 2), "end_to_end_s": round(end_to_end, 2), "optimizer_steps": len(clock.times),
+        "loop_s": round(loop, 2), "loop_cpu_s": round(cpu, 2), "end_to_end_s": round(end_to_end, 2),
+        "optimizer_steps": len(clock.times),
         "rankings_per_step": per_step, "rankings_per_s": round(epochs * len(train) / loop, 2),
-        "forward_rows": epochs * rows,
+        "rankings_per_cpu_s": round(epochs * len(train) / cpu, 2), "forward_rows": epochs * rows,
         "held_out_accuracy": round(accuracy, 4),
     }
 
@@ -195,11 +212,51 @@ def run_trl(base: str, train: list[Any], valid: list[Any], args: argparse.Namesp
         return trained(**enc).logits.squeeze(-1).tolist()
 
     accuracy = held_out_accuracy(scores, valid)
-    loop = clock.loop_seconds()
+    loop, cpu = clock.loop_seconds(), clock.loop_seconds(cpu=True)
     return {
-        "loop_s": round(loop, 2), "end_to_end_s": round(end_to_end, 2), "optimizer_steps": len(clock.times),
-        "rankings_per_s": round(len(train) / loop, 2), "pairs": len(pairs), "forward_rows": 2 * len(pairs),
+        "loop_s": round(loop, 2), "loop_cpu_s": round(cpu, 2), "end_to_end_s": round(end_to_end, 2),
+        "optimizer_steps": len(clock.times), "rankings_per_s": round(len(train) / loop, 2),
+        "rankings_per_cpu_s": round(len(train) / cpu, 2), "pairs": len(pairs), "forward_rows": 2 * len(pairs),
         "held_out_accuracy": round(accuracy, 4),
+    }
+
+
+def compare(k: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Ours and TRL (and ours for more epochs, if asked) on one draw of K-completion rankings."""
+    train = make_rankings(args.rankings, k, seed=k + 100 * repeat)
+    valid = make_rankings(args.valid, k, seed=1000 + k + 100 * repeat)
+    with tempfile.TemporaryDirectory(prefix=f"reward-speed-{k}-") as tmp:
+        ours = run_ours(args.model, train, valid, args, Path(tmp) / "ours")
+        print(f"K={k} repeat {repeat} ours: {ours}", file=sys.stderr, flush=True)
+        theirs = run_trl(args.model, train, valid, args, Path(tmp) / "trl")
+        print(f"K={k} repeat {repeat} TRL: {theirs}", file=sys.stderr, flush=True)
+        longer = None
+        if args.extra_epochs > 1:
+            longer = run_ours(args.model, train, valid, args, Path(tmp) / "ours-longer", epochs=args.extra_epochs)
+            print(f"K={k} repeat {repeat} ours, {args.extra_epochs} epochs: {longer}", file=sys.stderr, flush=True)
+    result = {
+        "repeat": repeat, "train_rankings": len(train), "valid_rankings": len(valid),
+        "noise_ceiling": round(noise_ceiling(valid), 4), "ours": ours, "trl": theirs,
+        "speedup": round(ours["rankings_per_s"] / theirs["rankings_per_s"], 2),
+        "cpu_speedup": round(ours["rankings_per_cpu_s"] / theirs["rankings_per_cpu_s"], 2),
+        "accuracy_difference": round(ours["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
+    }
+    if longer:
+        # Our trainer given more passes: its time against TRL's one epoch, and the accuracy it reaches.
+        result[f"ours_{args.extra_epochs}_epochs"] = {
+            **longer, "time_ratio_to_trl": round(theirs["loop_s"] / longer["loop_s"], 2),
+            "accuracy_difference": round(longer["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
+        }
+    return result
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and range over the repeats."""
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
     }
 
 
@@ -207,20 +264,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "world-base"), help="backbone of both reward models")
     parser.add_argument("--rankings", type=int, default=240, help="training rankings per K")
-    parser.add_argument("--valid", type=int, default=120, help="held-out rankings per K")
+    parser.add_argument("--valid", type=int, default=200, help="held-out rankings per K")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="independent draws of train and held-out rankings per K (repeat 0: seeds K, 1000 + K)")
     parser.add_argument("--ks", default="4,9", help="comma-separated K values")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both trainers")
-    parser.add_argument("--rankings-per-step", type=int, default=None,
-                        help="ours: rankings per optimizer step (default: as many pairs per step as TRL's)")
+    parser.add_argument("--rankings-per-step", type=int, default=8,
+                        help="ours: whole rankings per optimizer step (0: as many pairs per step as TRL's step, "
+                             "which at K = 9 is a single ranking, so each step sees one prompt)")
     parser.add_argument("--pairs-per-step", type=int, default=32, help="TRL: pairs per optimizer step")
-    parser.add_argument("--extra-epochs", type=int, default=2,
+    parser.add_argument("--extra-epochs", type=int, default=1,
                         help="also train ours for this many epochs (time and accuracy beside TRL's one epoch; 1: skip)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared 2-core machine a 2-thread pool is often much slower)")
-    parser.add_argument("--quick", action="store_true", help="a small run (40 rankings per K, 30 held out)")
+    parser.add_argument("--quick", action="store_true", help="a small run (40 rankings per K, 30 held out, 1 repeat)")
     args = parser.parse_args()
     if args.quick:
-        args.rankings, args.valid = 40, 30
+        args.rankings, args.valid, args.repeats = 40, 30, 1
 
     try:
         import trl
@@ -238,32 +298,21 @@ def main() -> None:
     load_before = os.getloadavg()
     by_k = {}
     for k in [int(x) for x in args.ks.split(",")]:
-        train = make_rankings(args.rankings, k, seed=k)
-        valid = make_rankings(args.valid, k, seed=1000 + k)
-        with tempfile.TemporaryDirectory(prefix=f"reward-speed-{k}-") as tmp:
-            ours = run_ours(args.model, train, valid, args, Path(tmp) / "ours")
-            print(f"K={k} ours: {ours}", file=sys.stderr, flush=True)
-            theirs = run_trl(args.model, train, valid, args, Path(tmp) / "trl")
-            print(f"K={k} TRL: {theirs}", file=sys.stderr, flush=True)
-            longer = None
-            if args.extra_epochs > 1:
-                longer = run_ours(args.model, train, valid, args, Path(tmp) / "ours-longer", epochs=args.extra_epochs)
-                print(f"K={k} ours, {args.extra_epochs} epochs: {longer}", file=sys.stderr, flush=True)
-        by_k[str(k)] = {
-            "train_rankings": len(train), "valid_rankings": len(valid),
-            "noise_ceiling": round(noise_ceiling(valid), 4), "ours": ours, "trl": theirs,
-            "speedup": round(ours["rankings_per_s"] / theirs["rankings_per_s"], 2),
-            "accuracy_difference": round(ours["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
-        }
-        if longer:
-            # Our trainer given more passes: its time against TRL's one epoch, and the accuracy it reaches.
-            by_k[str(k)][f"ours_{args.extra_epochs}_epochs"] = {
-                **longer, "time_ratio_to_trl": round(theirs["loop_s"] / longer["loop_s"], 2),
-                "accuracy_difference": round(longer["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
-            }
+        runs = [compare(k, repeat, args) for repeat in range(args.repeats)]
+        by_k[str(k)] = {"runs": runs, "summary": {
+            name: spread([pick(run) for run in runs]) for name, pick in (
+                ("ours_accuracy", lambda run: run["ours"]["held_out_accuracy"]),
+                ("trl_accuracy", lambda run: run["trl"]["held_out_accuracy"]),
+                ("accuracy_difference", lambda run: run["accuracy_difference"]),
+                ("noise_ceiling", lambda run: run["noise_ceiling"]),
+                ("speedup", lambda run: run["speedup"]),
+                ("cpu_speedup", lambda run: run["cpu_speedup"]),
+            )
+        }}
+        print(f"K={k} summary: {by_k[str(k)]['summary']}", file=sys.stderr, flush=True)
     result = {
         "benchmark": "reward_speed", "quick": args.quick, "model": Path(args.model).name,
-        "threads": args.threads, "lr": args.lr, "pairs_per_step": args.pairs_per_step,
+        "threads": args.threads, "lr": args.lr, "pairs_per_step": args.pairs_per_step, "repeats": args.repeats,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()], "by_k": by_k,

@@ -127,6 +127,22 @@ def test_ppo_raises_a_toy_reward_within_a_kl_bound(policy_path: Path, tmp_path: 
     assert sum(p.numel() for p in policy.parameters()) > 0
 
 
+def test_learning_rate_stays_at_its_peak_under_the_constant_schedule_and_decays_under_cosine(policy_path: Path, tmp_path: Path) -> None:
+    lrs: dict[str, list[float]] = {}
+    for schedule in ("constant", "cosine"):
+        config = PPOConfig(steps=3, rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1,
+                           learning_rate=1e-3, max_new_tokens=4, lr_schedule=schedule, device="cpu")
+        logged: list[dict] = []
+        train_ppo(policy_path, count_a, PROMPTS, config, tmp_path / schedule, eval_prompts=PROMPTS[:1],
+                  progress=lambda step, total, m: logged.append(m))
+        lrs[schedule] = [m["lr"] for m in logged]
+    # PPO's rollouts are new at every step: the last step must still learn.
+    assert lrs["constant"] == pytest.approx([1e-3] * 3)
+    assert lrs["cosine"][0] < 1e-3 and lrs["cosine"][-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train_ppo(policy_path, count_a, PROMPTS, PPOConfig(lr_schedule="linear", device="cpu"), tmp_path / "x")
+
+
 def test_missing_eos_penalty_is_applied(policy_path: Path, tmp_path: Path) -> None:
     config = PPOConfig(steps=1, rollout_batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=1,
                        max_new_tokens=12, missing_eos_penalty=1.0, device="cpu")

@@ -78,7 +78,10 @@ class RankingExample:
 class RMConfig:
     """Settings of one reward-model training run."""
 
-    epochs: int = field(default=1, metadata={"help": "Passes over the rankings (InstructGPT: 1; more overfits)."})
+    epochs: int = field(
+        default=1,
+        metadata={"help": "Passes over the rankings (InstructGPT: 1, more overfit; the tiny world model peaks at 2)."},
+    )
     learning_rate: float = field(default=9e-6, metadata={"help": "Peak AdamW learning rate (InstructGPT 6B RM: 9e-6)."})
     rankings_per_step: int = field(default=8, metadata={"help": "Rankings per optimizer step (InstructGPT: 64)."})
     rankings_per_micro_batch: int = field(
