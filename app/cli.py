@@ -57,12 +57,19 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Number of uvicorn worker processes.")] = 1,
+    keep_alive: Annotated[int, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 75,
 ) -> None:
     """Run the web server (pages, JSON API, /docs)."""
     import uvicorn
 
+    # loop/http "auto" pick uvloop and httptools (installed by uvicorn[standard]) and fall back to asyncio
+    # and h11 where those are missing (uvloop has no Windows build).
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
-                proxy_headers=True, log_level="info")
+                proxy_headers=True, log_level="info", loop="auto", http="auto",
+                # Longer than clients and proxies keep idle connections (httpx 5 s, most proxies 60 s): a server
+                # that closes first races the client's next request on that connection, which then fails with
+                # no answer (uvicorn's default of 5 s did that to 35 of 4,903 requests in bench/fault_load.py).
+                timeout_keep_alive=keep_alive)
 
 
 @cli.command()

@@ -5,14 +5,21 @@ function returns, before the response is sent, so a client never sees a 200
 for data that was not stored. Who is asking comes from a bearer token (API
 clients) or the session cookie (browsers); cookie-authenticated requests
 that change state must carry the session's CSRF token.
+
+FastAPI runs every plain `def` dependency in a worker thread, and each trip
+there and back costs about as much CPU as a small query. So dependencies that
+do no I/O are `async def` (they run on the event loop, no thread), and the
+session dependency only goes to a thread to commit: an API request makes three
+trips (who is asking, the route, the commit) where it made seven or eight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
@@ -24,12 +31,44 @@ from app.security import ROLE_SCOPES, SESSION_COOKIE, csrf_matches, load_session
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def get_db() -> Iterator[Session]:
-    """Yields a session; commits when the route returns, rolls back on error."""
+async def get_db() -> AsyncIterator[Session]:
+    """Yields a session; commits when the route returns, rolls back on error.
+
+    Opening a session does no I/O (it takes a pooled connection at its first query), so this runs on the
+    event loop and goes to a worker thread only to commit or roll back. A route may commit before it
+    returns (the labeling API's hot routes do, in their own worker thread); then there is nothing left
+    to do here but close the session, which needs no thread.
+    """
     session = get_sessionmaker()()
     try:
         yield session
-        session.commit()
+    except BaseException:
+        await _end_in_thread(session, False)
+        raise
+    if not session.in_transaction():
+        # Nothing to commit (the route committed itself, or never queried): closing does no I/O.
+        session.close()
+        return
+    await _end_in_thread(session, True)
+
+
+async def _end_in_thread(session: Session, commit: bool) -> None:
+    # Not through the shared thread limiter (40 threads): the transaction still holds a pooled connection and
+    # its row locks, and if every thread were busy with requests waiting for a connection or for those locks,
+    # the commit that frees them could never start (a deadlock broken only by the 30 s pool timeout, seen with
+    # 200 labelers in bench/fault_load.py). A limiter of its own per call, as FastAPI does for the exit of sync
+    # dependencies; shielded, so a client hanging up cannot skip the rollback and leak the connection.
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(_end, session, commit, limiter=anyio.CapacityLimiter(1))
+
+
+def _end(session: Session, commit: bool) -> None:
+    """Commits (or rolls back) and closes a request's session, handing its connection back to the pool."""
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
     except BaseException:
         session.rollback()
         raise
@@ -37,8 +76,13 @@ def get_db() -> Iterator[Session]:
         session.close()
 
 
+async def _settings() -> Settings:
+    # `get_settings` is cached; as an async dependency it is read without a trip to a worker thread.
+    return get_settings()
+
+
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 @dataclass
@@ -126,7 +170,7 @@ async def check_csrf(request: Request, principal: OptionalPrincipal) -> None:
 def require_scope(scope: str):
     """Builds an API dependency: 401 when anonymous, 403 without `scope`."""
 
-    def dependency(principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]) -> Principal:
+    async def dependency(principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]) -> Principal:
         if principal is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "Authentication required", headers={"WWW-Authenticate": "Bearer"}

@@ -33,17 +33,21 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import create_database, drop_database, percentile, start_server, stop_server  # noqa: E402
 
 K = 6
 HISTORY_LABELERS = 500  # who wrote the existing rankings; the clients are the first of them
@@ -66,6 +70,8 @@ def parse_args() -> argparse.Namespace:
         help="a PostgreSQL URL allowed to create databases")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of the lease query after loading")
+    parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                        help="HTTP client of the simulated labelers: lean (asyncio streams, little CPU) or httpx")
     args = parser.parse_args()
     if args.quick:
         args.rankings, args.open_tasks, args.workers, args.seconds, args.warmup = 10_000, 8_000, "2", 4.0, 1.0
@@ -77,33 +83,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- database -----------------------------------------------------------------------------------
-
-
-def create_database(admin_url: str, name: str) -> str:
-    """Creates an empty database and migrates it to head with Alembic; returns its URL."""
-    from alembic import command
-    from sqlalchemy import create_engine, text
-
-    from app.cli import alembic_config
-
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    command.upgrade(alembic_config(url), "head")
-    return url
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    """Drops the benchmark database, closing whatever still holds it."""
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 # Bulk load: the ids of each row follow from the prompt number p (1..P) and output j (0..K-1), so the
@@ -206,10 +185,12 @@ def explain_lease(url: str) -> str:
         labeler = db.scalar(select(User).order_by(User.id).limit(1))
         original = labeling._lock_free_slot
 
-        def capture(session, query):
-            compiled = query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+        def capture(session, query, *params):
+            # `params`: the bound values, when the service builds the query once and binds them per call.
+            bound = query.params(params[0]) if params else query
+            compiled = bound.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
             captured.append(str(compiled))
-            return original(session, query)
+            return original(session, query, *params)
 
         labeling._lock_free_slot = capture
         try:
@@ -223,58 +204,122 @@ def explain_lease(url: str) -> str:
     return "\n".join(plan)
 
 
-# --- server ---------------------------------------------------------------------------------------
+# --- clients --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ClientError(Exception):
+    """The connection failed or the server's answer could not be read."""
 
 
-def start_server(url: str, workers: int, data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Starts `python -m app.cli serve --workers N` on a free local port and waits for /healthz."""
+class LeanResponse:
+    """The part of an httpx response the labelers read."""
+
+    __slots__ = ("content", "status_code")
+
+    def __init__(self, status_code: int, content: bytes):
+        self.status_code, self.content = status_code, content
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class LeanClient:
+    """A minimal HTTP/1.1 client: one keep-alive connection, one request at a time, over asyncio streams.
+
+    The clients share the two cores with the server they measure, and httpx cost 8-28 ms of CPU per
+    submission (two requests) in this benchmark, as much as half the server's own; this one sends the same
+    requests and reads the same answers (status line, then a Content-Length or chunked body) for about
+    0.5 ms, so the machine's CPU goes to the server. It speaks only to our own uvicorn on 127.0.0.1.
+    `--client httpx` runs the old clients.
+    """
+
+    def __init__(self, base: str, headers: dict[str, str] | None = None, timeout: float = 30.0):
+        host, _, port = base.removeprefix("http://").partition(":")
+        self.host, self.port, self.timeout = host, int(port or 80), timeout
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self.fixed_headers = f"Host: {host}:{self.port}\r\n{extra}".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def get(self, path: str, params: dict[str, str] | None = None) -> LeanResponse:
+        if params:
+            path += "?" + "&".join(f"{key}={value}" for key, value in params.items())
+        return await self.request("GET", path)
+
+    async def post(self, path: str, json: object) -> LeanResponse:
+        return await self.request("POST", path, _json_dumps(json).encode())
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> LeanResponse:
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.fixed_headers
+        if body is not None:
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.writer is None:
+                    self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                self.writer.write(head + b"\r\n" + (body or b""))
+                return await self._read_response()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as exc:
+            await self.aclose()
+            raise ClientError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _read_response(self) -> LeanResponse:
+        reader = self.reader
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head[:-4].split(b"\r\n")
+        status = int(status_line.split(b" ", 2)[1])
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if b"content-length" in headers:
+            content = await reader.readexactly(int(headers[b"content-length"]))
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            content = b""
+            while size := int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+                content += (await reader.readexactly(size + 2))[:-2]
+            await reader.readuntil(b"\r\n")  # the empty trailer
+        elif status in (204, 304) or 100 <= status < 200:
+            content = b""
+        else:
+            raise ValueError(f"answer {status} without a length")
+        if headers.get(b"connection", b"").lower() == b"close":
+            await self.aclose()
+        return LeanResponse(status, content)
+
+
+def _json_dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def open_client(kind: str, base: str, headers: dict[str, str] | None = None):
+    """Returns an async-context HTTP client with one keep-alive connection: `lean` (default) or `httpx`."""
+    if kind == "lean":
+        return LeanClient(base, headers)
     import httpx
 
-    port = free_port()
-    env = dict(os.environ, INSTRUCTLOOP_DATABASE_URL=url, INSTRUCTLOOP_DATA_DIR=str(data_dir),
-               INSTRUCTLOOP_ENVIRONMENT="local")
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(base + "/healthz", timeout=1.0).status_code == 200:
-                # Every worker process must be up before measuring, not only the first to answer.
-                for _ in range(4 * workers):
-                    httpx.get(base + "/healthz", timeout=5.0)
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise TimeoutError(f"the server did not answer within 60 s; see {log_path}")
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(base_url=base, headers=headers or {}, timeout=30.0, limits=limits)
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stops the server we started (its whole process group: uvicorn's workers too)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+def client_errors(kind: str) -> tuple[type[Exception], ...]:
+    """The exceptions a client of that kind raises when a request fails (counted as errors, not crashes)."""
+    if kind == "lean":
+        return (ClientError,)
+    import httpx
 
-
-# --- clients --------------------------------------------------------------------------------------
+    return (httpx.HTTPError,)
 
 
 @dataclass
@@ -303,19 +348,16 @@ def ranking_items(completion_ids: list[int], n: int) -> list[dict]:
 
 
 async def labeler_loop(base: str, token: str, index: int, measure_from: float, stop_at: float,
-                       stats: LevelStats, budget: list[int]) -> None:
+                       stats: LevelStats, budget: list[int], client_kind: str = "lean") -> None:
     """One simulated labeler: lease, rank, submit, until the time or the submission budget runs out."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"}
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30.0, limits=limits) as client:
+    errors = client_errors(client_kind)
+    async with open_client(client_kind, base, {"Authorization": f"Bearer {token}"}) as client:
         n = 0
         while time.perf_counter() < stop_at and budget[0] > 0:
             t0 = time.perf_counter()
             try:
                 lease = await client.get("/api/v1/tasks/next", params={"kind": "ranking"})
-            except httpx.HTTPError as exc:
+            except errors as exc:
                 stats.error("lease", type(exc).__name__)
                 await asyncio.sleep(0.05)
                 continue
@@ -336,7 +378,7 @@ async def labeler_loop(base: str, token: str, index: int, measure_from: float, s
             t2 = time.perf_counter()
             try:
                 submit = await client.post(f"/api/v1/assignments/{task['assignment_id']}/submit", json=body)
-            except httpx.HTTPError as exc:
+            except errors as exc:
                 stats.error("submit", type(exc).__name__)
                 continue
             t3 = time.perf_counter()
@@ -351,12 +393,10 @@ async def labeler_loop(base: str, token: str, index: int, measure_from: float, s
                 budget[0] -= 1
 
 
-async def floor_loop(base: str, stop_at: float, latencies: list[float], errors: list[int]) -> None:
+async def floor_loop(base: str, stop_at: float, latencies: list[float], errors: list[int],
+                     client_kind: str = "lean") -> None:
     """One client of the baseline: GET /healthz (one `SELECT 1` through the same stack) in a loop."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as client:
+    async with open_client(client_kind, base) as client:
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             response = await client.get("/healthz")
@@ -365,7 +405,8 @@ async def floor_loop(base: str, stop_at: float, latencies: list[float], errors: 
                 errors.append(response.status_code)
 
 
-def run_floor(base: str, clients: int, seconds: float, meter: CpuMeter | None = None) -> dict:
+def run_floor(base: str, clients: int, seconds: float, meter: CpuMeter | None = None,
+              client_kind: str = "lean") -> dict:
     """The same-run baseline: what the web stack itself costs per request (routing, session, one query)."""
     latencies: list[float] = []
     errors: list[int] = []
@@ -373,9 +414,9 @@ def run_floor(base: str, clients: int, seconds: float, meter: CpuMeter | None = 
 
     async def main() -> None:
         stop_at = time.perf_counter() + seconds
-        await asyncio.gather(*(floor_loop(base, stop_at, latencies, errors) for _ in range(clients)))
+        await asyncio.gather(*(floor_loop(base, stop_at, latencies, errors, client_kind) for _ in range(clients)))
 
-    asyncio.run(main())
+    run_async(main())
     after = meter.snapshot() if meter else None
     server = CpuMeter.used(before, after, "server")
     return {
@@ -385,13 +426,14 @@ def run_floor(base: str, clients: int, seconds: float, meter: CpuMeter | None = 
     }
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Returns the q-th percentile (nearest rank) of the values, or None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(round(q / 100 * len(ordered) + 0.5))))
-    return round(ordered[rank - 1], 2)
+def run_async(coro) -> None:
+    """Runs the clients' event loop: uvloop (installed with uvicorn[standard]) when present, for less client CPU."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
 
 
 class CpuMeter:
@@ -402,22 +444,23 @@ class CpuMeter:
     """
 
     def __init__(self, server: subprocess.Popen, url: str, db_name: str):
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
         self.server, self.url, self.db_name = server, url, db_name
+        self.engine = create_engine(url, poolclass=NullPool)
+        self.sampler_cpu = 0.0  # CPU seconds the sampling thread of `watching` spent (in the client's process)
 
     def _processes(self) -> tuple[list, list]:
         try:
             import psutil
         except ImportError:
             return [], []
-        from sqlalchemy import create_engine
-
         root = psutil.Process(self.server.pid)
-        engine = create_engine(self.url)
-        with engine.connect() as conn:
+        with self.engine.connect() as conn:
             pids = conn.exec_driver_sql(
                 "SELECT pid FROM pg_stat_activity WHERE datname = %(db)s AND pid <> pg_backend_pid()",
                 {"db": self.db_name}).scalars().all()
-        engine.dispose()
         backends = []
         for pid in pids:
             try:
@@ -441,6 +484,31 @@ class CpuMeter:
                 times[(kind, proc.pid)] = cpu.user + cpu.system
         return times
 
+    @contextmanager
+    def watching(self, interval: float = 0.5):
+        """Samples while a level runs and yields the latest CPU seen per process.
+
+        A PostgreSQL backend that exits before the level's end (the pool closes its overflow connections when
+        they come back and the pool is full, which happens at 32 clients) would otherwise take its CPU with it:
+        with these samples it counts up to its last one.
+        """
+        seen: dict = {}
+        stop = threading.Event()
+
+        def sample() -> None:
+            start = time.thread_time()
+            while not stop.wait(interval):
+                seen.update(self.snapshot() or {})
+            self.sampler_cpu += time.thread_time() - start
+
+        thread = threading.Thread(target=sample, name="cpu-meter", daemon=True)
+        thread.start()
+        try:
+            yield seen
+        finally:
+            stop.set()
+            thread.join()
+
     @staticmethod
     def used(before: dict | None, after: dict | None, kind: str) -> float | None:
         """Returns the CPU seconds a kind of process used between two snapshots (new processes count from 0)."""
@@ -450,7 +518,7 @@ class CpuMeter:
 
 
 def run_level(base: str, tokens: list[str], clients: int, seconds: float, warmup: float,
-              max_submissions: int, meter: CpuMeter | None = None) -> dict:
+              max_submissions: int, meter: CpuMeter | None = None, client_kind: str = "lean") -> dict:
     """Runs `clients` labelers at once; returns throughput, latency percentiles, errors and CPU per submission."""
     stats = LevelStats()
     budget = [max_submissions]
@@ -460,19 +528,22 @@ def run_level(base: str, tokens: list[str], clients: int, seconds: float, warmup
     async def main() -> None:
         now = time.perf_counter()
         measure_from, stop_at = now + warmup, now + warmup + seconds
-        await asyncio.gather(*(labeler_loop(base, tokens[i], i, measure_from, stop_at, stats, budget)
+        await asyncio.gather(*(labeler_loop(base, tokens[i], i, measure_from, stop_at, stats, budget, client_kind)
                                for i in range(clients)))
 
+    sampler0 = meter.sampler_cpu if meter else 0.0
     wall0 = time.perf_counter()
-    asyncio.run(main())
+    with meter.watching() if meter else nullcontext({}) as seen:
+        run_async(main())
     wall = time.perf_counter() - wall0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    after = meter.snapshot() if meter else None
+    after = seen | (meter.snapshot() or {}) if meter else None
     measured_s = min(seconds, max(1e-9, wall - warmup))
     # CPU is counted over the whole level (warm-up included), so per submission it is divided by every
-    # submission the level made, measured or not.
+    # submission the level made, measured or not. The meter's sampling thread is not the clients' work.
     made = max(1, len(stats.submitted_ids))
-    client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    sampler = (meter.sampler_cpu if meter else 0.0) - sampler0
+    client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime) - sampler
     per_submission = {
         "server": CpuMeter.used(before, after, "server"),
         "postgres": CpuMeter.used(before, after, "postgres"),
@@ -556,13 +627,14 @@ def main() -> None:
             proc, base = start_server(url, workers, data_dir, data_dir / f"server-{workers}.log")
             meter = CpuMeter(proc, url, name)
             try:
-                floor = run_floor(base, max(args.client_levels), min(args.seconds, 8.0), meter)
+                floor = run_floor(base, max(args.client_levels), min(args.seconds, 8.0), meter, args.client)
                 floors.append(floor | {"workers": workers})
                 print(f"workers={workers} baseline GET /healthz at {floor['clients']} clients: "
                       f"{floor['requests_per_s']} requests/s, p50/p99 {floor['ms']['p50']}/{floor['ms']['p99']} ms, "
                       f"server cpu {floor['server_cpu_ms_per_request']} ms/request", file=sys.stderr)
                 for clients in args.client_levels:
-                    level = run_level(base, tokens, clients, args.seconds, args.warmup, args.max_submissions, meter)
+                    level = run_level(base, tokens, clients, args.seconds, args.warmup, args.max_submissions, meter,
+                                      args.client)
                     all_ids += level.pop("_ids")
                     level["workers"] = workers
                     results.append(level)
@@ -584,7 +656,8 @@ def main() -> None:
     best = max(at_top, key=lambda r: r["submissions_per_s"]) if at_top else None
     summary = {
         "benchmark": "labeling", "existing_rankings": args.rankings, "open_tasks": args.open_tasks, "k": K,
-        "seconds_per_level": args.seconds, "cpu_count": os.cpu_count(), "load_s": timings, "levels": results,
+        "seconds_per_level": args.seconds, "client": args.client, "cpu_count": os.cpu_count(), "load_s": timings,
+        "levels": results,
         "best_at_max_clients": best and {key: best[key] for key in ("workers", "clients", "submissions_per_s",
                                                                    "lease_ms", "submit_ms", "errors")},
         "baseline_healthz": floors,

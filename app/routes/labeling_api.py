@@ -80,6 +80,18 @@ def _raise(exc: labeling.LabelingError):
     raise HTTPException(exc.status, str(exc)) from exc
 
 
+def _json(model: BaseModel) -> Response:
+    """Answers with a model this module just built and validated.
+
+    The lease and submit routes are the labeling hot path, and every trip between the event loop and a
+    worker thread costs about as much CPU as a small query. Returning the model itself would make FastAPI
+    validate it again against `response_model` in one more trip (for a sync route), and leaving the commit
+    to `SessionDep` would take another after the route returns; so these routes answer with this response
+    (`response_model` still documents it) and commit themselves, in the worker thread they run in.
+    """
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def assignment_out(db, assignment, view: labeling.TaskView | None = None) -> AssignmentOut:
     """Serialises an assignment with everything needed to label it."""
     view = view or labeling.task_view(db, assignment)
@@ -101,7 +113,9 @@ def next_task(db: SessionDep, principal: LabelerApi,
         _raise(exc)
     if view is None:
         return Response(status_code=204)
-    return assignment_out(db, view.assignment, view)
+    answer = _json(assignment_out(db, view.assignment, view))
+    db.commit()  # here rather than by SessionDep after the return: see `_json`
+    return answer
 
 
 @router.get("/assignments/{assignment_id}", response_model=AssignmentOut)
@@ -125,14 +139,21 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
         _raise(exc)
     if isinstance(label, EvalJudgment):
         # Blind: the answer echoes the output chosen, never which model wrote it.
-        return SubmitOut(assignment_id=assignment_id, kind="eval", id=label.id, created_at=label.created_at,
-                         choice=label.chosen_completion_id or "tie")
-    if isinstance(label, Demonstration):
-        return SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id, created_at=label.created_at)
-    return SubmitOut(
-        assignment_id=assignment_id, kind="ranking", id=label.id, created_at=label.created_at,
-        items=[{"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
-               for i in label.items])
+        answer = SubmitOut(assignment_id=assignment_id, kind="eval", id=label.id, created_at=label.created_at,
+                           choice=label.chosen_completion_id or "tie")
+    elif isinstance(label, Demonstration):
+        answer = SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id,
+                           created_at=label.created_at)
+    else:
+        answer = SubmitOut(
+            assignment_id=assignment_id, kind="ranking", id=label.id, created_at=label.created_at,
+            items=[{"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
+                   for i in label.items])
+    response = _json(answer)
+    # Committed here rather than by SessionDep after the return (see `_json`); for a submit that closed a task
+    # this also releases its batch's row lock, which every other submit closing a task there waits for.
+    db.commit()
+    return response
 
 
 @router.post("/assignments/{assignment_id}/skip")
