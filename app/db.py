@@ -21,6 +21,9 @@ from app.config import get_settings
 
 def make_engine(url: str, **kwargs) -> Engine:
     """Creates an engine with the settings each backend needs."""
+    if "poolclass" not in kwargs:
+        kwargs.setdefault("pool_size", POOL_SIZE)
+        kwargs.setdefault("max_overflow", MAX_OVERFLOW)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
@@ -34,10 +37,17 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     # pool_pre_ping: a restarted PostgreSQL leaves stale pooled connections behind.
-    if "poolclass" not in kwargs:
-        kwargs.setdefault("pool_size", 10)
-        kwargs.setdefault("max_overflow", 20)
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+# Connections per process: the web admits no more requests at once than this (app.main.AdmissionMiddleware).
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+
+
+def max_connections() -> int:
+    """Returns how many database connections one process may hold at once."""
+    return POOL_SIZE + MAX_OVERFLOW
 
 
 @lru_cache

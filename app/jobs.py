@@ -99,6 +99,9 @@ def sender() -> Celery:
     """Returns a Celery app that only sends tasks by name (the web side)."""
     app = Celery("instructloop-sender")
     app.conf.update(celery_config(get_settings()))
+    # A request must not wait on a dead broker: fail at once and leave the run to the outbox, instead of
+    # kombu's and redis-py's connection retries (about 6 s per send while Redis is down, bench/fault_redis.py).
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_retries": 0}
     return app
 
 

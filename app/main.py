@@ -15,9 +15,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import get_settings
+from app.db import max_connections
 from app.deps import LoginRequired
 from app.models import MAX_ID
 from app.routes import (admin, api, batches_api, evaluations, export, labeling, labeling_api, models_admin,
@@ -132,6 +134,31 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class AdmissionMiddleware:
+    """Lets at most `limit` requests into the app at once; the rest wait here, on the event loop.
+
+    A request takes a pooled database connection at its first query (who is asking) and keeps it until
+    the commit, while its dependencies and route hop between worker threads (40 of them, shared). With
+    more requests inside than connections, threads block waiting for a connection while the requests
+    that hold connections wait for a thread to finish in: a deadlock that only the pool's 30 s timeout
+    breaks (seen with 200 simulated labelers, bench/fault_load.py). Admitting no more requests than the
+    pool has connections makes that impossible; a waiting request costs a coroutine, not a thread.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        import anyio
+
+        self.app = app
+        self.slots = anyio.Semaphore(limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        async with self.slots:
+            await self.app(scope, receive, send)
+
+
 def _too_large(limit: int) -> Response:
     return JSONResponse(
         {"detail": f"Request body is larger than the limit of {limit} bytes"}, status_code=413
@@ -150,11 +177,20 @@ def _field_errors(exc: RequestValidationError) -> list[dict]:
     return errors
 
 
-def path_ids_in_range(request: Request) -> None:
+# Database trouble a client should wait out and retry: the server is restarting or unreachable (OperationalError,
+# InterfaceError), the pool has no free connection within its timeout, or a serialization failure or deadlock
+# (also OperationalError). Answered 503 with Retry-After instead of 500, so clients know to send the same request
+# again; labeling requests are idempotent per assignment, so a retry never doubles a label.
+RETRY_AFTER_S = 2
+TRANSIENT_DB_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
+
+async def path_ids_in_range(request: Request) -> None:
     """Answers 404 for a path id no row can have, before the database sees it.
 
     Routes take ids as Python ints of any size; PostgreSQL would refuse one beyond
-    64 bits with an error, and that would be a 500 instead of "not found".
+    64 bits with an error, and that would be a 500 instead of "not found". (Async:
+    it does no I/O, so it runs on the event loop instead of a worker thread.)
     """
     for name, value in request.path_params.items():
         if not name.endswith("_id"):
@@ -184,6 +220,7 @@ def create_app() -> FastAPI:
                    prompt_writing, quality, webhooks_admin, evaluations):
         app.include_router(module.router)
 
+    app.add_middleware(AdmissionMiddleware, limit=max_connections())
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: even a 413 from the body limit carries the headers.
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.secure_cookies)
@@ -222,5 +259,20 @@ def create_app() -> FastAPI:
                 headers=exc.headers,
             )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def database_unavailable(request: Request, exc: Exception):
+        log.warning("database unavailable during %s %s, answered 503: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        message = "The database is unavailable for a moment; please retry in a few seconds."
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        if _wants_html(request):
+            return templates.TemplateResponse(
+                request, "error.html", {"status": 503, "message": message, "user": None}, status_code=503,
+                headers=headers,
+            )
+        return JSONResponse({"detail": message}, status_code=503, headers=headers)
+
+    for error in TRANSIENT_DB_ERRORS:
+        app.add_exception_handler(error, database_unavailable)
 
     return app

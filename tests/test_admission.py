@@ -1,0 +1,37 @@
+"""The web admits no more requests at once than its database pool has connections (app.main.AdmissionMiddleware)."""
+
+from __future__ import annotations
+
+import anyio
+
+from app.db import get_engine, max_connections
+from app.main import AdmissionMiddleware, create_app
+
+
+def test_no_more_requests_run_at_once_than_the_limit_and_the_rest_wait_their_turn():
+    inside = peak = finished = 0
+
+    async def app(scope, receive, send):
+        nonlocal inside, peak, finished
+        inside += 1
+        peak = max(peak, inside)
+        await anyio.sleep(0.01)
+        inside -= 1
+        finished += 1
+
+    admitted = AdmissionMiddleware(app, limit=3)
+
+    async def main():
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(admitted, {"type": "http"}, None, None)
+
+    anyio.run(main)
+    assert (peak, finished) == (3, 20)
+
+
+def test_the_limit_is_the_pool_capacity():
+    engine = get_engine()
+    assert max_connections() == engine.pool.size() + engine.pool._max_overflow
+    limits = [m.kwargs["limit"] for m in create_app().user_middleware if m.cls is AdmissionMiddleware]
+    assert limits == [max_connections()]
