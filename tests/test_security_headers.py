@@ -34,9 +34,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import get_settings
-from app.models import ModelVersion, TrainingRun, User, Webhook
+from app.models import ModelVersion, Prompt, TrainingRun, User, Webhook
 from app.security import LOGIN_CSRF_COOKIE, SESSION_COOKIE, create_api_token
-from app.services import labeling
+from app.services import evaluations, labeling
+from app.services.sampling import store_samples
 from tests.factories import PASSWORD, AdminFactory, UserFactory
 from tests.test_access import all_routes
 from tests.test_labeling import items_for, seed_batch
@@ -190,9 +191,20 @@ def _world(db) -> dict[str, int]:
     hook = Webhook(url="http://127.0.0.1:9/hook", secret="s" * 32, events=["batch.completed"])
     db.add_all([sft, hook])
     db.flush()
+    # A blind evaluation with one verdict given and one comparison held by the labeler.
+    db.add(Prompt(batch_id=ranking.id, text="A held-out prompt", split="test", normalized_key="d" * 64))
+    db.flush()
+    evaluation = evaluations.start_evaluation(db, model_a_id=sft.id, model_b_id=base.id, n_prompts=1, overlap=2)
+    (prompt_id, _), = evaluations.prompts_needing_output(db, evaluation, sft.id)
+    store_samples(db, sft.id, {prompt_id: ["four"]}, {})
+    store_samples(db, base.id, {prompt_id: ["five"]}, {})
+    evaluations.open_for_judging(db, evaluation)
+    judged = labeling.lease_next_task(db, other, "eval")
+    labeling.submit(db, other, judged.id, choice=judged.display_order[0])
+    held_eval = labeling.lease_next_task(db, labeler, "eval")
     return {"labeler_id": labeler.id, "batch_id": draft.id, "version_id": sft.id, "run_id": run.id,
             "webhook_id": hook.id, "assignment_id": held_ranking.id, "demo_assignment": held_demo.id,
-            "labeling_batch": ranking.id}
+            "labeling_batch": ranking.id, "evaluation_id": evaluation.id, "eval_assignment": held_eval.id}
 
 
 def _page_urls(ids: dict[str, int]) -> dict[str, list[str]]:
@@ -208,6 +220,7 @@ def _page_urls(ids: dict[str, int]) -> dict[str, list[str]]:
         who = "admin" if path.startswith("/admin") else "labeler" if path.startswith("/label") else "anonymous"
         urls[who].append(url)
     urls["labeler"].append(f"/label/assignments/{ids['demo_assignment']}")  # the demonstration page too
+    urls["labeler"].append(f"/label/assignments/{ids['eval_assignment']}")  # and the blind comparison page
     urls["admin"].append(f"/admin/batches/{ids['labeling_batch']}")  # a started batch with activity
     return urls
 
