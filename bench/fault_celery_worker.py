@@ -16,7 +16,7 @@ event), and its model is never `ready` or `promoted` before the run succeeded
 (no partial model is ever usable); the final model's files are complete.
 
     .venv/bin/python bench/fault_celery_worker.py            # 400 demonstrations, 2 epochs
-    .venv/bin/python bench/fault_celery_worker.py --quick    # 100 demonstrations, 1 epoch
+    .venv/bin/python bench/fault_celery_worker.py --quick    # 300 demonstrations, 2 epochs, kill at 25 %
 
 The last line of stdout is one JSON object; the exit status is 1 when the property breaks.
 """
@@ -100,10 +100,12 @@ def main() -> int:
     parser.add_argument("--kill-at", type=float, default=0.3,
                         help="kill once the run's progress reaches this (and a checkpoint exists)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
-    parser.add_argument("--quick", action="store_true", help="100 demonstrations, 1 epoch")
+    parser.add_argument("--quick", action="store_true", help="300 demonstrations, 2 epochs, kill at 25 %%")
     args = parser.parse_args()
     if args.quick:
-        args.demonstrations, args.epochs, args.kill_at = 100, 1, 0.25
+        # Enough steps (≈ 75) that the kill lands mid-run on an idle machine too: 100 demonstrations for one epoch
+        # (13 steps) trained in under a second and finished before the watcher saw 25 %.
+        args.demonstrations, args.epochs, args.kill_at = 300, 2, 0.25
     import httpx
 
     params = {"epochs": args.epochs, "batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 3,
@@ -130,8 +132,14 @@ def main() -> int:
             wait_until(lambda: watcher.seen and watcher.seen[-1][1] == "running", timeout=120, interval=0.1,
                        message="the first worker to claim the run")
             standby = start_celery_worker(env, stack.dir / "worker-2.log", stack.redis.url, wait=False)
-            wait_until(lambda: watcher.seen and watcher.seen[-1][1] == "running"
-                       and watcher.seen[-1][2] >= args.kill_at and checkpoint.exists(), timeout=300, interval=0.1,
+            def ready_to_kill() -> bool:
+                status, progress = watcher.seen[-1][1], watcher.seen[-1][2]
+                if status in ("succeeded", "failed", "cancelled"):
+                    raise RuntimeError(f"the run ended ({status}) before it reached {args.kill_at:.0%}: "
+                                       "give it more --demonstrations or --epochs so the kill lands mid-run")
+                return status == "running" and progress >= args.kill_at and checkpoint.exists()
+
+            wait_until(ready_to_kill, timeout=300, interval=0.1,
                        message=f"the SFT run to reach {args.kill_at:.0%} with a checkpoint")
             killed_at, progress_at_kill = time.monotonic(), watcher.seen[-1][2]
             os.killpg(worker.pid, signal.SIGKILL)

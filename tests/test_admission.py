@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import anyio
 
 from app.db import get_engine, max_connections
@@ -26,7 +28,9 @@ def test_no_more_requests_run_at_once_than_the_limit_and_the_rest_wait_their_tur
             for _ in range(20):
                 group.start_soon(admitted, {"type": "http"}, None, None)
 
-    anyio.run(main)
+    # In a thread of its own: other tests (Playwright's sync API) may hold an event loop in this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, main).result()
     assert (peak, finished) == (3, 20)
 
 
