@@ -49,6 +49,18 @@ def percentiles(values: list[float], qs: tuple[float, ...] = (50, 95, 99)) -> di
     return {f"p{q:g}": percentile(values, q) for q in qs} | {"max": round(max(values), 2) if values else None}
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and range of per-seed or per-repeat figures."""
+    import statistics
+
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
 def load_avg() -> float:
     """The machine's 1-minute load average (shared machine: every figure is reported beside it)."""
     return round(os.getloadavg()[0], 2)

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import spread  # noqa: E402
 
 # Sizes of a full run and of --quick; every one can be overridden on the command line.
 FULL = dict(
@@ -265,16 +266,6 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
         "ppo_kl_curve": [round(k, 4) for k in ppo["kl_curve"]],
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "ppo_config": asdict(ppo_config),
-    }
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and range of per-seed figures."""
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
     }
 
 

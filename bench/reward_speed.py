@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import spread  # noqa: E402
 
 OFF_TOPIC = "the river runs silver and the hills are green"
 
@@ -248,16 +249,6 @@ def compare(k: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
             "accuracy_difference": round(longer["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
         }
     return result
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and range over the repeats."""
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-    }
 
 
 def main() -> None:
