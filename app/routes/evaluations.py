@@ -111,6 +111,15 @@ def get_evaluation_or_404(db: Session, evaluation_id: int) -> Evaluation:
     return evaluation
 
 
+def _cancel(db: Session, evaluation_id: int) -> Evaluation:
+    """Cancels an evaluation for the API and the page alike: 404 when unknown, 409 once it has ended."""
+    evaluation = get_evaluation_or_404(db, evaluation_id)
+    try:
+        return evaluations.cancel_evaluation(db, evaluation)
+    except EvaluationError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+
+
 def _start(db: Session, body: EvaluationIn, user_id: int) -> Evaluation:
     with db.begin_nested():
         return evaluations.start_evaluation(db, **body.model_dump(), created_by_id=user_id)
@@ -152,12 +161,7 @@ def get_evaluation(evaluation_id: int, db: SessionDep, principal: AdminApi):
 @api_router.post("/evaluations/{evaluation_id}/cancel", response_model=EvaluationOut)
 def cancel_evaluation(evaluation_id: int, db: SessionDep, principal: AdminApi):
     """Cancels an evaluation that has not completed (its tasks leave the queues); 409 otherwise."""
-    evaluation = get_evaluation_or_404(db, evaluation_id)
-    try:
-        evaluations.cancel_evaluation(db, evaluation)
-    except EvaluationError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    return evaluation_out(db, evaluation)
+    return evaluation_out(db, _cancel(db, evaluation_id))
 
 
 # --- pages ---------------------------------------------------------------------------------------
@@ -230,12 +234,7 @@ def evaluation_page(evaluation_id: int, request: Request, principal: AdminPage, 
 @pages_router.post("/admin/evaluations/{evaluation_id}/cancel")
 def evaluation_cancel(evaluation_id: int, principal: AdminPage, db: SessionDep):
     """Cancels an evaluation that has not completed."""
-    evaluation = get_evaluation_or_404(db, evaluation_id)
-    try:
-        evaluations.cancel_evaluation(db, evaluation)
-    except EvaluationError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    return RedirectResponse(f"/admin/evaluations/{evaluation.id}", status_code=303)
+    return RedirectResponse(f"/admin/evaluations/{_cancel(db, evaluation_id).id}", status_code=303)
 
 
 router.include_router(api_router)
