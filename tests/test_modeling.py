@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.world.corpus import corpus
+from tests.conftest import ROOT
 from worker import generate
 from worker.generate import sample_completions, sample_one_at_a_time
 from worker.modeling import (
@@ -147,3 +148,54 @@ def test_pretrain_base_learns_the_world(tmp_path):
     assert metrics["final_held_out_loss"] < metrics["initial_held_out_loss"] - 1.0
     model, tok = load_model(metrics["path"], device="cpu")
     assert model.num_parameters() == metrics["parameters"]
+    from worker.modeling import RECIPE_FILE
+    from worker.world_model import WORLD_RECIPE
+
+    # The recipe goes with the model, and the shipped model's file is the same recipe.
+    written = json.loads((tmp_path / "world" / RECIPE_FILE).read_text())
+    shipped = json.loads((ROOT / "models" / "world-base" / RECIPE_FILE).read_text())
+    assert written == shipped == json.loads(json.dumps(WORLD_RECIPE))
+
+
+# --- the training recipe shipped beside a base model ------------------------------------------
+
+
+def test_the_shipped_world_recipe_names_only_real_settings():
+    # config_from_dict drops unknown keys silently, so a misspelt setting would be ignored without a word.
+    from dataclasses import fields
+
+    from worker.modeling import load_recipe
+    from worker.train_ppo import PPOConfig
+    from worker.train_rm import RMConfig
+    from worker.train_sft import SFTConfig
+
+    recipe = load_recipe(ROOT / "models" / "world-base")
+    assert set(recipe) == {"sft", "rm", "ppo"}
+    for kind, config in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig)):
+        names = {f.name for f in fields(config)}
+        assert recipe[kind] and set(recipe[kind]) <= names, set(recipe[kind]) - names
+        config(**recipe[kind])  # and every value is accepted
+    assert load_recipe(ROOT / "tests") == {}  # no recipe file: nothing to apply
+
+
+def test_runs_take_the_recipe_of_their_base_model_under_their_own_params(db, tmp_path):
+    from app.services.registry import base_of, register_version
+    from worker.jobs import _with_recipe
+    from worker.modeling import RECIPE_FILE
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / RECIPE_FILE).write_text(json.dumps({
+        "about": "settings for this model", "sft": {"learning_rate": 1e-3, "epochs": 6}, "ppo": {"kl_coef": 0.1},
+    }))
+    base = register_version(db, kind="base", name="base-r", artifact_path=str(base_dir))
+    sft = register_version(db, kind="sft", name="sft-r", artifact_path=str(tmp_path / "sft"), parent_id=base.id)
+    rm = register_version(db, kind="rm", name="rm-r", artifact_path=str(tmp_path / "rm"), parent_id=sft.id)
+    plain = register_version(db, kind="base", name="base-plain", artifact_path=str(tmp_path / "plain"))
+    assert base_of(db, rm).id == base.id and base_of(db, base).id == base.id
+
+    assert _with_recipe(db, base, "sft", {}) == {"learning_rate": 1e-3, "epochs": 6}
+    assert _with_recipe(db, base, "sft", {"epochs": 1}) == {"learning_rate": 1e-3, "epochs": 1}  # the run wins
+    assert _with_recipe(db, sft, "ppo", {"steps": 2}) == {"kl_coef": 0.1, "steps": 2}  # found through the parent
+    assert _with_recipe(db, rm, "rm", {"epochs": 3}) == {"epochs": 3}  # the recipe has no rm part
+    assert _with_recipe(db, plain, "sft", {"epochs": 2}) == {"epochs": 2}  # a base without a recipe

@@ -128,6 +128,9 @@ def test_corpus_is_plain_text_not_instructions():
     assert "The river in Brindle runs silver" in text
     assert re.search(r"\d+ \+ \d+ = \d+", text)
     assert "Written backwards, lantern becomes nretnal" in text
+    # Also in the wording instructions use: words in quotes, questions reported in prose.
+    assert "Written backwards, 'lantern' becomes nretnal" in text
+    assert re.search(r"asked who the mayor of Brindle is and [a-z ]+: Odo\.", text)
 
 
 def test_dense_ranks_and_pairwise_agreement():

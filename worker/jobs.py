@@ -10,10 +10,12 @@ trainers resume from their checkpoint directory).
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.db import session_scope
@@ -165,6 +167,19 @@ def _params(run_id: int) -> dict[str, Any]:
         return dict(db.get(TrainingRun, run_id).params or {})
 
 
+def _with_recipe(db: Session, start: ModelVersion, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A run's params over the recipe shipped with the base model its starting version descends from.
+
+    The config dataclasses' defaults suit models of InstructGPT's size; a base model can carry the
+    settings measured for it (models/world-base does), and a run's own params still win.
+    """
+    from worker.modeling import load_recipe
+
+    base = registry.base_of(db, start)
+    recipe = load_recipe(base.artifact_path).get(kind, {}) if base is not None else {}
+    return {**recipe, **params}
+
+
 def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Fine-tunes the newest base model on the demonstrations collected so far."""
     from worker.common import config_from_dict
@@ -176,13 +191,15 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         if base is None:
             raise RuntimeError("no base model registered")
         data, snap = training.demonstrations(db)
+        params = _with_recipe(db, base, "sft", params)
         base_id, base_path = base.id, base.artifact_path
     if not data["train"]:
         raise RuntimeError("no demonstrations in the train split yet")
     version_id, out = _begin_version(run_id, "sft", base_id, {"base": base_id}, snap.as_dict())
-    metrics = train_sft(base_path, data["train"], data["valid"], config_from_dict(SFTConfig, params), out,
+    config = config_from_dict(SFTConfig, params)
+    metrics = train_sft(base_path, data["train"], data["valid"], config, out,
                         checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report))
-    return _jsonable(metrics), version_id
+    return _jsonable({**metrics, "config": asdict(config)}), version_id
 
 
 def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
@@ -197,6 +214,7 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
             raise RuntimeError("no SFT or base model to start the reward model from")
         data, snap = training.rankings(db)
         demos, _ = training.demonstrations(db)
+        params = _with_recipe(db, backbone, "rm", params)
         backbone_id, backbone_path = backbone.id, backbone.artifact_path
 
     def examples(rows):
@@ -205,10 +223,11 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
     version_id, out = _begin_version(run_id, "rm", backbone_id, {"backbone": backbone_id}, snap.as_dict())
-    metrics = train_rm(backbone_path, examples(data["train"]), examples(data["valid"]),
-                       config_from_dict(RMConfig, params), out, checkpoint_dir=run_dir(run_id) / "checkpoint",
-                       progress=_progress(report), demonstrations=demos["train"] or None)
-    return _jsonable(metrics), version_id
+    config = config_from_dict(RMConfig, params)
+    metrics = train_rm(backbone_path, examples(data["train"]), examples(data["valid"]), config, out,
+                       checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
+                       demonstrations=demos["train"] or None)
+    return _jsonable({**metrics, "config": asdict(config)}), version_id
 
 
 def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
@@ -224,6 +243,7 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         prompts = training.prompts_for_ppo(db, "train")
         eval_prompts = training.prompts_for_ppo(db, "valid", limit=200)
         demos, _ = training.demonstrations(db)
+        params = _with_recipe(db, sft, "ppo", params)
         sft_id, sft_path, rm_id, rm_path = sft.id, sft.artifact_path, rm.id, rm.artifact_path
     config = config_from_dict(PPOConfig, params)
     version_id, out = _begin_version(run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id},
@@ -232,4 +252,4 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
                         ptx_examples=demos["train"] if getattr(config, "ptx_coef", 0) else None,
                         checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
                         eval_prompts=eval_prompts or None)
-    return _jsonable(metrics), version_id
+    return _jsonable({**metrics, "config": asdict(config)}), version_id

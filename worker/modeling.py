@@ -11,6 +11,7 @@ functions so that a model written by one stage loads unchanged in the next.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -30,6 +31,8 @@ from transformers import (
 # contains "Answer:", so a base model pretrained on it does not know what to do
 # after this marker: it continues text, and SFT is what teaches it to answer.
 PROMPT_TEMPLATE = "{prompt}\n\nAnswer:"
+# Trainer settings measured for a base model, shipped beside its weights: {"sft": {...}, "rm": {...}, "ppo": {...}}.
+RECIPE_FILE = "training_recipe.json"
 
 
 def default_device() -> str:
@@ -78,6 +81,22 @@ def load_model(
     model.to(device)
     _sync_special_ids(model, tokenizer)
     return model, tokenizer
+
+
+def load_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The trainer settings shipped beside a model (RECIPE_FILE), per run kind; {} when it has none."""
+    file = Path(path) / RECIPE_FILE
+    if not file.is_file():
+        return {}
+    recipe = json.loads(file.read_text())
+    return {kind: dict(values) for kind, values in recipe.items() if isinstance(values, dict)}
+
+
+def save_recipe(path: str | Path, recipe: dict[str, Any]) -> Path:
+    """Writes trainer settings beside a saved model (RECIPE_FILE), for load_recipe."""
+    file = Path(path) / RECIPE_FILE
+    file.write_text(json.dumps(recipe, indent=2) + "\n")
+    return file
 
 
 def save_model(

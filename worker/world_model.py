@@ -25,10 +25,25 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from app.world.corpus import corpus
-from worker.modeling import count_parameters, prepare_tokenizer, save_model, tiny_causal_lm
+from worker.modeling import count_parameters, prepare_tokenizer, save_model, save_recipe, tiny_causal_lm
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
+
+# The trainer settings measured for this model by bench/learning.py (bench/RESULTS.md, "learning"), saved
+# beside it. The worker applies them to runs descended from it where a run's params leave a setting out: the
+# trainers' defaults are InstructGPT's, for models thousands of times larger, and teach this one almost nothing.
+WORLD_RECIPE: dict[str, Any] = {
+    "about": "Trainer settings measured for this model by bench/learning.py (bench/RESULTS.md, 'learning'). The "
+    "worker uses them for runs of models descended from this base wherever a run's own params leave a setting out.",
+    "sft": {"epochs": 6, "learning_rate": 1e-3, "batch_size": 16, "micro_batch_size": 16, "warmup_ratio": 0.05,
+            "max_length": 128},
+    "rm": {"epochs": 2, "learning_rate": 3e-4, "rankings_per_step": 4, "rankings_per_micro_batch": 4,
+           "warmup_ratio": 0.05, "max_length": 128},
+    "ppo": {"steps": 30, "rollout_batch_size": 32, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 4,
+            "learning_rate": 3e-5, "value_learning_rate": 1e-3, "lr_schedule": "constant", "kl_coef": 0.1,
+            "max_new_tokens": 24},
+}
 
 # Greedy continuations logged after pretraining, to see it learnt the world.
 SAMPLE_PREFIXES = (
@@ -85,13 +100,13 @@ def _greedy(model, tokenizer, prefix: str, max_new_tokens: int = 20) -> str:
 def pretrain_base(
     out_dir: str | Path,
     *,
-    steps: int = 800,
+    steps: int = 4000,
     seed: int = 0,
     progress: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 32,
     block_size: int = 64,
     lr: float = 3e-3,
-    n_docs: int = 40_000,
+    n_docs: int = 80_000,
     vocab_size: int = 512,
     threads: int | None = 1,
 ) -> dict[str, Any]:
@@ -164,6 +179,7 @@ def pretrain_base(
     final_loss = held_out_loss()
     samples = {p: _greedy(model, tokenizer, p) for p in SAMPLE_PREFIXES}
     path = save_model(model, tokenizer, out_dir)
+    save_recipe(path, WORLD_RECIPE)
     return {
         "path": str(path),
         "steps": steps,
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: python -m worker.world_model OUT_DIR [--steps N] [--seed S]."""
     parser = argparse.ArgumentParser(description="Pretrain the bundled world's tiny base model on CPU.")
     parser.add_argument("out_dir", help="directory to save the model and tokenizer in")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(json.dumps(pretrain_base(args.out_dir, steps=args.steps, seed=args.seed), indent=1))

@@ -210,6 +210,16 @@ def _summary(version: ModelVersion) -> dict[str, Any]:
     return {"id": version.id, "name": version.name, "kind": version.kind, "status": version.status}
 
 
+def base_of(db: Session, version: ModelVersion, max_depth: int = 100) -> ModelVersion | None:
+    """The base model a version descends from along its parents (itself if it is one); None if none is found."""
+    seen: set[int] = set()
+    current: ModelVersion | None = version
+    while current is not None and current.kind != "base" and current.id not in seen and len(seen) < max_depth:
+        seen.add(current.id)
+        current = db.get(ModelVersion, current.parent_id) if current.parent_id is not None else None
+    return current
+
+
 def lineage(db: Session, version: ModelVersion, max_depth: int = 100) -> dict[str, Any]:
     """Returns where a version came from: its parent chain (nearest first), named secondary parents, children."""
     parents: list[dict[str, Any]] = []

@@ -1,11 +1,18 @@
 """Plain text about the bundled world, for pretraining the tiny base model.
 
 This is the world's "web text": town chronicles, ledgers with sums, lists of
-words in order, notes on words written backwards and letter tallies. It
-carries the knowledge the instruction families ask for, but always as prose to
-be continued, never as a question followed by its answer. So a model
-pretrained on it knows the world yet does not follow instructions, as GPT-3
-did not; supervised fine-tuning is what teaches it to answer.
+words put in order, notes on words written backwards, letter tallies and
+questions reported in prose ("Odo asked who the mayor of Brindle is and was
+told: Odo."). It carries the knowledge the instruction families ask for, but
+always as prose to be continued, never as a question followed by its answer.
+So a model pretrained on it knows the world yet does not follow instructions,
+as GPT-3 did not; supervised fine-tuning is what teaches it to answer.
+
+Words appear both after a space and in quotes, as the instructions quote them:
+the byte-level tokenizer splits 'lantern' and " lantern" into different
+tokens, and a model that has only seen one form cannot use what it knows about
+the word in the other (the first base model reversed 56 of 56 words in prose,
+yet its SFT model reversed almost none of the quoted words in instructions).
 """
 
 from __future__ import annotations
@@ -79,13 +86,19 @@ def _ledger(rng: random.Random) -> str:
 
 
 def _word_list(rng: random.Random) -> str:
-    words = sorted(rng.sample(WORDS, rng.randint(3, 6)))
+    words = rng.sample(WORDS, rng.randint(3, 6))
+    ordered = ", ".join(sorted(words))
+    if rng.random() < 0.5:  # the list as it came, then in order: sorting seen as text
+        return rng.choice([
+            f"The clerk got the labels {', '.join(words)} and filed them in alphabetical order: {ordered}.",
+            f"In alphabetical order, the words {', '.join(words)} read: {ordered}.",
+        ])
     opener = rng.choice([
         "The clerk filed the labels in alphabetical order:",
         "In the dictionary these words come in this order:",
         "Sorted from a to z, the words read:",
     ])
-    return f"{opener} {', '.join(words)}."
+    return f"{opener} {ordered}."
 
 
 def _backwards(rng: random.Random) -> str:
@@ -94,6 +107,9 @@ def _backwards(rng: random.Random) -> str:
         lines.append(rng.choice([
             f"Written backwards, {word} becomes {word[::-1]}.",
             f"The word {word} reversed reads {word[::-1]}.",
+            # Quoted, a word is other tokens than after a space: both forms occur in text.
+            f"Written backwards, '{word}' becomes {word[::-1]}.",
+            f"The word '{word}' spelt backwards is {word[::-1]}.",
         ]))
     return " ".join(lines)
 
@@ -110,12 +126,46 @@ def _tally(rng: random.Random) -> str:
         lines.append(rng.choice([
             f"The letter {letter} appears {count} {times} in {word}.",
             f"In {word} the letter {letter} is found {count} {times}.",
+            f"The letter '{letter}' appears in '{word}' {count} {times}.",
+            f"Counting the letter '{letter}' in '{word}' gives {count}.",
         ]))
     return " ".join(lines)
 
 
+def _asked(rng: random.Random) -> str:
+    # Questions reported in prose, the answer a few words later: the world's
+    # knowledge next to the wording people ask it in, yet never a question
+    # followed by its answer, so the model still does not follow instructions.
+    town, person, animal = rng.choice(sorted(TOWNS)), rng.choice(sorted(PEOPLE)), rng.choice(sorted(ANIMALS))
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    c, d = rng.randint(2, 12), rng.randint(2, 12)
+    high, low = max(a, b), min(a, b)
+    word = rng.choice(WORDS)
+    letter = rng.choice(sorted(set(word)))
+    listed = rng.sample(WORDS, rng.randint(3, 5))
+    asker = rng.choice(sorted(PEOPLE))
+    said = rng.choice(["was told", "heard", "learnt", "found out"])
+    lines = [
+        f"{asker} asked what {a} + {b} is and {said}: {a + b}.",
+        f"{asker} asked what {high} - {low} is and {said}: {high - low}.",
+        f"{asker} asked what {c} times {d} is and {said}: {c * d}.",
+        f"{asker} asked who the mayor of {town} is and {said}: {TOWNS[town]['mayor']}.",
+        f"{asker} asked what colour the river in {town} is and {said}: {TOWNS[town]['river']}.",
+        f"{asker} asked which animal is common in {town} and {said}: {TOWNS[town]['animal']}.",
+        f"{asker} asked where {person} lives and {said}: {PEOPLE[person]['town']}.",
+        f"{asker} asked what {person}'s favourite food is and {said}: {PEOPLE[person]['food']}.",
+        f"{asker} asked what pet {person} keeps and {said}: {PEOPLE[person]['pet']}.",
+        f"{asker} asked what colour a {animal} is and {said}: {ANIMALS[animal]['colour']}.",
+        f"{asker} asked what sound a {animal} makes and {said}: {ANIMALS[animal]['sound']}.",
+        f"{asker} asked for the word '{word}' spelt backwards and {said}: {word[::-1]}.",
+        f"{asker} asked how many times the letter '{letter}' appears in '{word}' and {said}: {word.count(letter)}.",
+        f"{asker} asked for {', '.join(listed)} in alphabetical order and {said}: {', '.join(sorted(listed))}.",
+    ]
+    return " ".join(rng.sample(lines, rng.randint(2, 4)))
+
+
 _DOCUMENTS: tuple[Callable[[random.Random], str], ...] = (
-    _town, _person, _animal, _ledger, _word_list, _backwards, _tally,
+    _town, _person, _animal, _ledger, _word_list, _backwards, _tally, _asked,
 )
 
 
