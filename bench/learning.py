@@ -37,16 +37,22 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import spread  # noqa: E402
 
+# The trainer settings the product ships for the world model (the worker applies them to runs descended from
+# it), so this benchmark measures what a user of the embedded default gets.
+RECIPE = json.loads((ROOT / "models" / "world-base" / "training_recipe.json").read_text())
+SFT, RM, PPO = RECIPE["sft"], RECIPE["rm"], RECIPE["ppo"]
 # Sizes of a full run and of --quick; every one can be overridden on the command line.
 FULL = dict(
-    demos=600, sft_valid=60, sft_epochs=6, sft_lr=3e-3,
-    rm_prompts=900, rm_valid_prompts=200, rm_epochs=2, rm_lr=1e-3, rm_batch=4,
-    ppo_steps=30, ppo_batch=32, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=4, ppo_lr_schedule="constant",
+    demos=600, sft_valid=60, sft_epochs=SFT["epochs"], sft_lr=SFT["learning_rate"],
+    rm_prompts=900, rm_valid_prompts=200, rm_epochs=RM["epochs"], rm_lr=RM["learning_rate"],
+    rm_batch=RM["rankings_per_step"],
+    ppo_steps=PPO["steps"], ppo_batch=PPO["rollout_batch_size"], ppo_lr=PPO["learning_rate"],
+    ppo_value_lr=PPO["value_learning_rate"], ppo_epochs=PPO["ppo_epochs"], ppo_lr_schedule=PPO["lr_schedule"],
     test_prompts=200,
 )
 QUICK = dict(
-    demos=120, sft_valid=20, sft_epochs=4, sft_lr=3e-3,
-    rm_prompts=80, rm_valid_prompts=40, rm_epochs=2, rm_lr=1e-3, rm_batch=4,
+    demos=120, sft_valid=20, sft_epochs=4, sft_lr=1e-3,
+    rm_prompts=80, rm_valid_prompts=40, rm_epochs=2, rm_lr=3e-4, rm_batch=4,
     ppo_steps=6, ppo_batch=16, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=2, ppo_lr_schedule="constant",
     test_prompts=60,
 )
@@ -145,8 +151,8 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
     sft_dir = workdir / "sft"
     sft = train_sft(
         args.base, demos, sft_valid,
-        SFTConfig(epochs=sizes["sft_epochs"], learning_rate=sizes["sft_lr"], batch_size=16, micro_batch_size=16,
-                  warmup_ratio=0.05, max_length=128, early_stopping_patience=None, seed=seed, device="cpu"),
+        SFTConfig(**{**SFT, "epochs": sizes["sft_epochs"], "learning_rate": sizes["sft_lr"],
+                     "early_stopping_patience": None, "seed": seed, "device": "cpu"}),
         sft_dir,
     )
     timings["sft_s"] = time.perf_counter() - t
@@ -195,9 +201,9 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
     rm_dir = workdir / "rm"
     rm = train_rm(
         sft_dir, rm_train, rm_valid,
-        RMConfig(epochs=sizes["rm_epochs"], learning_rate=sizes["rm_lr"], rankings_per_step=sizes["rm_batch"],
-                 rankings_per_micro_batch=sizes["rm_batch"], warmup_ratio=0.05, max_length=128, seed=seed,
-                 device="cpu"),
+        RMConfig(**{**RM, "epochs": sizes["rm_epochs"], "learning_rate": sizes["rm_lr"],
+                    "rankings_per_step": sizes["rm_batch"], "rankings_per_micro_batch": sizes["rm_batch"],
+                    "seed": seed, "device": "cpu"}),
         rm_dir, demonstrations=demos,
     )
     timings["rm_s"] = time.perf_counter() - t
@@ -208,13 +214,13 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
     t = time.perf_counter()
     ppo_dir = workdir / "policy"
     ppo_prompts = [p.text for p in demo_prompts + rm_prompts]
-    ppo_config = PPOConfig(
-        steps=sizes["ppo_steps"], rollout_batch_size=sizes["ppo_batch"], minibatch_size=sizes["ppo_batch"] // 4,
-        micro_batch_size=sizes["ppo_batch"] // 4, ppo_epochs=sizes["ppo_epochs"], learning_rate=sizes["ppo_lr"],
-        value_learning_rate=sizes["ppo_value_lr"], lr_schedule=sizes["ppo_lr_schedule"], kl_coef=args.kl_coef,
-        max_new_tokens=args.max_new_tokens,
-        eval_batch_size=64, seed=seed, checkpoint_every=10_000, device="cpu",
-    )
+    ppo_config = PPOConfig(**{
+        **PPO, "steps": sizes["ppo_steps"], "rollout_batch_size": sizes["ppo_batch"],
+        "minibatch_size": sizes["ppo_batch"] // 4, "micro_batch_size": sizes["ppo_batch"] // 4,
+        "ppo_epochs": sizes["ppo_epochs"], "learning_rate": sizes["ppo_lr"], "value_learning_rate": sizes["ppo_value_lr"],
+        "lr_schedule": sizes["ppo_lr_schedule"], "kl_coef": args.kl_coef, "max_new_tokens": args.max_new_tokens,
+        "eval_batch_size": 64, "seed": seed, "checkpoint_every": 10_000, "device": "cpu",
+    })
 
     def ppo_progress(step: int, total: int, metrics: dict[str, float]) -> None:
         if step % max(1, total // 8) == 0 or step == total:
@@ -276,11 +282,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared 2-core machine 2 threads are often ~10x slower here)")
     parser.add_argument("--base", default=str(ROOT / "models" / "world-base"), help="base model path")
-    parser.add_argument("--kl-coef", type=float, default=0.1,
+    parser.add_argument("--kl-coef", type=float, default=PPO["kl_coef"],
                         help="PPO's KL coefficient β (0.02, InstructGPT's, lets PPO overfit this small reward model)")
     parser.add_argument("--demo-error-rate", type=float, default=0.2, help="simulated demonstrators' error rate")
     parser.add_argument("--keep", default=None, help="keep each seed's SFT, RM and policy under this folder")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="longest completion, in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=PPO["max_new_tokens"], help="longest completion, in tokens")
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
                             help=f"override (full run: {value}, --quick: {QUICK[name]})")

@@ -7,7 +7,7 @@ completions per ranking, in the same process, one after the other. Ours
 and takes the mean pairwise loss over the ranking's non-tied pairs; TRL gets
 the same rankings exploded into (chosen, rejected) pairs, one example per
 non-tied pair, as its RewardTrainer expects. Both get the same rankings, epochs,
-learning rate and schedule; a step of ours holds 8 whole rankings (the paper's
+learning rate and schedule; a step of ours holds 4 whole rankings (the paper's
 batches are of whole rankings), one of TRL's 32 pairs drawn across rankings
 (`--rankings-per-step 0` gives ours as many pairs per step as TRL's instead:
 at K = 9 that is one ranking, one prompt's correlated pairs, per step, which
@@ -260,9 +260,10 @@ def main() -> None:
                         help="independent draws of train and held-out rankings per K (repeat 0: seeds K, 1000 + K)")
     parser.add_argument("--ks", default="4,9", help="comma-separated K values")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both trainers")
-    parser.add_argument("--rankings-per-step", type=int, default=8,
-                        help="ours: whole rankings per optimizer step (0: as many pairs per step as TRL's step, "
-                             "which at K = 9 is a single ranking, so each step sees one prompt)")
+    parser.add_argument("--rankings-per-step", type=int, default=4,
+                        help="ours: whole rankings per optimizer step (4, as in the world model's training recipe; 0: as many "
+                             "pairs per step as TRL's step, which at K = 9 is a single ranking, so each step sees one "
+                             "prompt)")
     parser.add_argument("--pairs-per-step", type=int, default=32, help="TRL: pairs per optimizer step")
     parser.add_argument("--extra-epochs", type=int, default=1,
                         help="also train ours for this many epochs (time and accuracy beside TRL's one epoch; 1: skip)")
