@@ -16,7 +16,6 @@ The last line of stdout is one JSON object; the exit status is 1 when the proper
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import emit, load_avg  # noqa: E402
-from bench.labelers import Stack, behaviour_from, common_arguments, run_load, sizing  # noqa: E402
+from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing  # noqa: E402
 
 
 def database_activity(url: str, db_name: str) -> dict:
@@ -53,9 +52,7 @@ def database_activity(url: str, db_name: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, clients=200, seconds=600.0, workers=3)
+    parser = load_parser(__doc__, clients=200, seconds=600.0, workers=3)
     parser.add_argument("--quick", action="store_true", help="40 labelers for 30 s, thinking 0.5-4 s")
     parser.set_defaults(think=None)
     args = parser.parse_args()

@@ -19,7 +19,6 @@ The last line of stdout is one JSON object; the exit status is 1 when the proper
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
@@ -28,15 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import emit  # noqa: E402
-from bench.labelers import Stack, behaviour_from, common_arguments, run_load, sizing  # noqa: E402
+from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing  # noqa: E402
 
 RECOVERY_LIMIT_S = 15.0  # after the database is back, failures must stop within this time
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, clients=60, seconds=120.0, workers=3)
+    parser = load_parser(__doc__, clients=60, seconds=120.0, workers=3)
     parser.add_argument("--down", type=float, default=10.0, help="seconds the database stays stopped")
     parser.add_argument("--restarts", type=int, default=2, help="how many times it is stopped and started")
     parser.add_argument("--quick", action="store_true", help="30 labelers for 25 s, down 3 s, 1 restart")

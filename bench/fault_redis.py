@@ -23,7 +23,6 @@ The last line of stdout is one JSON object; the exit status is 1 when the proper
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, emit, start_celery_worker, stop_server, wait_until  # noqa: E402
-from bench.labelers import Stack, behaviour_from, common_arguments, run_load, sizing  # noqa: E402
+from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing  # noqa: E402
 
 
 def run_row(url: str, run_id: int) -> dict:
@@ -55,9 +54,7 @@ def _after(moment: datetime | None, since: datetime | None) -> float | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, clients=60, seconds=120.0, workers=2)
+    parser = load_parser(__doc__, clients=60, seconds=120.0, workers=2)
     parser.add_argument("--down", type=float, default=60.0, help="seconds Redis stays down")
     parser.add_argument("--quick", action="store_true", help="20 labelers for 25 s, Redis down 10 s")
     args = parser.parse_args()

@@ -16,7 +16,6 @@ The last line of stdout is one JSON object; the exit status is 1 when the proper
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -27,13 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import child_pids, emit  # noqa: E402
-from bench.labelers import Stack, behaviour_from, common_arguments, failure_window, run_load, sizing  # noqa: E402
+from bench.labelers import Stack, behaviour_from, load_parser, failure_window, run_load, sizing  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, clients=60, seconds=120.0, workers=3)
+    parser = load_parser(__doc__, clients=60, seconds=120.0, workers=3)
     parser.add_argument("--kills", type=int, default=3, help="how many times a worker is killed")
     parser.add_argument("--quick", action="store_true", help="30 labelers for 25 s, 2 kills")
     args = parser.parse_args()

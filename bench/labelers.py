@@ -649,8 +649,10 @@ def sizing(clients: int, seconds: float, behaviour: Behaviour, overlap: int) -> 
     return prompts, identities
 
 
-def common_arguments(parser: argparse.ArgumentParser, *, clients: int, seconds: float, workers: int) -> None:
-    """The options every load-driving script shares."""
+def load_parser(doc: str, *, clients: int, seconds: float, workers: int) -> argparse.ArgumentParser:
+    """A command line for a load-driving script: its docstring as help, and the options they all share."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=clients, help="simulated labelers at once")
     parser.add_argument("--seconds", type=float, default=seconds, help="how long the labelers work")
     parser.add_argument("--workers", type=int, default=workers, help="uvicorn worker processes")
@@ -659,6 +661,7 @@ def common_arguments(parser: argparse.ArgumentParser, *, clients: int, seconds: 
     parser.add_argument("--pg-admin-url", default=None,
                         help="use this PostgreSQL (a URL allowed to create databases) instead of a private cluster")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
+    return parser
 
 
 def behaviour_from(args: argparse.Namespace) -> Behaviour:
@@ -667,9 +670,7 @@ def behaviour_from(args: argparse.Namespace) -> Behaviour:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    common_arguments(parser, clients=50, seconds=60.0, workers=2)
+    parser = load_parser(__doc__, clients=50, seconds=60.0, workers=2)
     parser.add_argument("--quick", action="store_true", help="20 labelers for 15 s")
     args = parser.parse_args()
     if args.quick:
