@@ -263,14 +263,10 @@ def create_app() -> FastAPI:
     async def database_unavailable(request: Request, exc: Exception):
         log.warning("database unavailable during %s %s, answered 503: %s", request.method, request.url.path,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        message = "The database is unavailable for a moment; please retry in a few seconds."
-        headers = {"Retry-After": str(RETRY_AFTER_S)}
-        if _wants_html(request):
-            return templates.TemplateResponse(
-                request, "error.html", {"status": 503, "message": message, "user": None}, status_code=503,
-                headers=headers,
-            )
-        return JSONResponse({"detail": message}, status_code=503, headers=headers)
+        return await http_error(request, HTTPException(
+            503, "The database is unavailable for a moment; please retry in a few seconds.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ))
 
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)

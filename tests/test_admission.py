@@ -39,3 +39,23 @@ def test_the_limit_is_the_pool_capacity():
     assert max_connections() == engine.pool.size() + engine.pool._max_overflow
     limits = [m.kwargs["limit"] for m in create_app().user_middleware if m.cls is AdmissionMiddleware]
     assert limits == [max_connections()]
+
+
+def test_a_database_outage_is_answered_503_with_retry_after_in_json_and_html():
+    from fastapi.testclient import TestClient
+    from sqlalchemy import exc as sa_exc
+
+    app = create_app()
+
+    @app.get("/api/v1/_outage")
+    @app.get("/_outage")
+    def outage():
+        raise sa_exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    client = TestClient(app, raise_server_exceptions=False)
+    api = client.get("/api/v1/_outage", headers={"Accept": "application/json"})
+    assert api.status_code == 503 and api.headers["Retry-After"] == "2"
+    assert "retry" in api.json()["detail"]
+    page = client.get("/_outage", headers={"Accept": "text/html"})
+    assert page.status_code == 503 and page.headers["Retry-After"] == "2"
+    assert "text/html" in page.headers["content-type"] and "retry in a few seconds" in page.text
