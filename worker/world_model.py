@@ -200,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: python -m worker.world_model OUT_DIR [--steps N] [--seed S]."""
     parser = argparse.ArgumentParser(description="Pretrain the bundled world's tiny base model on CPU.")
     parser.add_argument("out_dir", help="directory to save the model and tokenizer in")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: pretrain_base's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(json.dumps(pretrain_base(args.out_dir, steps=args.steps, seed=args.seed), indent=1))
+    kwargs = {"steps": args.steps} if args.steps else {}
+    print(json.dumps(pretrain_base(args.out_dir, seed=args.seed, **kwargs), indent=1))
 
 
 if __name__ == "__main__":
