@@ -217,8 +217,9 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
     ppo_config = PPOConfig(**{
         **PPO, "steps": sizes["ppo_steps"], "rollout_batch_size": sizes["ppo_batch"],
         "minibatch_size": sizes["ppo_batch"] // 4, "micro_batch_size": sizes["ppo_batch"] // 4,
-        "ppo_epochs": sizes["ppo_epochs"], "learning_rate": sizes["ppo_lr"], "value_learning_rate": sizes["ppo_value_lr"],
-        "lr_schedule": sizes["ppo_lr_schedule"], "kl_coef": args.kl_coef, "max_new_tokens": args.max_new_tokens,
+        "ppo_epochs": sizes["ppo_epochs"], "learning_rate": sizes["ppo_lr"],
+        "value_learning_rate": sizes["ppo_value_lr"], "lr_schedule": sizes["ppo_lr_schedule"],
+        "kl_coef": args.kl_coef, "max_new_tokens": args.max_new_tokens,
         "eval_batch_size": 64, "seed": seed, "checkpoint_every": 10_000, "device": "cpu",
     })
 
@@ -286,7 +287,8 @@ def main() -> None:
                         help="PPO's KL coefficient β (0.02, InstructGPT's, lets PPO overfit this small reward model)")
     parser.add_argument("--demo-error-rate", type=float, default=0.2, help="simulated demonstrators' error rate")
     parser.add_argument("--keep", default=None, help="keep each seed's SFT, RM and policy under this folder")
-    parser.add_argument("--max-new-tokens", type=int, default=PPO["max_new_tokens"], help="longest completion, in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=PPO["max_new_tokens"],
+                        help="longest completion, in tokens")
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
                             help=f"override (full run: {value}, --quick: {QUICK[name]})")

@@ -261,9 +261,9 @@ def main() -> None:
     parser.add_argument("--ks", default="4,9", help="comma-separated K values")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both trainers")
     parser.add_argument("--rankings-per-step", type=int, default=4,
-                        help="ours: whole rankings per optimizer step (4, as in the world model's training recipe; 0: as many "
-                             "pairs per step as TRL's step, which at K = 9 is a single ranking, so each step sees one "
-                             "prompt)")
+                        help="ours: whole rankings per optimizer step (4, as in the world model's training "
+                             "recipe; 0: as many pairs per step as TRL's step, which at K = 9 is a single ranking, "
+                             "so each step sees one prompt)")
     parser.add_argument("--pairs-per-step", type=int, default=32, help="TRL: pairs per optimizer step")
     parser.add_argument("--extra-epochs", type=int, default=1,
                         help="also train ours for this many epochs (time and accuracy beside TRL's one epoch; 1: skip)")
