@@ -173,7 +173,7 @@ def world_pretrain(
     console.print(f"saved base model to {out}: {metrics}")
     if register:
         from app.db import session_scope
-        from app.services.registry import register_base_model
+        from app.registry.versions import register_base_model
 
         run_migrations()
         with session_scope() as db:
@@ -203,7 +203,7 @@ def export_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from app.db import get_engine
-    from app.services.export import ExportError, SnapshotExport
+    from app.export.service import ExportError, SnapshotExport
 
     def when(param: str, value: str | None) -> datetime | None:
         try:
@@ -246,8 +246,8 @@ def import_prompts_cmd(
 
     from app.db import session_scope
     from app.models import PromptBatch
-    from app.routes.batches_api import Upload, hygiene_summary, run_import
-    from app.services.batches import BatchError, create_batch
+    from app.collection.api import Upload, hygiene_summary, run_import
+    from app.collection.batches import BatchError, create_batch
 
     try:
         with session_scope() as db:

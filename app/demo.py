@@ -58,8 +58,8 @@ def ensure_demo_users(data_dir: Path) -> dict[str, dict[str, str]]:
 
 def ensure_base_model() -> None:
     """Registers the bundled base model, or queues its pretraining when it is not shipped."""
-    from app.services.registry import register_base_model
-    from app.services.runs import active_run, start_run
+    from app.registry.versions import register_base_model
+    from app.runs import active_run, start_run
 
     settings = get_settings()
     with session_scope() as db:
@@ -73,8 +73,8 @@ def ensure_base_model() -> None:
 
 def ensure_demo_batch(n_prompts: int = 24) -> None:
     """Seeds a batch of world prompts and starts it, once."""
-    from app.services.batches import create_batch, import_prompts, start_batch
-    from app.services.registry import sampling_policy
+    from app.collection.batches import create_batch, import_prompts, start_batch
+    from app.registry.versions import sampling_policy
     from app.world import generate_prompts
 
     with session_scope() as db:

@@ -3,7 +3,7 @@
 `create_app` wires routers, security headers, the request-size limit and
 error handlers that turn every user-caused problem into a clear 4xx (JSON
 for the API, a page for browsers). The web never imports torch or the
-worker package; it hands work to the worker through `app.jobs`.
+worker package; it hands work to the worker through `app.outbox`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,18 @@ from app.config import get_settings
 from app.db import max_connections
 from app.deps import LoginRequired
 from app.models import MAX_ID
-from app.routes import (admin, api, batches_api, evaluations, export, labeling, labeling_api, models_admin,
-                        models_api, pages, prompt_writing, quality, webhooks_admin)
+from app.accounts import api as accounts_api
+from app.accounts import pages as accounts_pages
+from app.collection import api as collection_api
+from app.collection import pages as collection_pages
+from app.collection import writing_routes
+from app.export import api as export_api
+from app.labeling import api as labeling_api
+from app.labeling import pages as labeling_pages
+from app.quality import evaluation_routes, routes as quality_routes
+from app.registry import api as registry_api
+from app.registry import pages as registry_pages
+from app.webhooks import pages as webhooks_pages
 from app.templating import templates
 
 log = logging.getLogger(__name__)
@@ -216,8 +226,10 @@ def create_app() -> FastAPI:
         dependencies=[Depends(path_ids_in_range)],
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (pages, labeling, admin, api, labeling_api, batches_api, export, models_admin, models_api,
-                   prompt_writing, quality, webhooks_admin, evaluations):
+    # The stages in the order data walks through them, each with its pages and its API.
+    for module in (accounts_pages, accounts_api, collection_pages, collection_api, writing_routes, labeling_pages,
+                   labeling_api, quality_routes, evaluation_routes, export_api, registry_pages, registry_api,
+                   webhooks_pages):
         app.include_router(module.router)
 
     app.add_middleware(AdmissionMiddleware, limit=max_connections())

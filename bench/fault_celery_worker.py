@@ -150,7 +150,7 @@ def main() -> int:
             time.sleep(1.0)
             status_after_kill = watcher.snapshot()[0]
             summary["status_after_kill"] = status_after_kill
-            from app.jobs import sender
+            from app.outbox import sender
 
             sender.cache_clear()
 

@@ -3,7 +3,7 @@
 Generates N prompts (default 100,000) with exact duplicates (case and
 whitespace variants), prompts sharing a long prefix, PII (emails, phones,
 Luhn-valid card numbers) and heavy users over the per-user cap mixed in, then
-imports them through `app.services.batches.import_prompts` (parse, validate,
+imports them through `app.collection.batches.import_prompts` (parse, validate,
 hygiene, split, insert, commit) into a dedicated, freshly migrated database.
 It runs the import twice, each in a fresh process so peak memory is its own:
 once into an empty database, once more (new prompts, another batch) with the
@@ -82,7 +82,7 @@ def _import_in_child(url: str, path: str, batch_name: str, queue) -> None:
 
     from app.db import make_engine
     from app.models import Prompt
-    from app.services import batches
+    from app.collection import batches
 
     engine = make_engine(url)
     with Session(engine) as db:

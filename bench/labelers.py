@@ -111,8 +111,8 @@ def seed(url: str, *, prompts: int, identities: int, overlap: int = 2, k: int = 
 
     from app.models import Assignment, Completion, Demonstration, Prompt, PromptBatch, Task, User, utcnow
     from app.security import create_api_token, hash_password
-    from app.services.batches import create_tasks
-    from app.services.registry import register_base_model
+    from app.collection.batches import create_tasks
+    from app.registry.versions import register_base_model
     from app.world import generate_prompts
     from app.world.labelers import demonstrate
 

@@ -178,7 +178,7 @@ def explain_lease(url: str) -> str:
 
     from app.db import get_sessionmaker
     from app.models import User
-    from app.services import labeling
+    from app.labeling import service as labeling
 
     captured: list[str] = []
     with get_sessionmaker()() as db:

@@ -237,7 +237,7 @@ def live_server(pg_engine) -> Iterator[str]:
 
 def start_celery_worker(env: dict[str, str] | None = None, log_path: Path | None = None) -> subprocess.Popen:
     """Starts a real Celery worker process on both queues and waits until it answers a ping."""
-    from app.jobs import sender
+    from app.outbox import sender
 
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(

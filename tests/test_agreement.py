@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.services.agreement import (
+from app.quality.agreement import (
     BatchAgreement,
     LabelerAgreement,
     batch_agreement,
@@ -25,7 +25,7 @@ from app.services.agreement import (
     ranking_reliability_data,
     speed_outliers,
 )
-from app.services.evaluation_stats import (
+from app.quality.stats import (
     Estimate,
     _t_two_sided_coverage,
     mean_with_interval,

@@ -8,8 +8,8 @@ from sqlalchemy import select
 
 from app.models import Completion, EvalJudgment, User
 from app.security import hash_password
-from app.services import evaluations
-from app.services.evaluation_stats import win_rate
+from app.quality import evaluations
+from app.quality.stats import win_rate
 from tests.factories import PASSWORD
 from tests.test_evaluations import held_out_batch, sample_by_hand, two_models
 from tests.test_labeling_browser import fresh

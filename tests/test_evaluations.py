@@ -16,9 +16,11 @@ from sqlalchemy import select
 from app.config import get_settings
 from app.models import Completion, EvalJudgment, Evaluation, ModelVersion, Prompt, PromptBatch, Task, TrainingRun
 from app.security import create_api_token
-from app.services import evaluations, labeling, registry
-from app.services.behaviour import model_behaviour
-from app.services.sampling import store_samples
+from app.quality import evaluations
+from app.labeling import service as labeling
+from app.registry import versions as registry
+from app.quality.behaviour import model_behaviour
+from app.collection.sampling import store_samples
 from tests.factories import AdminFactory, UserFactory
 from tests.test_labeling import seed_batch, tasks_of
 

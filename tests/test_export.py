@@ -41,8 +41,8 @@ from app.models import (
     User,
 )
 from app.security import create_api_token
-from app.services import export as export_service
-from app.services.export import (
+from app.export import service as export_service
+from app.export.service import (
     COMPARISON_COLUMNS,
     DEMONSTRATION_COLUMNS,
     RANKING_COLUMNS,
@@ -723,7 +723,7 @@ def receiver():
 
 def test_a_receiver_that_fails_twice_gets_the_signed_event_on_the_third_try(db, receiver):
     from app.models import WebhookDelivery
-    from app.services import webhooks
+    from app.webhooks import service as webhooks
 
     flaky = receiver(failures=2)
     hook = webhooks.create_webhook(db, flaky.url, ["batch.completed", "model_version.promoted"])
@@ -756,7 +756,7 @@ def test_a_receiver_that_fails_twice_gets_the_signed_event_on_the_third_try(db, 
 
 
 def test_a_dead_receiver_is_given_up_after_the_last_attempt(db, receiver):
-    from app.services import webhooks
+    from app.webhooks import service as webhooks
 
     dead = receiver(failures=100)
     hook = webhooks.create_webhook(db, dead.url, ["training_run.failed"])
@@ -776,7 +776,7 @@ def test_a_dead_receiver_is_given_up_after_the_last_attempt(db, receiver):
 
 
 def test_admins_manage_webhooks_and_read_the_delivery_log(client, db, receiver):
-    from app.services import webhooks
+    from app.webhooks import service as webhooks
 
     admin = add_user(db, "admin")
     token, _ = create_api_token(db, admin, ["admin"])

@@ -42,7 +42,7 @@ from app.deps import get_db
 from app.main import create_app
 from app.models import MAX_ID, Assignment, ModelVersion, TrainingRun, Webhook
 from app.security import create_api_token
-from app.services import labeling
+from app.labeling import service as labeling
 from tests.factories import AdminFactory, UserFactory
 from tests.test_labeling import seed_batch
 

@@ -9,7 +9,9 @@ from sqlalchemy import func, select
 
 from app.models import GoldAnswer, Ranking, Task
 from app.security import create_api_token
-from app.services import gold, labeling, training
+from app.quality import gold
+from app.labeling import service as labeling
+from app.training import data as training
 from tests.factories import AdminFactory, UserFactory
 from tests.test_labeling import seed_batch, tasks_of
 from tests.test_quality import rank, task_outputs

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.services.hygiene import (
+from app.collection.hygiene import (
     DroppedPrompt,
     HygieneConfig,
     apply_hygiene,
@@ -24,7 +24,7 @@ from app.services.hygiene import (
     prefix_key,
     redact_pii,
 )
-from app.services.prompt_import import PromptRow, parse_prompts
+from app.collection.prompt_import import PromptRow, parse_prompts
 
 NO_LIMITS = HygieneConfig(prefix_chars=None, max_per_user=None)
 

@@ -34,8 +34,8 @@ def tiny_model_path() -> Path:
 
 
 def _seed_batch(db, model_path: Path, n_prompts: int, k: int = 4, max_new_tokens: int = 12) -> int:
-    from app.services.batches import create_batch, start_batch
-    from app.services.registry import register_base_model
+    from app.collection.batches import create_batch, start_batch
+    from app.registry.versions import register_base_model
     from app.world import generate_prompts
 
     register_base_model(db, str(model_path))
@@ -78,7 +78,7 @@ def test_sampling_job_fills_a_batch_with_k_distinct_completions(committed_sessio
 
 
 def test_a_duplicate_message_does_nothing_twice(committed_session, celery_worker, tiny_model_path):
-    from app.jobs import sender
+    from app.outbox import sender
 
     db = committed_session
     batch_id = _seed_batch(db, tiny_model_path, n_prompts=2)
@@ -97,8 +97,8 @@ def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_sessio
     import redis
 
     from app.config import get_settings
-    from app.jobs import send_pending_runs
-    from app.services.runs import reap_stale_runs
+    from app.outbox import send_pending_runs
+    from app.runs import reap_stale_runs
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     db = committed_session
@@ -143,7 +143,7 @@ def test_job_requested_while_the_broker_is_down_runs_when_it_returns(committed_s
                                                                       monkeypatch):
     """A private Redis is stopped while a batch starts; the run waits in the outbox and runs after it returns."""
     from app.config import get_settings
-    from app.jobs import sender
+    from app.outbox import sender
 
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -181,7 +181,7 @@ def test_job_requested_while_the_broker_is_down_runs_when_it_returns(committed_s
 def test_an_evaluation_is_sampled_by_the_worker_from_both_models(committed_session, celery_worker, tiny_model_path):
     """Two versions answer held-out prompts through the real worker; differing pairs become blind eval tasks."""
     from app.models import Evaluation, ModelVersion
-    from app.services.evaluations import start_evaluation
+    from app.quality.evaluations import start_evaluation
     from app.world import generate_prompts
 
     db = committed_session

@@ -23,10 +23,10 @@ from app.models import (
     TaskItem,
     utcnow,
 )
-from app.routes.labeling import render_guidelines
+from app.labeling.pages import render_guidelines
 from app.security import create_api_token
-from app.services import labeling
-from app.services.batches import create_tasks
+from app.labeling import service as labeling
+from app.collection.batches import create_tasks
 from tests.factories import AdminFactory, UserFactory
 
 

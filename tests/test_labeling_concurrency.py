@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from app.db import get_sessionmaker
 from app.models import Assignment, Ranking, RankingItem, Task, User
 from app.security import create_api_token
-from app.services import labeling
+from app.labeling import service as labeling
 from tests.test_labeling import seed_batch
 
 pytestmark = pytest.mark.slow

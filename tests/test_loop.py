@@ -31,7 +31,7 @@ def _wait_run(db, run_id: int, timeout: float = 300) -> TrainingRun:
 
 
 def _new_batch(db, name: str, n: int, seed: int) -> PromptBatch:
-    from app.services.batches import create_batch, import_prompts, start_batch
+    from app.collection.batches import create_batch, import_prompts, start_batch
     from app.world import generate_prompts
 
     batch = create_batch(db, name=name, k=4, overlap=1, max_new_tokens=16, temperature=1.0, top_p=1.0)
@@ -46,9 +46,9 @@ def _new_batch(db, name: str, n: int, seed: int) -> PromptBatch:
 
 def test_import_sample_label_train_resample(committed_session, celery_worker):
     from app.security import hash_password
-    from app.services import labeling
-    from app.services.registry import register_base_model, sampling_policy
-    from app.services.runs import start_run
+    from app.labeling import service as labeling
+    from app.registry.versions import register_base_model, sampling_policy
+    from app.runs import start_run
     from app.world import SimulatedDemonstrator, SimulatedLabeler
 
     db = committed_session

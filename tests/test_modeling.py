@@ -179,7 +179,7 @@ def test_the_shipped_world_recipe_names_only_real_settings():
 
 
 def test_runs_take_the_recipe_of_their_base_model_under_their_own_params(db, tmp_path):
-    from app.services.registry import base_of, register_version
+    from app.registry.versions import base_of, register_version
     from worker.jobs import _with_recipe
     from worker.modeling import RECIPE_FILE
 

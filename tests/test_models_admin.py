@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from app.models import ModelVersion, TrainingRun, User, utcnow
 from app.security import create_api_token, hash_password
-from app.services import runs as run_service
+from app import runs as run_service
 from tests.factories import PASSWORD, AdminFactory, ModelVersionFactory, UserFactory
 
 
@@ -326,7 +326,7 @@ def test_runs_pages_start_show_and_cancel(client, db, admin_csrf):
         assert bad.status_code == 422 and message in bad.text, bad.text
         assert "</textarea>" in bad.text and params.replace('"', "&#34;") in bad.text  # the form keeps what was typed
     listing = client.get("/admin/runs").text
-    assert f'data-run-id="{run.id}"' in listing and 'src="/static/runs.js"' in listing
+    assert f'data-run-id="{run.id}"' in listing and 'src="/static/training/runs.js"' in listing
 
     run.status, run.progress, run.message = "running", 0.25, "step 5/20"
     run.metrics = {"curve": [{"step": s, "loss": 2.0 / s, "lr": 0.001} for s in range(1, 6)]}

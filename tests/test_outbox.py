@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import app.jobs as jobs
-from app.services.runs import RunError, start_run
+import app.outbox as jobs
+from app.runs import RunError, start_run
 
 
 @pytest.fixture

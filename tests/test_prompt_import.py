@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.services.prompt_import import (
+from app.collection.prompt_import import (
     ImportIssue,
     PromptRow,
     detect_format,

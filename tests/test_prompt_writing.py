@@ -13,10 +13,10 @@ from sqlalchemy import func, select
 
 from app.models import Prompt, PromptBatch, Task, TrainingRun
 from app.security import create_api_token
-from app.services import labeling
-from app.services import prompt_writing as writing
-from app.services.hygiene import normalized_key, prefix_key
-from app.services.sampling import open_for_labeling, prompts_needing_samples, store_samples
+from app.labeling import service as labeling
+from app.collection import prompt_writing as writing
+from app.collection.hygiene import normalized_key, prefix_key
+from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
 from tests.factories import AdminFactory, ModelVersionFactory, UserFactory
 
 pytestmark = pytest.mark.sqlite

@@ -26,8 +26,9 @@ from app.models import (
     utcnow,
 )
 from app.security import create_api_token
-from app.services import labeling, quality
-from app.services.agreement import pairwise_agreement
+from app.labeling import service as labeling
+from app.quality import report as quality
+from app.quality.agreement import pairwise_agreement
 from app.world.labelers import (
     DEFAULT_NOISE,
     TARGET_AGREEMENT,
@@ -351,7 +352,7 @@ def test_rankings_export_with_consensus_gives_one_row_per_task(client, db):
         rank(db, labeler, first, ranks)
     rank(db, a, second, [2, 2, 1, 3])  # one ranking: the consensus is that ranking
     from app.config import get_settings
-    from app.services.export import export_chunks, parse_cursor, resolve_filters
+    from app.export.service import export_chunks, parse_cursor, resolve_filters
 
     def export(fmt: str = "jsonl", cursor: str | None = None) -> str:
         # On the test's own connection: an HTTP export reads a snapshot of its own, which cannot see this data.

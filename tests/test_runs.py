@@ -6,7 +6,9 @@ import pytest
 from sqlalchemy import select
 
 from app.models import PromptBatch, TrainingRun
-from app.services import batches, registry, runs
+from app.collection import batches
+from app.registry import versions as registry
+from app import runs
 from tests.factories import BatchFactory, ModelVersionFactory, PromptFactory
 
 pytestmark = pytest.mark.sqlite
@@ -46,7 +48,7 @@ def test_mark_ready_promotes_only_the_first_of_a_kind(db):
 
 
 def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client, login):
-    from app.routes.models_api import cancel_run
+    from app.registry.api import cancel_run
     from tests.factories import AdminFactory
 
     ModelVersionFactory(kind="base", status="promoted")
@@ -63,7 +65,8 @@ def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client
 
 def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
     from app.config import get_settings
-    from app.services import labeling, training
+    from app.labeling import service as labeling
+    from app.training import data as training
     from tests.factories import UserFactory
     from tests.test_labeling import seed_batch
 

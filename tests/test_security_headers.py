@@ -36,8 +36,9 @@ from fastapi.testclient import TestClient
 from app.config import get_settings
 from app.models import ModelVersion, Prompt, TrainingRun, User, Webhook
 from app.security import LOGIN_CSRF_COOKIE, SESSION_COOKIE, create_api_token
-from app.services import evaluations, labeling
-from app.services.sampling import store_samples
+from app.quality import evaluations
+from app.labeling import service as labeling
+from app.collection.sampling import store_samples
 from tests.factories import PASSWORD, AdminFactory, UserFactory
 from tests.test_access import all_routes
 from tests.test_labeling import items_for, seed_batch

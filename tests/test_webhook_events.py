@@ -6,7 +6,10 @@ import pytest
 from sqlalchemy import select
 
 from app.models import PromptBatch, WebhookDelivery
-from app.services import labeling, registry, runs, webhooks
+from app.labeling import service as labeling
+from app.registry import versions as registry
+from app import runs
+from app.webhooks import service as webhooks
 from tests.factories import AdminFactory, UserFactory
 from tests.test_labeling import items_for, seed_batch
 

@@ -22,8 +22,10 @@ from sqlalchemy import select
 
 from app.models import Assignment, ModelVersion, Prompt, TrainingRun, User, Webhook
 from app.security import hash_password
-from app.services import evaluations, gold, labeling
-from app.services.sampling import store_samples
+from app.quality import evaluations
+from app.quality import gold
+from app.labeling import service as labeling
+from app.collection.sampling import store_samples
 from tests.factories import PASSWORD
 from tests.test_labeling import seed_batch
 

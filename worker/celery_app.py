@@ -11,7 +11,7 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from app.config import get_settings
-from app.jobs import celery_config
+from app.outbox import celery_config
 
 app = Celery("instructloop", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))

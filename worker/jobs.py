@@ -20,8 +20,10 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.db import session_scope
 from app.models import Evaluation, ModelVersion, PromptBatch, TrainingRun
-from app.services import evaluations, registry, training
-from app.services.sampling import open_for_labeling, prompts_needing_samples, store_samples
+from app.quality import evaluations
+from app.registry import versions as registry
+from app.training import data as training
+from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from app.db import session_scope
-from app.jobs import send_pending_runs
-from app.services import registry, runs
+from app.outbox import send_pending_runs
+from app.registry import versions as registry
+from app import runs
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def reap_stale_runs() -> list[int]:
 @app.task(name="instructloop.expire_leases")
 def expire_leases() -> int:
     """Returns expired task leases to the pool."""
-    from app.services.labeling import expire_leases as expire
+    from app.labeling.service import expire_leases as expire
 
     with session_scope() as db:
         return expire(db)
@@ -164,7 +165,7 @@ def expire_leases() -> int:
 @app.task(name="instructloop.check_retrain")
 def check_retrain() -> list[str]:
     """Starts SFT, RM or PPO when enough new data arrived since the last run of each."""
-    from app.services.training import start_due_runs
+    from app.training.data import start_due_runs
 
     with session_scope() as db:
         return [run.kind for run in start_due_runs(db)]
@@ -173,7 +174,7 @@ def check_retrain() -> list[str]:
 @app.task(name="instructloop.deliver_webhooks")
 def deliver_webhooks() -> int:
     """Sends due webhook events (signed, retried with backoff); returns how many were attempted."""
-    from app.services.webhooks import deliver_due
+    from app.webhooks.service import deliver_due
 
     with session_scope() as db:
         report = deliver_due(db)

@@ -1,0 +1,155 @@
+"""Browser pages shared by both roles: login, logout, and each role's home page.
+
+Every page checks its role through a dependency, every form carries the
+session's CSRF token (the login form a signed double-submit cookie, since no
+session exists yet), and the login is rate-limited per account and per IP.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, SessionDep, SettingsDep
+from app.security import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    authenticate,
+    clear_login_failures,
+    csrf_matches,
+    end_session,
+    login_blocked,
+    record_login_failure,
+    sign_login_csrf,
+    start_session,
+    unsign_login_csrf,
+)
+from app.accounts import dashboard
+from app.templating import templates
+
+router = APIRouter(include_in_schema=False)
+
+
+def render(request: Request, name: str, principal, status_code: int = 200, **context) -> HTMLResponse:
+    """Renders a page with the signed-in user and their CSRF token in the context."""
+    context.setdefault("user", principal.user if principal else None)
+    context.setdefault("csrf_token", principal.csrf_token if principal else "")
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def _safe_next(next_url: str | None) -> str:
+    # Only same-site paths: an attacker-supplied absolute URL would make login an open redirect.
+    if next_url and next_url.startswith("/") and not next_url.startswith("//") and "\\" not in next_url:
+        return next_url
+    return "/"
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+@router.get("/healthz")
+def healthz(db: SessionDep) -> dict:
+    """Reports that the web process and its database answer."""
+    from sqlalchemy import text
+
+    db.execute(text("SELECT 1"))
+    return {"status": "ok"}
+
+
+@router.get("/")
+def home(principal: OptionalPrincipal):
+    """Sends each visitor to the home page of their role, or to the login page."""
+    if principal is None or principal.via != "session":
+        return RedirectResponse("/login", status_code=303)
+    return RedirectResponse("/admin" if principal.is_admin else "/label", status_code=303)
+
+
+def _login_page(request: Request, settings, *, error: str = "", username: str = "", next_url: str = "/", status: int = 200):
+    token = secrets.token_urlsafe(32)
+    response = templates.TemplateResponse(
+        request,
+        "accounts/login.html",
+        {"user": None, "csrf_token": token, "error": error, "username": username, "next": _safe_next(next_url)},
+        status_code=status,
+    )
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE, sign_login_csrf(settings, token), httponly=True, samesite="lax",
+        secure=settings.secure_cookies, max_age=3600,
+    )
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, settings: SettingsDep, next: str = "/"):
+    """Shows the login form."""
+    return _login_page(request, settings, next_url=next)
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    db: SessionDep,
+    settings: SettingsDep,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    csrf_token: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/",
+):
+    """Checks credentials, starts a fresh session and redirects to where the user was going."""
+    expected = unsign_login_csrf(settings, request.cookies.get(LOGIN_CSRF_COOKIE))
+    if expected is None or not csrf_matches(expected, csrf_token):
+        return _login_page(request, settings, error="The form expired; please try again.", username=username,
+                           next_url=next, status=403)
+    ip = _client_ip(request)
+    if login_blocked(db, settings, username, ip):
+        return _login_page(
+            request, settings, username=username, next_url=next, status=429,
+            error=f"Too many failed attempts; wait {settings.login_window_s // 60} minutes and try again.",
+        )
+    user = authenticate(db, username, password)
+    if user is None:
+        record_login_failure(db, settings, username, ip)
+        return _login_page(request, settings, error="Wrong username or password.", username=username,
+                           next_url=next, status=401)
+    clear_login_failures(db, username)
+    cookie, _ = start_session(db, settings, user)
+    target = _safe_next(next)
+    if target == "/":
+        target = "/admin" if user.role == "admin" else "/label"
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE, cookie, httponly=True, samesite="lax", secure=settings.secure_cookies,
+        max_age=settings.session_max_age_s,
+    )
+    response.delete_cookie(LOGIN_CSRF_COOKIE)
+    return response
+
+
+@router.post("/logout")
+def logout(principal: AnyUserPage, db: SessionDep):
+    """Ends the session and returns to the login page."""
+    if principal.session is None:
+        raise HTTPException(400, "Not logged in with a browser session")
+    db.add(principal.session)
+    end_session(db, principal.session)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+@router.get("/label")
+def labeler_home(request: Request, principal: LabelerPage, db: SessionDep):
+    """The labeler's home: available tasks by kind and what they did today."""
+    summary = dashboard.labeler_summary(db, principal.user)
+    return render(request, "accounts/labeler_home.html", principal, summary=summary)
+
+
+@router.get("/admin")
+def admin_home(request: Request, principal: AdminPage, db: SessionDep):
+    """The admin's dashboard: batches, labeling progress, runs and models at a glance."""
+    summary = dashboard.admin_summary(db)
+    return render(request, "accounts/admin_home.html", principal, summary=summary)

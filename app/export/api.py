@@ -1,0 +1,219 @@
+"""The export API: demonstrations, comparisons and rankings for `export:read`, and webhooks for admins.
+
+Each endpoint streams JSON Lines (default) or CSV, optionally gzip, from a
+snapshot of its own (see app.export.service); the request's session only
+authenticates. Filters are checked before the first byte is sent, so a bad
+one is a 422 naming the parameter rather than a broken 200. Every row has
+a `cursor`: after a broken download, pass the last complete row's cursor
+as `?cursor=` (with the same filters) to continue without gaps or repeats.
+Webhooks (`/api/v1/webhooks`) tell other systems about events of the loop;
+their delivery log is served here for the admin pages.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from starlette.types import Receive, Scope, Send
+
+from app.config import get_settings
+from app.models import WEBHOOK_EVENTS, Webhook
+from app.deps import AdminApi, ExportReader, SessionDep
+from app.webhooks import service as webhooks
+from app.export.service import ExportError, SnapshotExport
+
+router = APIRouter()
+export_router = APIRouter(prefix="/api/v1/export", tags=["export"])
+webhooks_router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+
+MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+
+class ExportQuery(BaseModel):
+    """Query parameters shared by the three exports; unknown parameters are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["jsonl", "csv"] = Field("jsonl", description="JSON Lines (default) or CSV with a header row.")
+    compress: Literal["gzip", "none"] = Field(
+        "none", description="'gzip' sends a .gz file; with Accept-Encoding: gzip the transfer is compressed anyway.")
+    batch: str | None = Field(None, description="Prompt batch id or name.")
+    split: Literal["train", "valid", "test"] | None = Field(None, description="The prompts' split.")
+    since: datetime | None = Field(None, description="Submitted at or after this time (ISO 8601; naive = UTC).")
+    until: datetime | None = Field(None, description="Submitted before this time.")
+    labeler: str | None = Field(None, description="Pseudonymous labeler id as it appears in exports (lab_...).")
+    model_version: str | None = Field(
+        None, description="Rankings with at least one output from this model version (id or name).")
+    min_overlap: int | None = Field(None, ge=1, le=1000,
+                                    description="Only tasks labeled by at least this many labelers.")
+    exclude_flagged: bool = Field(False, description="Drop rankings whose outputs were all marked unacceptable.")
+    cursor: str | None = Field(None, description="Resume after the row carrying this cursor.")
+    aggregate: Literal["none", "consensus"] = Field(
+        "none", description="Rankings only: 'consensus' gives one row per task with its labelers' ranks and their "
+                            "Borda consensus (consensus_rank per completion); the cursor is then the task id.")
+
+
+def _accepts_gzip(header: str) -> bool:
+    """Tells whether an Accept-Encoding header lists gzip with a non-zero quality."""
+    for part in header.lower().split(","):
+        name, *params = (piece.strip() for piece in part.split(";"))
+        if name in ("gzip", "x-gzip"):
+            quality = next((p[2:] for p in params if p.startswith("q=")), "1")
+            try:
+                return float(quality) > 0
+            except ValueError:
+                return False
+    return False
+
+
+class ExportResponse(StreamingResponse):
+    """A streamed export that ends its snapshot however the response ends, hang-ups included."""
+
+    def __init__(self, first: bytes, chunks: Iterator[bytes], **kwargs):
+        super().__init__(itertools.chain([first] if first else [], chunks), **kwargs)
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # When the client hangs up, Starlette abandons the iterator mid-stream and only the garbage
+            # collector would close it, leaving the snapshot's transaction open until then. A chunk
+            # being read in the thread pool has finished by now (thread calls are not abandoned).
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.chunks.close)
+
+
+def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> StreamingResponse:
+    settings = get_settings()
+    file_gzip = query.compress == "gzip"
+    transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
+    filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate"})
+    try:
+        export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
+                                cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate,
+                                **filters)
+    except ExportError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    chunks = export.chunks()
+    # The first chunk is read before answering, so a database error is a 500, not a truncated 200.
+    first = next(chunks, b"")
+    filename = f"{kind}.{query.format}" + (".gz" if file_gzip else "")
+    headers = {
+        "content-disposition": f'attachment; filename="{filename}"',
+        "cache-control": "no-store",
+        "vary": "accept-encoding",
+        "x-export-cursor-field": "cursor",
+    }
+    if transfer_gzip:
+        headers["content-encoding"] = "gzip"
+    media_type = "application/gzip" if file_gzip else MEDIA_TYPES[query.format]
+    return ExportResponse(first, chunks, media_type=media_type, headers=headers)
+
+
+Params = Annotated[ExportQuery, Query()]
+RESPONSES = {
+    200: {"description": "The export, streamed; every row carries its `cursor`.",
+          "content": {"application/x-ndjson": {}, "text/csv": {}, "application/gzip": {}}},
+    422: {"description": "A bad filter; `detail` starts with the parameter's name."},
+}
+
+
+@export_router.get("/demonstrations", response_class=ExportResponse, responses=RESPONSES, status_code=200)
+def export_demonstrations(query: Params, request: Request, db: SessionDep, principal: ExportReader):
+    """Streams demonstrations as TRL prompt-completion rows (`prompt`, `completion`, provenance, `cursor`)."""
+    return _export("demonstrations", query, request, db)
+
+
+@export_router.get("/comparisons", response_class=ExportResponse, responses=RESPONSES, status_code=200)
+def export_comparisons(query: Params, request: Request, db: SessionDep, principal: ExportReader):
+    """Streams one TRL reward/DPO row (`prompt`, `chosen`, `rejected`, ...) per pair of differently ranked outputs."""
+    return _export("comparisons", query, request, db)
+
+
+@export_router.get("/rankings", response_class=ExportResponse, responses=RESPONSES, status_code=200)
+def export_rankings(query: Params, request: Request, db: SessionDep, principal: ExportReader):
+    """Streams one row per ranking with all K outputs, ranks, Likert, flags and display order (or per task: consensus)."""
+    return _export("rankings", query, request, db)
+
+
+# --- webhooks -------------------------------------------------------------------------------------
+
+
+class WebhookIn(BaseModel):
+    url: str = Field(..., max_length=2000, description="Where events are POSTed (http or https).")
+    events: list[str] = Field(..., min_length=1, description="Any of " + ", ".join(WEBHOOK_EVENTS))
+    description: str = Field("", max_length=200)
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    description: str
+    events: list[str]
+    is_active: bool
+    created_at: datetime
+
+
+class NewWebhookOut(WebhookOut):
+    secret: str = Field(description="The HMAC-SHA256 signing key; verify X-InstructLoop-Signature with it")
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    event: str
+    event_id: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+@webhooks_router.get("", response_model=list[WebhookOut])
+def list_webhooks(db: SessionDep, principal: AdminApi):
+    """Lists the registered webhooks (without their secrets)."""
+    hooks = db.scalars(select(Webhook).order_by(Webhook.id))
+    return [WebhookOut.model_validate(hook, from_attributes=True) for hook in hooks]
+
+
+@webhooks_router.post("", response_model=NewWebhookOut, status_code=201)
+def create_webhook(body: WebhookIn, db: SessionDep, principal: AdminApi):
+    """Registers a URL for events; the signing secret is in the response."""
+    try:
+        hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
+    except webhooks.WebhookError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return NewWebhookOut.model_validate(hook, from_attributes=True)
+
+
+@webhooks_router.delete("/{webhook_id}", status_code=204)
+def delete_webhook(webhook_id: int, db: SessionDep, principal: AdminApi):
+    """Deactivates a webhook: no more events; its delivery log stays."""
+    if not webhooks.deactivate_webhook(db, webhook_id):
+        raise HTTPException(404, f"No active webhook {webhook_id}")
+    return Response(status_code=204)
+
+
+@webhooks_router.get("/{webhook_id}/deliveries", response_model=list[DeliveryOut])
+def webhook_deliveries(webhook_id: int, db: SessionDep, principal: AdminApi,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+    """The delivery log of a webhook, newest first: status, attempts, last HTTP status and error."""
+    if db.get(Webhook, webhook_id) is None:
+        raise HTTPException(404, f"No webhook {webhook_id}")
+    return [DeliveryOut.model_validate(d, from_attributes=True)
+            for d in webhooks.list_deliveries(db, webhook_id, limit)]
+
+
+router.include_router(export_router)
+router.include_router(webhooks_router)

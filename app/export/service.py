@@ -1,0 +1,673 @@
+"""Export: the loop's product, demonstrations and rankings, streamed in the formats trainers read.
+
+Three exports read the labeled data out of the database: demonstrations as
+TRL prompt-completion rows, comparisons as TRL reward/DPO rows (one per pair
+of outputs with different ranks, weighted 1/P so a trainer can reproduce
+InstructGPT's per-ranking normalisation) and rankings as one row per ranking
+with all K outputs (or, with `aggregate="consensus"`, one row per task with
+the Borda consensus of its labelers' ranks). Each export is one read-only snapshot (REPEATABLE READ
+on PostgreSQL, one read transaction on SQLite) streamed through a
+server-side cursor, so memory stays flat whatever the size and submissions
+arriving meanwhile never show up half-written. Rows come in a stable order
+(ranking or demonstration id, then pair index) and each carries its own
+`cursor`: passing the last cursor a client received resumes exactly after
+that row. Rows are built from plain tuples and pre-encoded JSON fragments
+because this path must sustain 100,000+ comparison rows per second.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import itertools
+import json
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, exists, func, select
+from sqlalchemy.orm import Session
+
+from app.models import (
+    MAX_ID,
+    SPLITS,
+    Completion,
+    Demonstration,
+    ModelVersion,
+    Prompt,
+    PromptBatch,
+    Ranking,
+    RankingItem,
+    User,
+)
+from app.quality.agreement import borda_consensus
+
+EXPORT_KINDS = ("demonstrations", "comparisons", "rankings")
+EXPORT_FORMATS = ("jsonl", "csv")
+
+DEMONSTRATION_COLUMNS = (
+    "prompt", "completion", "demonstration_id", "prompt_id", "task_id", "batch", "batch_id", "split",
+    "labeler", "labeler_held_out", "active_seconds", "submitted_at", "cursor",
+)
+COMPARISON_COLUMNS = (
+    "prompt", "chosen", "rejected", "ranking_id", "prompt_id", "task_id",
+    "chosen_rank", "chosen_likert", "chosen_completion_id", "chosen_model_version",
+    "rejected_rank", "rejected_likert", "rejected_completion_id", "rejected_model_version",
+    "weight", "batch", "batch_id", "split", "labeler", "labeler_held_out", "all_unacceptable",
+    "submitted_at", "cursor",
+)
+RANKING_COLUMNS = (
+    "ranking_id", "prompt_id", "task_id", "prompt", "k", "completions", "all_unacceptable", "is_gold",
+    "active_seconds", "batch", "batch_id", "split", "labeler", "labeler_held_out", "submitted_at", "cursor",
+)
+# rankings?aggregate=consensus: one row per task with at least one ranking (after the filters), in task order.
+# `labelers` lists the pseudonyms of the labelers whose rankings were combined; each of `completions` (in
+# completion id order) has completion_id, text, model_version, consensus_rank (Borda count over those rankings
+# as dense ranks: 1 = best, equal scores tie) and ranks (one per labeler, in the order of `labelers`).
+# `cursor` is the task id.
+CONSENSUS_COLUMNS = (
+    "task_id", "prompt_id", "prompt", "k", "n_rankings", "labelers", "completions", "batch", "batch_id", "split",
+    "cursor",
+)
+AGGREGATES = ("none", "consensus")
+COLUMNS = {"demonstrations": DEMONSTRATION_COLUMNS, "comparisons": COMPARISON_COLUMNS, "rankings": RANKING_COLUMNS,
+           "consensus": CONSENSUS_COLUMNS}
+
+# Roughly this many characters per chunk handed to the web server: big enough that the per-chunk
+# thread hop and ASGI send cost nothing per row, small enough that memory stays flat.
+CHUNK_CHARS = 256 * 1024
+# Rows the server-side cursor fetches per round trip.
+YIELD_PER = 5000
+GZIP_LEVEL = 3
+
+_json_str = json.JSONEncoder(ensure_ascii=False).encode  # for a str this is the C string encoder
+_json_any = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class ExportError(ValueError):
+    """A user-caused problem with an export request; `param` names the query parameter at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """Which rows an export includes, with names already resolved to ids."""
+
+    batch_id: int | None = None
+    split: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    labeler_id: int | None = None
+    model_version_id: int | None = None
+    min_overlap: int | None = None
+    exclude_flagged: bool = False
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a resumed export continues: after row `pair_index` of unit `unit_id` (None: after the whole unit)."""
+
+    unit_id: int
+    pair_index: int | None = None
+
+
+def labeler_pseudonym(secret_key: str, user_id: int) -> str:
+    """Returns a labeler's export id: stable per deployment, revealing neither user id nor name."""
+    digest = hmac.new(secret_key.encode(), b"instructloop-labeler:%d" % user_id, hashlib.sha256).hexdigest()
+    return "lab_" + digest[:16]
+
+
+@lru_cache(maxsize=4096)
+def comparison_pairs(ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Returns the (chosen, rejected) index pairs of outputs sorted best first; tied outputs give none."""
+    return tuple(
+        (i, j) for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] < ranks[j]
+    )
+
+
+def parse_cursor(kind: str, text: str) -> Cursor:
+    """Parses a cursor from a row of this export: 'ranking_id:pair_index' for comparisons, else an id."""
+    unit, sep, pair = text.partition(":")
+    try:
+        if sep and kind != "comparisons":
+            raise ValueError
+        cursor = Cursor(int(unit), int(pair) if sep else None)
+    except ValueError:
+        shape = "'<ranking_id>:<pair_index>'" if kind == "comparisons" else "a row id"
+        raise ExportError("cursor", f"expected {shape} copied from the last row received, got {text!r}") from None
+    if cursor.unit_id < 0 or (cursor.pair_index is not None and cursor.pair_index < 0):
+        raise ExportError("cursor", f"must not be negative, got {text!r}")
+    return cursor
+
+
+def resolve_filters(
+    db: Connection | Session,
+    kind: str,
+    secret_key: str,
+    *,
+    batch: str | None = None,
+    split: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    labeler: str | None = None,
+    model_version: str | None = None,
+    min_overlap: int | None = None,
+    exclude_flagged: bool = False,
+) -> ExportFilters:
+    """Checks raw filter values and resolves names to ids; raises ExportError naming a bad parameter."""
+    if kind not in EXPORT_KINDS:
+        raise ExportError("kind", f"must be one of {', '.join(EXPORT_KINDS)}")
+    if split is not None and split not in SPLITS:
+        raise ExportError("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
+    since, until = _utc(since), _utc(until)
+    if since is not None and until is not None and until <= since:
+        raise ExportError("until", "must be later than since")
+    if min_overlap is not None and min_overlap < 1:
+        raise ExportError("min_overlap", "must be at least 1")
+    if kind == "demonstrations" and model_version is not None:
+        raise ExportError("model_version", "demonstrations are written by people; filter rankings or comparisons")
+    if kind == "demonstrations" and exclude_flagged:
+        raise ExportError("exclude_flagged", "only rankings and comparisons can be flagged")
+    return ExportFilters(
+        batch_id=_lookup(db, "batch", batch, PromptBatch.id, PromptBatch.name, "prompt batch"),
+        split=split,
+        since=since,
+        until=until,
+        labeler_id=_labeler_id(db, secret_key, labeler),
+        model_version_id=_lookup(db, "model_version", model_version, ModelVersion.id, ModelVersion.name,
+                                 "model version"),
+        min_overlap=min_overlap,
+        exclude_flagged=exclude_flagged,
+    )
+
+
+def _lookup(db, param: str, value: str | None, id_col, name_col, what: str) -> int | None:
+    # A value is an id when it is all digits and such an id exists, else a name.
+    if value is None:
+        return None
+    if "\x00" in value or len(value) > 200:
+        raise ExportError(param, f"no {what} has the id or name {value[:200]!r}")
+    # ASCII digits only ('²' passes isdigit() but not int()), and within the 64-bit id range.
+    is_id = value.isascii() and value.isdigit() and int(value) <= MAX_ID
+    found = db.execute(select(id_col).where(id_col == int(value))).scalar() if is_id else None
+    if found is None:
+        found = db.execute(select(id_col).where(name_col == value)).scalar()
+    if found is None:
+        raise ExportError(param, f"no {what} has the id or name {value!r}")
+    return found
+
+
+def _labeler_id(db, secret_key: str, pseudonym: str | None) -> int | None:
+    # Pseudonyms are one-way, so find the labeler by hashing every user id (there are few users).
+    if pseudonym is None:
+        return None
+    for user_id in db.execute(select(User.id)).scalars():
+        if hmac.compare_digest(labeler_pseudonym(secret_key, user_id), pseudonym):
+            return user_id
+    raise ExportError("labeler", f"no labeler has the pseudonymous id {pseudonym!r} (ids look like lab_0123...)")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _iso(value: datetime) -> str:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()
+
+
+# --- snapshot -------------------------------------------------------------------------------------
+
+
+def open_snapshot(engine: Engine) -> Connection:
+    """Opens a connection of its own holding one read-only snapshot for a whole export."""
+    if engine.dialect.name == "postgresql":
+        conn = engine.connect().execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        conn.begin()
+        return conn
+    # pysqlite only opens transactions before writes; an explicit BEGIN makes every read share one
+    # WAL snapshot.
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    conn.exec_driver_sql("BEGIN")
+    return conn
+
+
+def close_snapshot(conn: Connection) -> None:
+    """Ends a snapshot opened by open_snapshot (nothing was written) and returns its connection."""
+    try:
+        if conn.dialect.name == "postgresql":
+            conn.rollback()
+        else:
+            conn.exec_driver_sql("ROLLBACK")
+    finally:
+        conn.close()
+
+
+# --- queries --------------------------------------------------------------------------------------
+
+_r, _ri, _p, _b = Ranking.__table__, RankingItem.__table__, Prompt.__table__, PromptBatch.__table__
+_c, _mv, _u, _d = Completion.__table__, ModelVersion.__table__, User.__table__, Demonstration.__table__
+
+
+def _unit_conditions(kind: str, filters: ExportFilters, cursor: Cursor | None) -> list:
+    unit = _d if kind == "demonstrations" else _r
+    conds = []
+    if filters.batch_id is not None:
+        conds.append(_p.c.batch_id == filters.batch_id)
+    if filters.split is not None:
+        conds.append(_p.c.split == filters.split)
+    if filters.since is not None:
+        conds.append(unit.c.created_at >= filters.since)
+    if filters.until is not None:
+        conds.append(unit.c.created_at < filters.until)
+    if filters.labeler_id is not None:
+        conds.append(unit.c.labeler_id == filters.labeler_id)
+    if filters.min_overlap is not None:
+        overlapped = (select(unit.c.task_id).group_by(unit.c.task_id)
+                      .having(func.count(unit.c.labeler_id.distinct()) >= filters.min_overlap))
+        conds.append(unit.c.task_id.in_(overlapped))
+    if filters.exclude_flagged:
+        conds.append(_r.c.all_unacceptable.is_(False))
+    if filters.model_version_id is not None:
+        item, completion = _ri.alias("mv_item"), _c.alias("mv_completion")
+        conds.append(exists().where(
+            item.c.ranking_id == _r.c.id, completion.c.id == item.c.completion_id,
+            completion.c.model_version_id == filters.model_version_id,
+        ))
+    if cursor is not None:
+        # A comparisons cursor inside a ranking re-reads that ranking and skips the pairs already sent.
+        conds.append(unit.c.id >= cursor.unit_id if cursor.pair_index is not None else unit.c.id > cursor.unit_id)
+    return conds
+
+
+def _ranking_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select:
+    joined = (_r.join(_p, _p.c.id == _r.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id)
+              .join(_u, _u.c.id == _r.c.labeler_id))
+    return (
+        select(_r.c.id, _r.c.prompt_id, _r.c.task_id, _r.c.labeler_id, _r.c.all_unacceptable, _r.c.is_gold,
+               _r.c.active_seconds, _r.c.created_at, _p.c.text, _p.c.split, _p.c.batch_id, _b.c.name, _u.c.held_out)
+        .select_from(joined)
+        .where(*_unit_conditions("rankings", filters, cursor))
+        .order_by(_r.c.id)
+    )
+
+
+def _item_rows_query(kind: str, filters: ExportFilters, cursor: Cursor | None) -> Select:
+    # Items come in a second statement, in ranking order, rather than joined onto each ranking row: the
+    # ranking's fields (the prompt above all) would otherwise cross the wire and be decoded K times.
+    columns = [_ri.c.ranking_id, _ri.c.completion_id, _ri.c.rank, _ri.c.likert, _ri.c.position, _c.c.text,
+               _c.c.model_version_id]
+    if kind == "rankings":
+        columns.append(_ri.c.flags)  # JSON decoding costs; comparisons do not carry flags
+    joined = (_ri.join(_r, _r.c.id == _ri.c.ranking_id).join(_p, _p.c.id == _r.c.prompt_id)
+              .join(_c, _c.c.id == _ri.c.completion_id))
+    return (select(*columns).select_from(joined).where(*_unit_conditions(kind, filters, cursor))
+            .order_by(_ri.c.ranking_id))
+
+
+def _demonstration_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select:
+    joined = (_d.join(_p, _p.c.id == _d.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id)
+              .join(_u, _u.c.id == _d.c.labeler_id))
+    return (
+        select(_d.c.id, _d.c.prompt_id, _d.c.task_id, _d.c.labeler_id, _d.c.active_seconds, _d.c.created_at,
+               _d.c.text, _p.c.text, _p.c.split, _p.c.batch_id, _b.c.name, _u.c.held_out)
+        .select_from(joined)
+        .where(*_unit_conditions("demonstrations", filters, cursor))
+        .order_by(_d.c.id)
+    )
+
+
+def count_units(conn: Connection, kind: str, filters: ExportFilters, cursor: Cursor | None = None) -> int:
+    """Counts the rankings (or demonstrations) an export will read, for a progress bar."""
+    unit = _d if kind == "demonstrations" else _r
+    query = select(func.count()).select_from(unit.join(_p, _p.c.id == unit.c.prompt_id))
+    return conn.execute(query.where(*_unit_conditions(kind, filters, cursor))).scalar_one()
+
+
+# --- row builders ---------------------------------------------------------------------------------
+
+# Positions in a ranking row and in an item row (see the queries above).
+(R_ID, R_PROMPT_ID, R_TASK_ID, R_LABELER, R_UNACCEPTABLE, R_GOLD, R_SECONDS, R_AT, P_TEXT, P_SPLIT, P_BATCH_ID,
+ B_NAME, U_HELD_OUT) = range(13)
+I_RANKING, I_COMPLETION, I_RANK, I_LIKERT, I_POSITION, I_TEXT, I_VERSION, I_FLAGS = range(8)
+_best_first = itemgetter(I_RANK, I_POSITION, I_COMPLETION)
+_by_position = itemgetter(I_POSITION, I_COMPLETION)
+_JSON_BOOL = {True: "true", False: "false"}
+
+
+class _Names:
+    """What rows refer to by id, read once per export: labeler pseudonyms and model version names."""
+
+    def __init__(self, conn: Connection, secret_key: str):
+        self.secret_key = secret_key
+        self.pseudonyms: dict[int, str] = {}
+        # Model versions are few; a dict lookup per item beats joining their names onto every item row.
+        self.versions: dict[int | None, str | None] = dict(conn.execute(select(_mv.c.id, _mv.c.name)).all())
+        self.versions[None] = None
+        self.versions_json = {key: "null" if name is None else _json_str(name) for key, name in self.versions.items()}
+        self.versions_csv = {key: _csv_field(name) for key, name in self.versions.items()}
+
+    def labeler(self, user_id: int) -> str:
+        """Returns the pseudonym of a labeler, computing each one once."""
+        name = self.pseudonyms.get(user_id)
+        if name is None:
+            name = self.pseudonyms[user_id] = labeler_pseudonym(self.secret_key, user_id)
+        return name
+
+
+def _comparison_jsonl(unit: tuple[Sequence, list], skip_through: int, names: _Names) -> str:
+    ranking, items = unit
+    items.sort(key=_best_first)
+    pairs = comparison_pairs(tuple(row[I_RANK] for row in items))
+    if len(pairs) <= skip_through + 1:
+        return ""
+    rid = ranking[R_ID]
+    # Every row is four per-output fragments and the pair index, so a row costs one small f-string.
+    prompt = _json_str(ranking[P_TEXT])
+    ids = f'"ranking_id":{rid},"prompt_id":{ranking[R_PROMPT_ID]},"task_id":{ranking[R_TASK_ID]}'
+    common = (
+        f'"weight":{1 / len(pairs)!r},"batch":{_json_str(ranking[B_NAME])},"batch_id":{ranking[P_BATCH_ID]},'
+        f'"split":{_json_str(ranking[P_SPLIT])},"labeler":"{names.labeler(ranking[R_LABELER])}",'
+        f'"labeler_held_out":{_JSON_BOOL[bool(ranking[U_HELD_OUT])]},'
+        f'"all_unacceptable":{_JSON_BOOL[bool(ranking[R_UNACCEPTABLE])]},"submitted_at":"{_iso(ranking[R_AT])}",'
+        f'"cursor":"{rid}:'
+    )
+    chosen_text, rejected_text, chosen, rejected = [], [], [], []
+    versions = names.versions_json
+    for row in items:
+        text = _json_str(row[I_TEXT])
+        rank, likert, completion, version = row[I_RANK], row[I_LIKERT], row[I_COMPLETION], versions[row[I_VERSION]]
+        chosen_text.append(f'{{"prompt":{prompt},"chosen":{text},"rejected":')
+        rejected_text.append(f"{text},{ids},")
+        chosen.append(f'"chosen_rank":{rank},"chosen_likert":{likert},"chosen_completion_id":{completion},'
+                      f'"chosen_model_version":{version},')
+        rejected.append(f'"rejected_rank":{rank},"rejected_likert":{likert},"rejected_completion_id":{completion},'
+                        f'"rejected_model_version":{version},{common}')
+    return "".join([
+        f'{chosen_text[i]}{rejected_text[j]}{chosen[i]}{rejected[j]}{n}"}}\n'
+        for n, (i, j) in enumerate(pairs) if n > skip_through
+    ])
+
+
+def _csv_field(value: str | None) -> str:
+    """Quotes a text field the way csv.writer's QUOTE_MINIMAL does."""
+    if value is None:
+        return ""
+    if _CSV_SPECIAL.search(value):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+_CSV_SPECIAL = re.compile(r'[",\r\n]')
+
+
+def _csv_line(values: Iterable[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def _comparison_csv(unit: tuple[Sequence, list], skip_through: int, names: _Names) -> str:
+    # The same pre-encoded-fragment approach as JSON Lines: csv.writer would re-examine every field of every pair.
+    ranking, items = unit
+    items.sort(key=_best_first)
+    pairs = comparison_pairs(tuple(row[I_RANK] for row in items))
+    if len(pairs) <= skip_through + 1:
+        return ""
+    rid = ranking[R_ID]
+    head = _csv_field(ranking[P_TEXT])
+    ids = f"{rid},{ranking[R_PROMPT_ID]},{ranking[R_TASK_ID]}"
+    common = (
+        f"{1 / len(pairs)!r},{_csv_field(ranking[B_NAME])},{ranking[P_BATCH_ID]},{_csv_field(ranking[P_SPLIT])},"
+        f"{names.labeler(ranking[R_LABELER])},{bool(ranking[U_HELD_OUT])},{bool(ranking[R_UNACCEPTABLE])},"
+        f"{_iso(ranking[R_AT])},{rid}:"
+    )
+    chosen = [f"{head},{_csv_field(row[I_TEXT])}," for row in items]
+    rejected = [f"{_csv_field(row[I_TEXT])},{ids}," for row in items]
+    chosen_sides = [f"{row[I_RANK]},{row[I_LIKERT]},{row[I_COMPLETION]},{names.versions_csv[row[I_VERSION]]},"
+                    for row in items]
+    rejected_sides = [f"{side}{common}" for side in chosen_sides]
+    return "".join([
+        f"{chosen[i]}{rejected[j]}{chosen_sides[i]}{rejected_sides[j]}{n}\n"
+        for n, (i, j) in enumerate(pairs) if n > skip_through
+    ])
+
+
+def _ranking_record(ranking: Sequence, items: list, names: _Names) -> dict[str, Any]:
+    items.sort(key=_by_position)  # the order the labeler saw them in
+    return {
+        "ranking_id": ranking[R_ID], "prompt_id": ranking[R_PROMPT_ID], "task_id": ranking[R_TASK_ID],
+        "prompt": ranking[P_TEXT], "k": len(items),
+        "completions": [
+            {"completion_id": row[I_COMPLETION], "text": row[I_TEXT], "rank": row[I_RANK], "likert": row[I_LIKERT],
+             "flags": list(row[I_FLAGS] or []), "position": row[I_POSITION],
+             "model_version": names.versions[row[I_VERSION]]}
+            for row in items
+        ],
+        "all_unacceptable": bool(ranking[R_UNACCEPTABLE]), "is_gold": bool(ranking[R_GOLD]),
+        "active_seconds": ranking[R_SECONDS], "batch": ranking[B_NAME], "batch_id": ranking[P_BATCH_ID],
+        "split": ranking[P_SPLIT], "labeler": names.labeler(ranking[R_LABELER]),
+        "labeler_held_out": bool(ranking[U_HELD_OUT]), "submitted_at": _iso(ranking[R_AT]),
+        "cursor": str(ranking[R_ID]),
+    }
+
+
+def _demonstration_record(row: Sequence, names: _Names) -> tuple:
+    demo_id, prompt_id, task_id, labeler_id, seconds, at, text, prompt, split, batch_id, batch, held_out = row
+    return (prompt, text, demo_id, prompt_id, task_id, batch, batch_id, split, names.labeler(labeler_id),
+            bool(held_out), seconds, _iso(at), str(demo_id))
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+def _stream(conn: Connection, query: Select) -> Iterator[Any]:
+    # Per statement: Connection.execution_options() would change the caller's connection for good.
+    # Partitions hand over YIELD_PER rows at a time (one FETCH each), without a fetch call per row.
+    result = conn.execute(query, execution_options={"stream_results": True, "yield_per": YIELD_PER})
+    return itertools.chain.from_iterable(result.partitions())
+
+
+def _units(conn: Connection, kind: str, filters: ExportFilters, cursor: Cursor | None) -> Iterator[Any]:
+    """Yields one unit per ranking, (ranking row, item rows), or per demonstration (its row), in export order."""
+    if kind == "demonstrations":
+        yield from _stream(conn, _demonstration_rows_query(filters, cursor))
+        return
+    # Two cursors walk rankings and items in the same id order, merged here; the snapshot keeps them in step.
+    rankings = _stream(conn, _ranking_rows_query(filters, cursor))
+    groups = itertools.groupby(_stream(conn, _item_rows_query(kind, filters, cursor)), key=itemgetter(I_RANKING))
+    pending = next(groups, None)
+    for ranking in rankings:
+        while pending is not None and pending[0] < ranking[R_ID]:
+            pending = next(groups, None)
+        if pending is not None and pending[0] == ranking[R_ID]:
+            yield ranking, list(pending[1])
+            pending = next(groups, None)
+        else:
+            yield ranking, []
+
+
+def _ranking_jsonl(unit: tuple[Sequence, list], skip_through: int, names: _Names) -> str:
+    return _json_any(_ranking_record(*unit, names)) + "\n"
+
+
+def _ranking_csv(unit: tuple[Sequence, list], skip_through: int, names: _Names) -> str:
+    record = _ranking_record(*unit, names)
+    record["completions"] = _json_any(record["completions"])
+    return _csv_line(record.values())
+
+
+def _demonstration_jsonl(row: Sequence, skip_through: int, names: _Names) -> str:
+    return _json_any(dict(zip(DEMONSTRATION_COLUMNS, _demonstration_record(row, names)))) + "\n"
+
+
+def _demonstration_csv(row: Sequence, skip_through: int, names: _Names) -> str:
+    return _csv_line(_demonstration_record(row, names))
+
+
+def _consensus_units(conn: Connection, filters: ExportFilters, cursor: Cursor | None) -> Iterator[tuple[int, list]]:
+    """Yields (task_id, [(ranking row, item rows), ...]) per task in task order, after the cursor's task."""
+    # A task's rankings are scattered over the ranking-id order, so they are gathered in memory first.
+    by_task: dict[int, list] = {}
+    for ranking, items in _units(conn, "rankings", filters, None):
+        if items and (cursor is None or ranking[R_TASK_ID] > cursor.unit_id):
+            by_task.setdefault(ranking[R_TASK_ID], []).append((ranking, items))
+    for task_id in sorted(by_task):
+        yield task_id, by_task[task_id]
+
+
+def _consensus_record(task_id: int, rankings: list, names: _Names) -> dict[str, Any]:
+    outputs = dict(sorted((row[I_COMPLETION], row) for _ranking, items in rankings for row in items))
+    index = {completion: i for i, completion in enumerate(outputs)}
+    # Every ranking of a task covers its K outputs; one that does not cannot enter a consensus.
+    complete = [(ranking, items) for ranking, items in rankings if len(items) == len(outputs)]
+    given = []
+    for _ranking, items in complete:
+        ranks = [0] * len(outputs)
+        for row in items:
+            ranks[index[row[I_COMPLETION]]] = row[I_RANK]
+        given.append(ranks)
+    consensus = borda_consensus(given)
+    first = complete[0][0]
+    return {
+        "task_id": task_id, "prompt_id": first[R_PROMPT_ID], "prompt": first[P_TEXT], "k": len(outputs),
+        "n_rankings": len(complete), "labelers": [names.labeler(ranking[R_LABELER]) for ranking, _items in complete],
+        "completions": [
+            {"completion_id": completion, "text": row[I_TEXT], "model_version": names.versions[row[I_VERSION]],
+             "consensus_rank": consensus[i], "ranks": [ranks[i] for ranks in given]}
+            for i, (completion, row) in enumerate(outputs.items())
+        ],
+        "batch": first[B_NAME], "batch_id": first[P_BATCH_ID], "split": first[P_SPLIT], "cursor": str(task_id),
+    }
+
+
+def _consensus_jsonl(unit: tuple[int, list], skip_through: int, names: _Names) -> str:
+    return _json_any(_consensus_record(*unit, names)) + "\n"
+
+
+def _consensus_csv(unit: tuple[int, list], skip_through: int, names: _Names) -> str:
+    record = _consensus_record(*unit, names)
+    record["labelers"], record["completions"] = _json_any(record["labelers"]), _json_any(record["completions"])
+    return _csv_line(record.values())
+
+
+# (kind, format) -> renders one unit as text, leaving out its pairs up to `skip_through` (comparisons only).
+_RENDER: dict[tuple[str, str], Callable[[Any, int, _Names], str]] = {
+    ("comparisons", "jsonl"): _comparison_jsonl, ("comparisons", "csv"): _comparison_csv,
+    ("rankings", "jsonl"): _ranking_jsonl, ("rankings", "csv"): _ranking_csv,
+    ("demonstrations", "jsonl"): _demonstration_jsonl, ("demonstrations", "csv"): _demonstration_csv,
+    ("consensus", "jsonl"): _consensus_jsonl, ("consensus", "csv"): _consensus_csv,
+}
+
+
+def _texts(kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, names: _Names
+           ) -> Iterator[tuple[str, int]]:
+    """Yields (text, units consumed) pieces of the export body of about CHUNK_CHARS each."""
+    render = _RENDER[kind, fmt]
+    # Only the ranking a comparisons cursor points into is cut; later ones start from their first pair.
+    skip_id = cursor.unit_id if cursor is not None and cursor.pair_index is not None else None
+    skip_through = cursor.pair_index if skip_id is not None else -1
+    pieces = [_csv_line(COLUMNS[kind])] if fmt == "csv" else []
+    size = count = 0
+    for unit in units:
+        count += 1
+        unit_id = unit[0][R_ID] if kind in ("comparisons", "rankings") else unit[0]
+        text = render(unit, skip_through if unit_id == skip_id else -1, names)
+        pieces.append(text)
+        size += len(text)
+        if size >= CHUNK_CHARS:
+            yield "".join(pieces), count
+            pieces, size, count = [], 0, 0
+    yield "".join(pieces), count
+
+
+def export_chunks(
+    conn: Connection,
+    kind: str,
+    filters: ExportFilters,
+    *,
+    secret_key: str,
+    fmt: str = "jsonl",
+    cursor: Cursor | None = None,
+    gzip: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    aggregate: str = "none",
+) -> Iterator[bytes]:
+    """Streams an export read from `conn` as UTF-8 (optionally gzip) chunks; `on_progress` gets units read."""
+    _check_kind_and_format(kind, fmt, aggregate)
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if gzip else None
+    names = _Names(conn, secret_key)
+    if aggregate == "consensus":
+        pieces = _texts("consensus", fmt, _consensus_units(conn, filters, cursor), cursor, names)
+    else:
+        pieces = _texts(kind, fmt, _units(conn, kind, filters, cursor), cursor, names)
+    for text, units in pieces:
+        data = text.encode()
+        if compressor is not None:
+            data = compressor.compress(data)
+        if data:
+            yield data
+        if on_progress is not None and units:
+            on_progress(units)
+    if compressor is not None:
+        yield compressor.flush()
+
+
+def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none") -> None:
+    if kind not in EXPORT_KINDS:
+        raise ExportError("kind", f"must be one of {', '.join(EXPORT_KINDS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError("format", f"must be one of {', '.join(EXPORT_FORMATS)}")
+    if aggregate not in AGGREGATES:
+        raise ExportError("aggregate", f"must be one of {', '.join(AGGREGATES)}")
+    if aggregate != "none" and kind != "rankings":
+        raise ExportError("aggregate", "only the rankings export can be aggregated")
+
+
+class SnapshotExport:
+    """One export on its own snapshot connection: filters are checked on creation, then `chunks()` streams."""
+
+    def __init__(self, engine: Engine, kind: str, *, secret_key: str, fmt: str = "jsonl",
+                 cursor: str | None = None, gzip: bool = False, aggregate: str = "none", **filter_values: Any):
+        _check_kind_and_format(kind, fmt, aggregate)
+        self.kind, self.secret_key, self.fmt, self.gzip, self.aggregate = kind, secret_key, fmt, gzip, aggregate
+        self.cursor = parse_cursor(kind, cursor) if cursor else None
+        self.conn: Connection | None = open_snapshot(engine)
+        try:
+            # Resolved inside the snapshot, so a batch or labeler named here is the one exported.
+            self.filters = resolve_filters(self.conn, kind, secret_key, **filter_values)
+        except BaseException:
+            self.close()
+            raise
+
+    def count_units(self) -> int:
+        """Counts the rankings or demonstrations this export will read, in its snapshot."""
+        return count_units(self.conn, self.kind, self.filters, self.cursor)
+
+    def chunks(self, on_progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+        """Streams the export; the snapshot closes when the stream ends, fails or is closed."""
+        try:
+            yield from export_chunks(self.conn, self.kind, self.filters, secret_key=self.secret_key, fmt=self.fmt,
+                                     cursor=self.cursor, gzip=self.gzip, on_progress=on_progress,
+                                     aggregate=self.aggregate)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Ends the snapshot; safe to call twice."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            close_snapshot(conn)

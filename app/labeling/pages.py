@@ -1,0 +1,135 @@
+"""The labeler's browser pages: take the next task, then write a demonstration or rank K outputs.
+
+`/label/next` leases a task and redirects to its page; the pages render the
+prompt, the outputs and the batch guidelines server-side (escaped: they are
+untrusted text) and their scripts drive the JSON API in
+`app.labeling.api` for autosave, submit and skip, so the browser and
+any script go through the same service calls.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse
+from markupsafe import Markup, escape
+
+from app.deps import LabelerPage, SessionDep
+from app.models import RANKING_FLAGS
+from app.accounts.pages import render
+from app.labeling import service as labeling
+
+router = APIRouter(include_in_schema=False)
+
+FLAG_LABELS = {
+    "fails_instruction": "Fails to follow the instruction",
+    "hallucination": "Hallucination (makes things up)",
+    "inappropriate_for_assistant": "Inappropriate for a customer assistant",
+    "sexual_content": "Contains sexual content",
+    "violent_content": "Contains violent content",
+    "encourages_violence": "Encourages violence or self-harm",
+    "denigrates_protected_class": "Denigrates a protected class",
+    "harmful_advice": "Gives harmful advice",
+    "moral_judgment": "Expresses moral judgment",
+    "personal_data": "Contains personal data",
+}
+LIKERT_LABELS = {1: "very bad", 4: "neutral", 7: "very good"}
+_BOLD = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
+_ITALIC = re.compile(r"(?<![\w*])\*(\S(?:.*?\S)?)\*(?![\w*])")
+_CODE = re.compile(r"`([^`]+)`")
+_BULLET = re.compile(r"^\s*[-*]\s+(.*)$")
+_HEADING = re.compile(r"^(#{1,3})\s+(.*)$")
+
+
+def _inline(line: str) -> str:
+    # `line` is already escaped, so the only markup in the result is what these rules add.
+    line = _CODE.sub(r"<code>\1</code>", line)
+    line = _BOLD.sub(r"<strong>\1</strong>", line)
+    return _ITALIC.sub(r"<em>\1</em>", line)
+
+
+def render_guidelines(text: str) -> Markup:
+    """Renders batch guidelines: escapes everything, then allows paragraphs, lists, headings, bold, italic, code."""
+    html: list[str] = []
+    paragraph: list[str] = []
+    items: list[str] = []
+
+    def flush() -> None:
+        if paragraph:
+            html.append("<p>" + "<br>".join(paragraph) + "</p>")
+            paragraph.clear()
+        if items:
+            html.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
+            items.clear()
+
+    for raw in (text or "").splitlines():
+        line = str(escape(raw.rstrip()))
+        bullet, heading = _BULLET.match(line), _HEADING.match(line)
+        if not line.strip():
+            flush()
+        elif heading:
+            flush()
+            level = len(heading.group(1)) + 2  # the page's own h1/h2 stay above the guidelines
+            html.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif bullet:
+            if paragraph:
+                flush()
+            items.append(_inline(bullet.group(1)))
+        else:
+            if items:
+                flush()
+            paragraph.append(_inline(line.strip()))
+    flush()
+    return Markup("\n".join(html))
+
+
+@router.get("/label/next")
+def next_task(request: Request, db: SessionDep, principal: LabelerPage,
+              kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
+    """Leases the next task (or the one already held) and opens it; a calm 'all done' page when none is left."""
+    assignment = None
+    for wanted in [kind] if kind else ["eval", "ranking", "demonstration"]:
+        assignment = assignment or labeling.lease_next_task(db, principal.user, wanted)
+    if assignment is None:
+        return render(request, "labeling/done.html", principal, kind=kind)
+    return RedirectResponse(f"/label/assignments/{assignment.id}", status_code=303)
+
+
+@router.get("/label/assignments/{assignment_id}")
+def assignment_page(assignment_id: int, request: Request, db: SessionDep, principal: LabelerPage):
+    """Shows one of the labeler's assignments on the demonstration or ranking page."""
+    try:
+        assignment = labeling.get_assignment(db, assignment_id, principal.user)
+    except labeling.LabelingError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    view = labeling.task_view(db, assignment)
+    kind = view.task.kind
+    if assignment.state in ("submitted", "skipped"):
+        # Done already (the back button, a second tab): carry on with the next one of the same kind.
+        return RedirectResponse(f"/label/next?kind={kind}", status_code=303)
+    context = {
+        "view": view,
+        "guidelines_html": render_guidelines(view.batch.guidelines),
+        "skip_reasons": labeling.SKIP_REASONS,
+        "page_data": {
+            "assignment_id": assignment.id,
+            "kind": kind,
+            "draft": assignment.draft or {},
+            "active_seconds": assignment.active_seconds or 0.0,
+            "completion_ids": [c.id for c in view.completions],
+            "next_url": f"/label/next?kind={kind}",
+            "max_chars": labeling.MAX_DEMONSTRATION_CHARS,
+        },
+    }
+    if kind == "ranking":
+        context.update(
+            flags=[(flag, FLAG_LABELS.get(flag, flag.replace("_", " "))) for flag in RANKING_FLAGS],
+            likert_labels=LIKERT_LABELS,
+            letters=[chr(ord("A") + i) for i in range(len(view.completions))],
+        )
+    response = render(request, f"labeling/{kind}.html", principal, **context)
+    # The draft on the server is the truth: a reload or the back button must not show a cached page.
+    response.headers["cache-control"] = "no-store"
+    return response

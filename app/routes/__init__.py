@@ -1,1 +1,0 @@
-"""HTTP routes: HTML pages for labelers and admins, and the /api/v1 JSON API."""

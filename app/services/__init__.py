@@ -1,1 +1,0 @@
-"""Domain services: plain functions for each stage of the loop (prompt import, sampling, labeling, export, training)."""

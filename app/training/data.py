@@ -1,0 +1,138 @@
+"""The database side of training: the data each trainer sees, and when the schedule retrains.
+
+SFT reads demonstrations, the reward model reads rankings (each with all K
+outputs and their ranks), PPO reads prompts. Train and validation come from
+the prompts' split, which import assigned by source user, so no user's
+prompts straddle them; rankings by held-out labelers go to validation only.
+Beat calls `start_due_runs`, which starts SFT → RM → PPO as enough new data
+or a newer upstream model arrives, one run per kind at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.models import Completion, Demonstration, ModelVersion, Prompt, Ranking, RankingItem, TrainingRun, User
+from app.runs import RunError, active_run, start_run
+
+
+
+@dataclass
+class RankingRow:
+    """One ranking as the reward model trains on it."""
+
+    prompt: str
+    completions: list[str]
+    ranks: list[int]
+    labeler: str
+    ranking_id: int
+
+
+@dataclass
+class Snapshot:
+    """Which data a model was trained on: counts and id ranges, stored with the model version."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    max_ids: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts, "max_ids": self.max_ids}
+
+
+def demonstrations(db: Session, max_id: int | None = None) -> tuple[dict[str, list[tuple[str, str]]], Snapshot]:
+    """Returns (prompt, demonstration) pairs by split, up to a demonstration id."""
+    query = select(Demonstration.id, Prompt.text, Demonstration.text, Prompt.split).join(
+        Prompt, Prompt.id == Demonstration.prompt_id).order_by(Demonstration.id)
+    if max_id is not None:
+        query = query.where(Demonstration.id <= max_id)
+    by_split: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
+    last = 0
+    for demo_id, prompt, text, split in db.execute(query):
+        by_split[split].append((prompt, text))
+        last = demo_id
+    snap = Snapshot(counts={k: len(v) for k, v in by_split.items()}, max_ids={"demonstration": last})
+    return by_split, snap
+
+
+def rankings(db: Session, max_id: int | None = None) -> tuple[dict[str, list[RankingRow]], Snapshot]:
+    """Returns rankings with their K outputs by split; held-out labelers' rankings go to validation."""
+    query = (
+        select(Ranking.id, Prompt.text, Prompt.split, User.id, User.held_out, Completion.text, RankingItem.rank)
+        .join(Prompt, Prompt.id == Ranking.prompt_id)
+        .join(User, User.id == Ranking.labeler_id)
+        .join(RankingItem, RankingItem.ranking_id == Ranking.id)
+        .join(Completion, Completion.id == RankingItem.completion_id)
+        # Gold checks are left out: every labeler answers the same few gold tasks, which would weigh them
+        # once per labeler. The gold answers themselves are ordinary rankings and stay in.
+        .where(Ranking.is_gold.is_(False))
+        .order_by(Ranking.id, RankingItem.position)
+    )
+    if max_id is not None:
+        query = query.where(Ranking.id <= max_id)
+    rows: dict[int, tuple[str, RankingRow]] = {}
+    for ranking_id, prompt, split, labeler_id, held_out, text, rank in db.execute(query):
+        if ranking_id not in rows:
+            target = "valid" if held_out and split == "train" else split
+            rows[ranking_id] = (target, RankingRow(prompt, [], [], f"labeler-{labeler_id}", ranking_id))
+        rows[ranking_id][1].completions.append(text)
+        rows[ranking_id][1].ranks.append(rank)
+    by_split: dict[str, list[RankingRow]] = {"train": [], "valid": [], "test": []}
+    for split, row in rows.values():
+        by_split[split].append(row)
+    snap = Snapshot(counts={k: len(v) for k, v in by_split.items()}, max_ids={"ranking": max(rows, default=0)})
+    return by_split, snap
+
+
+def prompts_for_ppo(db: Session, split: str = "train", limit: int = 5000) -> list[str]:
+    """Returns distinct prompt texts of a split for PPO rollouts or evaluation."""
+    return list(db.scalars(select(Prompt.text).where(Prompt.split == split).distinct().limit(limit)))
+
+
+def latest(db: Session, kind: str) -> ModelVersion | None:
+    """Returns the newest usable (ready or promoted) version of a kind."""
+    return db.scalar(
+        select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status.in_(("ready", "promoted")))
+        .order_by(ModelVersion.id.desc()).limit(1)
+    )
+
+
+def _trained_up_to(version: ModelVersion | None, key: str) -> int:
+    if version is None:
+        return 0
+    return int(version.data_snapshot.get("max_ids", {}).get(key, 0))
+
+
+def due_kinds(db: Session, min_demonstrations: int | None = None, min_rankings: int | None = None) -> list[str]:
+    """Returns which of sft, rm, ppo should run now, in chain order (thresholds from the settings by default)."""
+    settings = get_settings()
+    min_demonstrations = settings.retrain_min_new_demonstrations if min_demonstrations is None else min_demonstrations
+    min_rankings = settings.retrain_min_new_rankings if min_rankings is None else min_rankings
+    due: list[str] = []
+    sft, rm, policy = latest(db, "sft"), latest(db, "rm"), latest(db, "policy")
+    new_demos = db.scalar(select(func.count()).where(Demonstration.id > _trained_up_to(sft, "demonstration")))
+    if new_demos >= min_demonstrations:
+        due.append("sft")
+    new_rankings = db.scalar(select(func.count()).where(Ranking.id > _trained_up_to(rm, "ranking")))
+    newer_backbone = sft is not None and rm is not None and rm.parent_id != sft.id
+    if new_rankings >= min_rankings or (newer_backbone and db.scalar(select(func.count()).select_from(Ranking))):
+        due.append("rm")
+    if rm is not None and (sft is not None) and (policy is None or policy.lineage.get("rm") != rm.id):
+        due.append("ppo")
+    return due
+
+
+def start_due_runs(db: Session) -> list[TrainingRun]:
+    """Starts the first due stage of the chain that is not already running (beat's retrain check)."""
+    if any(active_run(db, kind) for kind in ("sft", "rm", "ppo")):
+        return []  # one stage at a time: the next one waits for this one's model
+    for kind in due_kinds(db):
+        try:
+            return [start_run(db, kind, triggered_by="schedule")]
+        except RunError:
+            return []
+    return []
