@@ -15,35 +15,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from app import loop
 from app.config import get_settings
+from app.db import ROOT, run_migrations
 
 cli = typer.Typer(help="InstructLoop: collect human feedback and retrain models on it.", no_args_is_help=True)
 world_cli = typer.Typer(help="The bundled world: a toy domain with checkable answers and a tiny model.")
 cli.add_typer(world_cli, name="world")
 console = Console(stderr=True)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def alembic_config(url: str | None = None):
-    """Returns the Alembic configuration for this checkout, optionally for another database."""
-    from alembic.config import Config
-
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["configure_logger"] = False
-    if url:
-        config.attributes["url"] = url
-    return config
-
-
-def run_migrations(url: str | None = None) -> None:
-    """Upgrades the database to the newest schema."""
-    from alembic import command
-
-    settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), "head")
-
 
 @cli.command()
 def migrate() -> None:
@@ -275,6 +254,7 @@ def import_prompts_cmd(
 
 def main() -> None:
     """Entry point of the console script."""
+    loop.wire()
     cli()
 
 

@@ -9,6 +9,8 @@ web, the worker and beat can share one file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -74,3 +76,26 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str | None = None):
+    """Returns the Alembic configuration for this checkout, optionally for another database."""
+    from alembic.config import Config
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    if url:
+        config.attributes["url"] = url
+    return config
+
+
+def run_migrations(url: str | None = None) -> None:
+    """Upgrades the database to the newest schema."""
+    from alembic import command
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")

@@ -74,7 +74,7 @@ def ensure_base_model() -> None:
 def ensure_demo_batch(n_prompts: int = 24) -> None:
     """Seeds a batch of world prompts and starts it, once."""
     from app.collection.batches import create_batch, import_prompts, start_batch
-    from app.registry.versions import sampling_policy
+    from app.collection.batches import sampling_policy
     from app.world import generate_prompts
 
     with session_scope() as db:
@@ -100,7 +100,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from app.cli import run_migrations
+    from app.db import run_migrations
 
     run_migrations()
     credentials = ensure_demo_users(settings.data_dir)

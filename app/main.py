@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import loop
 from app.config import get_settings
 from app.db import max_connections
 from app.deps import LoginRequired
@@ -33,6 +34,7 @@ from app.labeling import pages as labeling_pages
 from app.quality import evaluation_routes, routes as quality_routes
 from app.registry import api as registry_api
 from app.registry import pages as registry_pages
+from app.webhooks import api as webhooks_api
 from app.webhooks import pages as webhooks_pages
 from app.templating import templates
 
@@ -215,6 +217,7 @@ async def path_ids_in_range(request: Request) -> None:
 
 def create_app() -> FastAPI:
     """Builds the web application."""
+    loop.wire()
     settings = get_settings()
     app = FastAPI(
         title="InstructLoop",
@@ -229,7 +232,7 @@ def create_app() -> FastAPI:
     # The stages in the order data walks through them, each with its pages and its API.
     for module in (accounts_pages, accounts_api, collection_pages, collection_api, writing_routes, labeling_pages,
                    labeling_api, quality_routes, evaluation_routes, export_api, registry_pages, registry_api,
-                   webhooks_pages):
+                   webhooks_pages, webhooks_api):
         app.include_router(module.router)
 
     app.add_middleware(AdmissionMiddleware, limit=max_connections())

@@ -57,6 +57,8 @@ TASK_KINDS = ("demonstration", "ranking", "eval")
 ASSIGNMENT_STATES = ("leased", "submitted", "skipped", "expired")
 MODEL_KINDS = ("base", "sft", "rm", "policy")
 MODEL_STATUSES = ("training", "ready", "failed", "promoted", "retired")
+# A version in one of these may sample, be trained from or be promoted.
+USABLE_STATUSES = ("ready", "promoted")
 GOLD_SOURCES = ("ranking", "consensus")
 EVALUATION_STATUSES = ("sampling", "labeling", "completed", "cancelled")
 RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo")

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from datetime import timedelta
 
+from app import events
 from app.config import get_settings
 from app.outbox import enqueue_run
 from app.models import RUN_KINDS, ModelVersion, TrainingRun, utcnow
@@ -124,9 +125,7 @@ def fail_run(db: Session, run_id: int, error: str, tb: str | None = None) -> Non
         .returning(TrainingRun.kind, TrainingRun.batch_id)
     ).first()
     if failed is not None:
-        from app.webhooks.service import emit_event
-
-        emit_event(db, "training_run.failed", {"run_id": run_id, "kind": failed.kind, "batch_id": failed.batch_id,
+        events.emit(db, "training_run.failed", {"run_id": run_id, "kind": failed.kind, "batch_id": failed.batch_id,
                                                "error": error[:500]})
     db.execute(
         update(ModelVersion)

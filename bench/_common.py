@@ -93,7 +93,7 @@ def create_database(admin_url: str, name: str) -> str:
     from sqlalchemy import create_engine, text
 
     sys.path.insert(0, str(ROOT))
-    from app.cli import alembic_config
+    from app.db import alembic_config
 
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

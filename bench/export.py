@@ -262,7 +262,7 @@ def main() -> None:
     args = parse_args()
     from sqlalchemy import create_engine, text
 
-    from app.cli import alembic_config
+    from app.db import alembic_config
     from alembic import command
 
     url = args.pg_admin_url.rsplit("/", 1)[0] + f"/{DB_NAME}"

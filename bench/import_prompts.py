@@ -146,7 +146,7 @@ def main() -> None:
     from sqlalchemy import create_engine, text
 
     from alembic import command
-    from app.cli import alembic_config
+    from app.db import alembic_config
 
     name = f"instructloop_bench_{uuid.uuid4().hex[:8]}"
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -46,9 +46,11 @@ os.environ.update({
 
 
 def pytest_configure(config):
+    from app import loop
     from app.config import get_settings
 
     get_settings.cache_clear()
+    loop.wire()
 
 
 def pytest_generate_tests(metafunc):
@@ -67,7 +69,7 @@ def backend(request) -> str:
 
 
 def _migrate(url: str) -> None:
-    from app.cli import alembic_config
+    from app.db import alembic_config
     from alembic import command
 
     command.upgrade(alembic_config(url), "head")

@@ -40,7 +40,7 @@ def test_migrations_round_trip_on_postgresql():
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine, text
 
-    from app.cli import alembic_config
+    from app.db import alembic_config
     from app.models import Base
 
     name = f"instructloop_migrate_{uuid.uuid4().hex[:8]}"

@@ -23,7 +23,7 @@ from app.models import (
     TaskItem,
     utcnow,
 )
-from app.labeling.pages import render_guidelines
+from app.templating import render_guidelines
 from app.security import create_api_token
 from app.labeling import service as labeling
 from app.collection.batches import create_tasks

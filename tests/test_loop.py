@@ -47,7 +47,8 @@ def _new_batch(db, name: str, n: int, seed: int) -> PromptBatch:
 def test_import_sample_label_train_resample(committed_session, celery_worker):
     from app.security import hash_password
     from app.labeling import service as labeling
-    from app.registry.versions import register_base_model, sampling_policy
+    from app.collection.batches import sampling_policy
+    from app.registry.versions import register_base_model
     from app.runs import start_run
     from app.world import SimulatedDemonstrator, SimulatedLabeler
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import worker_ready
 
+from app import loop
 from app.config import get_settings
 from app.outbox import celery_config
 
+loop.wire()
 app = Celery("instructloop", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))
 

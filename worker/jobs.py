@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.db import session_scope
 from app.models import Evaluation, ModelVersion, PromptBatch, TrainingRun
+from app.collection import batches
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.training import data as training
@@ -47,7 +48,7 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         batch = db.get(PromptBatch, run.batch_id)
         if batch.purpose == "evaluation":
             return run_eval_sampling(run_id, report)
-        policy = registry.sampling_policy(db, batch.policy_version_id)
+        policy = batches.sampling_policy(db, batch.policy_version_id)
         if policy is None:
             raise RuntimeError("no model version to sample from; register a base model first")
         todo = prompts_needing_samples(db, batch, policy.id)

@@ -11,7 +11,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import RedirectResponse
 
 from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, SessionDep, SettingsDep
 from app.security import (
@@ -28,16 +28,9 @@ from app.security import (
     unsign_login_csrf,
 )
 from app.accounts import dashboard
-from app.templating import templates
+from app.templating import render, templates
 
 router = APIRouter(include_in_schema=False)
-
-
-def render(request: Request, name: str, principal, status_code: int = 200, **context) -> HTMLResponse:
-    """Renders a page with the signed-in user and their CSRF token in the context."""
-    context.setdefault("user", principal.user if principal else None)
-    context.setdefault("csrf_token", principal.csrf_token if principal else "")
-    return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
 def _safe_next(next_url: str | None) -> str:

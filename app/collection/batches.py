@@ -19,8 +19,8 @@ from sqlalchemy import bindparam, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.models import Completion, Prompt, PromptBatch, Task, TaskItem, utcnow
-from app.registry import versions as registry
+from app import events
+from app.models import USABLE_STATUSES, Completion, ModelVersion, Prompt, PromptBatch, Task, TaskItem, utcnow
 from app.errors import FieldError
 from app.collection.hygiene import HygieneConfig, HygieneResult, apply_hygiene, dropped_csv
 from app.collection.prompt_import import ImportFormat, ParseResult, parse_prompts
@@ -122,10 +122,30 @@ def _validate(db: Session, batch: PromptBatch) -> None:
     if batch.pii_policy is not None and batch.pii_policy not in ("drop", "redact", "flag"):
         raise BatchError("pii_policy", "must be drop, redact or flag")
     if batch.policy_version_id is not None:
-        try:
-            registry.sampling_policy(db, batch.policy_version_id)
-        except registry.RegistryError as exc:
-            raise BatchError("policy_version_id", str(exc).split(": ", 1)[-1]) from exc
+        sampling_policy(db, batch.policy_version_id)
+
+
+def sampling_policy(db: Session, requested_id: int | None = None) -> ModelVersion | None:
+    """Returns the model that should sample a batch: the requested one, else the best promoted one.
+
+    The batch's own choice wins; else the promoted policy, else the newest usable SFT or base model, so a
+    fresh install can sample from its base model.
+    """
+    if requested_id is not None:
+        version = db.get(ModelVersion, requested_id)
+        if version is None or version.status not in USABLE_STATUSES or version.kind == "rm":
+            raise BatchError("policy_version_id", f"{requested_id} is not a usable policy, SFT or base model")
+        return version
+    for kind in ("policy", "sft", "base"):
+        version = db.scalar(
+            select(ModelVersion)
+            .where(ModelVersion.kind == kind, ModelVersion.status.in_(USABLE_STATUSES))
+            .order_by((ModelVersion.status == "promoted").desc(), ModelVersion.id.desc())
+            .limit(1)
+        )
+        if version is not None:
+            return version
+    return None
 
 
 def transition(db: Session, batch: PromptBatch, target: str) -> PromptBatch:
@@ -137,9 +157,7 @@ def transition(db: Session, batch: PromptBatch, target: str) -> PromptBatch:
     batch.status = target
     batch.updated_at = utcnow()
     if target == "completed":
-        from app.webhooks.service import emit_event
-
-        emit_event(db, "batch.completed", {"batch_id": batch.id, "name": batch.name})
+        events.emit(db, "batch.completed", {"batch_id": batch.id, "name": batch.name})
     if resumes_sampling:
         # Sampling resumes where it stopped: the run only samples prompts still short of K outputs.
         start_run(db, "sample", batch_id=batch.id, triggered_by="batch-resume")
@@ -172,10 +190,6 @@ def complete_if_done(db: Session, batch_id: int) -> bool:
         return False
     batch = db.get(PromptBatch, batch_id, populate_existing=True)
     transition(db, batch, "completed")
-    if batch.purpose == "evaluation":
-        from app.quality.evaluations import on_batch_completed
-
-        on_batch_completed(db, batch)
     return True
 
 
@@ -185,7 +199,7 @@ def start_batch(db: Session, batch: PromptBatch) -> PromptBatch:
     if not n_prompts:
         raise BatchError("prompts", "import prompts before starting the batch", status=409)
     if batch.wants_rankings:
-        policy = registry.sampling_policy(db, batch.policy_version_id)
+        policy = sampling_policy(db, batch.policy_version_id)
         if policy is None:
             raise BatchError("policy_version_id", "no model to sample from; register a base model first", status=409)
         # Pinned at start: prompts added later (written by labelers, or after a pause) are sampled from the
@@ -296,7 +310,8 @@ def replace_prompts(db: Session, batch: PromptBatch) -> int:
     return db.execute(delete(Prompt).where(Prompt.batch_id == batch.id)).rowcount
 
 
-def _needed(batch: PromptBatch, prompt_id: int) -> int:
+def labels_needed(batch: PromptBatch, prompt_id: int) -> int:
+    """Returns how many labelers a prompt's task needs: the overlap, plus extra for a stable share of tasks."""
     # A stable pseudo-random share of tasks gets extra labelers, so agreement can be measured.
     if batch.extra_overlap_fraction <= 0:
         return batch.overlap
@@ -319,7 +334,7 @@ def create_tasks(db: Session, batch: PromptBatch) -> int:
             completions.setdefault(prompt_id, []).append(completion_id)
     created = 0
     for prompt_id in prompt_ids:
-        needed = _needed(batch, prompt_id)
+        needed = labels_needed(batch, prompt_id)
         if batch.wants_demonstrations and (prompt_id, "demonstration") not in existing:
             db.add(Task(batch_id=batch.id, prompt_id=prompt_id, kind="demonstration", needed=needed, priority=batch.priority))
             created += 1

@@ -22,13 +22,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.deps import AdminPage, SessionDep
-from app.models import Assignment, ModelVersion, PromptBatch, Task, User, utcnow
+from app.models import USABLE_STATUSES, Assignment, ModelVersion, PromptBatch, Task, User, utcnow
 from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
-from app.accounts.pages import render
+from app.templating import render
 from app.collection import batches
 from app.collection.batches import BatchError
 from app.errors import first_validation_error
-from app.registry.versions import USABLE
 
 router = APIRouter(include_in_schema=False)
 
@@ -126,7 +125,7 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
 
 def _models(db: Session) -> list[ModelVersion]:
     return db.scalars(
-        select(ModelVersion).where(ModelVersion.kind != "rm", ModelVersion.status.in_(USABLE))
+        select(ModelVersion).where(ModelVersion.kind != "rm", ModelVersion.status.in_(USABLE_STATUSES))
         .order_by(ModelVersion.id.desc())
     ).all()
 

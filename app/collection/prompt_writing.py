@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.models import PROMPT_CATEGORIES, Prompt, PromptBatch, Task, TrainingRun, User, utcnow
-from app.collection.batches import _needed
+from app.collection.batches import labels_needed
 from app.errors import FieldError
 from app.collection.hygiene import HygieneConfig, apply_hygiene
 from app.collection.prompt_import import PromptRow
@@ -294,7 +294,7 @@ def _join_batch(db: Session, batch: PromptBatch, prompt: Prompt, outcome: Writin
         return
     steps = []
     if batch.wants_demonstrations and batch.status == "labeling":
-        db.add(Task(batch_id=batch.id, prompt_id=prompt.id, kind="demonstration", needed=_needed(batch, prompt.id),
+        db.add(Task(batch_id=batch.id, prompt_id=prompt.id, kind="demonstration", needed=labels_needed(batch, prompt.id),
                     priority=batch.priority))
         db.flush()
         steps.append("It is open for demonstrations now.")

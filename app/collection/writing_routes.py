@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, LabelerPage, SessionDep
 from app.models import MAX_ID
-from app.labeling.pages import render_guidelines
-from app.accounts.pages import render
+from app.templating import render_guidelines
+from app.templating import render
 from app.collection import prompt_writing as writing
 
 router = APIRouter()

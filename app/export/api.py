@@ -1,4 +1,4 @@
-"""The export API: demonstrations, comparisons and rankings for `export:read`, and webhooks for admins.
+"""The export API: demonstrations, comparisons and rankings for `export:read`.
 
 Each endpoint streams JSON Lines (default) or CSV, optionally gzip, from a
 snapshot of its own (see app.export.service); the request's session only
@@ -6,8 +6,6 @@ authenticates. Filters are checked before the first byte is sent, so a bad
 one is a 422 naming the parameter rather than a broken 200. Every row has
 a `cursor`: after a broken download, pass the last complete row's cursor
 as `?cursor=` (with the same filters) to continue without gaps or repeats.
-Webhooks (`/api/v1/webhooks`) tell other systems about events of the loop;
-their delivery log is served here for the admin pages.
 """
 
 from __future__ import annotations
@@ -18,21 +16,17 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 from starlette.types import Receive, Scope, Send
 
 from app.config import get_settings
-from app.models import WEBHOOK_EVENTS, Webhook
-from app.deps import AdminApi, ExportReader, SessionDep
-from app.webhooks import service as webhooks
+from app.deps import ExportReader, SessionDep
 from app.export.service import ExportError, SnapshotExport
 
 router = APIRouter()
 export_router = APIRouter(prefix="/api/v1/export", tags=["export"])
-webhooks_router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
 
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
@@ -148,72 +142,4 @@ def export_rankings(query: Params, request: Request, db: SessionDep, principal: 
 # --- webhooks -------------------------------------------------------------------------------------
 
 
-class WebhookIn(BaseModel):
-    url: str = Field(..., max_length=2000, description="Where events are POSTed (http or https).")
-    events: list[str] = Field(..., min_length=1, description="Any of " + ", ".join(WEBHOOK_EVENTS))
-    description: str = Field("", max_length=200)
-
-
-class WebhookOut(BaseModel):
-    id: int
-    url: str
-    description: str
-    events: list[str]
-    is_active: bool
-    created_at: datetime
-
-
-class NewWebhookOut(WebhookOut):
-    secret: str = Field(description="The HMAC-SHA256 signing key; verify X-InstructLoop-Signature with it")
-
-
-class DeliveryOut(BaseModel):
-    id: int
-    event: str
-    event_id: str
-    status: str
-    attempts: int
-    next_attempt_at: datetime
-    last_status_code: int | None
-    last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
-
-
-@webhooks_router.get("", response_model=list[WebhookOut])
-def list_webhooks(db: SessionDep, principal: AdminApi):
-    """Lists the registered webhooks (without their secrets)."""
-    hooks = db.scalars(select(Webhook).order_by(Webhook.id))
-    return [WebhookOut.model_validate(hook, from_attributes=True) for hook in hooks]
-
-
-@webhooks_router.post("", response_model=NewWebhookOut, status_code=201)
-def create_webhook(body: WebhookIn, db: SessionDep, principal: AdminApi):
-    """Registers a URL for events; the signing secret is in the response."""
-    try:
-        hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
-    except webhooks.WebhookError as exc:
-        raise HTTPException(422, str(exc)) from exc
-    return NewWebhookOut.model_validate(hook, from_attributes=True)
-
-
-@webhooks_router.delete("/{webhook_id}", status_code=204)
-def delete_webhook(webhook_id: int, db: SessionDep, principal: AdminApi):
-    """Deactivates a webhook: no more events; its delivery log stays."""
-    if not webhooks.deactivate_webhook(db, webhook_id):
-        raise HTTPException(404, f"No active webhook {webhook_id}")
-    return Response(status_code=204)
-
-
-@webhooks_router.get("/{webhook_id}/deliveries", response_model=list[DeliveryOut])
-def webhook_deliveries(webhook_id: int, db: SessionDep, principal: AdminApi,
-                       limit: Annotated[int, Query(ge=1, le=1000)] = 100):
-    """The delivery log of a webhook, newest first: status, attempts, last HTTP status and error."""
-    if db.get(Webhook, webhook_id) is None:
-        raise HTTPException(404, f"No webhook {webhook_id}")
-    return [DeliveryOut.model_validate(d, from_attributes=True)
-            for d in webhooks.list_deliveries(db, webhook_id, limit)]
-
-
 router.include_router(export_router)
-router.include_router(webhooks_router)

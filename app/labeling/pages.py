@@ -9,16 +9,14 @@ any script go through the same service calls.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse
-from markupsafe import Markup, escape
 
 from app.deps import LabelerPage, SessionDep
 from app.models import RANKING_FLAGS
-from app.accounts.pages import render
+from app.templating import render, render_guidelines
 from app.labeling import service as labeling
 
 router = APIRouter(include_in_schema=False)
@@ -36,55 +34,6 @@ FLAG_LABELS = {
     "personal_data": "Contains personal data",
 }
 LIKERT_LABELS = {1: "very bad", 4: "neutral", 7: "very good"}
-_BOLD = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
-_ITALIC = re.compile(r"(?<![\w*])\*(\S(?:.*?\S)?)\*(?![\w*])")
-_CODE = re.compile(r"`([^`]+)`")
-_BULLET = re.compile(r"^\s*[-*]\s+(.*)$")
-_HEADING = re.compile(r"^(#{1,3})\s+(.*)$")
-
-
-def _inline(line: str) -> str:
-    # `line` is already escaped, so the only markup in the result is what these rules add.
-    line = _CODE.sub(r"<code>\1</code>", line)
-    line = _BOLD.sub(r"<strong>\1</strong>", line)
-    return _ITALIC.sub(r"<em>\1</em>", line)
-
-
-def render_guidelines(text: str) -> Markup:
-    """Renders batch guidelines: escapes everything, then allows paragraphs, lists, headings, bold, italic, code."""
-    html: list[str] = []
-    paragraph: list[str] = []
-    items: list[str] = []
-
-    def flush() -> None:
-        if paragraph:
-            html.append("<p>" + "<br>".join(paragraph) + "</p>")
-            paragraph.clear()
-        if items:
-            html.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
-            items.clear()
-
-    for raw in (text or "").splitlines():
-        line = str(escape(raw.rstrip()))
-        bullet, heading = _BULLET.match(line), _HEADING.match(line)
-        if not line.strip():
-            flush()
-        elif heading:
-            flush()
-            level = len(heading.group(1)) + 2  # the page's own h1/h2 stay above the guidelines
-            html.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif bullet:
-            if paragraph:
-                flush()
-            items.append(_inline(bullet.group(1)))
-        else:
-            if items:
-                flush()
-            paragraph.append(_inline(line.strip()))
-    flush()
-    return Markup("\n".join(html))
-
-
 @router.get("/label/next")
 def next_task(request: Request, db: SessionDep, principal: LabelerPage,
               kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):

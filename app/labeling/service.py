@@ -12,7 +12,7 @@ queue; a ranking lease serves one of its batch's gold tasks instead, with
 probability `batch.gold_share`, looking exactly like any other task. A gold
 check is stored as a ranking marked `is_gold` and does not count towards the
 task's overlap. Eval tasks (blind A/B comparisons, `app.quality.evaluations`)
-are leased like rankings and submitted as a choice.
+are leased like rankings and submitted as a choice; the one `submit` takes every kind.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from app.models import (
     Assignment,
     Completion,
     Demonstration,
+    EvalJudgment,
+    Evaluation,
     Prompt,
     PromptBatch,
     Ranking,
@@ -43,8 +45,9 @@ from app.models import (
     User,
     utcnow,
 )
-from app.errors import FieldError
+from app.collection.batches import complete_if_done
 from app.collection.prompt_import import why_unstorable
+from app.errors import FieldError
 
 SKIP_REASONS = {
     "unclear": "The prompt is unclear or incomplete",
@@ -343,8 +346,6 @@ def _complete_batch(db: Session, task: Task) -> None:
     This locks the batch row until the commit, so every submit that closes a task of the batch queues
     for it: callers make it their last statement, so that the lock is held as briefly as possible.
     """
-    from app.collection.batches import complete_if_done
-
     complete_if_done(db, task.batch_id)
 
 
@@ -473,9 +474,43 @@ def submit(db: Session, labeler: User, assignment_id: int, *, text: str | None =
         if items is None and assignment.state != "submitted":
             raise LabelingError("items", "give a rank and a Likert score for every output")
         return _submit_ranking(db, labeler, assignment, task, items or [], all_unacceptable, active_seconds)
-    from app.quality.evaluations import submit_judgment
+    return _submit_judgment(db, labeler, assignment, task, choice, active_seconds)
 
-    return submit_judgment(db, labeler, assignment, task, choice, active_seconds)
+
+def _submit_judgment(db: Session, labeler: User, assignment: Assignment, task: Task, choice: Any,
+                     active_seconds: float) -> EvalJudgment:
+    """Stores a labeler's verdict on an eval task once; `choice` is the better output's id or 'tie'."""
+    if assignment.state == "submitted":
+        existing = db.scalar(select(EvalJudgment).where(EvalJudgment.assignment_id == assignment.id))
+        if existing is not None:
+            return existing
+    evaluation = db.scalar(select(Evaluation).where(Evaluation.batch_id == task.batch_id))
+    if evaluation is None or evaluation.status == "cancelled":
+        raise LabelingError("assignment", "this comparison was cancelled", status=409)
+    items = dict(db.execute(
+        select(TaskItem.completion_id, Completion.model_version_id)
+        .join(Completion, Completion.id == TaskItem.completion_id).where(TaskItem.task_id == task.id)
+    ).all())
+    if choice == "tie":
+        winner = "tie"
+    elif isinstance(choice, int) and not isinstance(choice, bool) and choice in items:
+        winner = "a" if items[choice] == evaluation.model_a_id else "b"
+    else:
+        raise LabelingError("choice", "give the id of the better output, or \"tie\"")
+    _ensure_submittable(db, assignment, task)
+    _count_label(db, task)
+    order = assignment.display_order or list(items)
+    first = items.get(order[0]) if order else evaluation.model_a_id
+    judgment = EvalJudgment(
+        evaluation_id=evaluation.id, assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id,
+        labeler_id=labeler.id, winner=winner, chosen_completion_id=None if winner == "tie" else choice,
+        shown_first="a" if first == evaluation.model_a_id else "b",
+        active_seconds=max(0.0, float(active_seconds or 0.0)),
+    )
+    db.add(judgment)
+    _finish(assignment, active_seconds)
+    db.flush()
+    return judgment
 
 
 def skip(db: Session, labeler: User, assignment_id: int, reason: str, note: str = "") -> Assignment:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from app.deps import AdminApi, AdminPage, SessionDep
 from app.models import MAX_ID, Evaluation, ModelVersion, PromptBatch
 from app.charts import interval_bars
-from app.accounts.pages import render
+from app.templating import render
 from app.quality import evaluations
 from app.errors import first_validation_error
 from app.quality.evaluations import EvaluationError

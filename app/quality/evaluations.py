@@ -26,9 +26,9 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from app import events
 from app.config import get_settings
 from app.models import (
-    Assignment,
     Completion,
     EvalJudgment,
     Evaluation,
@@ -38,10 +38,11 @@ from app.models import (
     Task,
     TaskItem,
     TrainingRun,
-    User,
     utcnow,
 )
+from app.collection.batches import complete_if_done, transition
 from app.errors import FieldError
+from app.runs import start_run
 from app.quality.stats import win_rate
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,6 @@ def start_evaluation(
     created_by_id: int | None = None,
 ) -> Evaluation:
     """Creates an evaluation of A against B on held-out prompts and queues the sampling of both models."""
-    from app.runs import start_run
-
     if model_a_id == model_b_id:
         raise EvaluationError("model_b_id", "choose two different model versions")
     a = _usable_generator(db, model_a_id, "model_a_id")
@@ -174,8 +173,6 @@ def prompts_needing_output(db: Session, evaluation: Evaluation, model_version_id
 
 def open_for_judging(db: Session, evaluation: Evaluation) -> int:
     """Creates one eval task per prompt whose two outputs differ and opens the batch; returns tasks created."""
-    from app.collection.batches import complete_if_done, transition
-
     batch = db.get(PromptBatch, evaluation.batch_id, with_for_update=True)
     outputs: dict[int, dict[int, Completion]] = defaultdict(dict)
     for completion in db.scalars(
@@ -213,53 +210,16 @@ def open_for_judging(db: Session, evaluation: Evaluation) -> int:
 # --- judging -------------------------------------------------------------------------------------
 
 
-def submit_judgment(db: Session, labeler: User, assignment: Assignment, task: Task, choice: Any,
-                    active_seconds: float) -> EvalJudgment:
-    """Stores a labeler's verdict on an eval task once; `choice` is the better output's id or 'tie'."""
-    from app.labeling import service as labeling
-
-    if assignment.state == "submitted":
-        existing = db.scalar(select(EvalJudgment).where(EvalJudgment.assignment_id == assignment.id))
-        if existing is not None:
-            return existing
-    evaluation = for_batch(db, task.batch_id)
-    if evaluation is None or evaluation.status == "cancelled":
-        raise labeling.LabelingError("assignment", "this comparison was cancelled", status=409)
-    items = dict(db.execute(
-        select(TaskItem.completion_id, Completion.model_version_id)
-        .join(Completion, Completion.id == TaskItem.completion_id).where(TaskItem.task_id == task.id)
-    ).all())
-    if choice == "tie":
-        winner = "tie"
-    elif isinstance(choice, int) and not isinstance(choice, bool) and choice in items:
-        winner = "a" if items[choice] == evaluation.model_a_id else "b"
-    else:
-        raise labeling.LabelingError("choice", "give the id of the better output, or \"tie\"")
-    labeling._ensure_submittable(db, assignment, task)
-    labeling._count_label(db, task)
-    order = assignment.display_order or list(items)
-    first = items.get(order[0]) if order else evaluation.model_a_id
-    judgment = EvalJudgment(
-        evaluation_id=evaluation.id, assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id,
-        labeler_id=labeler.id, winner=winner, chosen_completion_id=None if winner == "tie" else choice,
-        shown_first="a" if first == evaluation.model_a_id else "b",
-        active_seconds=max(0.0, float(active_seconds or 0.0)),
-    )
-    db.add(judgment)
-    labeling._finish(assignment, active_seconds)
-    db.flush()
-    return judgment
-
-
-def on_batch_completed(db: Session, batch: PromptBatch) -> None:
-    """Completes the evaluation of a finished evaluation batch and applies the promotion rule."""
-    evaluation = for_batch(db, batch.id)
+@events.on("batch.completed")
+def on_batch_completed(db: Session, event: str, payload: dict[str, Any]) -> None:
+    """Completes the evaluation of a finished evaluation batch; the registry may then promote its winner."""
+    evaluation = for_batch(db, payload["batch_id"])
     if evaluation is None or evaluation.status in ("completed", "cancelled"):
         return
     evaluation.status = "completed"
     evaluation.completed_at = utcnow()
     db.flush()
-    _promote_if_won(db, evaluation)
+    events.emit(db, "evaluation.completed", {"evaluation_id": evaluation.id})
 
 
 def cancel_evaluation(db: Session, evaluation: Evaluation) -> Evaluation:
@@ -412,9 +372,7 @@ def has_won(db: Session, candidate_id: int, baseline_id: int) -> bool:
 
 def baseline_for(db: Session, candidate: ModelVersion) -> ModelVersion | None:
     """Returns what a new policy should be compared with: the promoted policy, else the SFT it came from."""
-    from app.registry import versions as registry
-
-    current = registry.promoted(db, "policy")
+    current = _promoted_policy(db)
     if current is not None and current.id != candidate.id:
         return current
     sft_id = (candidate.lineage or {}).get("sft") or candidate.parent_id
@@ -440,28 +398,16 @@ def schedule_after_policy(db: Session, candidate: ModelVersion) -> Evaluation | 
         return None
 
 
-def _promote_if_won(db: Session, evaluation: Evaluation) -> None:
-    """With the promotion gate on, a scheduled evaluation that the new policy won promotes it."""
-    from app.registry import versions as registry
-
-    if not get_settings().promotion_requires_eval_win or evaluation.triggered_by != "schedule":
-        return
-    candidate = db.get(ModelVersion, evaluation.model_a_id)
-    current = registry.promoted(db, "policy")
-    if (candidate is None or candidate.kind != "policy" or candidate.status != "ready"
-            or current is None or current.id != evaluation.model_b_id):
-        return
-    if has_won(db, candidate.id, current.id):
-        registry.promote(db, candidate)
+def _promoted_policy(db: Session) -> ModelVersion | None:
+    # Read here rather than through the registry, which comes later in the walk and imports this module.
+    return db.scalar(select(ModelVersion).where(ModelVersion.kind == "policy", ModelVersion.status == "promoted"))
 
 
 def promotion_block(db: Session, version: ModelVersion) -> str | None:
     """Says why the promotion gate refuses to promote a policy now; None when it may be promoted."""
-    from app.registry import versions as registry
-
     if version.kind != "policy" or not get_settings().promotion_requires_eval_win:
         return None
-    current = registry.promoted(db, "policy")
+    current = _promoted_policy(db)
     if current is None or current.id == version.id or has_won(db, version.id, current.id):
         return None
     return (f"{version.name} has not won a completed blind evaluation against the promoted policy "

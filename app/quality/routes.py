@@ -22,7 +22,7 @@ from app.deps import AdminApi, AdminPage, SessionDep
 from app.models import MAX_ID, PromptBatch
 from app.collection.api import get_batch_or_404
 from app.charts import interval_bars
-from app.accounts.pages import render
+from app.templating import render
 from app.quality import gold
 from app.quality import report as quality
 from app.errors import first_validation_error

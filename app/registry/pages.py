@@ -34,7 +34,7 @@ from app.registry.api import (
     start_manual_run,
     trainer_params,
 )
-from app.accounts.pages import render
+from app.templating import render
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.quality.behaviour import model_behaviour

@@ -16,9 +16,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.models import ModelVersion, utcnow
+from app import events
+from app.config import get_settings
+from app.models import USABLE_STATUSES, Evaluation, ModelVersion, utcnow
+from app.quality import evaluations
 
-USABLE = ("ready", "promoted")
+USABLE = USABLE_STATUSES
 
 
 class RegistryError(ValueError):
@@ -54,9 +57,7 @@ def register_version(
 
 
 def _announce(db: Session, event: str, version: ModelVersion) -> None:
-    from app.webhooks.service import emit_event
-
-    emit_event(db, event, {"model_version_id": version.id, "name": version.name, "kind": version.kind,
+    events.emit(db, event, {"model_version_id": version.id, "name": version.name, "kind": version.kind,
                            "status": version.status, "parent_id": version.parent_id})
 
 
@@ -89,9 +90,7 @@ def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = No
             promote(db, version)
         elif version.kind == "policy":
             # A new policy is judged by people, blind, against the one in use (when the settings ask).
-            from app.quality.evaluations import schedule_after_policy
-
-            schedule_after_policy(db, version)
+            evaluations.schedule_after_policy(db, version)
     return version
 
 
@@ -109,9 +108,7 @@ def promote(db: Session, version: ModelVersion, *, gated: bool = True) -> ModelV
     if version.status not in USABLE:
         raise RegistryError(f"status: only a ready model can be promoted; {version.name} is {version.status}")
     if gated:
-        from app.quality.evaluations import promotion_block
-
-        if (why := promotion_block(db, version)) is not None:
+        if (why := evaluations.promotion_block(db, version)) is not None:
             raise RegistryError(f"status: {why}")
     db.execute(
         update(ModelVersion)
@@ -124,25 +121,6 @@ def promote(db: Session, version: ModelVersion, *, gated: bool = True) -> ModelV
     db.flush()
     _announce(db, "model_version.promoted", version)
     return version
-
-
-def sampling_policy(db: Session, requested_id: int | None = None) -> ModelVersion | None:
-    """Returns the model that should sample: the requested one, else the best promoted one."""
-    if requested_id is not None:
-        version = db.get(ModelVersion, requested_id)
-        if version is None or version.status not in USABLE or version.kind == "rm":
-            raise RegistryError(f"policy_version_id: {requested_id} is not a usable policy, SFT or base model")
-        return version
-    for kind in ("policy", "sft", "base"):
-        version = promoted(db, kind) or db.scalar(
-            select(ModelVersion)
-            .where(ModelVersion.kind == kind, ModelVersion.status.in_(USABLE))
-            .order_by(ModelVersion.id.desc())
-            .limit(1)
-        )
-        if version is not None:
-            return version
-    return None
 
 
 def rollback_target(db: Session, kind: str) -> ModelVersion | None:
@@ -238,3 +216,18 @@ def lineage(db: Session, version: ModelVersion, max_depth: int = 100) -> dict[st
              for role, ref in refs.items()}
     children = db.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id).order_by(ModelVersion.id))
     return {"parents": parents, "lineage": named, "children": [_summary(c) for c in children]}
+
+
+@events.on("evaluation.completed")
+def promote_if_won(db: Session, event: str, payload: dict[str, Any]) -> None:
+    """With the promotion gate on, a scheduled evaluation that the new policy won promotes it."""
+    evaluation = db.get(Evaluation, payload["evaluation_id"])
+    if not get_settings().promotion_requires_eval_win or evaluation is None or evaluation.triggered_by != "schedule":
+        return
+    candidate = db.get(ModelVersion, evaluation.model_a_id)
+    current = promoted(db, "policy")
+    if (candidate is None or candidate.kind != "policy" or candidate.status != "ready"
+            or current is None or current.id != evaluation.model_b_id):
+        return
+    if evaluations.has_won(db, candidate.id, current.id):
+        promote(db, candidate)

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app.deps import AdminPage, SessionDep
 from app.models import WEBHOOK_EVENTS, Webhook
-from app.accounts.pages import render
+from app.templating import render
 from app.webhooks import service as webhooks
 
 router = APIRouter(include_in_schema=False)

@@ -28,6 +28,7 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import events
 from app.models import WEBHOOK_EVENTS, User, Webhook, WebhookDelivery, utcnow
 
 MAX_ATTEMPTS = 8
@@ -84,6 +85,12 @@ def deactivate_webhook(db: Session, webhook_id: int) -> bool:
         .values(status="failed", last_error="webhook deactivated")
     )
     return True
+
+
+@events.on(*WEBHOOK_EVENTS)
+def queue_deliveries(db: Session, event: str, data: dict[str, Any]) -> None:
+    """Queues each public event of the loop for the webhooks subscribed to it."""
+    emit_event(db, event, data)
 
 
 def emit_event(db: Session, event: str, data: dict[str, Any]) -> list[WebhookDelivery]:
