@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -148,12 +148,6 @@ def load_checkpoint(
     if state["data_fingerprint"] != data_fingerprint:
         raise ValueError(f"checkpoint in {checkpoint_dir} was written for other training data")
     return state
-
-
-def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Builds a config dataclass from a dict, ignoring unknown keys (e.g. from an older version)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 # ------------------------------------------------------------ optimisation

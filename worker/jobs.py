@@ -24,6 +24,7 @@ from app.collection import batches
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.training import data as training
+from app.training.configs import config_for
 from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,11 @@ def run_pretrain(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Pretrains the bundled world's base model into the artifacts dir and registers it."""
     from worker.world_model import pretrain_base
 
-    with session_scope() as db:
-        params = db.get(TrainingRun, run_id).params
+    config = config_for("pretrain", _params(run_id))
     out = get_settings().artifacts_dir / "models" / f"world-base-run{run_id}"
     report(0.0, "pretraining the world base model", force=True)
-    kwargs = {"steps": int(params["steps"])} if params.get("steps") else {}
-    metrics = pretrain_base(out, seed=int(params.get("seed", 0)), progress=False, **kwargs)
+    kwargs = {"steps": config.steps} if config.steps is not None else {}
+    metrics = pretrain_base(out, seed=config.seed, progress=False, **kwargs)
     with session_scope() as db:
         version = registry.register_base_model(db, str(out), metrics=metrics)
         version.training_run_id = run_id
@@ -185,8 +185,7 @@ def _with_recipe(db: Session, start: ModelVersion, kind: str, params: dict[str, 
 
 def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Fine-tunes the newest base model on the demonstrations collected so far."""
-    from worker.common import config_from_dict
-    from worker.train_sft import SFTConfig, train_sft
+    from worker.train_sft import train_sft
 
     params = _params(run_id)
     with session_scope() as db:
@@ -196,10 +195,10 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         data, snap = training.demonstrations(db)
         params = _with_recipe(db, base, "sft", params)
         base_id, base_path = base.id, base.artifact_path
+    config = config_for("sft", params)
     if not data["train"]:
         raise RuntimeError("no demonstrations in the train split yet")
     version_id, out = _begin_version(run_id, "sft", base_id, {"base": base_id}, snap.as_dict())
-    config = config_from_dict(SFTConfig, params)
     metrics = train_sft(base_path, data["train"], data["valid"], config, out,
                         checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report))
     return _jsonable({**metrics, "config": asdict(config)}), version_id
@@ -207,8 +206,7 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
 
 def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Trains a reward model on the rankings, from the newest SFT model (else the base)."""
-    from worker.common import config_from_dict
-    from worker.train_rm import RankingExample, RMConfig, train_rm
+    from worker.train_rm import RankingExample, train_rm
 
     params = _params(run_id)
     with session_scope() as db:
@@ -223,10 +221,10 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     def examples(rows):
         return [RankingExample(r.prompt, r.completions, r.ranks, r.labeler) for r in rows]
 
+    config = config_for("rm", params)
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
     version_id, out = _begin_version(run_id, "rm", backbone_id, {"backbone": backbone_id}, snap.as_dict())
-    config = config_from_dict(RMConfig, params)
     metrics = train_rm(backbone_path, examples(data["train"]), examples(data["valid"]), config, out,
                        checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
                        demonstrations=demos["train"] or None)
@@ -235,8 +233,7 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
 
 def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Optimises the SFT policy against the newest reward model with PPO (KL-penalised)."""
-    from worker.common import config_from_dict
-    from worker.train_ppo import PPOConfig, train_ppo
+    from worker.train_ppo import train_ppo
 
     params = _params(run_id)
     with session_scope() as db:
@@ -248,7 +245,7 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         demos, _ = training.demonstrations(db)
         params = _with_recipe(db, sft, "ppo", params)
         sft_id, sft_path, rm_id, rm_path = sft.id, sft.artifact_path, rm.id, rm.artifact_path
-    config = config_from_dict(PPOConfig, params)
+    config = config_for("ppo", params)
     version_id, out = _begin_version(run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id},
                                      {"counts": {"prompts": len(prompts)}})
     metrics = train_ppo(sft_path, rm_path, prompts, config, out,

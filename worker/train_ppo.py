@@ -28,13 +28,16 @@ samples the next batch of comparisons.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule_with_warmup
 
+# The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
+# it stays importable from here.
+from app.training.configs import PPOConfig
 from worker.common import (
     Progress,
     adamw,
@@ -76,70 +79,6 @@ def constant_schedule(
 # below SFT's, so cosine stays the default. With a stronger KL penalty (β = 0.1,
 # bench/learning.py) a constant rate gives the best sampled answers.
 LR_SCHEDULES = {"constant": constant_schedule, "cosine": cosine_schedule}
-
-
-@dataclass
-class PPOConfig:
-    """Settings of one PPO run."""
-
-    steps: int = field(default=100, metadata={"help": "PPO steps; each is one rollout batch and its optimisation."})
-    rollout_batch_size: int = field(default=16, metadata={"help": "Prompts sampled per PPO step."})
-    minibatch_size: int = field(default=4, metadata={"help": "Rollouts per optimizer step."})
-    micro_batch_size: int = field(default=4, metadata={"help": "Rollouts per forward pass (gradient accumulation)."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate of the policy."})
-    value_learning_rate: float = field(
-        default=1e-5, metadata={"help": "Peak AdamW learning rate of the value network."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on weight matrices."})
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of optimizer steps of linear warmup before lr_schedule applies."}
-    )
-    lr_schedule: str = field(
-        default="cosine",
-        metadata={"help": "'cosine': decays to 0 by the last step (early stopping at a small β); 'constant': every "
-                          "PPO step learns at the peak rate (pair it with a larger kl_coef)."},
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm, per network (0 disables)."})
-    kl_coef: float = field(
-        default=0.02, metadata={"help": "β: weight of the per-token KL to the SFT policy (InstructGPT: 0.02)."}
-    )
-    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt β towards kl_target (Ziegler et al. 2019)."})
-    kl_target: float = field(
-        default=6.0, metadata={"help": "Target KL (nats per completion) of the adaptive controller."}
-    )
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (rollouts) of the adaptive KL controller."})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ."})
-    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
-    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy probability ratio."})
-    cliprange_value: float = field(
-        default=0.2, metadata={"help": "Clip range of value predictions around the rollout's values."}
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled completion, in tokens."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (> 0); log-probs use the same scaling."}
-    )
-    stop_at_newline: bool | None = field(
-        default=None,
-        metadata={"help": "End completions at their first newline, as the sampler does (None: when no chat template)."},
-    )
-    missing_eos_penalty: float | None = field(
-        default=None,
-        metadata={"help": "Score subtracted from completions cut at max_new_tokens without stopping (None: none)."},
-    )
-    max_prompt_length: int = field(default=512, metadata={"help": "Prompt tokens kept (from the end) before sampling."})
-    ptx_coef: float = field(
-        default=0.0, metadata={"help": "γ of PPO-ptx: weight of the SFT loss on ptx_examples (0: off)."}
-    )
-    ptx_batch_size: int = field(default=4, metadata={"help": "ptx examples per optimizer step."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call when evaluating."})
-    eval_size: int = field(
-        default=64, metadata={"help": "Training prompts used for evaluation when no eval_prompts are given."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffling."})
-    checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N PPO steps."})
-    device: str | None = field(default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose."})
-    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16'."})
 
 
 class AdaptiveKLController:

@@ -20,7 +20,7 @@ import json
 import math
 import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+# The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
+# it stays importable from here.
+from app.training.configs import RMConfig
 from worker.common import (
     Progress,
     adamw,
@@ -72,38 +75,6 @@ class RankingExample:
     def n_pairs(self) -> int:
         """How many (better, worse) pairs the ranking yields; tied completions yield none."""
         return sum(1 for a in self.ranks for b in self.ranks if a < b)
-
-
-@dataclass
-class RMConfig:
-    """Settings of one reward-model training run."""
-
-    epochs: int = field(
-        default=1,
-        metadata={"help": "Passes over the rankings (InstructGPT: 1, more overfit; the tiny world model peaks at 2)."},
-    )
-    learning_rate: float = field(default=9e-6, metadata={"help": "Peak AdamW learning rate (InstructGPT 6B RM: 9e-6)."})
-    rankings_per_step: int = field(default=8, metadata={"help": "Rankings per optimizer step (InstructGPT: 64)."})
-    rankings_per_micro_batch: int = field(
-        default=8,
-        metadata={"help": "Whole rankings per forward pass; all K completions of a ranking share one pass."},
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on weight matrices."})
-    warmup_ratio: float = field(
-        default=0.03, metadata={"help": "Fraction of steps of linear warmup before cosine decay."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    max_length: int = field(
-        default=1024, metadata={"help": "Tokens per (prompt, completion); longer ones are truncated."}
-    )
-    score_l2: float = field(
-        default=0.0, metadata={"help": "Coefficient of a small L2 penalty on scores, keeping them near 0."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling and the head's initialisation."})
-    checkpoint_every: int = field(default=100, metadata={"help": "Write a checkpoint every N optimizer steps."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Rankings per forward pass when evaluating."})
-    device: str | None = field(default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose."})
-    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16'."})
 
 
 class RewardModel(nn.Module):

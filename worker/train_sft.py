@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+# The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
+# it stays importable from here.
+from app.training.configs import SFTConfig
 from worker.common import (
     Progress,
     adamw,
@@ -44,38 +47,6 @@ from worker.common import (
 from worker.modeling import load_model, save_model
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class SFTConfig:
-    """Settings of one supervised fine-tuning run."""
-
-    epochs: int = field(default=3, metadata={"help": "Passes over the demonstrations (InstructGPT: 16)."})
-    learning_rate: float = field(
-        default=2e-5, metadata={"help": "Peak AdamW learning rate; ~1e-3 suits the tiny world model."}
-    )
-    batch_size: int = field(default=8, metadata={"help": "Demonstrations per optimizer step."})
-    micro_batch_size: int = field(
-        default=8, metadata={"help": "Demonstrations per forward pass (gradient accumulation when smaller)."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on weight matrices."})
-    warmup_ratio: float = field(
-        default=0.03, metadata={"help": "Fraction of steps of linear warmup before cosine decay."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    max_length: int = field(default=1024, metadata={"help": "Tokens per example; longer pairs are truncated."})
-    early_stopping_patience: int | None = field(
-        default=2, metadata={"help": "Stop after this many epochs without a better validation loss (None: never)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling, dropout and initialisation."})
-    checkpoint_every: int = field(
-        default=100, metadata={"help": "Write a checkpoint every N optimizer steps (and at every epoch end)."}
-    )
-    eval_batch_size: int = field(default=16, metadata={"help": "Examples per forward pass when validating."})
-    device: str | None = field(default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose."})
-    mixed_precision: str = field(
-        default="no", metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16' (weights stay fp32)."}
-    )
 
 
 def build_example(

@@ -12,11 +12,7 @@ a token with the `admin` scope.
 
 from __future__ import annotations
 
-import ast
-from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -30,6 +26,7 @@ from app.models import ModelVersion, PromptBatch, TrainingRun, utcnow
 from app.collection import batches
 from app.registry import versions as registry
 from app.training import data as training
+from app.training.configs import param_specs, validate_params
 from app.quality.behaviour import model_behaviour
 from app.errors import FieldError
 from app.registry.versions import RegistryError
@@ -43,10 +40,6 @@ RunKind = Literal["pretrain", "sample", "sft", "rm", "ppo"]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ManualRunKind = Literal["sft", "rm", "ppo", "pretrain"]
 ACTIVE = ("queued", "running")
-
-WORKER_DIR = Path(__file__).resolve().parent.parent.parent / "worker"
-TRAINER_CONFIGS = {"sft": ("train_sft.py", "SFTConfig"), "rm": ("train_rm.py", "RMConfig"),
-                   "ppo": ("train_ppo.py", "PPOConfig")}
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -137,87 +130,9 @@ class RunRequestError(FieldError):
     """A user-caused problem with a run request; names the field and the HTTP status."""
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One trainer setting: its annotation, default and help, read from the trainer's config dataclass."""
-
-    annotation: str
-    default: Any
-    help: str
-
-
-def _literal(node: ast.AST | None) -> Any:
-    try:
-        return ast.literal_eval(node) if node is not None else None
-    except ValueError:
-        return None
-
-
-@lru_cache
-def trainer_params(kind: str) -> dict[str, ParamSpec] | None:
-    """Returns the settings a run of `kind` accepts, or None when they cannot be known here.
-
-    The worker ignores unknown keys, so a typo would silently train with the
-    default. The web may not import the worker (it imports torch), so the
-    config dataclass is read from the worker's source instead.
-    """
-    if kind == "pretrain":
-        return {"steps": ParamSpec("int | None", None, "Optimizer steps (default: the world model's own)."),
-                "seed": ParamSpec("int", 0, "Seed of initialisation and data order.")}
-    if kind not in TRAINER_CONFIGS:
-        return None
-    filename, class_name = TRAINER_CONFIGS[kind]
-    try:
-        tree = ast.parse((WORKER_DIR / filename).read_text())
-    except OSError:
-        return None
-    specs: dict[str, ParamSpec] = {}
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.ClassDef) and node.name == class_name):
-            continue
-        for item in node.body:
-            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
-                continue
-            default, help_text = _literal(item.value), ""
-            if isinstance(item.value, ast.Call):  # dataclasses.field(default=..., metadata={"help": ...})
-                keywords = {k.arg: k.value for k in item.value.keywords}
-                default = _literal(keywords.get("default"))
-                help_text = (_literal(keywords.get("metadata")) or {}).get("help", "")
-            specs[item.target.id] = ParamSpec(ast.unparse(item.annotation), default, help_text)
-    return specs or None
-
-
-def _fits(value: Any, annotation: str) -> bool:
-    types = {part.strip() for part in annotation.split("|")}
-    if value is None:
-        return "None" in types
-    if isinstance(value, bool):
-        return "bool" in types
-    if isinstance(value, int):
-        return bool(types & {"int", "float"})
-    if isinstance(value, float):
-        return "float" in types
-    if isinstance(value, str):
-        return "str" in types
-    return bool(types - {"int", "float", "bool", "str", "None"})  # a list or object needs a richer annotation
-
-
-def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Refuses settings a run of `kind` does not have, or values of the wrong type, naming the field."""
-    specs = trainer_params(kind)
-    if specs is None:
-        return params
-    for name, value in params.items():
-        if name not in specs:
-            raise RunRequestError(f"params.{name}", f"{kind} has no such setting; known: {', '.join(specs)}")
-        if not _fits(value, specs[name].annotation):
-            raise RunRequestError(f"params.{name}", f"must be {specs[name].annotation}, got {value!r}")
-    return params
-
-
 def start_manual_run(db: Session, kind: str, params: dict[str, Any], username: str) -> TrainingRun:
-    """Starts a run by hand; 409 while one of that kind is queued or running."""
-    check_params(kind, params)
+    """Starts a run by hand; 422 naming the first bad setting in params, 409 while one of that kind is active."""
+    params = validate_params(kind, params)
     if active_run(db, kind) is not None:
         raise RunRequestError("kind", f"a {kind} run is already queued or running", 409)
     try:
@@ -377,10 +292,8 @@ def run_schedule(db: SessionDep, principal: AdminApi):
 
 @router.get("/runs/params")
 def run_params(principal: AdminApi) -> dict[str, dict[str, dict[str, Any]]]:
-    """Lists the settings each kind of run accepts in `params`, with defaults and help."""
-    return {kind: {name: {"type": s.annotation, "default": s.default, "help": s.help}
-                   for name, s in (trainer_params(kind) or {}).items()}
-            for kind in ("sft", "rm", "ppo", "pretrain")}
+    """Lists the settings each kind of run accepts in `params`: type, default, help and allowed range."""
+    return {kind: param_specs(kind) for kind in ("sft", "rm", "ppo", "pretrain")}
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
@@ -394,7 +307,7 @@ def create_run(body: RunIn, db: SessionDep, principal: AdminApi):
     """Starts an SFT, RM, PPO or pretraining run by hand; 409 while one of that kind is active."""
     try:
         run = start_manual_run(db, body.kind, body.params, principal.user.username)
-    except RunRequestError as exc:
+    except FieldError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     return run
 

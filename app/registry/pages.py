@@ -32,13 +32,14 @@ from app.registry.api import (
     get_version_or_404,
     schedule_preview,
     start_manual_run,
-    trainer_params,
 )
+from app.errors import FieldError
 from app.templating import render
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.quality.behaviour import model_behaviour
 from app.registry.versions import KEY_METRICS, RegistryError
+from app.training.configs import param_specs
 
 router = APIRouter(include_in_schema=False)
 
@@ -247,7 +248,7 @@ def _runs_page(request: Request, principal, db: Session, status_code: int = 200,
     context.setdefault("form", {"kind": "sft", "params": ""})
     return render(
         request, "training/runs.html", principal, status_code=status_code, runs=found, schedule=schedule_preview(db),
-        kinds=MANUAL_KINDS, params_help={kind: trainer_params(kind) or {} for kind in MANUAL_KINDS},
+        kinds=MANUAL_KINDS, params_help={kind: param_specs(kind) for kind in MANUAL_KINDS},
         fmt=fmt, **context,
     )
 
@@ -274,7 +275,7 @@ def run_start(request: Request, principal: AdminPage, db: SessionDep, kind: Anno
         if not isinstance(values, dict):
             raise RunRequestError("params", 'must be a JSON object such as {"epochs": 2}')
         run = start_manual_run(db, kind, values, principal.user.username)
-    except RunRequestError as exc:
+    except FieldError as exc:
         return _runs_page(request, principal, db, status_code=exc.status, error=str(exc), form=form)
     return RedirectResponse(f"/admin/runs/{run.id}", status_code=303)
 
