@@ -182,7 +182,7 @@ def export_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from app.db import get_engine
-    from app.export.service import ExportError, SnapshotExport
+    from app.export.stream import ExportError, SnapshotExport
 
     def when(param: str, value: str | None) -> datetime | None:
         try:

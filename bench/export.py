@@ -79,7 +79,7 @@ def load(url: str, small_rows: int, large_rows: int, seed: int) -> dict:
     from app.db import make_engine
     from app.models import ModelVersion, PromptBatch, User
     from app.security import create_api_token
-    from app.export.service import comparison_pairs
+    from app.export.rows import comparison_pairs
 
     engine = make_engine(url)
     with Session(engine) as db:
@@ -232,7 +232,7 @@ def stream(server: Server, token: str, params: dict, accept_encoding: str = "ide
 def raw_fetch(url: str, batch: str) -> dict:
     """Baseline: reads the export's ranking and item rows from the database and builds no output."""
     from app.db import make_engine
-    from app.export.service import SnapshotExport, _units
+    from app.export.stream import SnapshotExport, _units
 
     engine = make_engine(url)
     export = SnapshotExport(engine, "comparisons", secret_key="bench-secret", batch=batch)
@@ -247,7 +247,7 @@ def raw_fetch(url: str, batch: str) -> dict:
 def in_process(url: str, batch: str) -> dict:
     """Baseline: the export service without HTTP, in this process."""
     from app.db import make_engine
-    from app.export.service import SnapshotExport
+    from app.export.stream import SnapshotExport
 
     engine = make_engine(url)
     started = time.perf_counter()

@@ -41,18 +41,9 @@ from app.models import (
     User,
 )
 from app.security import create_api_token
-from app.export import service as export_service
-from app.export.service import (
-    COMPARISON_COLUMNS,
-    DEMONSTRATION_COLUMNS,
-    RANKING_COLUMNS,
-    SnapshotExport,
-    comparison_pairs,
-    export_chunks,
-    labeler_pseudonym,
-    parse_cursor,
-    resolve_filters,
-)
+from app.export import stream as export_service
+from app.export.rows import COMPARISON_COLUMNS, DEMONSTRATION_COLUMNS, RANKING_COLUMNS, comparison_pairs, labeler_pseudonym
+from app.export.stream import SnapshotExport, export_chunks, parse_cursor, resolve_filters
 
 pytestmark = pytest.mark.sqlite
 

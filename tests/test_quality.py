@@ -352,7 +352,7 @@ def test_rankings_export_with_consensus_gives_one_row_per_task(client, db):
         rank(db, labeler, first, ranks)
     rank(db, a, second, [2, 2, 1, 3])  # one ranking: the consensus is that ranking
     from app.config import get_settings
-    from app.export.service import export_chunks, parse_cursor, resolve_filters
+    from app.export.stream import export_chunks, parse_cursor, resolve_filters
 
     def export(fmt: str = "jsonl", cursor: str | None = None) -> str:
         # On the test's own connection: an HTTP export reads a snapshot of its own, which cannot see this data.

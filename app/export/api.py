@@ -1,7 +1,7 @@
 """The export API: demonstrations, comparisons and rankings for `export:read`.
 
 Each endpoint streams JSON Lines (default) or CSV, optionally gzip, from a
-snapshot of its own (see app.export.service); the request's session only
+snapshot of its own (see app.export.stream); the request's session only
 authenticates. Filters are checked before the first byte is sent, so a bad
 one is a 422 naming the parameter rather than a broken 200. Every row has
 a `cursor`: after a broken download, pass the last complete row's cursor
@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.config import get_settings
 from app.deps import ExportReader, SessionDep
-from app.export.service import ExportError, SnapshotExport
+from app.export.stream import ExportError, SnapshotExport
 
 router = APIRouter()
 export_router = APIRouter(prefix="/api/v1/export", tags=["export"])
