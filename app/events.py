@@ -61,6 +61,8 @@ def emit(db: Session, event: str, payload: dict[str, Any]) -> None:
     """Runs every handler subscribed to `event` in the caller's transaction."""
     if not _wired:
         raise NotWired(f"{event} emitted before app.loop.wire(): its reactions would be lost")
+    if event not in EVENTS:
+        raise ValueError(f"unknown event {event!r}")
     missing = set(EVENTS[event]) - set(payload)
     if missing:
         raise ValueError(f"{event} needs {', '.join(sorted(missing))}")
