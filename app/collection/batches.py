@@ -122,10 +122,7 @@ def _validate(db: Session, batch: PromptBatch) -> None:
     if batch.pii_policy is not None and batch.pii_policy not in ("drop", "redact", "flag"):
         raise BatchError("pii_policy", "must be drop, redact or flag")
     if batch.policy_version_id is not None:
-        try:
-            registry.sampling_policy(db, batch.policy_version_id)
-        except registry.RegistryError as exc:
-            raise BatchError("policy_version_id", str(exc).split(": ", 1)[-1]) from exc
+        registry.sampling_policy(db, batch.policy_version_id)  # a RegistryError naming policy_version_id, 422
 
 
 def transition(db: Session, batch: PromptBatch, target: str) -> PromptBatch:

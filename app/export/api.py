@@ -28,7 +28,7 @@ from app.config import get_settings
 from app.models import WEBHOOK_EVENTS, Webhook
 from app.deps import AdminApi, ExportReader, SessionDep
 from app.webhooks import service as webhooks
-from app.export.service import ExportError, SnapshotExport
+from app.export.service import SnapshotExport
 
 router = APIRouter()
 export_router = APIRouter(prefix="/api/v1/export", tags=["export"])
@@ -97,12 +97,8 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
     filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate"})
-    try:
-        export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
-                                cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate,
-                                **filters)
-    except ExportError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
+                            cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate, **filters)
     chunks = export.chunks()
     # The first chunk is read before answering, so a database error is a 500, not a truncated 200.
     first = next(chunks, b"")
@@ -190,10 +186,7 @@ def list_webhooks(db: SessionDep, principal: AdminApi):
 @webhooks_router.post("", response_model=NewWebhookOut, status_code=201)
 def create_webhook(body: WebhookIn, db: SessionDep, principal: AdminApi):
     """Registers a URL for events; the signing secret is in the response."""
-    try:
-        hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
-    except webhooks.WebhookError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
     return NewWebhookOut.model_validate(hook, from_attributes=True)
 
 

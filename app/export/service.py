@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, exists, func, select
 from sqlalchemy.orm import Session
 
+from app.errors import AppError
 from app.models import (
     MAX_ID,
     SPLITS,
@@ -91,13 +92,14 @@ _json_str = json.JSONEncoder(ensure_ascii=False).encode  # for a str this is the
 _json_any = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-class ExportError(ValueError):
-    """A user-caused problem with an export request; `param` names the query parameter at fault."""
+class ExportError(AppError):
+    """A user-caused problem with an export request (422); `param` names the query parameter at fault."""
 
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
+    status = 422
+
+    @property
+    def param(self) -> str | None:
+        return self.field
 
 
 @dataclass(frozen=True)
