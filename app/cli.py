@@ -116,7 +116,7 @@ def create_token_cmd(
         with session_scope() as db:
             owner = db.scalar(select(User).where(User.username == user))
             if owner is None:
-                raise CredentialError(f"user: no user named '{user}'")
+                raise CredentialError("user", f"no user named '{user}'", 404)
             raw, token = create_api_token(db, owner, parse_scopes(scopes), name)
             console.print(f"token {token.id} for {owner.username} with scopes {', '.join(token.scopes)}; "
                           "it is shown only now:")
@@ -226,7 +226,8 @@ def import_prompts_cmd(
     from app.db import session_scope
     from app.models import PromptBatch
     from app.collection.api import Upload, hygiene_summary, run_import
-    from app.collection.batches import BatchError, create_batch
+    from app.collection.batches import create_batch
+    from app.errors import AppError
 
     try:
         with session_scope() as db:
@@ -247,7 +248,7 @@ def import_prompts_cmd(
                           f"(replaced {replaced})")
             print(json.dumps({"batch_id": target.id, "stored": outcome.stored, "replaced": replaced,
                               "hygiene": report}))
-    except BatchError as exc:
+    except AppError as exc:  # the batch's, or the file's (binary: not JSON Lines or CSV)
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
 

@@ -1,25 +1,301 @@
-"""The one shape of a user-caused error: which field is wrong, why, and the HTTP status that says so.
+"""The one shape of a user-caused error, and the one place that turns it into an HTTP answer.
 
-Every service raises a subclass (BatchError, LabelingError, ...), so routes turn any of them into the
-same answer: the status, and a message that starts with the field's name (`items[2].likert: ...`).
+Every service raises a subclass of `AppError` (BatchError, LabelingError, RegistryError, ...): it carries
+the HTTP status, a stable machine-readable `code`, the `field` (or file `line`) it is about and a message
+that is safe to show. Routes do not catch them: `install` registers handlers that answer `/api/` callers
+with JSON of one shape (`ErrorOut`, also used for FastAPI's own 422s, HTTPExceptions and the 503) and
+browsers with the error page. A page whose form should come back with the message instead declares it
+with `renders_on_error`.
 """
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import functools
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:  # the worker imports the services, hence this module: it stays free of the web framework
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+M = TypeVar("M", bound=BaseModel)
+
+# Stable codes clients can switch on; the status alone is too coarse for some (409 vs 422 is not "what").
+CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "rate_limited",
+    503: "unavailable",
+}
 
 
-class FieldError(ValueError):
-    """A user-caused problem; `field` names what is wrong, `message` says why, `status` is the HTTP code."""
+def code_for(status: int) -> str:
+    """Returns the machine-readable code of an HTTP status."""
+    return CODES.get(status, "error")
 
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
+
+class AppError(ValueError):
+    """A user-caused problem: `field` (or `line`) says what, `message` why, `status` and `code` how to answer.
+
+    A ValueError, as every service error was before there was one base, so older handlers of ValueError hold.
+    """
+
+    status: int = 422
+
+    def __init__(self, field: str | None, message: str, status: int | None = None, *, code: str | None = None,
+                 line: int | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
-        self.status = status
+        if status is not None:
+            self.status = status
+        self.code = code or code_for(self.status)
+        self.line = line
+
+    @property
+    def detail(self) -> str:
+        """The one-line text clients read today: 'field: message'."""
+        return str(self)
+
+
+class FieldError(AppError):
+    """An AppError about one field, 422 unless told otherwise (the services' errors subclass it)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(field, message, status)
+
+
+class Invalid(AppError):
+    """422: the value given cannot be used."""
+
+    status = 422
+
+
+class Unauthorized(AppError):
+    """401: who is asking is not known."""
+
+    status = 401
+
+
+class Forbidden(AppError):
+    """403: the caller may not do this."""
+
+    status = 403
+
+
+class NotFound(AppError):
+    """404: no such thing."""
+
+    status = 404
+
+
+class Conflict(AppError):
+    """409: the thing exists, but its state does not allow this."""
+
+    status = 409
+
+
+class RateLimited(AppError):
+    """429: too many attempts; wait."""
+
+    status = 429
 
 
 def first_validation_error(exc: ValidationError) -> tuple[str, str]:
     """Returns (field, message) of the first problem pydantic found, e.g. for a form shown again with it."""
     err = exc.errors()[0]
     return ".".join(str(part) for part in err["loc"]) or "form", err["msg"]
+
+
+def validated(model: type[M], data: Any) -> M:
+    """Validates form data with an API model, raising Invalid that names the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid(*first_validation_error(exc)) from exc
+
+
+# --- pages that show their form again -------------------------------------------------------------
+
+
+def renders_on_error(page: Callable[..., Response]):
+    """Declares the page a route answers with when it raises an AppError: `page(exc, **route_arguments)`.
+
+    Put it under the router's decorator. The page is rendered inside the route, not by the app's handler:
+    there the request's session is still open (the page lists models, batches...) and, as before this
+    existed, what the request did outside the failed savepoint is still committed.
+    """
+
+    def decorate(route: Callable[..., Any]):
+        if inspect.iscoroutinefunction(route):
+            @functools.wraps(route)
+            async def async_wrapper(**kwargs: Any):
+                try:
+                    return await route(**kwargs)
+                except AppError as exc:
+                    return page(exc, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(route)
+        def wrapper(**kwargs: Any):
+            try:
+                return route(**kwargs)
+            except AppError as exc:
+                return page(exc, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# --- answers ---------------------------------------------------------------------------------------
+
+
+def error_body(status: int, message: str, field: str | None = None, *, detail: str | None = None,
+               code: str | None = None, line: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Builds the JSON of every 4xx/5xx answer (`ErrorOut`)."""
+    body = {"detail": detail if detail is not None else (f"{field}: {message}" if field else message),
+            "code": code or code_for(status), "field": field, "message": message}
+    if line is not None:
+        body["line"] = line
+    return body | extra
+
+
+def wants_html(request: Request) -> bool:
+    """Tells whether the caller is a browser on a page (not the API), so errors come as the error page."""
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_page(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    from app.templating import templates
+
+    return templates.TemplateResponse(request, "error.html", {"status": status, "message": message, "user": None},
+                                      status_code=status, headers=headers)
+
+
+def app_error_response(request: Request, exc: AppError) -> Response:
+    """Answers an AppError: the error page for browsers, ErrorOut JSON for everyone else."""
+    if wants_html(request):
+        return _error_page(request, exc.status, exc.detail)
+    return _json(error_body(exc.status, exc.message, exc.field, code=exc.code, line=exc.line), exc.status)
+
+
+def http_error_response(request: Request, exc: StarletteHTTPException) -> Response:
+    """Answers an HTTPException (ours, or Starlette's 404/405) like an AppError without a field."""
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if wants_html(request) and exc.status_code >= 400:
+        return _error_page(request, exc.status_code, message, exc.headers)
+    return _json(error_body(exc.status_code, message), exc.status_code, exc.headers)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict]:
+    errors = []
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path", "header", "form")]
+        errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid value")})
+    return errors
+
+
+def validation_error_response(request: Request, exc: RequestValidationError) -> Response:
+    """Answers FastAPI's own 422: every problem in `errors`, the first one as field and message."""
+    errors = _field_errors(exc)
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    if wants_html(request):
+        return _error_page(request, 422, summary)
+    first = errors[0] if errors else {"field": None, "message": "invalid request"}
+    return _json(error_body(422, first["message"], first["field"], detail=summary, errors=errors), 422)
+
+
+def install(app: FastAPI) -> None:
+    """Registers the error handlers and documents ErrorOut on every /api/v1 operation's 4xx answers."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def on_app_error(request: Request, exc: Exception) -> Response:
+        return app_error_response(request, exc)  # type: ignore[arg-type]
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        return http_error_response(request, exc)  # type: ignore[arg-type]
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        return validation_error_response(request, exc)  # type: ignore[arg-type]
+
+    app.add_exception_handler(AppError, on_app_error)
+    # Starlette's class, so its own 404 and 405 answers take the same shape as FastAPI's HTTPException.
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --- OpenAPI ---------------------------------------------------------------------------------------
+
+ERROR_SCHEMAS = {
+    "ErrorOut": {
+        "title": "ErrorOut",
+        "type": "object",
+        "description": "Every 4xx and 5xx answer of the API.",
+        "required": ["detail", "code", "field", "message"],
+        "properties": {
+            "detail": {"type": "string", "description": "What is wrong, naming the field: 'field: problem; ...'"},
+            "code": {"type": "string", "description": "Stable machine-readable kind of error",
+                     "examples": sorted(set(CODES.values()))},
+            "field": {"anyOf": [{"type": "string"}, {"type": "null"}],
+                      "description": "The field or parameter at fault (the first one for a 422), e.g. items.2.likert"},
+            "message": {"type": "string", "description": "Why, without the field's name"},
+            "line": {"type": "integer", "description": "Line of an uploaded file, for import errors"},
+            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"},
+                       "description": "422: every problem found, not only the first"},
+        },
+    },
+    "ValidationError": {
+        "title": "ValidationError",
+        "type": "object",
+        "required": ["message"],
+        "properties": {
+            "field": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "e.g. items.2.likert"},
+            "message": {"type": "string"},
+            "line": {"type": "integer", "description": "Line of an uploaded file, for import errors"},
+        },
+    },
+}
+ERROR_REF = "#/components/schemas/ErrorOut"
+# Answers every API operation can give: no or a bad token, a missing scope or CSRF token, and any other 4xx.
+COMMON_ERRORS = {"401": "Not authenticated", "403": "Not allowed"}
+OTHER_ERRORS = {"4XX": "Any other client error"}
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Points every 4xx response of every /api/v1 operation at ErrorOut, the shape the handlers send."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.update(ERROR_SCHEMAS)
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/api/v1/"):
+            continue
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            wanted = COMMON_ERRORS | ({"404": "Not found"} if "{" in path else {}) | OTHER_ERRORS
+            for status, description in wanted.items():
+                responses.setdefault(status, {"description": description})
+            for status, response in responses.items():
+                if status.startswith("4"):
+                    response["content"] = {"application/json": {"schema": {"$ref": ERROR_REF}}}
+    return schema

@@ -1,9 +1,10 @@
 """The web process: HTML pages for labelers and admins, the /api/v1 JSON API, and /docs.
 
 `create_app` wires routers, security headers, the request-size limit and
-error handlers that turn every user-caused problem into a clear 4xx (JSON
-for the API, a page for browsers). The web never imports torch or the
-worker package; it hands work to the worker through `app.outbox`.
+the error handlers of `app.errors`, which turn every user-caused problem
+into a clear 4xx (JSON of one shape for the API, a page for browsers). The
+web never imports torch or the worker package; it hands work to the worker
+through `app.outbox`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import logging
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import loop
+from app import errors, loop
 from app.config import get_settings
 from app.db import max_connections
 from app.deps import LoginRequired
+from app.errors import NotFound, error_body
 from app.models import MAX_ID
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
@@ -36,7 +37,6 @@ from app.registry import api as registry_api
 from app.registry import pages as registry_pages
 from app.webhooks import api as webhooks_api
 from app.webhooks import pages as webhooks_pages
-from app.templating import templates
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +58,6 @@ DOCS_CSP = (
     "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
     "frame-ancestors 'none'"
 )
-
-# What a 422 really carries (see the handlers in create_app), published instead of FastAPI's default
-# `detail: [{loc, msg, type}]`, so clients and schema-driven tools read errors as they are sent.
-ERROR_SCHEMAS = {
-    "HTTPValidationError": {
-        "title": "HTTPValidationError",
-        "type": "object",
-        "required": ["detail"],
-        "properties": {
-            "detail": {"type": "string", "description": "What is wrong, naming each field: 'field: problem; ...'"},
-            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}},
-        },
-    },
-    "ValidationError": {
-        "title": "ValidationError",
-        "type": "object",
-        "required": ["message"],
-        "properties": {
-            "field": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "e.g. items.2.likert"},
-            "message": {"type": "string"},
-            "line": {"type": "integer", "description": "Line of an uploaded file, for import errors"},
-        },
-    },
-}
-
 
 class SecurityHeadersMiddleware:
     """Adds the security headers to every response (plain ASGI: no per-request task like BaseHTTPMiddleware)."""
@@ -172,21 +147,7 @@ class AdmissionMiddleware:
 
 
 def _too_large(limit: int) -> Response:
-    return JSONResponse(
-        {"detail": f"Request body is larger than the limit of {limit} bytes"}, status_code=413
-    )
-
-
-def _wants_html(request: Request) -> bool:
-    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
-
-
-def _field_errors(exc: RequestValidationError) -> list[dict]:
-    errors = []
-    for err in exc.errors():
-        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path", "header", "form")]
-        errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid value")})
-    return errors
+    return JSONResponse(error_body(413, f"Request body is larger than the limit of {limit} bytes"), status_code=413)
 
 
 # Database trouble a client should wait out and retry: the server is restarting or unreachable (OperationalError,
@@ -212,7 +173,7 @@ async def path_ids_in_range(request: Request) -> None:
         except (TypeError, ValueError):
             continue  # not a number: the route's own validation answers 422
         if abs(number) > MAX_ID:
-            raise HTTPException(404, f"{name}: no such id {value}")
+            raise NotFound(name, f"no such id {value}")
 
 
 def create_app() -> FastAPI:
@@ -240,45 +201,16 @@ def create_app() -> FastAPI:
     # Added last, so outermost: even a 413 from the body limit carries the headers.
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.secure_cookies)
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schemas = FastAPI.openapi(app).get("components", {}).get("schemas", {})
-            if "HTTPValidationError" in schemas:
-                schemas.update(ERROR_SCHEMAS)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    errors.install(app)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired):
         return RedirectResponse(f"/login?next={exc.next_url}", status_code=303)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        errors = _field_errors(exc)
-        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        if _wants_html(request):
-            return templates.TemplateResponse(
-                request, "error.html", {"status": 422, "message": summary, "user": None}, status_code=422
-            )
-        return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        if _wants_html(request) and exc.status_code >= 400:
-            return templates.TemplateResponse(
-                request,
-                "error.html",
-                {"status": exc.status_code, "message": exc.detail, "user": None},
-                status_code=exc.status_code,
-                headers=exc.headers,
-            )
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
     async def database_unavailable(request: Request, exc: Exception):
         log.warning("database unavailable during %s %s, answered 503: %s", request.method, request.url.path,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return await http_error(request, HTTPException(
+        return errors.http_error_response(request, HTTPException(
             503, "The database is unavailable for a moment; please retry in a few seconds.",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ))

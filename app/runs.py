@@ -22,14 +22,17 @@ from datetime import timedelta
 
 from app import events
 from app.config import get_settings
+from app.errors import AppError
 from app.outbox import enqueue_run
 from app.models import RUN_KINDS, ModelVersion, TrainingRun, utcnow
 
 MAX_ATTEMPTS = 3
 
 
-class RunError(ValueError):
-    """A user-caused problem starting a run; the message is safe to show."""
+class RunError(AppError):
+    """A user-caused problem starting a run, 409 unless told otherwise (one of its kind is active)."""
+
+    status = 409
 
 
 def start_run(
@@ -38,15 +41,15 @@ def start_run(
 ) -> TrainingRun:
     """Queues a run of `kind`; refuses a second active SFT, RM or PPO run."""
     if kind not in RUN_KINDS:
-        raise RunError(f"kind: must be one of {', '.join(RUN_KINDS)}")
+        raise RunError("kind", f"must be one of {', '.join(RUN_KINDS)}", 422)
     if kind in ("sft", "rm", "ppo") and active_run(db, kind) is not None:
-        raise RunError(f"kind: a {kind} run is already queued or running")
+        raise RunError("kind", f"a {kind} run is already queued or running")
     run = TrainingRun(kind=kind, batch_id=batch_id, params=params or {}, triggered_by=triggered_by)
     try:
         with db.begin_nested():
             enqueue_run(db, run)
     except IntegrityError as exc:  # two admins at once: the partial unique index decides
-        raise RunError(f"kind: a {kind} run is already queued or running") from exc
+        raise RunError("kind", f"a {kind} run is already queued or running") from exc
     return run
 
 

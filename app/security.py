@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.errors import AppError
 from app.models import ROLES, TOKEN_SCOPES, ApiToken, LoginFailure, User, UserSession, utcnow
 
 SESSION_COOKIE = "il_session"
@@ -36,8 +37,10 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 _hasher = PasswordHasher()
 
 
-class CredentialError(ValueError):
-    """A user-caused problem with credentials; the message is safe to show."""
+class CredentialError(AppError):
+    """A user-caused problem with credentials (422 unless told otherwise); `field` names what is wrong."""
+
+    status = 422
 
 
 def hash_password(password: str) -> str:
@@ -65,18 +68,18 @@ def sha256_hex(value: str) -> str:
 def validate_new_user(username: str, role: str, password: str) -> None:
     """Raises CredentialError when a new account's fields are unacceptable."""
     if not username or len(username) > 64 or not all(c.isalnum() or c in "._-" for c in username):
-        raise CredentialError("username: use 1-64 letters, digits, '.', '_' or '-'")
+        raise CredentialError("username", "use 1-64 letters, digits, '.', '_' or '-'")
     if role not in ROLES:
-        raise CredentialError(f"role: must be one of {', '.join(ROLES)}")
+        raise CredentialError("role", f"must be one of {', '.join(ROLES)}")
     if len(password) < 8:
-        raise CredentialError("password: must be at least 8 characters")
+        raise CredentialError("password", "must be at least 8 characters")
 
 
 def create_user(db: Session, username: str, role: str, password: str) -> User:
     """Creates an account with a hashed password."""
     validate_new_user(username, role, password)
     if db.scalar(select(User.id).where(User.username == username)) is not None:
-        raise CredentialError(f"username: '{username}' already exists")
+        raise CredentialError("username", f"'{username}' already exists", 409)
     user = User(username=username, role=role, password_hash=hash_password(password))
     db.add(user)
     db.flush()
@@ -198,9 +201,9 @@ def parse_scopes(text: str | list[str]) -> list[str]:
     scopes = sorted({s for s in items if s})
     unknown = [s for s in scopes if s not in TOKEN_SCOPES]
     if unknown:
-        raise CredentialError(f"scopes: unknown {', '.join(unknown)}; known: {', '.join(TOKEN_SCOPES)}")
+        raise CredentialError("scopes", f"unknown {', '.join(unknown)}; known: {', '.join(TOKEN_SCOPES)}")
     if not scopes:
-        raise CredentialError("scopes: give at least one of " + ", ".join(TOKEN_SCOPES))
+        raise CredentialError("scopes", "give at least one of " + ", ".join(TOKEN_SCOPES))
     return scopes
 
 
@@ -211,7 +214,7 @@ def create_api_token(
     allowed = ROLE_SCOPES[user.role]
     beyond = [s for s in scopes if s not in allowed]
     if beyond:
-        raise CredentialError(f"scopes: a {user.role} cannot hold {', '.join(beyond)}")
+        raise CredentialError("scopes", f"a {user.role} cannot hold {', '.join(beyond)}")
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(user_id=user.id, name=name, token_hash=sha256_hex(raw), scopes=scopes, expires_at=expires_at)
     db.add(token)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from app.deps import OptionalPrincipal, SessionDep, check_csrf
 from app.models import ApiToken
-from app.security import CredentialError, create_api_token, parse_scopes, revoke_api_token
+from app.security import create_api_token, parse_scopes, revoke_api_token
 
 router = APIRouter(prefix="/api/v1")
 
@@ -75,10 +75,7 @@ def create_token(body: TokenIn, db: SessionDep, principal=Depends(_authenticated
     """Creates an API token for the caller; the secret is shown once."""
     if principal.via != "session":
         raise HTTPException(403, "Create tokens from a browser session or the CLI, not with another token")
-    try:
-        raw, token = create_api_token(db, principal.user, parse_scopes(body.scopes), body.name, body.expires_at)
-    except CredentialError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    raw, token = create_api_token(db, principal.user, parse_scopes(body.scopes), body.name, body.expires_at)
     return NewTokenOut(token=raw, **TokenOut.model_validate(token, from_attributes=True).model_dump())
 
 

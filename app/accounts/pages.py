@@ -14,6 +14,7 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
 from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, SessionDep, SettingsDep
+from app.errors import AppError, Forbidden, RateLimited, Unauthorized, renders_on_error
 from app.security import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -82,7 +83,12 @@ def login_form(request: Request, settings: SettingsDep, next: str = "/"):
     return _login_page(request, settings, next_url=next)
 
 
+def _login_again(exc: AppError, request: Request, settings, username: str, next: str, **_):
+    return _login_page(request, settings, error=exc.message, username=username, next_url=next, status=exc.status)
+
+
 @router.post("/login")
+@renders_on_error(_login_again)
 def login(
     request: Request,
     db: SessionDep,
@@ -95,19 +101,15 @@ def login(
     """Checks credentials, starts a fresh session and redirects to where the user was going."""
     expected = unsign_login_csrf(settings, request.cookies.get(LOGIN_CSRF_COOKIE))
     if expected is None or not csrf_matches(expected, csrf_token):
-        return _login_page(request, settings, error="The form expired; please try again.", username=username,
-                           next_url=next, status=403)
+        raise Forbidden(None, "The form expired; please try again.")
     ip = _client_ip(request)
     if login_blocked(db, settings, username, ip):
-        return _login_page(
-            request, settings, username=username, next_url=next, status=429,
-            error=f"Too many failed attempts; wait {settings.login_window_s // 60} minutes and try again.",
-        )
+        minutes = settings.login_window_s // 60
+        raise RateLimited(None, f"Too many failed attempts; wait {minutes} minutes and try again.")
     user = authenticate(db, username, password)
     if user is None:
-        record_login_failure(db, settings, username, ip)
-        return _login_page(request, settings, error="Wrong username or password.", username=username,
-                           next_url=next, status=401)
+        record_login_failure(db, settings, username, ip)  # still committed: the login page is an answer
+        raise Unauthorized(None, "Wrong username or password.")
     clear_login_failures(db, username)
     cookie, _ = start_session(db, settings, user)
     target = _safe_next(next)

@@ -26,7 +26,8 @@ from starlette.datastructures import UploadFile
 from app.deps import AdminApi, SessionDep
 from app.models import MAX_ID, PromptBatch
 from app.collection import batches
-from app.collection.batches import BatchError, ImportOutcome
+from app.collection.batches import ImportOutcome
+from app.errors import Invalid, error_body
 from app.collection.prompt_import import detect_format, why_unstorable
 
 router = APIRouter(prefix="/api/v1", tags=["batches"])
@@ -114,11 +115,6 @@ class BatchOut(BatchIn):
     hygiene: dict[str, Any] = Field(default_factory=dict, description="The last import's hygiene report, without the dropped lines")
 
 
-def raise_batch_error(exc: BatchError):
-    """Turns a service error into the HTTP answer it names."""
-    raise HTTPException(exc.status, str(exc)) from exc
-
-
 def hygiene_summary(report: dict[str, Any]) -> dict[str, Any]:
     """Returns a stored hygiene report without its (long) list of dropped lines."""
     return {key: value for key, value in (report or {}).items() if key != "dropped"}
@@ -172,7 +168,7 @@ async def read_upload(request: Request) -> Upload:
         form = await request.form()  # cached: the CSRF check may have read it already
         file = form.get("file")
         if not isinstance(file, UploadFile):
-            raise HTTPException(422, "file: choose a JSON Lines or CSV file to upload")
+            raise Invalid("file", "choose a JSON Lines or CSV file to upload")
         return Upload(await file.read(), file.filename, file.content_type)
     return Upload(await request.body(), None, content_type)
 
@@ -187,13 +183,10 @@ def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool
     """Imports an upload into a batch all-or-nothing; returns the outcome and how many old prompts it replaced.
 
     The replace and the import share one savepoint, so a file with errors leaves
-    the old prompts in place. Raises BatchError (status, binary file).
+    the old prompts in place. Raises an AppError (the batch's status, a binary file).
     """
     if fmt is None:
-        try:
-            fmt = detect_format(upload.filename, upload.content_type, upload.data)  # type: ignore[assignment]
-        except ValueError as exc:
-            raise BatchError("file", str(exc), status=415) from exc
+        fmt = detect_format(upload.filename, upload.content_type, upload.data)  # type: ignore[assignment]
     savepoint = db.begin_nested()
     try:
         replaced = batches.replace_prompts(db, batch) if replace else 0
@@ -213,10 +206,7 @@ def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool
 @router.post("/batches", status_code=201, response_model=BatchOut)
 def create_batch(body: BatchIn, db: SessionDep, principal: AdminApi):
     """Creates a draft batch; 409 when the name is taken."""
-    try:
-        batch = batches.create_batch(db, created_by_id=principal.user.id, **body.model_dump())
-    except BatchError as exc:
-        raise_batch_error(exc)
+    batch = batches.create_batch(db, created_by_id=principal.user.id, **body.model_dump())
     return batch_out(db, batch)
 
 
@@ -244,10 +234,7 @@ def patch_batch(batch_id: int, body: BatchPatch, db: SessionDep, principal: Admi
     # An explicit null leaves a setting as it is; only the sampling model has a meaningful null (the default).
     fields = {k: v for k, v in body.model_dump(exclude_unset=True).items()
               if v is not None or k == "policy_version_id"}
-    try:
-        change_batch(db, batch, fields)
-    except BatchError as exc:
-        raise_batch_error(exc)
+    change_batch(db, batch, fields)
     return batch_out(db, batch)
 
 
@@ -269,18 +256,13 @@ def import_file(
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
             raise ValueError
     except ValueError:
-        raise HTTPException(422, "split: give three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1")
-    try:
-        outcome, replaced = run_import(db, batch, upload, replace=replace, fmt=fmt, prefix_chars=prefix_chars,
-                                       max_per_user=max_per_user, split_fractions=fractions)
-    except BatchError as exc:
-        raise_batch_error(exc)
+        raise Invalid("split", "give three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1") from None
+    outcome, replaced = run_import(db, batch, upload, replace=replace, fmt=fmt, prefix_chars=prefix_chars,
+                                   max_per_user=max_per_user, split_fractions=fractions)
     if not outcome.ok:
         total = outcome.errors["total"]
-        return JSONResponse(
-            {"detail": f"the file has {total} error{'s' if total != 1 else ''}; nothing was imported", **outcome.errors},
-            status_code=422,
-        )
+        message = f"the file has {total} error{'s' if total != 1 else ''}; nothing was imported"
+        return JSONResponse(error_body(422, message, **outcome.errors), status_code=422)
     report = batch.hygiene_report
     return {
         "batch_id": batch.id, "stored": outcome.stored, "replaced": replaced,
@@ -316,9 +298,6 @@ def download_dropped(batch_id: int, db: SessionDep, principal: AdminApi):
 def start_batch(batch_id: int, db: SessionDep, principal: AdminApi):
     """Starts a draft batch: queues sampling (or creates demonstration tasks); 409 without prompts."""
     batch = get_batch_or_404(db, batch_id)
-    try:
-        batches.start_batch(db, batch)
-    except BatchError as exc:
-        raise_batch_error(exc)
+    batches.start_batch(db, batch)
     db.flush()
     return batch_out(db, batch)

@@ -122,7 +122,7 @@ def _validate(db: Session, batch: PromptBatch) -> None:
     if batch.pii_policy is not None and batch.pii_policy not in ("drop", "redact", "flag"):
         raise BatchError("pii_policy", "must be drop, redact or flag")
     if batch.policy_version_id is not None:
-        sampling_policy(db, batch.policy_version_id)
+        sampling_policy(db, batch.policy_version_id)  # a BatchError naming policy_version_id, 422
 
 
 def sampling_policy(db: Session, requested_id: int | None = None) -> ModelVersion | None:

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import RedirectResponse
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -26,8 +25,7 @@ from app.models import USABLE_STATUSES, Assignment, ModelVersion, PromptBatch, T
 from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
 from app.templating import render
 from app.collection import batches
-from app.collection.batches import BatchError
-from app.errors import first_validation_error
+from app.errors import AppError, Invalid, renders_on_error, validated
 
 router = APIRouter(include_in_schema=False)
 
@@ -161,15 +159,11 @@ def _form_fields(form: dict[str, str]) -> dict[str, Any]:
 
 
 def _validated(fields: dict[str, Any], *, partial: bool) -> dict[str, Any]:
-    """Validates form fields with the API's model, raising BatchError naming the first bad field."""
+    """Validates form fields with the API's model, raising Invalid naming the first bad field."""
     data = dict(fields)
     if partial:
         data.setdefault("name", "placeholder")
-    try:
-        checked = BatchIn.model_validate(data)
-    except ValidationError as exc:
-        raise BatchError(*first_validation_error(exc)) from exc
-    out = checked.model_dump()
+    out = validated(BatchIn, data).model_dump()
     return {k: out[k] for k in fields} if partial else out
 
 
@@ -205,16 +199,18 @@ def new_batch_form(request: Request, principal: AdminPage, db: SessionDep):
     return render(request, "collection/batch_new.html", principal, form={}, models=_models(db), error="")
 
 
+def _new_batch_again(exc: AppError, request: Request, principal, db: Session, form: SettingsForm, **_):
+    return render(request, "collection/batch_new.html", principal, status_code=exc.status, form=form,
+                  models=_models(db), error=str(exc))
+
+
 @router.post("/admin/batches/new")
+@renders_on_error(_new_batch_again)
 def new_batch(request: Request, principal: AdminPage, db: SessionDep, form: SettingsDepForm):
     """Creates a draft batch and goes to its page."""
-    try:
-        fields = _validated(_form_fields(dict(form)), partial=False)
-        with db.begin_nested():
-            batch = batches.create_batch(db, created_by_id=principal.user.id, **fields)
-    except BatchError as exc:
-        return render(request, "collection/batch_new.html", principal, status_code=exc.status, form=form,
-                      models=_models(db), error=str(exc))
+    fields = _validated(_form_fields(dict(form)), partial=False)
+    with db.begin_nested():
+        batch = batches.create_batch(db, created_by_id=principal.user.id, **fields)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)
 
 
@@ -224,21 +220,25 @@ def batch_page(batch_id: int, request: Request, principal: AdminPage, db: Sessio
     return _batch_page(request, principal, db, get_batch_or_404(db, batch_id))
 
 
+def _batch_again(exc: AppError, request: Request, principal, db: Session, batch_id: int, **_):
+    batch = get_batch_or_404(db, batch_id)
+    db.refresh(batch)  # as the failed savepoint left it
+    return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+
+
 @router.post("/admin/batches/{batch_id}/settings")
+@renders_on_error(_batch_again)
 def batch_settings(batch_id: int, request: Request, principal: AdminPage, db: SessionDep, form: SettingsDepForm):
     """Saves a batch's settings (sampling and labeling settings only while it is a draft)."""
     batch = get_batch_or_404(db, batch_id)
-    try:
-        fields = _validated(_form_fields(dict(form)), partial=True)
-        with db.begin_nested():
-            change_batch(db, batch, fields)
-    except BatchError as exc:
-        db.refresh(batch)
-        return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    fields = _validated(_form_fields(dict(form)), partial=True)
+    with db.begin_nested():
+        change_batch(db, batch, fields)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)
 
 
 @router.post("/admin/batches/{batch_id}/prompts")
+@renders_on_error(_batch_again)
 def batch_upload(
     batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
     file: Annotated[UploadFile | None, File()] = None, replace: Annotated[str, Form()] = "",
@@ -247,14 +247,10 @@ def batch_upload(
     """Imports an uploaded prompt file; lists its errors by line when it has any."""
     batch = get_batch_or_404(db, batch_id)
     if file is None or not file.filename:
-        return _batch_page(request, principal, db, batch, status_code=422,
-                           error="file: choose a JSON Lines or CSV file to upload")
+        raise Invalid("file", "choose a JSON Lines or CSV file to upload")
     upload = Upload(file.file.read(), file.filename, file.content_type)
-    try:
-        outcome, replaced = run_import(db, batch, upload, replace=replace == "on",
-                                       prefix_chars=prefix_chars, max_per_user=max_per_user)
-    except BatchError as exc:
-        return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    outcome, replaced = run_import(db, batch, upload, replace=replace == "on",
+                                   prefix_chars=prefix_chars, max_per_user=max_per_user)
     if not outcome.ok:
         return _batch_page(request, principal, db, batch, status_code=422, upload_errors=outcome.errors,
                            upload_name=file.filename,
@@ -263,29 +259,23 @@ def batch_upload(
 
 
 @router.post("/admin/batches/{batch_id}/start")
+@renders_on_error(_batch_again)
 def batch_start(batch_id: int, request: Request, principal: AdminPage, db: SessionDep):
     """Starts a draft batch."""
     batch = get_batch_or_404(db, batch_id)
-    try:
-        with db.begin_nested():
-            batches.start_batch(db, batch)
-    except BatchError as exc:
-        db.refresh(batch)
-        return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    with db.begin_nested():
+        batches.start_batch(db, batch)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)
 
 
 @router.post("/admin/batches/{batch_id}/status")
+@renders_on_error(_batch_again)
 def batch_status(batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
                  status: Annotated[str, Form()]):
     """Pauses, resumes, completes or archives a batch."""
     batch = get_batch_or_404(db, batch_id)
     if status not in ACTIONS:
         raise HTTPException(422, f"status: unknown status {status!r}")
-    try:
-        with db.begin_nested():
-            batches.transition(db, batch, status)
-    except BatchError as exc:
-        db.refresh(batch)
-        return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    with db.begin_nested():
+        batches.transition(db, batch, status)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)

@@ -32,6 +32,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from app.errors import AppError
+
 CATEGORIES = ("plain", "few-shot", "user-based")
 FIELDS = ("text", "source_user_id", "category", "metadata")
 MAX_SOURCE_USER_ID_CHARS = 200  # prompts.source_user_id is String(200)
@@ -98,7 +100,7 @@ _CONTENT_TYPES = {
 def detect_format(filename: str | None, content_type: str | None, data: bytes) -> str:
     """Guesses "jsonl" or "csv" from the file name, then the content type, then the content.
 
-    Raises ValueError for binary files (xlsx, zip), which are neither.
+    Raises an AppError (415, about `file`) for binary files (xlsx, zip), which are neither.
     """
     if filename:
         ext = os.path.splitext(filename.lower())[1]
@@ -112,7 +114,7 @@ def detect_format(filename: str | None, content_type: str | None, data: bytes) -
     # Spreadsheets and archives (xlsx is a zip) are neither format; say so instead of 100 CSV errors.
     utf16 = head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # parse_prompts explains that one
     if head.startswith(b"PK\x03\x04") or (b"\x00" in head and not utf16):
-        raise ValueError("unsupported file: this looks like a binary file, not JSON Lines or CSV")
+        raise AppError("file", "unsupported file: this looks like a binary file, not JSON Lines or CSV", 415)
     first = head.lstrip()[:1]
     return "jsonl" if first in (b"{", b"[") else "csv"
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, LabelerPage, SessionDep
+from app.errors import AppError, renders_on_error
 from app.models import MAX_ID
 from app.templating import render_guidelines
 from app.templating import render
@@ -69,7 +70,7 @@ def _draft_from_form(form: dict[str, Any]) -> writing.PromptDraft:
 
 
 def _page(request: Request, db, principal, *, form: dict[str, Any], status_code: int = 200,
-          error: writing.PromptWritingError | None = None, outcome: writing.WritingOutcome | None = None):
+          error: AppError | None = None, outcome: writing.WritingOutcome | None = None):
     batches = writing.writable_batches(db)
     category = form.get("category") if form.get("category") in CATEGORY_LABELS else "plain"
     chosen = str(form.get("batch_id") or (batches[0].id if batches else ""))
@@ -82,7 +83,7 @@ def _page(request: Request, db, principal, *, form: dict[str, Any], status_code:
         request, "collection/write.html", principal, status_code=status_code,
         batches=batches, selected=selected, chosen=chosen, category=category, categories=CATEGORY_LABELS,
         hint=CATEGORY_HINTS[category], form=form, examples=examples, max_examples=writing.MAX_EXAMPLES,
-        min_examples=writing.MIN_EXAMPLES, error=error, error_field=error.field if error else "",
+        min_examples=writing.MIN_EXAMPLES, error=error, error_field=(error.field or "") if error else "",
         outcome=outcome, guidelines_html=render_guidelines(selected.guidelines) if selected else "",
     )
 
@@ -95,18 +96,20 @@ def write_page(request: Request, db: SessionDep, principal: LabelerPage,
     return _page(request, db, principal, form={"category": category, "batch_id": batch_id or ""})
 
 
+def _write_again(exc: AppError, request: Request, db, principal, form: dict[str, Any], **_):
+    return _page(request, db, principal, form=form, status_code=exc.status, error=exc)
+
+
 @router.post("/label/write", include_in_schema=False)
+@renders_on_error(_write_again)
 def write_submit(request: Request, db: SessionDep, principal: LabelerPage, form: WriteForm):
     """Checks a written prompt against the batch's hygiene rules and stores it when it passes."""
     if form.get("action") == "add_example":
         # One more example row; nothing is submitted.
         form["rows"] = len(form.get("example_query", [])) + 1
         return _page(request, db, principal, form=form)
-    try:
-        batch_id = _batch_id(form.get("batch_id"))
-        outcome = writing.write_prompt(db, principal.user, batch_id, _draft_from_form(form))
-    except writing.PromptWritingError as exc:
-        return _page(request, db, principal, form=form, status_code=exc.status, error=exc)
+    batch_id = _batch_id(form.get("batch_id"))
+    outcome = writing.write_prompt(db, principal.user, batch_id, _draft_from_form(form))
     if outcome.kept:
         # Stored: a fresh form for the next prompt, same batch and kind.
         form = {"category": form.get("category"), "batch_id": form.get("batch_id")}
@@ -187,10 +190,7 @@ def write_prompt(body: WrittenPromptIn, response: Response, db: SessionDep, prin
         category=body.category, text=body.text, instruction=body.instruction, final_query=body.final_query,
         use_case=body.use_case, examples=[writing.FewShotExample(e.query, e.response) for e in body.examples],
     )
-    try:
-        outcome = writing.write_prompt(db, principal.user, body.batch_id, draft)
-    except writing.PromptWritingError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
+    outcome = writing.write_prompt(db, principal.user, body.batch_id, draft)
     response.status_code = 201 if outcome.kept else 200
     return WrittenPromptOut(
         kept=outcome.kept, message=outcome.message, rule=outcome.rule,

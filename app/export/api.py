@@ -16,14 +16,14 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from app.config import get_settings
 from app.deps import ExportReader, SessionDep
-from app.export.stream import ExportError, SnapshotExport
+from app.export.stream import SnapshotExport
 
 router = APIRouter()
 export_router = APIRouter(prefix="/api/v1/export", tags=["export"])
@@ -91,12 +91,8 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
     filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate"})
-    try:
-        export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
-                                cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate,
-                                **filters)
-    except ExportError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
+                            cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate, **filters)
     chunks = export.chunks()
     # The first chunk is read before answering, so a database error is a 500, not a truncated 200.
     first = next(chunks, b"")

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, exists, func, select
 from sqlalchemy.orm import Session
 
+from app.errors import AppError
 from app.models import (
     MAX_ID,
     SPLITS,
@@ -65,13 +66,14 @@ YIELD_PER = 5000
 GZIP_LEVEL = 3
 
 
-class ExportError(ValueError):
-    """A user-caused problem with an export request; `param` names the query parameter at fault."""
+class ExportError(AppError):
+    """A user-caused problem with an export request (422); `param` names the query parameter at fault."""
 
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
+    status = 422
+
+    @property
+    def param(self) -> str | None:
+        return self.field
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, SessionDep
@@ -76,10 +76,6 @@ class DraftIn(BaseModel):
     active_seconds: float | None = Field(None, ge=0, le=86400)
 
 
-def _raise(exc: labeling.LabelingError):
-    raise HTTPException(exc.status, str(exc)) from exc
-
-
 def _json(model: BaseModel) -> Response:
     """Answers with a model this module just built and validated.
 
@@ -107,10 +103,7 @@ def assignment_out(db, assignment, view: labeling.TaskView | None = None) -> Ass
 def next_task(db: SessionDep, principal: LabelerApi,
               kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
     """Leases the next task (or returns the one already held); 204 when nothing is left."""
-    try:
-        view = labeling.lease_next_view(db, principal.user, kind)
-    except labeling.LabelingError as exc:
-        _raise(exc)
+    view = labeling.lease_next_view(db, principal.user, kind)
     if view is None:
         return Response(status_code=204)
     answer = _json(assignment_out(db, view.assignment, view))
@@ -121,22 +114,16 @@ def next_task(db: SessionDep, principal: LabelerApi,
 @router.get("/assignments/{assignment_id}", response_model=AssignmentOut)
 def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
     """Shows one of the caller's assignments."""
-    try:
-        return assignment_out(db, labeling.get_assignment(db, assignment_id, principal.user))
-    except labeling.LabelingError as exc:
-        _raise(exc)
+    return assignment_out(db, labeling.get_assignment(db, assignment_id, principal.user))
 
 
 @router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
     """Submits a demonstration or a ranking; repeating it returns the stored result."""
-    try:
-        label = labeling.submit(
-            db, principal.user, assignment_id, text=body.text,
-            items=None if body.items is None else [i.model_dump() for i in body.items],
-            all_unacceptable=body.all_unacceptable, choice=body.choice, active_seconds=body.active_seconds)
-    except labeling.LabelingError as exc:
-        _raise(exc)
+    label = labeling.submit(
+        db, principal.user, assignment_id, text=body.text,
+        items=None if body.items is None else [i.model_dump() for i in body.items],
+        all_unacceptable=body.all_unacceptable, choice=body.choice, active_seconds=body.active_seconds)
     if isinstance(label, EvalJudgment):
         # Blind: the answer echoes the output chosen, never which model wrote it.
         answer = SubmitOut(assignment_id=assignment_id, kind="eval", id=label.id, created_at=label.created_at,
@@ -159,18 +146,12 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
 @router.post("/assignments/{assignment_id}/skip")
 def skip(assignment_id: int, body: SkipIn, db: SessionDep, principal: LabelerApi) -> dict:
     """Skips a task with a reason; it is not offered to the caller again."""
-    try:
-        assignment = labeling.skip(db, principal.user, assignment_id, body.reason, body.note)
-    except labeling.LabelingError as exc:
-        _raise(exc)
+    assignment = labeling.skip(db, principal.user, assignment_id, body.reason, body.note)
     return {"assignment_id": assignment.id, "state": assignment.state}
 
 
 @router.put("/assignments/{assignment_id}/draft")
 def save_draft(assignment_id: int, body: DraftIn, db: SessionDep, principal: LabelerApi) -> dict:
     """Autosaves a draft and renews the lease."""
-    try:
-        assignment = labeling.save_draft(db, principal.user, assignment_id, body.draft, body.active_seconds)
-    except labeling.LabelingError as exc:
-        _raise(exc)
+    assignment = labeling.save_draft(db, principal.user, assignment_id, body.draft, body.active_seconds)
     return {"assignment_id": assignment.id, "lease_expires_at": assignment.expires_at.isoformat()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
 
 from app.deps import LabelerPage, SessionDep
@@ -49,10 +49,7 @@ def next_task(request: Request, db: SessionDep, principal: LabelerPage,
 @router.get("/label/assignments/{assignment_id}")
 def assignment_page(assignment_id: int, request: Request, db: SessionDep, principal: LabelerPage):
     """Shows one of the labeler's assignments on the demonstration or ranking page."""
-    try:
-        assignment = labeling.get_assignment(db, assignment_id, principal.user)
-    except labeling.LabelingError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
+    assignment = labeling.get_assignment(db, assignment_id, principal.user)
     view = labeling.task_view(db, assignment)
     kind = view.task.kind
     if assignment.state in ("submitted", "skipped"):

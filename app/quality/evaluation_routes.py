@@ -10,11 +10,11 @@ X-CSRF-Token on API writes) or a token with the `admin` scope.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,8 +23,7 @@ from app.models import MAX_ID, Evaluation, ModelVersion, PromptBatch
 from app.charts import interval_bars
 from app.templating import render
 from app.quality import evaluations
-from app.errors import first_validation_error
-from app.quality.evaluations import EvaluationError
+from app.errors import AppError, renders_on_error, validated
 
 router = APIRouter()
 api_router = APIRouter(prefix="/api/v1", tags=["evaluations"])
@@ -113,11 +112,7 @@ def get_evaluation_or_404(db: Session, evaluation_id: int) -> Evaluation:
 
 def _cancel(db: Session, evaluation_id: int) -> Evaluation:
     """Cancels an evaluation for the API and the page alike: 404 when unknown, 409 once it has ended."""
-    evaluation = get_evaluation_or_404(db, evaluation_id)
-    try:
-        return evaluations.cancel_evaluation(db, evaluation)
-    except EvaluationError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
+    return evaluations.cancel_evaluation(db, get_evaluation_or_404(db, evaluation_id))
 
 
 def _start(db: Session, body: EvaluationIn, user_id: int) -> Evaluation:
@@ -145,11 +140,7 @@ def list_evaluations(db: SessionDep, principal: AdminApi, status: EvaluationStat
 @api_router.post("/evaluations", status_code=201, response_model=EvaluationOut)
 def create_evaluation(body: EvaluationIn, db: SessionDep, principal: AdminApi):
     """Starts a blind comparison of two versions on held-out prompts; the worker samples both, labelers judge."""
-    try:
-        evaluation = _start(db, body, principal.user.id)
-    except EvaluationError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    return evaluation_out(db, evaluation)
+    return evaluation_out(db, _start(db, body, principal.user.id))
 
 
 @api_router.get("/evaluations/{evaluation_id}", response_model=EvaluationOut)
@@ -203,19 +194,21 @@ def evaluations_page(request: Request, principal: AdminPage, db: SessionDep):
     return _list_page(request, principal, db)
 
 
+async def _start_form(request: Request) -> dict[str, str]:
+    return {k: v for k, v in (await request.form()).items() if isinstance(v, str) and k != "csrf_token"}
+
+
+def _start_again(exc: AppError, request: Request, principal, db: Session, form: dict[str, str], **_):
+    return _list_page(request, principal, db, status_code=exc.status, form=form, error=str(exc))
+
+
 @pages_router.post("/admin/evaluations")
-async def evaluations_start(request: Request, principal: AdminPage, db: SessionDep):
+@renders_on_error(_start_again)
+def evaluations_start(request: Request, principal: AdminPage, db: SessionDep,
+                      form: Annotated[dict[str, str], Depends(_start_form)]):
     """Starts an evaluation from the form; shows the form again with the error when it is refused."""
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str) and k != "csrf_token"}
-    data = {k: v for k, v in form.items() if v != ""}
-    try:
-        body = EvaluationIn.model_validate(data)
-        evaluation = _start(db, body, principal.user.id)
-    except ValidationError as exc:
-        field, message = first_validation_error(exc)
-        return _list_page(request, principal, db, status_code=422, form=form, error=f"{field}: {message}")
-    except EvaluationError as exc:
-        return _list_page(request, principal, db, status_code=exc.status, form=form, error=str(exc))
+    body = validated(EvaluationIn, {k: v for k, v in form.items() if v != ""})
+    evaluation = _start(db, body, principal.user.id)
     return RedirectResponse(f"/admin/evaluations/{evaluation.id}", status_code=303)
 
 

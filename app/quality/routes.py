@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session
 
 from app.deps import AdminApi, AdminPage, SessionDep
@@ -25,7 +25,7 @@ from app.charts import interval_bars
 from app.templating import render
 from app.quality import gold
 from app.quality import report as quality
-from app.errors import first_validation_error
+from app.errors import AppError, renders_on_error, validated
 from app.quality.report import DailyAgreement
 
 router = APIRouter()
@@ -122,10 +122,6 @@ class GoldIn(BaseModel):
         return self
 
 
-def _gold_error(exc: gold.GoldError):
-    raise HTTPException(exc.status, str(exc)) from exc
-
-
 def gold_summary(db: Session, batch_id: int) -> dict[str, Any]:
     """A batch's gold tasks, labelers' accuracy on them and candidate tasks, as JSON-ready data."""
     tasks, labelers = gold.gold_report(db, batch_id)
@@ -152,10 +148,7 @@ def _mark(db: Session, batch_id: int, body: GoldIn, admin) -> int:
 def batch_gold_mark(batch_id: int, body: GoldIn, db: SessionDep, principal: AdminApi) -> dict:
     """Makes a ranking, or a task's consensus, the known answer of its task; the task becomes a gold check."""
     get_batch_or_404(db, batch_id)
-    try:
-        task_id = _mark(db, batch_id, body, principal.user)
-    except gold.GoldError as exc:
-        _gold_error(exc)
+    task_id = _mark(db, batch_id, body, principal.user)
     return {"task_id": task_id, "is_gold": True}
 
 
@@ -163,10 +156,7 @@ def batch_gold_mark(batch_id: int, body: GoldIn, db: SessionDep, principal: Admi
 def batch_gold_unmark(batch_id: int, task_id: int, db: SessionDep, principal: AdminApi) -> dict:
     """Turns a gold task back into an ordinary one; the checks already answered stay recorded."""
     get_batch_or_404(db, batch_id)
-    try:
-        task = gold.unmark_gold(db, task_id, batch_id)
-    except gold.GoldError as exc:
-        _gold_error(exc)
+    task = gold.unmark_gold(db, task_id, batch_id)
     return {"task_id": task.id, "is_gold": False}
 
 
@@ -185,30 +175,27 @@ def batch_gold_page(batch_id: int, request: Request, principal: AdminPage, db: S
     return _gold_page(request, principal, db, get_batch_or_404(db, batch_id))
 
 
+def _gold_again(exc: AppError, request: Request, principal, db: Session, batch_id: int, **_):
+    return _gold_page(request, principal, db, get_batch_or_404(db, batch_id), status_code=exc.status, error=str(exc))
+
+
 @pages_router.post("/admin/batches/{batch_id}/gold")
+@renders_on_error(_gold_again)
 def batch_gold_form(batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
                     ranking_id: Annotated[str, Form()] = "", task_id: Annotated[str, Form()] = ""):
     """Marks gold from the page: a ranking id, or a task whose consensus becomes the answer."""
     batch = get_batch_or_404(db, batch_id)
-    try:
-        body = GoldIn.model_validate({k: v for k, v in (("ranking_id", ranking_id), ("task_id", task_id)) if v})
-        _mark(db, batch.id, body, principal.user)
-    except ValidationError as exc:
-        field, message = first_validation_error(exc)
-        return _gold_page(request, principal, db, batch, status_code=422, error=f"{field}: {message}")
-    except gold.GoldError as exc:
-        return _gold_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    body = validated(GoldIn, {k: v for k, v in (("ranking_id", ranking_id), ("task_id", task_id)) if v})
+    _mark(db, batch.id, body, principal.user)
     return RedirectResponse(f"/admin/batches/{batch.id}/gold", status_code=303)
 
 
 @pages_router.post("/admin/batches/{batch_id}/gold/{task_id}/remove")
+@renders_on_error(_gold_again)
 def batch_gold_remove(batch_id: int, task_id: int, request: Request, principal: AdminPage, db: SessionDep):
     """Turns a gold task back into an ordinary one."""
     batch = get_batch_or_404(db, batch_id)
-    try:
-        gold.unmark_gold(db, task_id, batch.id)
-    except gold.GoldError as exc:
-        return _gold_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    gold.unmark_gold(db, task_id, batch.id)
     return RedirectResponse(f"/admin/batches/{batch.id}/gold", status_code=303)
 
 

@@ -29,8 +29,7 @@ from app.training import data as training
 from app.training.configs import param_specs, validate_params
 from app.quality.behaviour import model_behaviour
 from app.errors import FieldError
-from app.registry.versions import RegistryError
-from app.runs import RunError, active_run, start_run
+from app.runs import active_run, start_run
 
 router = APIRouter(prefix="/api/v1", tags=["models and runs"])
 
@@ -135,12 +134,8 @@ def start_manual_run(db: Session, kind: str, params: dict[str, Any], username: s
     params = validate_params(kind, params)
     if active_run(db, kind) is not None:
         raise RunRequestError("kind", f"a {kind} run is already queued or running", 409)
-    try:
-        with db.begin_nested():
-            run = start_run(db, kind, params=params, triggered_by=f"admin:{username}"[:32])
-    except RunError as exc:
-        raise RunRequestError("kind", str(exc).removeprefix("kind: "), 409) from exc
-    return run
+    with db.begin_nested():  # a RunError (409, about `kind`) when another admin's run got in first
+        return start_run(db, kind, params=params, triggered_by=f"admin:{username}"[:32])
 
 
 def cancel_run(db: Session, run: TrainingRun, username: str) -> TrainingRun:
@@ -239,11 +234,7 @@ def model_behaviour_api(version_id: int, db: SessionDep, principal: AdminApi) ->
 @router.post("/models/rollback", response_model=ModelDetail)
 def rollback_model(db: SessionDep, principal: AdminApi, kind: ModelKind = Query(...)):
     """Promotes the version of `kind` promoted before the current one; 409 when there is none."""
-    try:
-        version = registry.rollback(db, kind)
-    except RegistryError as exc:
-        raise HTTPException(409, str(exc)) from exc
-    return model_detail(db, version)
+    return model_detail(db, registry.rollback(db, kind))
 
 
 @router.post("/models/{version_id}/promote", response_model=ModelDetail)
@@ -251,10 +242,7 @@ def promote_model(version_id: int, db: SessionDep, principal: AdminApi):
     """Makes a ready version the promoted one of its kind (the previous one becomes ready); 409 otherwise."""
     version = get_version_or_404(db, version_id)
     if version.status != "promoted":  # promoting the promoted one changes nothing, not even its history
-        try:
-            registry.promote(db, version)
-        except RegistryError as exc:
-            raise HTTPException(409, str(exc)) from exc
+        registry.promote(db, version)
     return model_detail(db, version)
 
 
@@ -262,10 +250,7 @@ def promote_model(version_id: int, db: SessionDep, principal: AdminApi):
 def retire_model(version_id: int, db: SessionDep, principal: AdminApi):
     """Retires a ready version; 409 for the promoted one or one that is not ready."""
     version = get_version_or_404(db, version_id)
-    try:
-        registry.retire(db, version)
-    except RegistryError as exc:
-        raise HTTPException(409, str(exc)) from exc
+    registry.retire(db, version)
     return model_detail(db, version)
 
 
@@ -305,19 +290,12 @@ def get_run(run_id: int, db: SessionDep, principal: AdminApi):
 @router.post("/runs", status_code=201, response_model=RunOut)
 def create_run(body: RunIn, db: SessionDep, principal: AdminApi):
     """Starts an SFT, RM, PPO or pretraining run by hand; 409 while one of that kind is active."""
-    try:
-        run = start_manual_run(db, body.kind, body.params, principal.user.username)
-    except FieldError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
-    return run
+    return start_manual_run(db, body.kind, body.params, principal.user.username)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut)
 def cancel(run_id: int, db: SessionDep, principal: AdminApi):
     """Cancels a queued or running run (the worker stops at its next heartbeat); 409 when it has finished."""
     run = get_run_or_404(db, run_id)
-    try:
-        cancel_run(db, run, principal.user.username)
-    except RunRequestError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
+    cancel_run(db, run, principal.user.username)
     return run

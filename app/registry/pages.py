@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.deps import AdminPage, SessionDep
+from app.errors import AppError, renders_on_error
 from app.models import MODEL_KINDS, ModelVersion, PromptBatch, TrainingRun
 from app.charts import interval_bars
 from app.labeling.pages import FLAG_LABELS
@@ -33,12 +34,11 @@ from app.registry.api import (
     schedule_preview,
     start_manual_run,
 )
-from app.errors import FieldError
 from app.templating import render
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.quality.behaviour import model_behaviour
-from app.registry.versions import KEY_METRICS, RegistryError
+from app.registry.versions import KEY_METRICS
 from app.training.configs import param_specs
 
 router = APIRouter(include_in_schema=False)
@@ -166,16 +166,18 @@ def model_list(request: Request, principal: AdminPage, db: SessionDep):
     return _models_page(request, principal, db)
 
 
+def _models_again(exc: AppError, request: Request, principal, db: Session, **_):
+    return _models_page(request, principal, db, status_code=exc.status, error=str(exc))
+
+
 @router.post("/admin/models/rollback")
+@renders_on_error(_models_again)
 def model_rollback(request: Request, principal: AdminPage, db: SessionDep, kind: Annotated[str, Form()]):
     """Promotes the version of a kind promoted before the current one."""
     if kind not in MODEL_KINDS:
         raise HTTPException(422, f"kind: must be one of {', '.join(MODEL_KINDS)}")
-    try:
-        with db.begin_nested():
-            version = registry.rollback(db, kind)
-    except RegistryError as exc:
-        return _models_page(request, principal, db, status_code=409, error=str(exc))
+    with db.begin_nested():
+        version = registry.rollback(db, kind)
     return RedirectResponse(f"/admin/models?rolled_back={version.id}", status_code=303)
 
 
@@ -210,33 +212,38 @@ def _model_page(request: Request, principal, db: Session, version: ModelVersion,
     )
 
 
+def _model_again(exc: AppError, request: Request, principal, db: Session, version_id: int, **_):
+    version = get_version_or_404(db, version_id)
+    db.refresh(version)  # as the failed savepoint left it
+    return _model_page(request, principal, db, version, status_code=exc.status, error=str(exc))
+
+
+def _promote_again(exc: AppError, next_url: str, **route):
+    # Back on the page the button was on: the version's own page, or the list.
+    if _back(next_url, "/admin/models") == f"/admin/models/{route['version_id']}":
+        return _model_again(exc, **route)
+    return _models_again(exc, **route)
+
+
 @router.post("/admin/models/{version_id}/promote")
+@renders_on_error(_promote_again)
 def model_promote(version_id: int, request: Request, principal: AdminPage, db: SessionDep,
                   next_url: Annotated[str, Form(alias="next")] = "/admin/models"):
     """Promotes a ready version; the previously promoted one of its kind becomes ready."""
     version = get_version_or_404(db, version_id)
     if version.status != "promoted":
-        try:
-            with db.begin_nested():
-                registry.promote(db, version)
-        except RegistryError as exc:
-            if _back(next_url, "/admin/models") == f"/admin/models/{version.id}":
-                db.refresh(version)
-                return _model_page(request, principal, db, version, status_code=409, error=str(exc))
-            return _models_page(request, principal, db, status_code=409, error=str(exc))
+        with db.begin_nested():
+            registry.promote(db, version)
     return RedirectResponse(_back(next_url, "/admin/models"), status_code=303)
 
 
 @router.post("/admin/models/{version_id}/retire")
+@renders_on_error(_model_again)
 def model_retire(version_id: int, request: Request, principal: AdminPage, db: SessionDep):
     """Retires a ready version."""
     version = get_version_or_404(db, version_id)
-    try:
-        with db.begin_nested():
-            registry.retire(db, version)
-    except RegistryError as exc:
-        db.refresh(version)
-        return _model_page(request, principal, db, version, status_code=409, error=str(exc))
+    with db.begin_nested():
+        registry.retire(db, version)
     return RedirectResponse(f"/admin/models/{version.id}", status_code=303)
 
 
@@ -259,24 +266,26 @@ def run_list(request: Request, principal: AdminPage, db: SessionDep):
     return _runs_page(request, principal, db)
 
 
+def _runs_again(exc: AppError, request: Request, principal, db: Session, kind: str, params: str, **_):
+    return _runs_page(request, principal, db, status_code=exc.status, error=str(exc),
+                      form={"kind": kind, "params": params})
+
+
 @router.post("/admin/runs")
+@renders_on_error(_runs_again)
 def run_start(request: Request, principal: AdminPage, db: SessionDep, kind: Annotated[str, Form()],
               params: Annotated[str, Form()] = ""):
     """Starts an SFT, RM, PPO or pretraining run by hand, with optional JSON params, and goes to its page."""
-    form = {"kind": kind, "params": params}
+    if kind not in MANUAL_KINDS:
+        raise RunRequestError("kind", f"must be one of {', '.join(MANUAL_KINDS)}")
     try:
-        if kind not in MANUAL_KINDS:
-            raise RunRequestError("kind", f"must be one of {', '.join(MANUAL_KINDS)}")
-        try:
-            values = json.loads(params) if params.strip() else {}
-        except json.JSONDecodeError as exc:
-            where = f"line {exc.lineno} column {exc.colno}"
-            raise RunRequestError("params", f"not valid JSON ({exc.msg} at {where})") from exc
-        if not isinstance(values, dict):
-            raise RunRequestError("params", 'must be a JSON object such as {"epochs": 2}')
-        run = start_manual_run(db, kind, values, principal.user.username)
-    except FieldError as exc:
-        return _runs_page(request, principal, db, status_code=exc.status, error=str(exc), form=form)
+        values = json.loads(params) if params.strip() else {}
+    except json.JSONDecodeError as exc:  # parsing the form, not translating: the message says where
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise RunRequestError("params", f"not valid JSON ({exc.msg} at {where})") from exc
+    if not isinstance(values, dict):
+        raise RunRequestError("params", 'must be a JSON object such as {"epochs": 2}')
+    run = start_manual_run(db, kind, values, principal.user.username)
     return RedirectResponse(f"/admin/runs/{run.id}", status_code=303)
 
 
@@ -301,13 +310,15 @@ def run_page(run_id: int, request: Request, principal: AdminPage, db: SessionDep
     return _run_page(request, principal, db, get_run_or_404(db, run_id))
 
 
+def _run_again(exc: AppError, request: Request, principal, db: Session, run_id: int, **_):
+    return _run_page(request, principal, db, get_run_or_404(db, run_id), status_code=exc.status, error=str(exc))
+
+
 @router.post("/admin/runs/{run_id}/cancel")
+@renders_on_error(_run_again)
 def run_cancel(run_id: int, request: Request, principal: AdminPage, db: SessionDep):
     """Cancels a queued or running run."""
     run = get_run_or_404(db, run_id)
-    try:
-        with db.begin_nested():
-            cancel_run(db, run, principal.user.username)
-    except RunRequestError as exc:
-        return _run_page(request, principal, db, run, status_code=exc.status, error=str(exc))
+    with db.begin_nested():
+        cancel_run(db, run, principal.user.username)
     return RedirectResponse(f"/admin/runs/{run.id}", status_code=303)

@@ -18,14 +18,17 @@ from sqlalchemy.orm import Session
 
 from app import events
 from app.config import get_settings
+from app.errors import AppError
 from app.models import USABLE_STATUSES, Evaluation, ModelVersion, utcnow
 from app.quality import evaluations
 
 USABLE = USABLE_STATUSES
 
 
-class RegistryError(ValueError):
-    """A user-caused registry problem; the message is safe to show."""
+class RegistryError(AppError):
+    """A user-caused registry problem, 409 unless told otherwise (the version's state forbids it)."""
+
+    status = 409
 
 
 def register_version(
@@ -43,7 +46,7 @@ def register_version(
 ) -> ModelVersion:
     """Adds a model version."""
     if db.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
-        raise RegistryError(f"name: a model version called '{name}' already exists")
+        raise RegistryError("name", f"a model version called '{name}' already exists")
     version = ModelVersion(
         kind=kind, name=name, artifact_path=artifact_path, status=status, parent_id=parent_id,
         metrics=metrics or {}, data_snapshot=data_snapshot or {}, lineage=lineage or {},
@@ -106,10 +109,10 @@ def promote(db: Session, version: ModelVersion, *, gated: bool = True) -> ModelV
     promoted one (`gated=False` skips that, for rollbacks to a version that was promoted before).
     """
     if version.status not in USABLE:
-        raise RegistryError(f"status: only a ready model can be promoted; {version.name} is {version.status}")
+        raise RegistryError("status", f"only a ready model can be promoted; {version.name} is {version.status}")
     if gated:
         if (why := evaluations.promotion_block(db, version)) is not None:
-            raise RegistryError(f"status: {why}")
+            raise RegistryError("status", why)
     db.execute(
         update(ModelVersion)
         .where(ModelVersion.kind == version.kind, ModelVersion.status == "promoted", ModelVersion.id != version.id)
@@ -144,7 +147,7 @@ def rollback(db: Session, kind: str) -> ModelVersion:
     """
     target = rollback_target(db, kind)
     if target is None:
-        raise RegistryError(f"kind: no earlier promoted {kind} model to roll back to")
+        raise RegistryError("kind", f"no earlier promoted {kind} model to roll back to")
     current = promoted(db, kind)
     promote(db, target, gated=False)
     if current is not None:
@@ -156,9 +159,9 @@ def rollback(db: Session, kind: str) -> ModelVersion:
 def retire(db: Session, version: ModelVersion) -> ModelVersion:
     """Retires a ready version so that it is neither promoted nor sampled from again."""
     if version.status == "promoted":
-        raise RegistryError(f"status: {version.name} is promoted; promote another {version.kind} model first")
+        raise RegistryError("status", f"{version.name} is promoted; promote another {version.kind} model first")
     if version.status != "ready":
-        raise RegistryError(f"status: only a ready model can be retired; {version.name} is {version.status}")
+        raise RegistryError("status", f"only a ready model can be retired; {version.name} is {version.status}")
     version.status = "retired"
     db.flush()
     return version

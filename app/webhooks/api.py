@@ -63,10 +63,7 @@ def list_webhooks(db: SessionDep, principal: AdminApi):
 @router.post("", response_model=NewWebhookOut, status_code=201)
 def create_webhook(body: WebhookIn, db: SessionDep, principal: AdminApi):
     """Registers a URL for events; the signing secret is in the response."""
-    try:
-        hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
-    except webhooks.WebhookError as exc:
-        raise HTTPException(422, str(exc)) from exc
+    hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
     return NewWebhookOut.model_validate(hook, from_attributes=True)
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 
 from app.deps import AdminPage, SessionDep
+from app.errors import AppError, renders_on_error
 from app.models import WEBHOOK_EVENTS, Webhook
 from app.templating import render
 from app.webhooks import service as webhooks
@@ -29,17 +30,20 @@ def webhooks_page(request: Request, principal: AdminPage, db: SessionDep):
     return _page(request, principal, db)
 
 
+def _create_again(exc: AppError, request: Request, principal, db, url: str, events: list[str], description: str,
+                  **_):
+    return _page(request, principal, db, status_code=exc.status, error=str(exc),
+                 form={"url": url, "description": description, "events": events})
+
+
 @router.post("/admin/webhooks")
+@renders_on_error(_create_again)
 def create_webhook_form(request: Request, principal: AdminPage, db: SessionDep,
                         url: Annotated[str, Form(max_length=2000)],
                         events: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI form default
                         description: Annotated[str, Form(max_length=200)] = ""):
     """Registers a webhook and shows its signing secret once."""
-    try:
-        hook = webhooks.create_webhook(db, url, events, principal.user, description)
-    except webhooks.WebhookError as exc:
-        return _page(request, principal, db, status_code=422, error=str(exc), form={"url": url,
-                     "description": description, "events": events})
+    hook = webhooks.create_webhook(db, url, events, principal.user, description)
     return _page(request, principal, db, status_code=201, created=hook)
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app import events
+from app.errors import AppError
 from app.models import WEBHOOK_EVENTS, User, Webhook, WebhookDelivery, utcnow
 
 MAX_ATTEMPTS = 8
@@ -43,8 +44,10 @@ EVENT_HEADER = "X-InstructLoop-Event"
 DELIVERY_HEADER = "X-InstructLoop-Delivery"
 
 
-class WebhookError(ValueError):
-    """A user-caused problem with a webhook; the message names the field and is safe to show."""
+class WebhookError(AppError):
+    """A user-caused problem with a webhook (422); `field` names what is wrong."""
+
+    status = 422
 
 
 @dataclass
@@ -61,10 +64,10 @@ def create_webhook(db: Session, url: str, events: list[str], created_by: User | 
     """Registers a URL for some events with a fresh signing secret."""
     parts = urlsplit(url)
     if "\x00" in url or "\x00" in description or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookError("url: must be an absolute http:// or https:// URL")
+        raise WebhookError("url", "must be an absolute http:// or https:// URL")
     unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
     if unknown or not events:
-        raise WebhookError(f"events: choose among {', '.join(WEBHOOK_EVENTS)}"
+        raise WebhookError("events", f"choose among {', '.join(WEBHOOK_EVENTS)}"
                            + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     webhook = Webhook(url=url, events=sorted(set(events)), description=description[:200],
                       secret="whsec_" + secrets.token_urlsafe(32), created_by_id=created_by.id if created_by else None)
