@@ -10,7 +10,7 @@ import pytest
 
 from app.collection.batches import BatchError
 from app.errors import AppError, Conflict, FieldError, NotFound, code_for
-from app.export.service import ExportError
+from app.export.stream import ExportError
 from app.registry.versions import RegistryError
 from app.runs import RunError
 from app.security import CredentialError, create_api_token

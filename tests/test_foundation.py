@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 import uuid
@@ -168,4 +170,6 @@ def test_readme_names_the_two_commands():
     assert "make demo" in readme and "make test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
-    assert Path(ROOT / "Makefile").read_text().count("torch==2.13.0") == 1
+    # One place pins the CPU torch wheel: the Makefile's TORCH default (the lock holds the same version).
+    assert re.findall(r"^TORCH \?= (.*)$", Path(ROOT / "Makefile").read_text(), re.M) == ["torch==2.13.0"]
+    assert re.search(r"^torch==2\.13\.0 ", (ROOT / "requirements-dev.lock").read_text(), re.M)
