@@ -17,6 +17,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from app.config import get_settings
 from app.db import session_scope
 from app.outbox import send_pending_runs
 from app.registry import versions as registry
@@ -65,8 +66,10 @@ def execute_run(run_id: int, body: JobBody) -> str:
         log.warning("%s", exc)
         return "cancelled"
     except SoftTimeLimitExceeded:
+        limit = get_settings().job_time_limit_s
         with session_scope() as db:
-            runs.fail_run(db, run_id, "time limit exceeded", traceback.format_exc())
+            runs.fail_run(db, run_id, f"time limit exceeded: the job ran longer than {limit} s "
+                                      "(INSTRUCTLOOP_JOB_TIME_LIMIT_S)", traceback.format_exc())
         return "failed"
     except Exception as exc:  # the run records the failure; the message is acknowledged
         log.exception("run %s failed", run_id)
