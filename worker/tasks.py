@@ -42,12 +42,15 @@ class RunReporter:
     def __call__(self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None,
                  force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.min_interval:
-            return
-        self._last = now
         with session_scope() as db:
-            if not runs.heartbeat(db, self.run_id, progress, message, metrics):
-                raise RunCancelled(f"run {self.run_id} is no longer held by this worker")
+            if not force and now - self._last < self.min_interval:
+                # Between heartbeats a read still stops a cancelled run at its next step, not seconds later.
+                held = runs.is_held(db, self.run_id)
+            else:
+                self._last = now
+                held = runs.heartbeat(db, self.run_id, progress, message, metrics)
+        if not held:
+            raise RunCancelled(f"run {self.run_id} is no longer held by this worker")
 
 
 JobBody = Callable[[int, RunReporter], tuple[dict[str, Any], int | None]]
