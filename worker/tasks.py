@@ -56,6 +56,18 @@ class RunReporter:
 JobBody = Callable[[int, RunReporter], tuple[dict[str, Any], int | None]]
 
 
+def _job(name: str) -> JobBody:
+    """The body `name` of worker.jobs, imported once the run is claimed."""
+    # Imported inside execute_run's try, so a broken install or a time limit tripping during the
+    # (slow) torch import fails the run with its reason instead of leaving it queued, its message acknowledged.
+    def body(run_id: int, report: RunReporter) -> tuple[dict[str, Any], int | None]:
+        from worker import jobs
+
+        return getattr(jobs, name)(run_id, report)
+
+    return body
+
+
 def execute_run(run_id: int, body: JobBody) -> str:
     """Claims a run, runs its body and records the outcome; returns the final status."""
     with session_scope() as db:
@@ -95,41 +107,31 @@ def execute_run(run_id: int, body: JobBody) -> str:
 @app.task(name="instructloop.sample_batch")
 def sample_batch(run_id: int) -> str:
     """Samples K outputs per prompt of a batch from its policy and opens the batch for labeling."""
-    from worker.jobs import run_sampling
-
-    return execute_run(run_id, run_sampling)
+    return execute_run(run_id, _job("run_sampling"))
 
 
 @app.task(name="instructloop.pretrain")
 def pretrain(run_id: int) -> str:
     """Pretrains the bundled world's tiny base model and registers it."""
-    from worker.jobs import run_pretrain
-
-    return execute_run(run_id, run_pretrain)
+    return execute_run(run_id, _job("run_pretrain"))
 
 
 @app.task(name="instructloop.train_sft")
 def train_sft(run_id: int) -> str:
     """Fine-tunes the base model on the collected demonstrations."""
-    from worker.jobs import run_sft
-
-    return execute_run(run_id, run_sft)
+    return execute_run(run_id, _job("run_sft"))
 
 
 @app.task(name="instructloop.train_rm")
 def train_rm(run_id: int) -> str:
     """Trains the reward model on the collected rankings, K outputs per micro-batch."""
-    from worker.jobs import run_rm
-
-    return execute_run(run_id, run_rm)
+    return execute_run(run_id, _job("run_rm"))
 
 
 @app.task(name="instructloop.train_ppo")
 def train_ppo(run_id: int) -> str:
     """Optimises the policy against the reward model with PPO."""
-    from worker.jobs import run_ppo
-
-    return execute_run(run_id, run_ppo)
+    return execute_run(run_id, _job("run_ppo"))
 
 
 # --- default queue ----------------------------------------------------------------------------
