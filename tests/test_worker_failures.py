@@ -342,6 +342,7 @@ def test_pretrain_run_registers_a_base_model(committed_session, celery_worker):
     db.commit()
     run = _finished(db, run.id, celery_worker, timeout=300)
     assert run.status == "succeeded", run.error
+    assert run.output_version_id is not None, "the pretrain run registered no base model"
     version = db.get(ModelVersion, run.output_version_id)
     assert version.kind == "base" and version.status == "promoted" and version.training_run_id == run.id
     assert (Path(version.artifact_path) / "config.json").exists()
