@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(50 * 1024 * 1024, description="Largest request body accepted.")
     lease_minutes: int = Field(20, description="How long a labeler holds a task before it returns.")
     run_stale_after_s: int = Field(180, description="A run with no heartbeat for this long is re-queued.")
+    job_time_limit_s: int = Field(
+        6 * 3600, ge=1,
+        description="A job running longer is stopped (Celery's soft time limit) and its run fails; killed 300 s later.",
+    )
+    beat_dispatch_s: float = Field(15.0, gt=0, description="Beat: seconds between sends of runs the broker lost.")
+    beat_reap_s: float = Field(60.0, gt=0, description="Beat: seconds between re-queues of runs with no heartbeat.")
+    beat_expire_leases_s: float = Field(60.0, gt=0, description="Beat: seconds between returns of lapsed leases.")
+    beat_retrain_s: float = Field(300.0, gt=0, description="Beat: seconds between checks for due SFT, RM, PPO runs.")
+    beat_webhooks_s: float = Field(10.0, gt=0, description="Beat: seconds between webhook delivery passes.")
     retrain_min_new_demonstrations: int = Field(50, description="New demonstrations before beat retrains SFT.")
     retrain_min_new_rankings: int = Field(50, description="New rankings before beat retrains the reward model.")
     max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")

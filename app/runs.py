@@ -97,6 +97,14 @@ def heartbeat(db: Session, run_id: int, progress: float | None = None, message: 
     return result.rowcount == 1
 
 
+def is_held(db: Session, run_id: int) -> bool:
+    """Whether this worker still holds a running run (a read, for checks between heartbeats)."""
+    return db.scalar(
+        select(TrainingRun.id)
+        .where(TrainingRun.id == run_id, TrainingRun.status == "running", TrainingRun.worker == worker_name())
+    ) is not None
+
+
 def finish_run(db: Session, run_id: int, *, metrics: dict[str, Any] | None = None,
                output_version_id: int | None = None, message: str = "done") -> bool:
     """Marks a run succeeded if this worker still holds it; False when it was cancelled or reaped meanwhile."""

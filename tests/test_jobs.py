@@ -84,8 +84,13 @@ def test_a_duplicate_message_does_nothing_twice(committed_session, celery_worker
     batch_id = _seed_batch(db, tiny_model_path, n_prompts=2)
     run = wait_until(lambda: (r := _run_of(db, batch_id)) and r.status == "succeeded" and r, timeout=120,
                      message="the sampling run")
-    sender().send_task("instructloop.sample_batch", args=[run.id])
-    time.sleep(3)
+    message = sender().send_task("instructloop.sample_batch", args=[run.id])
+    # Positive signal that the worker consumed the duplicate: its log line for that very message.
+    log_path = celery_worker.log_path
+    consumed = f"Task instructloop.sample_batch[{message.id}] succeeded"
+    line = wait_until(lambda: next((l for l in log_path.read_text(errors="replace").splitlines() if consumed in l),
+                                   None), timeout=120, message="the worker consuming the duplicate message")
+    assert line.endswith("'skipped'"), line
     run = _run_of(db, batch_id)
     assert run.attempts == 1 and run.status == "succeeded"
     assert db.scalar(select(func.count()).select_from(Task).where(Task.batch_id == batch_id)) == 2
@@ -116,8 +121,9 @@ def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_sessio
 
     monkeypatch.setenv("INSTRUCTLOOP_RUN_STALE_AFTER_S", "1")
     get_settings.cache_clear()
-    time.sleep(1.5)
-    assert reap_stale_runs(db) == [run.id]
+    # The killed worker's last heartbeat goes stale within a second; nothing else is running to reap.
+    assert wait_until(lambda: reap_stale_runs(db), timeout=30, message="the killed run's heartbeat going stale") == [
+        run.id]
     db.commit()
     worker = start_celery_worker(log_path=tmp_path / "w2.log")
     try:
@@ -212,7 +218,9 @@ def test_an_evaluation_is_sampled_by_the_worker_from_both_models(committed_sessi
     tasks = db.scalars(select(Task).where(Task.batch_id == evaluation.batch_id)).all()
     assert len(tasks) + evaluation.n_identical == 5 and {t.kind for t in tasks} <= {"eval"}
     assert run.metrics["tasks_created"] == len(tasks)
-    assert evaluation.status == ("labeling" if tasks else "completed")
+    # Two copies of one random model, sampled: identical outputs on all 5 prompts would be a sampling bug.
+    assert tasks, f"no eval task: all {evaluation.n_identical} pairs were identical"
+    assert evaluation.status == "labeling"
     for task in tasks:
         items = db.scalars(select(TaskItem).where(TaskItem.task_id == task.id).order_by(TaskItem.position)).all()
         models = [db.get(Completion, item.completion_id).model_version_id for item in items]

@@ -76,6 +76,13 @@ def load_model(
     """Loads a causal LM and its tokenizer (bf16 on CUDA when available, fp32 on CPU)."""
     device = device or default_device()
     source = str(path_or_id)
+    if Path(source).is_absolute() or source.startswith("."):
+        # transformers would take a missing folder for a malformed hub id, and an emptied one for a
+        # tokenizer it cannot convert; say what is wrong with the folder instead.
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"model folder {source} does not exist")
+        if not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {source} holds no saved model (no config.json)")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(device))
     model.to(device)

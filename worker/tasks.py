@@ -17,6 +17,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from app.config import get_settings
 from app.db import session_scope
 from app.outbox import send_pending_runs
 from app.registry import versions as registry
@@ -41,15 +42,30 @@ class RunReporter:
     def __call__(self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None,
                  force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.min_interval:
-            return
-        self._last = now
         with session_scope() as db:
-            if not runs.heartbeat(db, self.run_id, progress, message, metrics):
-                raise RunCancelled(f"run {self.run_id} is no longer held by this worker")
+            if not force and now - self._last < self.min_interval:
+                # Between heartbeats a read still stops a cancelled run at its next step, not seconds later.
+                held = runs.is_held(db, self.run_id)
+            else:
+                self._last = now
+                held = runs.heartbeat(db, self.run_id, progress, message, metrics)
+        if not held:
+            raise RunCancelled(f"run {self.run_id} is no longer held by this worker")
 
 
 JobBody = Callable[[int, RunReporter], tuple[dict[str, Any], int | None]]
+
+
+def _job(name: str) -> JobBody:
+    """The body `name` of worker.jobs, imported once the run is claimed."""
+    # Imported inside execute_run's try, so a broken install or a time limit tripping during the
+    # (slow) torch import fails the run with its reason instead of leaving it queued, its message acknowledged.
+    def body(run_id: int, report: RunReporter) -> tuple[dict[str, Any], int | None]:
+        from worker import jobs
+
+        return getattr(jobs, name)(run_id, report)
+
+    return body
 
 
 def execute_run(run_id: int, body: JobBody) -> str:
@@ -65,8 +81,10 @@ def execute_run(run_id: int, body: JobBody) -> str:
         log.warning("%s", exc)
         return "cancelled"
     except SoftTimeLimitExceeded:
+        limit = get_settings().job_time_limit_s
         with session_scope() as db:
-            runs.fail_run(db, run_id, "time limit exceeded", traceback.format_exc())
+            runs.fail_run(db, run_id, f"time limit exceeded: the job ran longer than {limit} s "
+                                      "(INSTRUCTLOOP_JOB_TIME_LIMIT_S)", traceback.format_exc())
         return "failed"
     except Exception as exc:  # the run records the failure; the message is acknowledged
         log.exception("run %s failed", run_id)
@@ -89,41 +107,31 @@ def execute_run(run_id: int, body: JobBody) -> str:
 @app.task(name="instructloop.sample_batch")
 def sample_batch(run_id: int) -> str:
     """Samples K outputs per prompt of a batch from its policy and opens the batch for labeling."""
-    from worker.jobs import run_sampling
-
-    return execute_run(run_id, run_sampling)
+    return execute_run(run_id, _job("run_sampling"))
 
 
 @app.task(name="instructloop.pretrain")
 def pretrain(run_id: int) -> str:
     """Pretrains the bundled world's tiny base model and registers it."""
-    from worker.jobs import run_pretrain
-
-    return execute_run(run_id, run_pretrain)
+    return execute_run(run_id, _job("run_pretrain"))
 
 
 @app.task(name="instructloop.train_sft")
 def train_sft(run_id: int) -> str:
     """Fine-tunes the base model on the collected demonstrations."""
-    from worker.jobs import run_sft
-
-    return execute_run(run_id, run_sft)
+    return execute_run(run_id, _job("run_sft"))
 
 
 @app.task(name="instructloop.train_rm")
 def train_rm(run_id: int) -> str:
     """Trains the reward model on the collected rankings, K outputs per micro-batch."""
-    from worker.jobs import run_rm
-
-    return execute_run(run_id, run_rm)
+    return execute_run(run_id, _job("run_rm"))
 
 
 @app.task(name="instructloop.train_ppo")
 def train_ppo(run_id: int) -> str:
     """Optimises the policy against the reward model with PPO."""
-    from worker.jobs import run_ppo
-
-    return execute_run(run_id, run_ppo)
+    return execute_run(run_id, _job("run_ppo"))
 
 
 # --- default queue ----------------------------------------------------------------------------
