@@ -7,6 +7,8 @@ one per GPU job, `--max-tasks-per-child=1`) gives its GPU memory back.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from celery.signals import worker_ready
 
@@ -20,6 +22,6 @@ app.conf.update(celery_config(get_settings()))
 
 
 @worker_ready.connect
-def _flush_outbox(sender=None, **_kwargs):  # pragma: no cover - exercised by the integration tests
+def _flush_outbox(sender: Any = None, **_kwargs: Any) -> None:  # pragma: no cover - exercised by the integration tests
     # Runs queued while the broker was away are sent as soon as a worker is up again.
     sender.app.send_task("instructloop.dispatch_pending_runs")

@@ -157,7 +157,8 @@ def adamw(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
     """Param groups for AdamW: weight decay on matrices only, not on biases, norms or scalars (as nanoGPT)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, param in named_params:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)

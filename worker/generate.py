@@ -18,9 +18,12 @@ surrounding whitespace.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+)
 
 from worker.modeling import adds_special_tokens, format_prompt
 
@@ -32,9 +35,10 @@ class _StopAtNewline(StoppingCriteria):
         self.newline_ids = newline_ids
         self.prompt_length = prompt_length
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_length :]
-        return torch.isin(generated, self.newline_ids.to(generated.device)).any(dim=1)
+        # .any() yields a bool tensor; torch types it as a plain Tensor.
+        return cast(torch.BoolTensor, torch.isin(generated, self.newline_ids.to(generated.device)).any(dim=1))
 
 
 def newline_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -74,7 +78,8 @@ def _generate_rows(
     if stop_at_newline:
         stopping.append(_StopAtNewline(newline_token_ids(tokenizer), prompt_length))
     sampling = temperature > 0
-    out = model.generate(
+    # Causal LMs mix in GenerationMixin; transformers 5 no longer declares `generate` on PreTrainedModel.
+    out = cast(GenerationMixin, model).generate(
         **enc,
         do_sample=sampling,
         temperature=temperature if sampling else None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_CHUNK = 32  # prompts per transaction: small enough to lose little on a crash
 
+_Row = TypeVar("_Row")
+
 
 def run_dir(run_id: int) -> Path:
     """Returns the working directory of a run (checkpoints, temporary artifacts)."""
@@ -39,21 +41,31 @@ def run_dir(run_id: int) -> Path:
     return path
 
 
+def _fetch(db: Session, model: type[_Row], ident: int | None) -> _Row:
+    """Loads a row a run refers to, or fails the run naming what is missing."""
+    # The run was queued with these ids, so a miss means the row was deleted since: the run cannot go on.
+    row = db.get(model, ident) if ident is not None else None
+    if row is None:
+        raise LookupError(f"{model.__name__} {ident} not found")
+    return row
+
+
 def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Samples K outputs for every prompt of the run's batch that lacks them, then opens labeling."""
     from worker.generate import sample_completions
     from worker.modeling import load_model
 
     with session_scope() as db:
-        run = db.get(TrainingRun, run_id)
-        batch = db.get(PromptBatch, run.batch_id)
+        run = _fetch(db, TrainingRun, run_id)
+        batch = _fetch(db, PromptBatch, run.batch_id)
         if batch.purpose == "evaluation":
             return run_eval_sampling(run_id, report)
         policy = batches.sampling_policy(db, batch.policy_version_id)
         if policy is None:
             raise RuntimeError("no model version to sample from; register a base model first")
         todo = prompts_needing_samples(db, batch, policy.id)
-        settings = {"temperature": batch.temperature, "top_p": batch.top_p, "max_new_tokens": batch.max_new_tokens}
+        settings: dict[str, Any] = {"temperature": batch.temperature, "top_p": batch.top_p,
+                                    "max_new_tokens": batch.max_new_tokens}
         k, batch_id, policy_id, artifact = batch.k, batch.id, policy.id, policy.artifact_path
     report(0.0, f"loading {artifact}", force=True)
     model, tokenizer = load_model(artifact)
@@ -67,7 +79,7 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         done += len(chunk)
         report(done / max(1, len(todo)), f"sampled {done}/{len(todo)} prompts", force=True)
     with session_scope() as db:
-        batch = db.get(PromptBatch, batch_id)
+        batch = _fetch(db, PromptBatch, batch_id)
         tasks = open_for_labeling(db, batch)
     return {"prompts_sampled": done, "k": k, "tasks_created": tasks, "model_version_id": policy_id}, None
 
@@ -78,16 +90,19 @@ def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     from worker.modeling import load_model
 
     with session_scope() as db:
-        batch_id = db.get(TrainingRun, run_id).batch_id
-        evaluation = evaluations.for_batch(db, batch_id)
+        batch_id = _fetch(db, TrainingRun, run_id).batch_id
+        evaluation = evaluations.for_batch(db, batch_id) if batch_id is not None else None
+        if evaluation is None:
+            raise LookupError(f"no evaluation for batch {batch_id}")
         models = [(v.id, v.artifact_path) for v in
-                  (db.get(ModelVersion, evaluation.model_a_id), db.get(ModelVersion, evaluation.model_b_id))]
-        settings = {"temperature": evaluation.temperature, "top_p": 1.0, "max_new_tokens": evaluation.max_new_tokens}
+                  (_fetch(db, ModelVersion, evaluation.model_a_id), _fetch(db, ModelVersion, evaluation.model_b_id))]
+        settings: dict[str, Any] = {"temperature": evaluation.temperature, "top_p": 1.0,
+                                    "max_new_tokens": evaluation.max_new_tokens}
         evaluation_id = evaluation.id
     sampled = 0
     for index, (model_id, artifact) in enumerate(models):
         with session_scope() as db:
-            todo = evaluations.prompts_needing_output(db, db.get(Evaluation, evaluation_id), model_id)
+            todo = evaluations.prompts_needing_output(db, _fetch(db, Evaluation, evaluation_id), model_id)
         report(index / 2, f"loading {artifact}", force=True)
         model, tokenizer = load_model(artifact)
         for start in range(0, len(todo), SAMPLE_CHUNK):
@@ -101,7 +116,7 @@ def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
                    f"model {index + 1}/2: sampled {start + len(chunk)}/{len(todo)} prompts", force=True)
         del model
     with session_scope() as db:
-        evaluation = db.get(Evaluation, evaluation_id)
+        evaluation = _fetch(db, Evaluation, evaluation_id)
         tasks = evaluations.open_for_judging(db, evaluation)
         identical = evaluation.n_identical
     return {"evaluation_id": evaluation_id, "outputs_sampled": sampled, "tasks_created": tasks,
@@ -126,7 +141,7 @@ def run_pretrain(run_id: int, report) -> tuple[dict[str, Any], int | None]:
 def version_artifact(version_id: int) -> str:
     """Returns where a model version's files are."""
     with session_scope() as db:
-        return db.get(ModelVersion, version_id).artifact_path
+        return _fetch(db, ModelVersion, version_id).artifact_path
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -167,7 +182,7 @@ def _jsonable(value: Any) -> Any:
 
 def _params(run_id: int) -> dict[str, Any]:
     with session_scope() as db:
-        return dict(db.get(TrainingRun, run_id).params or {})
+        return dict(_fetch(db, TrainingRun, run_id).params or {})
 
 
 def _with_recipe(db: Session, start: ModelVersion, kind: str, params: dict[str, Any]) -> dict[str, Any]:

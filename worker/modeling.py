@@ -15,7 +15,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from transformers import (
@@ -34,6 +34,8 @@ PROMPT_TEMPLATE = "{prompt}\n\nAnswer:"
 # Trainer settings measured for a base model, shipped beside its weights: {"sft": {...}, "rm": {...}, "ppo": {...}}.
 RECIPE_FILE = "training_recipe.json"
 
+_Tokenizer = TypeVar("_Tokenizer", bound=PreTrainedTokenizerBase)
+
 
 def default_device() -> str:
     """Returns "cuda" when a GPU is visible, else "cpu"."""
@@ -48,7 +50,7 @@ def _dtype_for(device: str) -> torch.dtype:
     return torch.float32
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def prepare_tokenizer(tokenizer: _Tokenizer) -> _Tokenizer:
     """Gives the tokenizer a pad token (the EOS token if it has none) and left padding."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -85,7 +87,8 @@ def load_model(
             raise FileNotFoundError(f"model folder {source} holds no saved model (no config.json)")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(device))
-    model.to(device)
+    # PreTrainedModel.to is wrapped with functools.wraps, which typeshed types as an unbound function.
+    cast(torch.nn.Module, model).to(device)
     _sync_special_ids(model, tokenizer)
     return model, tokenizer
 
@@ -149,9 +152,10 @@ def _merged_copy(model: Any) -> PreTrainedModel:
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """Turns a prompt text into model input: the chat template if any, else PROMPT_TEMPLATE."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
+        # With tokenize=False the template renders to text; transformers types every return mode at once.
+        return cast(str, tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        ))
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
@@ -211,7 +215,8 @@ def apply_lora(
         target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    # The PeftModel forwards every attribute it lacks to the wrapped model, so callers use it as one.
+    return cast(PreTrainedModel, get_peft_model(model, config))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

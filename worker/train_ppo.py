@@ -30,10 +30,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule_with_warmup
+from transformers import (
+    GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule_with_warmup,
+)
 
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
 # it stays importable from here.
@@ -200,14 +202,16 @@ def sample(
     )
     was_training = policy.training
     policy.eval()
-    output = policy.generate(
+    # Causal LMs mix in GenerationMixin; transformers 5 no longer declares `generate` on PreTrainedModel.
+    output = cast(GenerationMixin, policy).generate(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=generation
     )
     policy.train(was_training)
     responses, keep, ended = mask_after_stop(output[:, width:], stop_ids, tokenizer.pad_token_id)
     # The scorer gets the text before the stop: no EOS, nothing from a newline on.
+    # decode of one row of ids gives one text; transformers types the batch form alongside.
     texts = [
-        tokenizer.decode(row[: int(n)], skip_special_tokens=True).split("\n", 1)[0].strip()
+        cast(str, tokenizer.decode(row[: int(n)], skip_special_tokens=True)).split("\n", 1)[0].strip()
         for row, n in zip(responses.tolist(), keep.sum(1).tolist())
     ]
     return Rollout(
@@ -241,7 +245,7 @@ def initial_value_model(
     # Values are read from the raw head: fold the normalisation offset into its
     # bias so they start on the scale of the normalised reward.
     with torch.no_grad():
-        value.head.bias -= value.reward_offset
+        value.head.bias.sub_(value.reward_offset)
     value.reward_offset = 0.0
     return value
 
@@ -374,14 +378,16 @@ def train_ppo(
 
         # ---- 2. reward: score at the last real token, minus β · KL at every token
         with torch.no_grad(), accelerator.autocast():
-            old_logprobs, ref_logprobs, old_values = [], [], []
+            old_parts: list[torch.Tensor] = []
+            ref_parts: list[torch.Tensor] = []
+            value_parts: list[torch.Tensor] = []
             for rows in micro_batches(list(range(batch)), config.micro_batch_size):
                 args = (rollout.sequences[rows], rollout.mask[rows], rollout.prompt_length)
-                old_logprobs.append(response_logprobs(policy, *args, config.temperature)[0])
-                ref_logprobs.append(response_logprobs(reference, *args, config.temperature)[0])
-                old_values.append(response_values(value, *args))
-            old_logprobs, ref_logprobs = torch.cat(old_logprobs), torch.cat(ref_logprobs)
-            old_values = torch.cat(old_values) * mask
+                old_parts.append(response_logprobs(policy, *args, config.temperature)[0])
+                ref_parts.append(response_logprobs(reference, *args, config.temperature)[0])
+                value_parts.append(response_values(value, *args))
+            old_logprobs, ref_logprobs = torch.cat(old_parts), torch.cat(ref_parts)
+            old_values = torch.cat(value_parts) * mask
         kl = (old_logprobs - ref_logprobs) * mask
         rewards = -kl_control.value * kl
         last = (mask.sum(1).long() - 1).clamp(min=0)
@@ -441,7 +447,7 @@ def train_ppo(
                 optimizer.zero_grad(set_to_none=True)
 
         mean_kl = float(kl.sum(1).mean())
-        metrics = {
+        local_metrics = {
             "reward": float(scores.mean()),
             "kl": mean_kl,
             "kl_coef": kl_control.value,
@@ -453,7 +459,7 @@ def train_ppo(
         }
         metrics = {
             k: float(accelerator.reduce(torch.tensor(v, dtype=torch.float64, device=device), "mean"))
-            for k, v in metrics.items()
+            for k, v in local_metrics.items()
         }
         if config.adaptive_kl:
             kl_control.update(metrics["kl"], config.rollout_batch_size)

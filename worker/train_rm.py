@@ -22,7 +22,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,8 @@ class RewardModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, model: PreTrainedModel, max_length: int = 1024) -> RewardModel:
         """Builds a reward model on the body of a causal LM (its LM head is dropped)."""
-        return cls(model.base_model, max_length=max_length)
+        # transformers types `base_model` as nn.Module; on a causal LM it is the PreTrainedModel body (e.g. LlamaModel).
+        return cls(cast(PreTrainedModel, model.base_model), max_length=max_length)
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw head output at every position, [batch, length] (PPO reads values from this)."""
@@ -166,7 +167,8 @@ def collate_rankings(
     tokenizer: PreTrainedTokenizerBase, rankings: list[RankingExample], max_length: int
 ) -> tuple[dict[str, torch.Tensor], list[slice]]:
     """Stacks every completion of the rankings into one right-padded batch; returns it and each ranking's rows."""
-    sequences, spans = [], []
+    sequences: list[list[int]] = []
+    spans: list[slice] = []
     for ranking in rankings:
         start = len(sequences)
         for completion in ranking.completions:

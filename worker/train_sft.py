@@ -157,8 +157,12 @@ def train_sft(
 
     # The best epoch's weights live in a directory that survives a restart when
     # there is a checkpoint directory, else in a temporary one.
-    scratch = None if checkpoint_dir else tempfile.TemporaryDirectory(prefix="sft-best-")
-    best_dir = Path(checkpoint_dir) / "best" if checkpoint_dir else Path(scratch.name) / "best"
+    scratch: tempfile.TemporaryDirectory[str] | None = None
+    if checkpoint_dir:
+        best_dir = Path(checkpoint_dir) / "best"
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="sft-best-")
+        best_dir = Path(scratch.name) / "best"
 
     def checkpoint() -> None:
         if checkpoint_dir and accelerator.is_main_process:

@@ -18,11 +18,11 @@ import random
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerFast
 
 from app.world.corpus import corpus
 from worker.modeling import count_parameters, prepare_tokenizer, save_model, save_recipe, tiny_causal_lm
@@ -88,13 +88,15 @@ def _token_stream(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> torch.
     return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
 
 
-def _greedy(model, tokenizer, prefix: str, max_new_tokens: int = 20) -> str:
+def _greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prefix: str, max_new_tokens: int = 20) -> str:
     enc = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
-        out = model.generate(
+        # Causal LMs mix in GenerationMixin; transformers 5 no longer declares `generate` on PreTrainedModel.
+        out = cast(GenerationMixin, model).generate(
             **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
         )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    # decode of one row of ids gives one text; transformers types the batch form alongside.
+    return cast(str, tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 def pretrain_base(
