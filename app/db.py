@@ -14,14 +14,18 @@ from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
 
+if TYPE_CHECKING:  # Alembic is imported only when migrations run
+    from alembic.config import Config
 
-def make_engine(url: str, **kwargs) -> Engine:
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
     """Creates an engine with the settings each backend needs."""
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", POOL_SIZE)
@@ -30,7 +34,7 @@ def make_engine(url: str, **kwargs) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by sqlite tests
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - exercised by sqlite tests
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -64,6 +68,24 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
+T = TypeVar("T")
+
+
+def get_existing(db: Session, model: type[T], ident: Any, **options: Any) -> T:
+    """Loads a row the caller knows exists (a foreign key or a lock just taken says so), else LookupError."""
+    row = db.get(model, ident, **options)
+    if row is None:  # a broken invariant, not a user's 404
+        raise LookupError(f"{model.__name__} {ident!r} does not exist")
+    return row
+
+
+def rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """Returns how many rows an UPDATE or DELETE matched (Session.execute types its result as a plain Result)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError("only a statement run on a cursor has a rowcount")
+    return result.rowcount
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """Opens a session, commits on success and rolls back on error."""
@@ -81,7 +103,7 @@ def session_scope() -> Iterator[Session]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def alembic_config(url: str | None = None):
+def alembic_config(url: str | None = None) -> Config:
     """Returns the Alembic configuration for this checkout, optionally for another database."""
     from alembic.config import Config
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from rich.console import Console
 from sqlalchemy import select
@@ -115,7 +116,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000) -> int:
     ]
     stopping = False
 
-    def stop(signum, _frame):
+    def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 

@@ -15,7 +15,7 @@ trips (who is asking, the route, the commit) where it made seven or eight.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -167,7 +167,7 @@ async def check_csrf(request: Request, principal: OptionalPrincipal) -> None:
         )
 
 
-def require_scope(scope: str):
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     """Builds an API dependency: 401 when anonymous, 403 without `scope`."""
 
     async def dependency(principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]) -> Principal:
@@ -189,7 +189,7 @@ class LoginRequired(Exception):
         self.next_url = next_url
 
 
-def require_role(role: str):
+def require_role(role: str) -> Callable[..., Principal]:
     """Builds a page dependency: redirect to login when anonymous, 403 for the wrong role."""
 
     def dependency(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -122,7 +122,7 @@ def validated(model: type[M], data: Any) -> M:
 # --- pages that show their form again -------------------------------------------------------------
 
 
-def renders_on_error(page: Callable[..., Response]):
+def renders_on_error(page: Callable[..., Response]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declares the page a route answers with when it raises an AppError: `page(exc, **route_arguments)`.
 
     Put it under the router's decorator. The page is rendered inside the route, not by the app's handler:
@@ -130,10 +130,10 @@ def renders_on_error(page: Callable[..., Response]):
     existed, what the request did outside the failed savepoint is still committed.
     """
 
-    def decorate(route: Callable[..., Any]):
+    def decorate(route: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.iscoroutinefunction(route):
             @functools.wraps(route)
-            async def async_wrapper(**kwargs: Any):
+            async def async_wrapper(**kwargs: Any) -> Any:
                 try:
                     return await route(**kwargs)
                 except AppError as exc:
@@ -142,7 +142,7 @@ def renders_on_error(page: Callable[..., Response]):
             return async_wrapper
 
         @functools.wraps(route)
-        def wrapper(**kwargs: Any):
+        def wrapper(**kwargs: Any) -> Any:
             try:
                 return route(**kwargs)
             except AppError as exc:
@@ -159,7 +159,7 @@ def renders_on_error(page: Callable[..., Response]):
 def error_body(status: int, message: str, field: str | None = None, *, detail: str | None = None,
                code: str | None = None, line: int | None = None, **extra: Any) -> dict[str, Any]:
     """Builds the JSON of every 4xx/5xx answer (`ErrorOut`)."""
-    body = {"detail": detail if detail is not None else (f"{field}: {message}" if field else message),
+    body: dict[str, Any] = {"detail": detail if detail is not None else (f"{field}: {message}" if field else message),
             "code": code or code_for(status), "field": field, "message": message}
     if line is not None:
         body["line"] = line
@@ -171,13 +171,13 @@ def wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
 
-def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+def _json(body: dict[str, Any], status: int, headers: Mapping[str, str] | None = None) -> Response:
     from fastapi.responses import JSONResponse
 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _error_page(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def _error_page(request: Request, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     from app.templating import templates
 
     return templates.TemplateResponse(request, "error.html", {"status": status, "message": message, "user": None},
@@ -213,7 +213,7 @@ def validation_error_response(request: Request, exc: RequestValidationError) -> 
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     if wants_html(request):
         return _error_page(request, 422, summary)
-    first = errors[0] if errors else {"field": None, "message": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"field": None, "message": "invalid request"}
     return _json(error_body(422, first["message"], first["field"], detail=summary, errors=errors), 422)
 
 

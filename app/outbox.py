@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from celery import Celery
 from sqlalchemy import Connection, event, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app.config import Settings, get_settings
 from app.models import TrainingRun, utcnow
@@ -118,7 +118,7 @@ def enqueue_run(db: Session, run: TrainingRun) -> TrainingRun:
     return run
 
 
-def _forget_after_rollback(db: Session, previous_transaction) -> None:
+def _forget_after_rollback(db: Session, previous_transaction: SessionTransaction) -> None:
     if not previous_transaction.nested and previous_transaction.parent is None:  # the whole transaction
         db.info.pop("pending_runs", None)
 

@@ -22,6 +22,7 @@ from datetime import timedelta
 
 from app import events
 from app.config import get_settings
+from app.db import rowcount
 from app.errors import AppError
 from app.outbox import enqueue_run
 from app.models import RUN_KINDS, ModelVersion, TrainingRun, utcnow
@@ -76,7 +77,7 @@ def claim_run(db: Session, run_id: int) -> bool:
             started_at=now, error=None, traceback=None,
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def heartbeat(db: Session, run_id: int, progress: float | None = None, message: str | None = None,
@@ -94,7 +95,7 @@ def heartbeat(db: Session, run_id: int, progress: float | None = None, message: 
         .where(TrainingRun.id == run_id, TrainingRun.status == "running", TrainingRun.worker == worker_name())
         .values(**values)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def is_held(db: Session, run_id: int) -> bool:

@@ -103,10 +103,11 @@ def authenticate(db: Session, username: str, password: str) -> User | None:
 def login_blocked(db: Session, settings: Settings, username: str, ip: str) -> bool:
     """Tells whether recent failures for this account or this IP exceed the limit."""
     since = utcnow() - timedelta(seconds=settings.login_window_s)
+    # count() always yields one row; `or 0` only tells the type checker so
     by_user = db.scalar(
         select(func.count()).where(LoginFailure.username == username, LoginFailure.at >= since)
-    )
-    by_ip = db.scalar(select(func.count()).where(LoginFailure.ip == ip, LoginFailure.at >= since))
+    ) or 0
+    by_ip = db.scalar(select(func.count()).where(LoginFailure.ip == ip, LoginFailure.at >= since)) or 0
     return by_user >= settings.login_max_failures or by_ip >= settings.login_max_failures * 4
 
 
@@ -173,7 +174,9 @@ def end_session(db: Session, session: UserSession) -> None:
 
 def csrf_matches(expected: str, given: str | None) -> bool:
     """Compares a submitted CSRF token with the expected one in constant time."""
-    return bool(given) and hmac.compare_digest(expected.encode(), given.encode())
+    if not given:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def sign_login_csrf(settings: Settings, value: str) -> str:

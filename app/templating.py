@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -17,7 +18,18 @@ templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.autoescape = True
 
 
-def render(request: Request, name: str, principal, status_code: int = 200, **context) -> HTMLResponse:
+class Viewer(Protocol):
+    """What a page needs of whoever is signed in (app.deps.Principal; named here, as app.deps imports this)."""
+
+    @property
+    def user(self) -> object: ...
+
+    @property
+    def csrf_token(self) -> str: ...
+
+
+def render(request: Request, name: str, principal: Viewer | None, status_code: int = 200,
+           **context: Any) -> HTMLResponse:
     """Renders a page with the signed-in user and their CSRF token in the context."""
     context.setdefault("user", principal.user if principal else None)
     context.setdefault("csrf_token", principal.csrf_token if principal else "")

@@ -186,7 +186,7 @@ def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool
     the old prompts in place. Raises an AppError (the batch's status, a binary file).
     """
     if fmt is None:
-        fmt = detect_format(upload.filename, upload.content_type, upload.data)  # type: ignore[assignment]
+        fmt = detect_format(upload.filename, upload.content_type, upload.data)
     savepoint = db.begin_nested()
     try:
         replaced = batches.replace_prompts(db, batch) if replace else 0

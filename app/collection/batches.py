@@ -13,16 +13,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.db import get_existing, rowcount
 from app import events
 from app.models import USABLE_STATUSES, Completion, ModelVersion, Prompt, PromptBatch, Task, TaskItem, utcnow
 from app.errors import FieldError
-from app.collection.hygiene import HygieneConfig, HygieneResult, apply_hygiene, dropped_csv
+from app.collection.hygiene import HygieneConfig, HygieneResult, PiiPolicy, apply_hygiene, dropped_csv
 from app.collection.prompt_import import ImportFormat, ParseResult, parse_prompts
 from app.runs import start_run
 
@@ -188,7 +189,7 @@ def complete_if_done(db: Session, batch_id: int) -> bool:
         return False
     if db.scalar(_OPEN_TASK, {"batch_id": batch_id}) is not None:
         return False
-    batch = db.get(PromptBatch, batch_id, populate_existing=True)
+    batch = get_existing(db, PromptBatch, batch_id, populate_existing=True)  # its row was locked just above
     transition(db, batch, "completed")
     return True
 
@@ -225,8 +226,9 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
     if not parsed.ok:
         outcome.errors = parsed.error_summary(100)
         return outcome
-    config = HygieneConfig(prefix_chars=prefix_chars, max_per_user=max_per_user, pii_policy=batch.pii_policy,
-                           split_fractions=split_fractions)
+    # The column's CHECK constraint holds pii_policy to PII_POLICIES (and HygieneConfig checks it again).
+    config = HygieneConfig(prefix_chars=prefix_chars, max_per_user=max_per_user,
+                           pii_policy=cast(PiiPolicy, batch.pii_policy), split_fractions=split_fractions)
     result = apply_hygiene(
         parsed.rows,
         existing_keys=lambda keys: _existing_keys(db, batch.id, keys),
@@ -251,7 +253,10 @@ def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
     """Stores the kept prompts: COPY on PostgreSQL (several times faster than INSERT), else executemany."""
     now = utcnow()
     if db.get_bind().dialect.name == "postgresql":
-        cursor = db.connection().connection.dbapi_connection.cursor()
+        dbapi_connection = db.connection().connection.dbapi_connection
+        if dbapi_connection is None:  # only once the pooled connection was invalidated
+            raise RuntimeError("the database connection was invalidated")
+        cursor = dbapi_connection.cursor()
         with cursor.copy(f"COPY prompts ({', '.join(PROMPT_COLUMNS)}) FROM STDIN") as copy:
             for p in kept:
                 copy.write_row((batch_id, p.text, p.source_user_id, p.category, p.split, p.normalized_key,
@@ -299,7 +304,7 @@ def _existing_user_counts(db: Session, batch_id: int, users: list[str]) -> dict[
         rows = db.execute(
             select(Prompt.source_user_id, func.count()).where(Prompt.source_user_id.in_(chunk)).group_by(Prompt.source_user_id)
         ).all()
-        counts.update({user: n for user, n in rows})
+        counts.update({user: n for user, n in rows if user is not None})  # IN never matches a NULL user
     return counts
 
 
@@ -307,7 +312,7 @@ def replace_prompts(db: Session, batch: PromptBatch) -> int:
     """Deletes a draft batch's prompts so a corrected file can be imported; returns how many."""
     if batch.status != "draft":
         raise BatchError("status", "prompts can only be replaced while the batch is a draft", status=409)
-    return db.execute(delete(Prompt).where(Prompt.batch_id == batch.id)).rowcount
+    return rowcount(db.execute(delete(Prompt).where(Prompt.batch_id == batch.id)))
 
 
 def labels_needed(batch: PromptBatch, prompt_id: int) -> int:
@@ -380,4 +385,5 @@ def batch_progress(db: Session, batch_ids: list[int] | None = None) -> dict[int,
 
 def prompts_with_any_text(db: Session, batch_id: int, texts: list[str]) -> bool:
     """Tells whether a batch already holds any of these texts (used by tests and the demo seed)."""
-    return db.scalar(select(func.count()).where(Prompt.batch_id == batch_id, or_(*(Prompt.text == t for t in texts)))) > 0
+    found = db.scalar(select(func.count()).where(Prompt.batch_id == batch_id, or_(*(Prompt.text == t for t in texts))))
+    return (found or 0) > 0  # count() always yields one row; `or 0` only tells the type checker so

@@ -425,7 +425,9 @@ def apply_hygiene(
             first_line_of_prefix[pkey] = line
         if user is None:
             split = assign_split(text, fractions)
-        elif (split := split_of.get(user)) is None:
+        elif user in split_of:
+            split = split_of[user]
+        else:
             split = split_of[user] = assign_split(user, fractions)
         report.splits[split] += 1
         redacted = bool(kinds) and policy == "redact"

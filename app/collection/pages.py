@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -65,7 +66,7 @@ def _eta_hours(progress: dict[str, Any], recent_labels: int) -> float | None:
     return remaining / (recent_labels / (RATE_WINDOW.total_seconds() / 3600))
 
 
-def _line_chart(points: list[tuple[float, float]], width: int = 640, height: int = 160) -> dict[str, Any]:
+def _line_chart(points: Sequence[tuple[float, float]], width: int = 640, height: int = 160) -> dict[str, Any]:
     """Scales (x, y) points into an SVG polyline of the given size."""
     if len(points) < 2:
         return {}
@@ -121,7 +122,7 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
     }
 
 
-def _models(db: Session) -> list[ModelVersion]:
+def _models(db: Session) -> Sequence[ModelVersion]:
     return db.scalars(
         select(ModelVersion).where(ModelVersion.kind != "rm", ModelVersion.status.in_(USABLE_STATUSES))
         .order_by(ModelVersion.id.desc())

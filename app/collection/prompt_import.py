@@ -29,8 +29,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from app.errors import AppError
 
@@ -83,8 +84,10 @@ class ParseResult:
 
 
 _BOM = codecs.BOM_UTF8
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
-_CONTENT_TYPES = {
+_EXTENSIONS: dict[str, ImportFormat] = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv",
+}
+_CONTENT_TYPES: dict[str, ImportFormat] = {
     "application/jsonl": "jsonl",
     "application/x-jsonlines": "jsonl",
     "application/jsonlines": "jsonl",
@@ -97,7 +100,7 @@ _CONTENT_TYPES = {
 }
 
 
-def detect_format(filename: str | None, content_type: str | None, data: bytes) -> str:
+def detect_format(filename: str | None, content_type: str | None, data: bytes) -> ImportFormat:
     """Guesses "jsonl" or "csv" from the file name, then the content type, then the content.
 
     Raises an AppError (415, about `file`) for binary files (xlsx, zip), which are neither.
@@ -134,7 +137,7 @@ def parse_prompts(data: bytes, fmt: ImportFormat, *, max_text_chars: int = 20000
 # -- decoding -----------------------------------------------------------------------------
 
 
-def _decode_lines(data: bytes, errors: list[ImportIssue]) -> list[str | None]:
+def _decode_lines(data: bytes, errors: list[ImportIssue]) -> Sequence[str | None]:
     """Splits into physical lines; a line with invalid UTF-8 becomes None and gets an issue."""
     try:
         return data.decode("utf-8").split("\n")
@@ -266,7 +269,8 @@ def _validate(
 
     if len(errors) > start:
         return None
-    return PromptRow(line, text, user, category, metadata)
+    # No issue was added, so every check above passed: text and category are strings, user one or None.
+    return PromptRow(line, cast(str, text), cast("str | None", user), cast(str, category), metadata)
 
 
 # -- JSON Lines ---------------------------------------------------------------------------

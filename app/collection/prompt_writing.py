@@ -49,7 +49,7 @@ completion is then the response to it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
@@ -58,7 +58,7 @@ from app.config import get_settings
 from app.models import PROMPT_CATEGORIES, Prompt, PromptBatch, Task, TrainingRun, User, utcnow
 from app.collection.batches import labels_needed
 from app.errors import FieldError
-from app.collection.hygiene import HygieneConfig, apply_hygiene
+from app.collection.hygiene import HygieneConfig, PiiPolicy, apply_hygiene
 from app.collection.prompt_import import PromptRow
 from app.runs import start_run
 
@@ -223,7 +223,7 @@ def _hygiene_config(batch: PromptBatch) -> HygieneConfig:
     return HygieneConfig(
         prefix_chars=used.get("prefix_chars", default.prefix_chars),
         max_per_user=used.get("max_per_user", default.max_per_user),
-        pii_policy=batch.pii_policy,
+        pii_policy=cast(PiiPolicy, batch.pii_policy),  # the column's CHECK constraint holds it to PII_POLICIES
         split_fractions=tuple(used.get("split_fractions", default.split_fractions)),
     )
 
@@ -260,7 +260,8 @@ def write_prompt(db: Session, author: User, batch_id: int, draft: PromptDraft) -
         return {key for pair in found for key in pair if key in keys}
 
     def user_counts(users: list[str]) -> dict[str, int]:
-        return {u: db.scalar(select(func.count()).where(Prompt.source_user_id == u)) for u in users}
+        # count() always yields one row; `or 0` only tells the type checker so
+        return {u: db.scalar(select(func.count()).where(Prompt.source_user_id == u)) or 0 for u in users}
 
     result = apply_hygiene([row], existing_keys=existing_keys, existing_user_counts=user_counts, config=config)
     if not result.kept:

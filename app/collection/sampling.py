@@ -7,7 +7,9 @@ from the batch's policy, so a re-run after a crash only samples the rest.
 
 from __future__ import annotations
 
-from sqlalchemy import func, insert, select
+from typing import cast
+
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.models import Completion, Prompt, PromptBatch, utcnow
@@ -36,7 +38,7 @@ def store_samples(db: Session, model_version_id: int, samples: dict[int, list[st
     if not samples:
         return 0
     db.execute(
-        Completion.__table__.delete().where(
+        cast(Table, Completion.__table__).delete().where(
             Completion.prompt_id.in_(list(samples)), Completion.model_version_id == model_version_id
         )
     )

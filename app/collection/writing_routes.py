@@ -72,7 +72,7 @@ def _draft_from_form(form: dict[str, Any]) -> writing.PromptDraft:
 def _page(request: Request, db, principal, *, form: dict[str, Any], status_code: int = 200,
           error: AppError | None = None, outcome: writing.WritingOutcome | None = None):
     batches = writing.writable_batches(db)
-    category = form.get("category") if form.get("category") in CATEGORY_LABELS else "plain"
+    category: str = form["category"] if form.get("category") in CATEGORY_LABELS else "plain"
     chosen = str(form.get("batch_id") or (batches[0].id if batches else ""))
     selected = next((b for b in batches if str(b.id) == chosen), None)
     queries, responses = list(form.get("example_query", [])), list(form.get("example_response", []))

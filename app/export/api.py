@@ -11,9 +11,9 @@ as `?cursor=` (with the same filters) to continue without gaps or repeats.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Query, Request
@@ -71,7 +71,7 @@ def _accepts_gzip(header: str) -> bool:
 class ExportResponse(StreamingResponse):
     """A streamed export that ends its snapshot however the response ends, hang-ups included."""
 
-    def __init__(self, first: bytes, chunks: Iterator[bytes], **kwargs):
+    def __init__(self, first: bytes, chunks: Generator[bytes, None, None], **kwargs: Any):
         super().__init__(itertools.chain([first] if first else [], chunks), **kwargs)
         self.chunks = chunks
 
@@ -110,7 +110,7 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
 
 
 Params = Annotated[ExportQuery, Query()]
-RESPONSES = {
+RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The export, streamed; every row carries its `cursor`.",
           "content": {"application/x-ndjson": {}, "text/csv": {}, "application/gzip": {}}},
     422: {"description": "A bad filter; `detail` starts with the parameter's name."},

@@ -20,14 +20,14 @@ from __future__ import annotations
 import hmac
 import itertools
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, exists, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.errors import AppError
 from app.models import (
@@ -154,7 +154,8 @@ def resolve_filters(
     )
 
 
-def _lookup(db, param: str, value: str | None, id_col, name_col, what: str) -> int | None:
+def _lookup(db: Connection | Session, param: str, value: str | None, id_col: InstrumentedAttribute[int],
+            name_col: InstrumentedAttribute[str], what: str) -> int | None:
     # A value is an id when it is all digits and such an id exists, else a name.
     if value is None:
         return None
@@ -170,7 +171,7 @@ def _lookup(db, param: str, value: str | None, id_col, name_col, what: str) -> i
     return found
 
 
-def _labeler_id(db, secret_key: str, pseudonym: str | None) -> int | None:
+def _labeler_id(db: Connection | Session, secret_key: str, pseudonym: str | None) -> int | None:
     # Pseudonyms are one-way, so find the labeler by hashing every user id (there are few users).
     if pseudonym is None:
         return None
@@ -339,8 +340,10 @@ def _texts(kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, nam
     """Yields (text, units consumed) pieces of the export body of about CHUNK_CHARS each."""
     render = RENDER[kind, fmt]
     # Only the ranking a comparisons cursor points into is cut; later ones start from their first pair.
-    skip_id = cursor.unit_id if cursor is not None and cursor.pair_index is not None else None
-    skip_through = cursor.pair_index if skip_id is not None else -1
+    skip_id: int | None = None
+    skip_through = -1
+    if cursor is not None and cursor.pair_index is not None:
+        skip_id, skip_through = cursor.unit_id, cursor.pair_index
     pieces = [csv_line(COLUMNS[kind])] if fmt == "csv" else []
     size = count = 0
     for unit in units:
@@ -416,16 +419,23 @@ class SnapshotExport:
 
     def count_units(self) -> int:
         """Counts the rankings or demonstrations this export will read, in its snapshot."""
-        return count_units(self.conn, self.kind, self.filters, self.cursor)
+        return count_units(self._open_conn(), self.kind, self.filters, self.cursor)
 
-    def chunks(self, on_progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    def chunks(self, on_progress: Callable[[int], None] | None = None) -> Generator[bytes, None, None]:
         """Streams the export; the snapshot closes when the stream ends, fails or is closed."""
         try:
-            yield from export_chunks(self.conn, self.kind, self.filters, secret_key=self.secret_key, fmt=self.fmt,
+            conn = self._open_conn()
+            yield from export_chunks(conn, self.kind, self.filters, secret_key=self.secret_key, fmt=self.fmt,
                                      cursor=self.cursor, gzip=self.gzip, on_progress=on_progress,
                                      aggregate=self.aggregate)
         finally:
             self.close()
+
+    def _open_conn(self) -> Connection:
+        # Only close() clears it, and nothing reads the export after closing it.
+        if self.conn is None:
+            raise RuntimeError("the export's snapshot is closed")
+        return self.conn
 
     def close(self) -> None:
         """Ends the snapshot; safe to call twice."""

@@ -9,7 +9,7 @@ any script go through the same service calls.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
@@ -55,7 +55,7 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
     if assignment.state in ("submitted", "skipped"):
         # Done already (the back button, a second tab): carry on with the next one of the same kind.
         return RedirectResponse(f"/label/next?kind={kind}", status_code=303)
-    context = {
+    context: dict[str, Any] = {
         "view": view,
         "guidelines_html": render_guidelines(view.batch.guidelines),
         "skip_reasons": labeling.SKIP_REASONS,

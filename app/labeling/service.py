@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.config import get_settings
+from app.db import get_existing, rowcount
 from app.models import (
     RANKING_FLAGS,
     Assignment,
@@ -114,7 +115,7 @@ def _lease(db: Session, labeler: User, kind: str | None) -> tuple[Assignment, li
     outputs: list[Completion] = []
     if task.kind in ("ranking", "eval"):
         # The outputs themselves, not only their ids, so showing the task needs no second query.
-        outputs = db.scalars(_OUTPUTS, {"task_id": task.id}).all()
+        outputs = list(db.scalars(_OUTPUTS, {"task_id": task.id}).all())
         order = [output.id for output in outputs]
         # A fresh random order per labeler; stored so position bias can be measured later.
         random.SystemRandom().shuffle(order)
@@ -134,6 +135,8 @@ def _lease(db: Session, labeler: User, kind: str | None) -> tuple[Assignment, li
             select(Assignment).where(Assignment.task_id == task.id, Assignment.labeler_id == labeler.id)
             .execution_options(populate_existing=True)
         )
+        if assignment is None:  # the insert did nothing only because this row exists
+            raise LookupError(f"assignment of task {task.id} to labeler {labeler.id} vanished")
         for name, value in lease.items():
             setattr(assignment, name, value)
         if not assignment.display_order:
@@ -315,7 +318,7 @@ def _ensure_submittable(db: Session, assignment: Assignment, task: Task) -> None
             Assignment.expires_at > utcnow(),
         )
     )
-    if task.done_count + others >= task.needed:
+    if task.done_count + (others or 0) >= task.needed:  # count() always yields a row; `or 0` is for the type
         raise LabelingError(
             "assignment", "your lease expired and another labeler has taken this task; please take the next one",
             status=409,
@@ -554,7 +557,7 @@ def save_draft(db: Session, labeler: User, assignment_id: int, draft: dict[str, 
     if active_seconds is not None:
         assignment.active_seconds = max(assignment.active_seconds, float(active_seconds))
     if _lapsed(assignment):
-        task = db.get(Task, assignment.task_id)
+        task = get_existing(db, Task, assignment.task_id)  # assignments.task_id is a foreign key to tasks
         _ensure_submittable(db, assignment, task)
         assignment.state = "leased"
     assignment.expires_at = _lease_expiry()
@@ -568,4 +571,4 @@ def expire_leases(db: Session) -> int:
         .where(and_(Assignment.state == "leased", Assignment.expires_at <= utcnow()))
         .values(state="expired")
     )
-    return result.rowcount
+    return rowcount(result)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from statistics import fmean, median
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Ranks = Sequence[float]
 TaskRankings = Mapping[Any, Mapping[Any, Ranks]]
@@ -28,6 +28,7 @@ ReliabilityData = Sequence[Sequence[float | None]] | Mapping[Any, Sequence[float
 
 TieRule = Literal["exclude", "disagree", "half"]
 Level = Literal["nominal", "ordinal", "interval", "ratio"]
+LabelerKey = TypeVar("LabelerKey", str, int)  # a labeler's name or id; sortable
 
 _TIE_RULES = ("exclude", "disagree", "half")
 
@@ -130,7 +131,7 @@ def _pairable_units(data: ReliabilityData) -> list[list[float]]:
     return [values for values in units if len(values) >= 2]
 
 
-def _metric(level: Level, marginals: Mapping[float, float]):
+def _metric(level: Level, marginals: Mapping[float, float]) -> Callable[[float, float], float]:
     """Returns the squared difference function delta²(c, k) for a level of measurement."""
     if level == "nominal":
         return lambda c, k: 0.0 if c == k else 1.0
@@ -442,10 +443,10 @@ def is_position_biased(
 
 
 def speed_outliers(
-    durations_by_labeler: Mapping[str, Sequence[float]],
+    durations_by_labeler: Mapping[LabelerKey, Sequence[float]],
     factor: float = 3.0,
     min_count: int = 3,
-) -> list[str]:
+) -> list[LabelerKey]:
     """Returns labelers whose median time per task is under 1/factor of the median of medians.
 
     Only labelers with at least ``min_count`` timed tasks are judged, and only they

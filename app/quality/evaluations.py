@@ -21,13 +21,14 @@ import random
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app import events
 from app.config import get_settings
+from app.db import get_existing
 from app.models import (
     Completion,
     EvalJudgment,
@@ -173,7 +174,8 @@ def prompts_needing_output(db: Session, evaluation: Evaluation, model_version_id
 
 def open_for_judging(db: Session, evaluation: Evaluation) -> int:
     """Creates one eval task per prompt whose two outputs differ and opens the batch; returns tasks created."""
-    batch = db.get(PromptBatch, evaluation.batch_id, with_for_update=True)
+    # evaluations.batch_id is a non-null foreign key to prompt_batches
+    batch = get_existing(db, PromptBatch, evaluation.batch_id, with_for_update=True)
     outputs: dict[int, dict[int, Completion]] = defaultdict(dict)
     for completion in db.scalars(
         select(Completion).join(Prompt, Prompt.id == Completion.prompt_id)
@@ -181,6 +183,8 @@ def open_for_judging(db: Session, evaluation: Evaluation) -> int:
                Completion.model_version_id.in_((evaluation.model_a_id, evaluation.model_b_id)))
         .order_by(Completion.id)
     ):
+        if completion.model_version_id is None:  # never: the query selects only the two models' outputs
+            continue
         outputs[completion.prompt_id].setdefault(completion.model_version_id, completion)
     existing = set(db.scalars(select(Task.prompt_id).where(Task.batch_id == batch.id)))
     created = identical = 0
@@ -228,8 +232,8 @@ def cancel_evaluation(db: Session, evaluation: Evaluation) -> Evaluation:
         raise EvaluationError("status", f"evaluation {evaluation.id} is already {evaluation.status}", status=409)
     evaluation.status = "cancelled"
     evaluation.completed_at = utcnow()
-    db.execute(Task.__table__.update().where(Task.batch_id == evaluation.batch_id).values(is_open=False))
-    batch = db.get(PromptBatch, evaluation.batch_id)
+    db.execute(cast(Table, Task.__table__).update().where(Task.batch_id == evaluation.batch_id).values(is_open=False))
+    batch = get_existing(db, PromptBatch, evaluation.batch_id)  # a non-null foreign key
     batch.status = "archived"  # out of every queue; kept, with its verdicts so far, for the record
     # Its sampling run, if still going, stops at its next heartbeat.
     db.execute(update(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status.in_(("queued", "running")))
@@ -295,7 +299,9 @@ def results(db: Session, evaluation: Evaluation) -> EvaluationResult:
         select(EvalJudgment.winner, EvalJudgment.shown_first, EvalJudgment.labeler_id, Prompt.category, Prompt.extra)
         .join(Prompt, Prompt.id == EvalJudgment.prompt_id).where(EvalJudgment.evaluation_id == evaluation.id)
     ).all()
-    overall, by_category, by_family = Tally(), defaultdict(Tally), defaultdict(Tally)
+    overall = Tally()
+    by_category: defaultdict[str, Tally] = defaultdict(Tally)
+    by_family: defaultdict[str, Tally] = defaultdict(Tally)
     first_wins = decisive = 0
     for winner, shown_first, _labeler, category, extra in rows:
         slices = [overall, by_category[category]]

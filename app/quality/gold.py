@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from app.db import get_existing
 from app.models import GoldAnswer, Prompt, PromptBatch, Ranking, RankingItem, Task, TaskItem, User, utcnow
 from app.quality.agreement import borda_consensus, pair_counts
 from app.errors import FieldError
@@ -75,7 +76,7 @@ def _ranking_task(db: Session, ranking_id: int, batch_id: int | None) -> tuple[R
         raise GoldError("ranking_id", f"no ranking {ranking_id} in this batch", status=404)
     if ranking.is_gold:
         raise GoldError("ranking_id", f"ranking {ranking_id} is a labeler's answer to a gold check, not an answer key")
-    task = db.get(Task, ranking.task_id, with_for_update=True)
+    task = get_existing(db, Task, ranking.task_id, with_for_update=True)  # rankings.task_id is a foreign key
     return ranking, task
 
 
@@ -85,7 +86,7 @@ def _batch_of_task(db: Session, task_id: int) -> int | None:
 
 def _set_gold(db: Session, task: Task, ranks: dict[int, int], source: str, ranking_id: int | None,
               admin: User | None) -> GoldAnswer:
-    batch = db.get(PromptBatch, task.batch_id)
+    batch = get_existing(db, PromptBatch, task.batch_id)  # tasks.batch_id is a non-null foreign key
     if batch.purpose != "collection":
         raise GoldError("task_id", "only tasks of collection batches can be gold")
     answer = db.scalar(select(GoldAnswer).where(GoldAnswer.task_id == task.id))

@@ -122,10 +122,10 @@ class GoldIn(BaseModel):
         return self
 
 
-def gold_summary(db: Session, batch_id: int) -> dict[str, Any]:
+def gold_summary(db: Session, batch: PromptBatch) -> dict[str, Any]:
     """A batch's gold tasks, labelers' accuracy on them and candidate tasks, as JSON-ready data."""
-    tasks, labelers = gold.gold_report(db, batch_id)
-    return {"batch_id": batch_id, "gold_share": db.get(PromptBatch, batch_id).gold_share,
+    tasks, labelers = gold.gold_report(db, batch.id)
+    return {"batch_id": batch.id, "gold_share": batch.gold_share,
             "tasks": [vars(t) | {"answer": {str(k): v for k, v in t.answer.items()}} for t in tasks],
             "labelers": [row.as_dict() for row in labelers]}
 
@@ -133,14 +133,15 @@ def gold_summary(db: Session, batch_id: int) -> dict[str, Any]:
 @api_router.get("/batches/{batch_id}/gold")
 def batch_gold_api(batch_id: int, db: SessionDep, principal: AdminApi) -> dict:
     """A batch's gold tasks with their answers, and each labeler's accuracy on gold with a 95 % interval."""
-    get_batch_or_404(db, batch_id)
-    return gold_summary(db, batch_id)
+    return gold_summary(db, get_batch_or_404(db, batch_id))
 
 
 def _mark(db: Session, batch_id: int, body: GoldIn, admin) -> int:
     with db.begin_nested():
         if body.ranking_id is not None:
             return gold.mark_ranking_gold(db, body.ranking_id, admin, batch_id).task_id
+        if body.task_id is None:  # never: GoldIn's validator requires ranking_id or task_id
+            raise gold.GoldError("task_id", "give either ranking_id or task_id")
         return gold.mark_consensus_gold(db, body.task_id, admin, batch_id).task_id
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.db import rowcount
 from app.deps import AdminApi, SessionDep
 from app.models import ModelVersion, PromptBatch, TrainingRun, utcnow
 from app.collection import batches
@@ -147,7 +148,7 @@ def cancel_run(db: Session, run: TrainingRun, username: str) -> TrainingRun:
         .values(status="cancelled", finished_at=utcnow(), message=f"cancelled by {username}")
     )
     db.refresh(run)
-    if result.rowcount != 1:
+    if rowcount(result) != 1:
         raise RunRequestError("status", f"run {run.id} is {run.status}; only a queued or running run can be cancelled",
                               409)
     db.execute(

@@ -146,7 +146,7 @@ def _models_page(request: Request, principal, db: Session, status_code: int = 20
     names = {v.id: v.name for v in versions}
     groups = []
     for kind in KIND_ORDER:
-        rows = [{"version": v, "parent": names.get(v.parent_id),
+        rows = [{"version": v, "parent": names.get(v.parent_id) if v.parent_id is not None else None,
                  "metrics": [fmt(m) for m in registry.key_metrics(v).values()]}
                 for v in versions if v.kind == kind]
         groups.append({"kind": kind, "title": KIND_TITLES[kind], "rows": rows,

@@ -83,6 +83,8 @@ def register_base_model(db: Session, artifact_path: str, metrics: dict[str, Any]
 def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = None) -> ModelVersion:
     """Records a finished model's metrics and makes it usable; the first of its kind is promoted."""
     version = db.get(ModelVersion, version_id)
+    if version is None:
+        raise RegistryError("version_id", f"no model version {version_id}", status=404)
     if metrics is not None:
         version.metrics = metrics
     if version.status == "training":

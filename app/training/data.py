@@ -114,10 +114,11 @@ def due_kinds(db: Session, min_demonstrations: int | None = None, min_rankings: 
     min_rankings = settings.retrain_min_new_rankings if min_rankings is None else min_rankings
     due: list[str] = []
     sft, rm, policy = latest(db, "sft"), latest(db, "rm"), latest(db, "policy")
-    new_demos = db.scalar(select(func.count()).where(Demonstration.id > _trained_up_to(sft, "demonstration")))
+    # count() always yields one row; `or 0` only tells the type checker so
+    new_demos = db.scalar(select(func.count()).where(Demonstration.id > _trained_up_to(sft, "demonstration"))) or 0
     if new_demos >= min_demonstrations:
         due.append("sft")
-    new_rankings = db.scalar(select(func.count()).where(Ranking.id > _trained_up_to(rm, "ranking")))
+    new_rankings = db.scalar(select(func.count()).where(Ranking.id > _trained_up_to(rm, "ranking"))) or 0
     newer_backbone = sft is not None and rm is not None and rm.parent_id != sft.id
     if new_rankings >= min_rankings or (newer_backbone and db.scalar(select(func.count()).select_from(Ranking))):
         due.append("rm")

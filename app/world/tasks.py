@@ -147,7 +147,8 @@ _PERSON = "(?P<person>" + "|".join(PEOPLE) + ")"
 _ANIMAL = "(?P<animal>" + "|".join(ANIMALS) + ")"
 
 
-def _kind(family: str, name: str, template: str, regex: str, answer, make) -> _Kind:
+def _kind(family: str, name: str, template: str, regex: str, answer: Callable[[dict[str, str]], str],
+          make: Callable[[random.Random], dict[str, str]]) -> _Kind:
     return _Kind(family, name, re.compile("^" + regex + "$"), answer, make, template)
 
 
