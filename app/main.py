@@ -35,6 +35,8 @@ from app.labeling import pages as labeling_pages
 from app.quality import evaluation_routes, routes as quality_routes
 from app.registry import api as registry_api
 from app.registry import pages as registry_pages
+from app.training import api as training_api
+from app.training import pages as training_pages
 from app.webhooks import api as webhooks_api
 from app.webhooks import pages as webhooks_pages
 
@@ -192,7 +194,7 @@ def create_app() -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The stages in the order data walks through them, each with its pages and its API.
     for module in (accounts_pages, accounts_api, collection_pages, collection_api, writing_routes, labeling_pages,
-                   labeling_api, quality_routes, evaluation_routes, export_api, registry_pages, registry_api,
+                   labeling_api, quality_routes, evaluation_routes, export_api, training_pages, training_api, registry_pages, registry_api,
                    webhooks_pages, webhooks_api):
         app.include_router(module.router)
 

@@ -48,7 +48,7 @@ def test_mark_ready_promotes_only_the_first_of_a_kind(db):
 
 
 def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client, login):
-    from app.registry.api import cancel_run
+    from app.training.api import cancel_run
     from tests.factories import AdminFactory
 
     ModelVersionFactory(kind="base", status="promoted")
