@@ -54,9 +54,14 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    # Tests marked `sqlite` also run on the embedded default's database.
+    # Tests marked `sqlite` also run on the embedded default's database; `sqlite(only=True)` runs only there
+    # (a property of the embedded default alone), so no test is collected just to be skipped.
     if "backend" in metafunc.fixturenames:
-        backends = ["postgresql", "sqlite"] if metafunc.definition.get_closest_marker("sqlite") else ["postgresql"]
+        marker = metafunc.definition.get_closest_marker("sqlite")
+        if marker is None:
+            backends = ["postgresql"]
+        else:
+            backends = ["sqlite"] if marker.kwargs.get("only") else ["postgresql", "sqlite"]
         metafunc.parametrize("backend", backends, indirect=True)
 
 

@@ -148,6 +148,7 @@ def test_dashboard_shows_throughput_skips_and_eta(client, db, admin_csrf):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_admin_fixes_a_bad_file_in_chromium(live_server, committed_session, page, tmp_path):
     admin = User(username="chrome-admin", role="admin", password_hash=hash_password(PASSWORD))
     committed_session.add(admin)

@@ -48,11 +48,10 @@ def test_session_cookie_flags_and_rotation(client, db):
         form = client.get("/login")
         response = client.post("/login", data={"username": user.username, "password": PASSWORD,
                                                "csrf_token": _csrf(form.text)}, follow_redirects=False)
-        header = response.headers["set-cookie"]
         session_part = [c for c in response.headers.get_list("set-cookie") if c.startswith(SESSION_COOKIE)][0]
         assert "HttpOnly" in session_part and "SameSite=lax" in session_part
         cookies.append(client.cookies.get(SESSION_COOKIE))
-        assert header
+        assert cookies[-1] and session_part.startswith(f"{SESSION_COOKIE}={cookies[-1]};")
     assert cookies[0] != cookies[1]  # a new session id at every login
     assert len(db.scalars(select(UserSession).where(UserSession.user_id == user.id)).all()) == 2
 
@@ -152,7 +151,7 @@ def test_labeler_cannot_mint_admin_scopes(db):
         create_api_token(db, user, ["admin"])
 
 
-def test_token_create_list_revoke_through_api(client, login):
+def test_token_create_list_revoke_through_api(client, db, login):
     admin = AdminFactory()
     csrf = login(admin.username)
     no_csrf = client.post("/api/v1/tokens", json={"scopes": ["export:read"]})
@@ -160,13 +159,35 @@ def test_token_create_list_revoke_through_api(client, login):
     created = client.post("/api/v1/tokens", json={"name": "export", "scopes": ["export:read"]},
                           headers={"X-CSRF-Token": csrf})
     assert created.status_code == 201
-    secret = created.json()["token"]
+    secret, token_id = created.json()["token"], created.json()["id"]
+    assert secret.startswith("il_") and created.json()["scopes"] == ["export:read"]
     listed = client.get("/api/v1/tokens").json()
-    assert [t["name"] for t in listed] == ["export"] and "token" not in listed[0]
+    assert [(t["id"], t["name"], t["revoked_at"]) for t in listed] == [(token_id, "export", None)]
+    assert "token" not in listed[0]
     bad_scope = client.post("/api/v1/tokens", json={"scopes": ["root"]}, headers={"X-CSRF-Token": csrf})
     assert bad_scope.status_code == 422 and "scopes" in bad_scope.json()["detail"]
+    bearer = {"Authorization": f"Bearer {secret}"}
+    assert client.get("/api/v1/me", headers=bearer).json()["via"] == "token"
+
+    # Revoking: not without CSRF, not someone else's token (unless an admin), then for good.
+    assert client.delete(f"/api/v1/tokens/{token_id}").status_code == 403
+    other_raw, other = create_api_token(db, UserFactory(), ["label"], "theirs")
+    db.commit()
+    revoked = client.delete(f"/api/v1/tokens/{token_id}", headers={"X-CSRF-Token": csrf})
+    assert revoked.status_code == 204 and revoked.content == b""
+    listed = client.get("/api/v1/tokens").json()
+    assert [t["id"] for t in listed] == [token_id] and listed[0]["revoked_at"] is not None
+    again = client.delete(f"/api/v1/tokens/{token_id}", headers={"X-CSRF-Token": csrf})
+    assert again.status_code == 404 and str(token_id) in again.json()["detail"]
     client.cookies.clear()
-    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    refused = client.get("/api/v1/me", headers=bearer)
+    assert refused.status_code == 401 and refused.json()["detail"]
+    # A labeler cannot revoke another user's token; it keeps working.
+    labeler = UserFactory()
+    labeler_csrf = login(labeler.username)
+    assert client.delete(f"/api/v1/tokens/{other.id}", headers={"X-CSRF-Token": labeler_csrf}).status_code == 404
+    client.cookies.clear()
+    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {other_raw}"}).status_code == 200
 
 
 def test_bad_form_field_is_a_clear_422(client):

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, wait_for_http, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the demo starts three processes
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def test_demo_uses_sqlite_and_prints_credentials(demo):
     assert "InstructLoop demo running at" in output
 
 
+@pytest.mark.browser
 def test_demo_labeler_and_admin_see_their_home_pages(demo, page):
     _login(page, demo["url"], demo["credentials"]["labeler"])
     page.wait_for_selector("[data-testid=labeler-home]")
@@ -67,6 +68,7 @@ def test_demo_labeler_and_admin_see_their_home_pages(demo, page):
     assert "demo-admin" in page.inner_text("[data-testid=whoami]")
 
 
+@pytest.mark.browser
 def test_demo_batch_is_sampled_by_the_real_worker(demo, page):
     """The sampling task goes through Celery on the filesystem broker and opens ranking tasks."""
     _login(page, demo["url"], demo["credentials"]["labeler"])

@@ -22,6 +22,7 @@ from app.registry import versions as registry
 from app.quality.behaviour import model_behaviour
 from app.collection.sampling import store_samples
 from tests.factories import AdminFactory, UserFactory
+from tests.html_text import text, texts
 from tests.test_labeling import seed_batch, tasks_of
 
 
@@ -332,11 +333,127 @@ def test_model_page_shows_evaluations_and_behaviour(client, db, login):
     db.commit()
     login(admin.username)
     page = client.get(f"/admin/models/{a.id}")
-    assert page.status_code == 200
-    assert 'data-testid="model-eval-chart"' in page.text and "100.0 %" in page.text
+    assert page.status_code == 200 and 'data-testid="model-eval-chart"' in page.text
+    row = f"model-eval-row-{evaluation.id}"
+    assert text(page.text, "model-eval-win-rate", within=row) == "100.0 %"
     other = client.get(f"/admin/models/{b.id}")
-    assert "0.0 %" in other.text
+    assert text(other.text, "model-eval-win-rate", within=row) == "0.0 %"  # the same verdicts from B's side
     detail = client.get(f"/admin/evaluations/{evaluation.id}")
     assert detail.status_code == 200 and 'data-testid="evaluation-chart"' in detail.text
+    assert text(detail.text, "win-rate") == "100.0 %" and text(detail.text, "verdicts") == "2 / 2"
     listing = client.get("/admin/evaluations")
-    assert listing.status_code == 200 and f"evaluation-row-{evaluation.id}" in listing.text
+    assert listing.status_code == 200
+    assert f"{a.name} {b.name} completed 2 / 2 100.0 %" in text(listing.text, f"evaluation-row-{evaluation.id}")
+
+
+# --- the API's and the pages' other routes -------------------------------------------------------------------
+
+
+def test_the_api_shows_one_evaluation_with_its_results(client, db):
+    held_out_batch(db, n=4, categories=("plain", "few-shot"), families=("arithmetic", "sorting"))
+    a, b = two_models(db)
+    evaluation = evaluations.start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=4, overlap=2,
+                                              temperature=0.5, max_new_tokens=20)
+    assert sample_by_hand(db, evaluation, identical=1) == 3
+    labeler, second = UserFactory(), UserFactory()
+    for who, verdicts in ((labeler, "aab"), (second, "a-a")):
+        for verdict in verdicts:
+            judge(db, who, "tie" if verdict == "-" else verdict)
+    token, _ = create_api_token(db, AdminFactory(), ["admin"])
+    labeler_token, _ = create_api_token(db, labeler, ["label"])
+    db.commit()
+    url = f"/api/v1/evaluations/{evaluation.id}"
+    response = client.get(url, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    body = response.json()
+    assert {k: body[k] for k in ("id", "status", "batch_id", "n_prompts", "overlap", "prompt_split", "temperature",
+                                 "max_new_tokens", "triggered_by", "n_identical", "tasks", "tasks_done", "labelers")} \
+        == {"id": evaluation.id, "status": "completed", "batch_id": evaluation.batch_id, "n_prompts": 4,
+            "overlap": 2, "prompt_split": "test", "temperature": 0.5, "max_new_tokens": 20, "triggered_by": "admin",
+            "n_identical": 1, "tasks": 3, "tasks_done": 6, "labelers": 2}
+    assert body["model_a"] == {"id": a.id, "name": a.name, "kind": "policy"}
+    assert body["model_b"] == {"id": b.id, "name": b.name, "kind": "policy"}
+    overall = body["overall"]
+    assert (overall["wins"], overall["losses"], overall["ties"], overall["n"]) == (4, 1, 1, 6)
+    assert overall["win_rate"] == pytest.approx(0.75) and overall["tie_rate"] == pytest.approx(1 / 6)
+    assert overall["low"] < 0.75 < overall["high"]
+    assert body["completed_at"] is not None
+    assert sum(t["n"] for t in body["by_category"].values()) == 6 and set(body["by_category"]) <= {"plain", "few-shot"}
+    assert sum(t["n"] for t in body["by_family"].values()) == 6
+    # Unknown ids are a 404 naming the id; labelers may not read evaluations.
+    missing = client.get(f"/api/v1/evaluations/{evaluation.id + 1000}", headers={"Authorization": f"Bearer {token}"})
+    assert missing.status_code == 404 and str(evaluation.id + 1000) in missing.json()["detail"]
+    assert client.get(url, headers={"Authorization": f"Bearer {labeler_token}"}).status_code == 403
+
+
+def test_admin_starts_and_cancels_an_evaluation_through_the_form(client, db, login):
+    source = held_out_batch(db, n=3)
+    a, b = two_models(db)
+    admin = AdminFactory()
+    db.commit()
+    csrf = login(admin.username)
+    form = {"csrf_token": csrf, "model_a_id": str(a.id), "model_b_id": str(b.id), "n_prompts": "2", "overlap": "2",
+            "prompt_split": "test", "temperature": "0", "max_new_tokens": "32", "source_batch_id": str(source.id)}
+    assert client.post("/admin/evaluations", data={**form, "csrf_token": "wrong"}).status_code == 403
+    # A refusal shows the form again with a message naming the field, and starts nothing.
+    same = client.post("/admin/evaluations", data={**form, "model_b_id": str(a.id)})
+    assert same.status_code == 422 and "model_b_id" in text(same.text, "page-error")
+    too_many = client.post("/admin/evaluations", data={**form, "n_prompts": "0"})
+    assert too_many.status_code == 422 and text(too_many.text, "page-error").startswith("n_prompts")
+    assert db.scalar(select(Evaluation)) is None
+
+    started = client.post("/admin/evaluations", data=form, follow_redirects=False)
+    assert started.status_code == 303
+    evaluation = db.scalar(select(Evaluation))
+    assert started.headers["location"] == f"/admin/evaluations/{evaluation.id}"
+    assert (evaluation.model_a_id, evaluation.model_b_id, evaluation.n_prompts, evaluation.overlap,
+            evaluation.max_new_tokens, evaluation.created_by_id) == (a.id, b.id, 2, 2, 32, admin.id)
+    copied = db.scalars(select(Prompt.text).where(Prompt.batch_id == evaluation.batch_id)).all()
+    source_texts = set(db.scalars(select(Prompt.text).where(Prompt.batch_id == source.id)))
+    assert len(copied) == 2 and set(copied) <= source_texts
+    run = db.scalar(select(TrainingRun).where(TrainingRun.batch_id == evaluation.batch_id))
+    assert (run.kind, run.status) == ("sample", "queued")
+    page = client.get(started.headers["location"])
+    assert text(page.text, "evaluation-status") == "sampling" and texts(page.text, "cancel-evaluation") == ["Cancel"]
+
+    assert client.post(f"/admin/evaluations/{evaluation.id}/cancel").status_code == 403  # no CSRF token
+    cancelled = client.post(f"/admin/evaluations/{evaluation.id}/cancel", data={"csrf_token": csrf},
+                            follow_redirects=False)
+    assert cancelled.status_code == 303 and cancelled.headers["location"] == f"/admin/evaluations/{evaluation.id}"
+    db.expire_all()
+    assert db.get(Evaluation, evaluation.id).status == "cancelled"
+    assert db.get(PromptBatch, evaluation.batch_id).status == "archived"
+    assert db.get(TrainingRun, run.id).status == "cancelled"
+    page = client.get(cancelled.headers["location"])
+    assert text(page.text, "evaluation-status") == "cancelled" and texts(page.text, "cancel-evaluation") == []
+    again = client.post(f"/admin/evaluations/{evaluation.id}/cancel", data={"csrf_token": csrf})
+    assert again.status_code == 409 and "already cancelled" in again.text
+    unknown = client.post(f"/admin/evaluations/{evaluation.id + 1000}/cancel", data={"csrf_token": csrf})
+    assert unknown.status_code == 404
+
+
+def test_the_behaviour_api_reports_flag_rates_and_likert_of_hand_made_rankings(client, db):
+    batch = seed_batch(db, n_prompts=3, k=4)
+    model_id = db.scalar(select(Completion.model_version_id).join(Prompt).where(Prompt.batch_id == batch.id))
+    labeler = UserFactory()
+    for n, _task in enumerate(tasks_of(db, batch)):
+        assignment = labeling.lease_next_task(db, labeler, "ranking")
+        items = [{"completion_id": cid, "rank": i + 1, "likert": [7, 5, 3, 1][i],
+                  "flags": ["hallucination"] if i < 2 else (["personal_data"] if i == 3 and n == 0 else [])}
+                 for i, cid in enumerate(assignment.display_order)]
+        labeling.submit_ranking(db, labeler, assignment.id, items, all_unacceptable=n == 1)
+    token, _ = create_api_token(db, AdminFactory(), ["admin"])
+    db.commit()
+    auth = {"Authorization": f"Bearer {token}"}
+    response = client.get(f"/api/v1/models/{model_id}/behaviour", headers=auth)
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["model_version_id"], body["n_outputs"], body["n_rankings"]) == (model_id, 12, 3)
+    assert body["likert"]["value"] == pytest.approx(4.0) and body["likert"]["n"] == 12
+    assert body["likert"]["low"] < 4.0 < body["likert"]["high"]
+    assert body["flags"]["hallucination"]["value"] == pytest.approx(0.5)  # 6 of 12 outputs
+    assert body["flags"]["personal_data"]["value"] == pytest.approx(1 / 12)
+    assert body["flags"]["violent_content"]["value"] == 0.0 and body["flags"]["violent_content"]["high"] > 0
+    assert body["all_unacceptable"]["value"] == pytest.approx(1 / 3) and body["all_unacceptable"]["n"] == 3
+    missing = client.get(f"/api/v1/models/{model_id + 1000}/behaviour", headers=auth)
+    assert missing.status_code == 404

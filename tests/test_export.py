@@ -356,9 +356,9 @@ def test_resume_after_a_cut_at_any_row_gives_no_gaps_or_repeats(db):
     assert run_export(db, "comparisons", cursor=str(first)) == [r for r in full if r["ranking_id"] != first]
 
 
-def test_the_embedded_default_exports_from_a_snapshot_too(db, backend, monkeypatch):
-    if backend != "sqlite":
-        pytest.skip("PostgreSQL snapshots read committed data: see the live-server tests below")
+# PostgreSQL snapshots read committed data, which the rolled-back `db` never is: the live-server tests below.
+@pytest.mark.sqlite(only=True)
+def test_the_embedded_default_exports_from_a_snapshot_too(db, monkeypatch):
     batch, labeler = add_batch(db), add_user(db)
     for _ in range(30):
         add_ranking(db, batch, labeler, [1, 2, 3, 4, 5, 6, 7, 8, 9])
@@ -424,6 +424,33 @@ def test_export_needs_the_export_scope(client, db):
         assert client.get(url, headers={"authorization": f"Bearer {admin_labeling}"}).status_code == 403
         ok = client.get(url, headers={"authorization": f"Bearer {reader}"})
         assert ok.status_code == 200 and ok.headers["content-type"].startswith("application/x-ndjson")
+    # What the allowed export holds: `test_http_export_streams_the_service_rows` (SQLite) and the live tests.
+
+
+# The HTTP export reads a snapshot on a connection of its own: on SQLite the test's committed rows are there;
+# on PostgreSQL the `db` transaction is never committed, so the live-server tests below read committed data.
+@pytest.mark.sqlite(only=True)
+def test_http_export_streams_the_service_rows(client, db):
+    admin, labeler = add_user(db, "admin"), add_user(db)
+    batch = add_batch(db)
+    for ranks in ([1, 2, 3, 4], [1, 1, 2, 3], [2, 1, 1, 1]):
+        add_ranking(db, batch, labeler, ranks)
+    add_demonstration(db, batch, labeler, "olleh")
+    reader, _ = create_api_token(db, admin, ["export:read"])
+    db.commit()
+    auth = {"authorization": f"Bearer {reader}"}
+    for kind, n_rows in (("comparisons", 6 + 5 + 3), ("rankings", 3), ("demonstrations", 1)):
+        response = client.get(f"/api/v1/export/{kind}", headers=auth)
+        assert response.status_code == 200
+        rows = [json.loads(line) for line in response.text.splitlines()]
+        assert rows == run_export(db, kind) and len(rows) == n_rows, kind
+        assert all(set(row) == set(export_service.COLUMNS[kind]) for row in rows)
+    demo, = [json.loads(line) for line in client.get("/api/v1/export/demonstrations", headers=auth).text.splitlines()]
+    assert demo["completion"] == "olleh" and demo["prompt"].startswith("Reverse the word")
+    table = client.get("/api/v1/export/rankings?format=csv", headers=auth)
+    assert table.headers["content-type"].startswith("text/csv")
+    header, *body = list(csv.reader(io.StringIO(table.text)))
+    assert tuple(header) == RANKING_COLUMNS and len(body) == 3
 
 
 @pytest.mark.parametrize("query, param", [

@@ -13,6 +13,7 @@ from app.quality import gold
 from app.labeling import service as labeling
 from app.training import data as training
 from tests.factories import AdminFactory, UserFactory
+from tests.html_text import text, texts
 from tests.test_labeling import seed_batch, tasks_of
 from tests.test_quality import rank, task_outputs
 
@@ -238,12 +239,57 @@ def test_gold_page_shows_labelers_accuracy_as_a_chart(client, db, login, seeded_
     page = client.get(f"/admin/batches/{batch.id}/gold")
     assert page.status_code == 200
     assert 'data-testid="gold-chart"' in page.text
-    assert "83.3 %" in page.text  # checker's accuracy
+    assert text(page.text, "gold-accuracy", within="gold-labeler-checker") == "83.3 %"  # 5 of 6 pairs
     labelers = client.get("/admin/labelers")
-    assert "83.3 %" in labelers.text
+    assert text(labelers.text, "gold-accuracy", within="labeler-checker").startswith("83.3 % (")
     dashboard = client.get("/admin/quality")  # every batch at once: agreement, gold and win-rate charts
     assert dashboard.status_code == 200 and 'data-testid="gold-chart"' in dashboard.text
-    assert "83.3 %" in dashboard.text
+    assert "checker" in dashboard.text and "83.3 %" in text(dashboard.text, "gold-chart")
     # Marking by form (with CSRF) and a refusal that names the field.
     bad = client.post(f"/admin/batches/{batch.id}/gold", data={"csrf_token": csrf, "ranking_id": "999999"})
-    assert bad.status_code == 404 and "ranking_id" in bad.text
+    assert bad.status_code == 404 and "ranking_id" in text(bad.text, "page-error")
+
+
+def test_admin_marks_and_unmarks_gold_through_the_page_forms(client, db, login):
+    batch = seed_batch(db, n_prompts=2, k=4, overlap=3)
+    second, first = tasks_of(db, batch)  # `second` gets the consensus of three, `first` one trusted ranking
+    for ranks in ([1, 2, 3, 4], [2, 1, 3, 4], [1, 3, 2, 4]):
+        rank(db, UserFactory(), second, ranks)
+    answer = rank(db, UserFactory(), first, [1, 2, 3, 4])
+    admin = AdminFactory()
+    db.commit()
+    csrf = login(admin.username)
+    url = f"/admin/batches/{batch.id}/gold"
+    assert texts(client.get(url).text, "gold-tasks") == []  # none yet
+    assert client.post(url, data={"ranking_id": str(answer.id)}).status_code == 403  # no CSRF token
+
+    marked = client.post(url, data={"csrf_token": csrf, "ranking_id": str(answer.id)}, follow_redirects=False)
+    assert marked.status_code == 303 and marked.headers["location"] == url
+    consensus = client.post(url, data={"csrf_token": csrf, "task_id": str(second.id)}, follow_redirects=False)
+    assert consensus.status_code == 303
+    db.expire_all()
+    answers = {a.task_id: a for a in db.scalars(select(GoldAnswer))}
+    assert set(answers) == {first.id, second.id}
+    assert (answers[first.id].source, answers[first.id].source_ranking_id) == ("ranking", answer.id)
+    assert answers[first.id].created_by_id == admin.id
+    assert answers[first.id].ranks == {str(c): r for c, r in by_output(db, first, [1, 2, 3, 4]).items()}
+    assert answers[second.id].source == "consensus"
+    assert db.get(Task, first.id).is_gold and not db.get(Task, first.id).is_open
+    page = client.get(url).text
+    assert f"ranking {answer.id}" in text(page, f"gold-task-{first.id}")
+    assert "consensus" in text(page, f"gold-task-{second.id}")
+    # Marking the same answer twice, or both fields at once, is refused with the field named.
+    both = client.post(url, data={"csrf_token": csrf, "ranking_id": str(answer.id), "task_id": str(second.id)})
+    assert both.status_code == 422 and "ranking_id" in text(both.text, "page-error")
+
+    removed = client.post(f"{url}/{first.id}/remove", data={"csrf_token": csrf}, follow_redirects=False)
+    assert removed.status_code == 303 and removed.headers["location"] == url
+    db.expire_all()
+    task = db.get(Task, first.id)
+    assert not task.is_gold and task.is_open  # it still wants two more labels
+    assert set(db.scalars(select(GoldAnswer.task_id))) == {second.id}
+    page = client.get(url).text
+    assert texts(page, f"gold-task-{first.id}") == [] and len(texts(page, f"gold-task-{second.id}")) == 1
+    again = client.post(f"{url}/{first.id}/remove", data={"csrf_token": csrf})
+    assert again.status_code == 404 and text(again.text, "page-error")
+    assert client.post(f"{url}/{second.id}/remove", data={}).status_code == 403  # no CSRF token

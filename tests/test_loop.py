@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from app.models import Completion, ModelVersion, Prompt, PromptBatch, TrainingRun, User
 from tests.conftest import ROOT, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the seeded loop trains every stage
 
 
 def _wait_run(db, run_id: int, timeout: float = 300) -> TrainingRun:

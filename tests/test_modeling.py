@@ -105,6 +105,7 @@ def test_duplicates_are_resampled_only_up_to_the_bound(saved, monkeypatch):
     assert all(len(c) == 4 and len(set(c)) == 1 for c in out)
 
 
+@pytest.mark.slow
 def test_loaded_model_trains(saved):
     model, tok = load_model(saved[0], device="cpu")
     text = format_prompt(tok, PROMPTS[0]) + format_completion(tok, "42")
@@ -121,6 +122,7 @@ def test_loaded_model_trains(saved):
     assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_only_and_saves_a_plain_model(saved, tmp_path):
     model, tok = load_model(saved[0], device="cpu")
     lora = apply_lora(model, r=4)
@@ -142,6 +144,7 @@ def test_lora_trains_adapters_only_and_saves_a_plain_model(saved, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_pretrain_base_learns_the_world(tmp_path):
     metrics = pretrain_base(tmp_path / "world", steps=40, seed=0, progress=False, n_docs=1000, batch_size=8)
     json.dumps(metrics)  # metrics are plain data the CLI can print

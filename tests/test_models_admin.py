@@ -13,6 +13,7 @@ from app.models import ModelVersion, TrainingRun, User, utcnow
 from app.security import create_api_token, hash_password
 from app import runs as run_service
 from tests.factories import PASSWORD, AdminFactory, ModelVersionFactory, UserFactory
+from tests.html_text import text
 
 
 @pytest.fixture
@@ -100,8 +101,12 @@ def test_pages_need_an_admin(client, db, admin, login):
         assert client.get(path).status_code == 403, path
     client.post("/logout", data={"csrf_token": csrf})
     login(admin.username)
-    for path in PAGES:
-        assert client.get(path).status_code == 200, path
+    shown = {path: client.get(path) for path in PAGES}
+    assert all(response.status_code == 200 for response in shown.values())
+    assert text(shown["/admin/models"].text, "models-title") == "Model versions"
+    assert text(shown["/admin/models/1"].text, "model-name").startswith(db.get(ModelVersion, 1).name)
+    assert text(shown["/admin/runs"].text, "runs-title") == "Training runs"
+    assert f"Run 1: {db.get(TrainingRun, 1).kind}" in shown["/admin/runs/1"].text
 
 
 # --- model versions: API ------------------------------------------------------------------------

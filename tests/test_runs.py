@@ -25,17 +25,25 @@ def test_finish_keeps_the_heartbeat_curve_and_only_for_the_holder(db):
 
 
 def test_a_cancelled_run_is_not_overwritten_by_its_worker(db):
+    from app.registry.api import cancel_run
+    from tests.factories import AdminFactory
+
     run = runs.start_run(db, "rm")
-    runs.claim_run(db, run.id)
+    assert runs.claim_run(db, run.id)
+    assert runs.heartbeat(db, run.id, 0.4, "step 4/10")
     version = registry.register_version(db, kind="rm", name="rm-x", artifact_path="/x", status="training",
                                         training_run_id=run.id)
-    run.status = "cancelled"
-    db.flush()
-    assert not runs.heartbeat(db, run.id, 0.9)
+    admin = AdminFactory()
+    cancel_run(db, run, admin.username)  # what the admin's cancel button does
+    # The worker's late calls all find the run no longer theirs, and change nothing.
+    assert not runs.heartbeat(db, run.id, 0.9, "step 9/10")
     assert not runs.finish_run(db, run.id, metrics={"valid_accuracy": 0.7}, output_version_id=version.id)
     runs.fail_run(db, run.id, "late failure")
-    db.refresh(run)
-    assert run.status == "cancelled"
+    db.expire_all()
+    run = db.get(TrainingRun, run.id)
+    assert (run.status, run.message, run.progress) == ("cancelled", f"cancelled by {admin.username}", 0.4)
+    assert run.error is None and run.output_version_id is None and run.metrics.get("valid_accuracy") is None
+    assert db.get(type(version), version.id).status == "failed"  # its half-trained model is not usable
 
 
 def test_mark_ready_promotes_only_the_first_of_a_kind(db):
@@ -74,7 +82,7 @@ def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
     monkeypatch.setenv("INSTRUCTLOOP_RETRAIN_MIN_NEW_RANKINGS", "100")
     get_settings.cache_clear()
     try:
-        seed_batch(db, n_prompts=3, rankings=False, demonstrations=True)
+        seed_batch(db, n_prompts=3, rankings=False, demonstrations=True, overlap=2)
         labeler = UserFactory()
         assert training.due_kinds(db) == []
         for _ in range(3):
@@ -84,11 +92,20 @@ def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
         started = training.start_due_runs(db)
         assert [run.kind for run in started] == ["sft"] and started[0].triggered_by == "schedule"
         assert training.start_due_runs(db) == []  # one stage at a time
-        version = registry.register_version(db, kind="sft", name="sft-sched", artifact_path="/s", status="ready",
-                                            data_snapshot={"max_ids": {"demonstration": 10**9}})
-        started[0].status = "succeeded"
-        db.flush()
+        assert runs.claim_run(db, started[0].id)
+        version = registry.register_version(db, kind="sft", name="sft-sched", artifact_path="/s", status="training",
+                                            training_run_id=started[0].id, data_snapshot=training.demonstrations(
+                                                db)[1].as_dict())
+        registry.mark_ready(db, version.id)
+        assert runs.finish_run(db, started[0].id, output_version_id=version.id)
         assert training.due_kinds(db) == []  # trained on everything; too few rankings for an RM
-        assert version.status == "ready"
+        assert training.start_due_runs(db) == []
+        # One more demonstration is not enough for another SFT run; the third new one is.
+        other = UserFactory()
+        for n in range(3):
+            assert training.due_kinds(db) == []
+            assignment = labeling.lease_next_task(db, other, "demonstration")
+            labeling.submit_demonstration(db, other, assignment.id, f"another answer {n}")
+        assert training.due_kinds(db) == ["sft"]
     finally:
         get_settings.cache_clear()

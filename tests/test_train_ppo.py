@@ -104,6 +104,7 @@ def test_sampled_rollouts_mask_and_decode_consistently(policy_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ppo_raises_a_toy_reward_within_a_kl_bound(policy_path: Path, tmp_path: Path) -> None:
     beta = 0.25
     config = PPOConfig(
@@ -176,6 +177,7 @@ def test_value_network_starts_from_the_reward_model(policy_path: Path, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path) -> None:
     config = PPOConfig(
         steps=4, rollout_batch_size=6, minibatch_size=4, micro_batch_size=2, ppo_epochs=2, learning_rate=3e-3,

@@ -100,6 +100,7 @@ def test_collate_puts_each_ranking_once_in_one_batch() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_training_forwards_exactly_k_rows_per_ranking(
     base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,6 +126,7 @@ def test_training_forwards_exactly_k_rows_per_ranking(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_reward_model_learns_a_separable_preference(base_model: Path, tmp_path: Path) -> None:
     train, valid = keyword_rankings(64, seed=2), keyword_rankings(40, seed=3)
     train.append(RankingExample("Say something", ["blue fish", "tree lamp"], [1, 1], "ann"))  # all ties: skipped

@@ -84,6 +84,7 @@ def test_loss_counts_only_response_tokens(base_model: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_validation_loss_falls_and_best_epoch_is_saved(base_model: Path, tmp_path: Path) -> None:
     config = SFTConfig(epochs=5, learning_rate=1e-2, batch_size=8, warmup_ratio=0.1, seed=1, device="cpu")
     seen: list[tuple[int, int, dict]] = []
@@ -101,6 +102,7 @@ def test_validation_loss_falls_and_best_epoch_is_saved(base_model: Path, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_early_stopping_keeps_the_best_epoch(base_model: Path, tmp_path: Path) -> None:
     from worker.modeling import load_model
 
@@ -121,6 +123,7 @@ def test_early_stopping_keeps_the_best_epoch(base_model: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_killed_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path) -> None:
     config = SFTConfig(
         epochs=2, learning_rate=3e-3, batch_size=4, micro_batch_size=2, seed=3, checkpoint_every=2, device="cpu"

@@ -161,6 +161,27 @@ def assert_inert(page, *, visible: list[str] = (), values: dict[str, str] | None
         assert page.locator(selector).first.input_value() == value, (selector, where)
 
 
+STALE = "stale: not rewritten by the page's script yet"
+
+
+def wait_for_rewrite(page, root: str, fields: tuple[str, ...]) -> None:
+    """Marks the script-written fields under `root` stale, then waits until the page's own poll has rewritten each.
+
+    A fixed wait would pass whether or not the script ran; this waits for the rewrite itself, so the checks
+    after it are on what the script wrote from the API's JSON.
+    """
+    page.locator(root).first.wait_for()
+    args = [root, list(fields), STALE]
+    page.evaluate("""([root, fields, stale]) => {
+        const el = document.querySelector(root);
+        for (const name of fields) el.querySelector(`[data-field="${name}"]`).textContent = stale;
+    }""", args)
+    page.wait_for_function("""([root, fields, stale]) => {
+        const el = document.querySelector(root);
+        return fields.every((name) => !el.querySelector(`[data-field="${name}"]`).textContent.includes(stale));
+    }""", arg=args, timeout=15000)
+
+
 # --- labeler pages ------------------------------------------------------------------------------
 
 
@@ -263,11 +284,14 @@ def test_admin_pages_show_payloads_as_text(browser_page, live_server, hostile):
     assert_inert(page, visible=[PAYLOADS[5], MODEL_NAME])
 
     page.goto(f"{live_server}/admin/runs")
-    page.get_by_test_id(f"run-row-{hostile['run']}").wait_for()
-    page.wait_for_timeout(2500)  # runs.js has polled the API once and rewritten the rows
+    wait_for_rewrite(page, f"[data-testid=run-row-{hostile['run']}]", ("status", "percent", "message"))
+    assert page.get_by_test_id(f"run-row-{hostile['run']}").locator("[data-field=message]").inner_text() == PAYLOADS[2]
     assert_inert(page, visible=[PAYLOADS[2], PAYLOADS[1], SHORT])
     page.goto(f"{live_server}/admin/runs/{hostile['run']}")
-    page.wait_for_timeout(2500)  # and the live run page, with its latest-metrics table built by script
+    # The live run page, with its latest-metrics table built by script.
+    wait_for_rewrite(page, "[data-testid=run]", ("message", "latest"))
+    assert page.get_by_test_id("run-message").inner_text() == PAYLOADS[2]
+    assert page.get_by_test_id("live-metrics").locator("th").all_inner_texts() == ["step", METRIC]
     assert_inert(page, visible=[PAYLOADS[2], PAYLOADS[4], PAYLOADS[6], METRIC, SHORT])
     page.goto(f"{live_server}/admin/runs/{hostile['failed']}")
     assert_inert(page, visible=[PAYLOADS[1], PAYLOADS[3]])
