@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real workers that train; the limit only catches a hang
 
 ROOT = Path(__file__).resolve().parent.parent
 # Checks on how long something took: the scenario records them as benchmarks, the tests do not assert them.

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from app.models import Completion, Prompt, PromptBatch, Task, TaskItem, TrainingRun
 from tests.conftest import DATA_DIR, REDIS_URL, free_port, start_celery_worker, stop_process, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real workers that train; the limit only catches a hang
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from app.models import Assignment, ModelVersion, TrainingRun, User, WebhookDelivery, utcnow
 from tests.conftest import DATA_DIR, REDIS_URL, ROOT, start_celery_worker, stop_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real workers that train; the limit only catches a hang
 
 
 # --- helpers ------------------------------------------------------------------------------------
