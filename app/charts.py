@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-
 from typing import Any
 
 BAR_WIDTH = 420  # pixels for the 0..1 scale
 ROW_HEIGHT = 22
 
 
-def interval_bars(rows: list[dict[str, Any]], *, reference: float | None = None, scale_max: float = 1.0,
-                  percent: bool = True) -> dict[str, Any] | None:
+def interval_bars(
+    rows: list[dict[str, Any]], *, reference: float | None = None, scale_max: float = 1.0, percent: bool = True
+) -> dict[str, Any] | None:
     """Lays out horizontal bars with confidence whiskers, one per row of {label, value, low, high, n}.
 
     Rows without a value are left out. `reference` draws a vertical line (e.g. 0.5 for "no preference").
@@ -30,14 +30,25 @@ def interval_bars(rows: list[dict[str, Any]], *, reference: float | None = None,
     for i, row in enumerate(drawn):
         low, high = row.get("low"), row.get("high")
         interval = f" (95 % CI {text(low)}–{text(high)})" if low is not None and high is not None else ""
-        bars.append({
-            "label": str(row["label"]), "y": i * ROW_HEIGHT, "width": x(row["value"]),
-            "low": x(low) if low is not None else None, "high": x(high) if high is not None else None,
-            "value_text": text(row["value"]), "title": f"{row['label']}: {text(row['value'])}{interval}, n = {row.get('n', '?')}",
-        })
-    return {"bars": bars, "width": BAR_WIDTH, "height": len(bars) * ROW_HEIGHT, "row_height": ROW_HEIGHT,
-            "reference": x(reference) if reference is not None else None,
-            "max_text": text(scale_max)}
+        bars.append(
+            {
+                "label": str(row["label"]),
+                "y": i * ROW_HEIGHT,
+                "width": x(row["value"]),
+                "low": x(low) if low is not None else None,
+                "high": x(high) if high is not None else None,
+                "value_text": text(row["value"]),
+                "title": f"{row['label']}: {text(row['value'])}{interval}, n = {row.get('n', '?')}",
+            }
+        )
+    return {
+        "bars": bars,
+        "width": BAR_WIDTH,
+        "height": len(bars) * ROW_HEIGHT,
+        "row_height": ROW_HEIGHT,
+        "reference": x(reference) if reference is not None else None,
+        "max_text": text(scale_max),
+    }
 
 
 # Metrics recorded per step that are counters or settings, not curves worth a chart.
@@ -71,8 +82,15 @@ def line_chart(points: list[tuple[float, float]], width: int = 640, height: int 
         y0, y1 = y0 - 0.5, y1 + 0.5
     x_span, y_span = (x1 - x0) or 1, y1 - y0
     coords = " ".join(f"{(x - x0) / x_span * width:.1f},{height - (y - y0) / y_span * height:.1f}" for x, y in points)
-    return {"points": coords, "width": width, "height": height, "x_min": fmt(x0), "x_max": fmt(x1),
-            "y_min": fmt(y0), "y_max": fmt(y1)}
+    return {
+        "points": coords,
+        "width": width,
+        "height": height,
+        "x_min": fmt(x0),
+        "x_max": fmt(x1),
+        "y_min": fmt(y0),
+        "y_max": fmt(y1),
+    }
 
 
 def curves(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,14 +104,22 @@ def curves(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     drawn: set[str] = set()
     for key, x_label in (("curve", "step"), ("log", "iteration")):
         rows = [r for r in metrics.get(key) or [] if isinstance(r, dict)] if isinstance(metrics.get(key), list) else []
-        names = list(dict.fromkeys(
-            name for r in rows for name, v in r.items() if _number(v) and name not in NOT_CHARTED))
+        names = list(
+            dict.fromkeys(name for r in rows for name, v in r.items() if _number(v) and name not in NOT_CHARTED)
+        )
         for name in names:
             points = [(float(r.get("step", i + 1)), float(r[name])) for i, r in enumerate(rows) if _number(r.get(name))]
             chart = line_chart(points)
             if chart:
-                charts.append({"name": name, "title": name.replace("_", " "), "x_label": x_label,
-                               "last": fmt(points[-1][1]), "chart": chart})
+                charts.append(
+                    {
+                        "name": name,
+                        "title": name.replace("_", " "),
+                        "x_label": x_label,
+                        "last": fmt(points[-1][1]),
+                        "chart": chart,
+                    }
+                )
                 drawn.add(name)
     for key, values in metrics.items():
         name = key.removesuffix("_curve")
@@ -102,8 +128,15 @@ def curves(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         points = [(float(i + 1), float(v)) for i, v in enumerate(values) if _number(v)]
         chart = line_chart(points)
         if chart:
-            charts.append({"name": name, "title": name.replace("_", " "), "x_label": "epoch",
-                           "last": fmt(points[-1][1]), "chart": chart})
+            charts.append(
+                {
+                    "name": name,
+                    "title": name.replace("_", " "),
+                    "x_label": "epoch",
+                    "last": fmt(points[-1][1]),
+                    "chart": chart,
+                }
+            )
     return charts
 
 
@@ -116,8 +149,9 @@ def flat_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[s
             continue  # drawn as charts
         if value is None or isinstance(value, (int, float, str, bool)):
             rows.append((key, fmt(value)))
-        elif isinstance(value, dict) and all(v is None or isinstance(v, (int, float, str, bool))
-                                             for v in value.values()):
+        elif isinstance(value, dict) and all(
+            v is None or isinstance(v, (int, float, str, bool)) for v in value.values()
+        ):
             rows.extend((f"{key}.{sub}", fmt(v)) for sub, v in value.items())
         else:
             other[key] = value

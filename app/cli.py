@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ cli = typer.Typer(help="InstructLoop: collect human feedback and retrain models 
 world_cli = typer.Typer(help="The bundled world: a toy domain with checkable answers and a tiny model.")
 cli.add_typer(world_cli, name="world")
 console = Console(stderr=True)
+
 
 @cli.command()
 def migrate() -> None:
@@ -43,12 +44,21 @@ def serve(
 
     # loop/http "auto" pick uvloop and httptools (installed by uvicorn[standard]) and fall back to asyncio
     # and h11 where those are missing (uvloop has no Windows build).
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
-                proxy_headers=True, log_level="info", loop="auto", http="auto",
-                # Longer than clients and proxies keep idle connections (httpx 5 s, most proxies 60 s): a server
-                # that closes first races the client's next request on that connection, which then fails with
-                # no answer (uvicorn's default of 5 s did that to 35 of 4,903 requests in bench/fault_load.py).
-                timeout_keep_alive=keep_alive)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=True,
+        log_level="info",
+        loop="auto",
+        http="auto",
+        # Longer than clients and proxies keep idle connections (httpx 5 s, most proxies 60 s): a server
+        # that closes first races the client's next request on that connection, which then fails with
+        # no answer (uvicorn's default of 5 s did that to 35 of 4,903 requests in bench/fault_load.py).
+        timeout_keep_alive=keep_alive,
+    )
 
 
 @cli.command()
@@ -61,11 +71,18 @@ def worker(
     """Run a Celery worker for sampling and training jobs."""
     from worker.celery_app import app as celery_app
 
-    celery_app.worker_main([
-        "worker", f"--queues={queues}", f"--concurrency={concurrency}",
-        f"--max-tasks-per-child={max_tasks_per_child}", f"--loglevel={loglevel}", "--without-gossip",
-        "--without-mingle", "--pool=prefork",
-    ])
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--queues={queues}",
+            f"--concurrency={concurrency}",
+            f"--max-tasks-per-child={max_tasks_per_child}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--pool=prefork",
+        ]
+    )
 
 
 @cli.command()
@@ -82,7 +99,7 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "inf
 def create_user_cmd(
     name: Annotated[str, typer.Argument(help="Username.")],
     role: Annotated[str, typer.Option(help="admin or labeler.")] = "labeler",
-    password: Annotated[Optional[str], typer.Option(help="Password; asked for when omitted.")] = None,
+    password: Annotated[str | None, typer.Option(help="Password; asked for when omitted.")] = None,
 ) -> None:
     """Create a user account."""
     from app.db import session_scope
@@ -118,8 +135,9 @@ def create_token_cmd(
             if owner is None:
                 raise CredentialError("user", f"no user named '{user}'", 404)
             raw, token = create_api_token(db, owner, parse_scopes(scopes), name)
-            console.print(f"token {token.id} for {owner.username} with scopes {', '.join(token.scopes)}; "
-                          "it is shown only now:")
+            console.print(
+                f"token {token.id} for {owner.username} with scopes {', '.join(token.scopes)}; it is shown only now:"
+            )
     except CredentialError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -166,15 +184,15 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="File to write.")],
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
     gzip: Annotated[bool, typer.Option(help="Write a gzip file.")] = False,
-    batch: Annotated[Optional[str], typer.Option(help="Prompt batch id or name.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="train, valid or test.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="Submitted at or after (ISO 8601, UTC if naive).")] = None,
-    until: Annotated[Optional[str], typer.Option(help="Submitted before (ISO 8601).")] = None,
-    labeler: Annotated[Optional[str], typer.Option(help="Pseudonymous labeler id (lab_...).")] = None,
-    model_version: Annotated[Optional[str], typer.Option(help="Model version id or name.")] = None,
-    min_overlap: Annotated[Optional[int], typer.Option(help="Only tasks labeled by at least N labelers.")] = None,
+    batch: Annotated[str | None, typer.Option(help="Prompt batch id or name.")] = None,
+    split: Annotated[str | None, typer.Option(help="train, valid or test.")] = None,
+    since: Annotated[str | None, typer.Option(help="Submitted at or after (ISO 8601, UTC if naive).")] = None,
+    until: Annotated[str | None, typer.Option(help="Submitted before (ISO 8601).")] = None,
+    labeler: Annotated[str | None, typer.Option(help="Pseudonymous labeler id (lab_...).")] = None,
+    model_version: Annotated[str | None, typer.Option(help="Model version id or name.")] = None,
+    min_overlap: Annotated[int | None, typer.Option(help="Only tasks labeled by at least N labelers.")] = None,
     exclude_flagged: Annotated[bool, typer.Option(help="Drop rankings marked all-unacceptable.")] = False,
-    cursor: Annotated[Optional[str], typer.Option(help="Resume after the row carrying this cursor.")] = None,
+    cursor: Annotated[str | None, typer.Option(help="Resume after the row carrying this cursor.")] = None,
 ) -> None:
     """Export demonstrations, comparisons or rankings from one database snapshot, with a progress bar."""
     from datetime import datetime
@@ -192,9 +210,20 @@ def export_cmd(
 
     try:
         export = SnapshotExport(
-            get_engine(), kind, secret_key=get_settings().secret_key, fmt=fmt, cursor=cursor, gzip=gzip,
-            batch=batch, split=split, since=when("since", since), until=when("until", until), labeler=labeler,
-            model_version=model_version, min_overlap=min_overlap, exclude_flagged=exclude_flagged,
+            get_engine(),
+            kind,
+            secret_key=get_settings().secret_key,
+            fmt=fmt,
+            cursor=cursor,
+            gzip=gzip,
+            batch=batch,
+            split=split,
+            since=when("since", since),
+            until=when("until", until),
+            labeler=labeler,
+            model_version=model_version,
+            min_overlap=min_overlap,
+            exclude_flagged=exclude_flagged,
         )
     except ExportError as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -223,11 +252,11 @@ def import_prompts_cmd(
 
     from sqlalchemy import select
 
-    from app.db import session_scope
-    from app.models import PromptBatch
     from app.collection.api import Upload, hygiene_summary, run_import
     from app.collection.batches import create_batch
+    from app.db import session_scope
     from app.errors import AppError
+    from app.models import PromptBatch
 
     try:
         with session_scope() as db:
@@ -235,8 +264,14 @@ def import_prompts_cmd(
             if target is None:
                 target = create_batch(db, name=batch)
                 console.print(f"created draft batch [bold]{batch}[/bold] (id {target.id})")
-            outcome, replaced = run_import(db, target, Upload(file.read_bytes(), file.name, None), replace=replace,
-                                           prefix_chars=prefix_chars, max_per_user=max_per_user)
+            outcome, replaced = run_import(
+                db,
+                target,
+                Upload(file.read_bytes(), file.name, None),
+                replace=replace,
+                prefix_chars=prefix_chars,
+                max_per_user=max_per_user,
+            )
             if not outcome.ok:
                 # Raising rolls the session back: not even the batch created above is kept.
                 for issue in outcome.errors["errors"]:
@@ -244,10 +279,10 @@ def import_prompts_cmd(
                 console.print(f"[red]{outcome.errors['total']} errors; nothing was imported[/red]")
                 raise typer.Exit(1)
             report = hygiene_summary(target.hygiene_report)
-            console.print(f"stored {outcome.stored} of {report['received']} prompts into {batch} "
-                          f"(replaced {replaced})")
-            print(json.dumps({"batch_id": target.id, "stored": outcome.stored, "replaced": replaced,
-                              "hygiene": report}))
+            console.print(f"stored {outcome.stored} of {report['received']} prompts into {batch} (replaced {replaced})")
+            print(
+                json.dumps({"batch_id": target.id, "stored": outcome.stored, "replaced": replaced, "hygiene": report})
+            )
     except AppError as exc:  # the batch's, or the file's (binary: not JSON Lines or CSV)
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

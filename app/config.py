@@ -26,18 +26,12 @@ class Settings(BaseSettings):
     environment: Literal["local", "demo", "test", "production"] = Field(
         "local", description="Deployment mode; 'production' refuses the default secret key."
     )
-    database_url: str = Field(
-        "", description="SQLAlchemy URL; empty means a SQLite file in the data dir."
-    )
-    broker_url: str = Field(
-        "", description="Celery broker URL; empty means a filesystem broker in the data dir."
-    )
+    database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file in the data dir.")
+    broker_url: str = Field("", description="Celery broker URL; empty means a filesystem broker in the data dir.")
     secret_key: str = Field(DEFAULT_SECRET_KEY, description="Signs sessions and CSRF tokens.")
     data_dir: Path = Field(Path("./instructloop-data"), description="Artifacts, models, SQLite, broker.")
     public_base_url: str = Field("http://127.0.0.1:8000", description="URL users reach the web at.")
-    base_model: str = Field(
-        "", description="Path or hub id of the base model; empty means the bundled world model."
-    )
+    base_model: str = Field("", description="Path or hub id of the base model; empty means the bundled world model.")
 
     session_max_age_s: int = Field(7 * 24 * 3600, description="Lifetime of a login session.")
     login_max_failures: int = Field(5, description="Failed logins per account or IP before a lockout.")
@@ -46,7 +40,8 @@ class Settings(BaseSettings):
     lease_minutes: int = Field(20, description="How long a labeler holds a task before it returns.")
     run_stale_after_s: int = Field(180, description="A run with no heartbeat for this long is re-queued.")
     job_time_limit_s: int = Field(
-        6 * 3600, ge=1,
+        6 * 3600,
+        ge=1,
         description="A job running longer is stopped (Celery's soft time limit) and its run fails; killed 300 s later.",
     )
     beat_dispatch_s: float = Field(15.0, gt=0, description="Beat: seconds between sends of runs the broker lost.")
@@ -58,16 +53,19 @@ class Settings(BaseSettings):
     retrain_min_new_rankings: int = Field(50, description="New rankings before beat retrains the reward model.")
     max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")
     eval_after_ppo_prompts: int = Field(
-        50, ge=0, le=2000,
+        50,
+        ge=0,
+        le=2000,
         description="Held-out prompts of the blind evaluation started after each PPO run (0: none).",
     )
     eval_overlap: int = Field(1, ge=1, le=20, description="Labelers per prompt in scheduled evaluations.")
     promotion_requires_eval_win: bool = Field(
-        False, description="A policy is promoted only after winning a blind evaluation against the promoted one.",
+        False,
+        description="A policy is promoted only after winning a blind evaluation against the promoted one.",
     )
 
     @model_validator(mode="after")
-    def _refuse_default_secret(self) -> "Settings":
+    def _refuse_default_secret(self) -> Settings:
         if self.environment == "production" and self.secret_key == DEFAULT_SECRET_KEY:
             raise ValueError(
                 "INSTRUCTLOOP_SECRET_KEY is still the default; set a long random value "

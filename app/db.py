@@ -9,11 +9,10 @@ web, the worker and beat can share one file.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event

@@ -44,10 +44,14 @@ def ensure_demo_users(data_dir: Path) -> dict[str, dict[str, str]]:
     from app.security import create_user
 
     path = data_dir / "demo-credentials.json"
-    credentials = json.loads(path.read_text()) if path.exists() else {
-        "admin": {"username": "demo-admin", "password": secrets.token_urlsafe(9)},
-        "labeler": {"username": "demo-labeler", "password": secrets.token_urlsafe(9)},
-    }
+    credentials = (
+        json.loads(path.read_text())
+        if path.exists()
+        else {
+            "admin": {"username": "demo-admin", "password": secrets.token_urlsafe(9)},
+            "labeler": {"username": "demo-labeler", "password": secrets.token_urlsafe(9)},
+        }
+    )
     with session_scope() as db:
         for role, cred in credentials.items():
             if db.scalar(select(User.id).where(User.username == cred["username"])) is None:
@@ -68,24 +72,42 @@ def ensure_base_model() -> None:
             register_base_model(db, settings.base_model)
         elif (BUNDLED_BASE_MODEL / "config.json").exists():
             register_base_model(db, str(BUNDLED_BASE_MODEL))
-        elif db.scalar(select(ModelVersion.id).where(ModelVersion.kind == "base")) is None and active_run(db, "pretrain") is None:
+        elif (
+            db.scalar(select(ModelVersion.id).where(ModelVersion.kind == "base")) is None
+            and active_run(db, "pretrain") is None
+        ):
             start_run(db, "pretrain", triggered_by="demo")
 
 
 def ensure_demo_batch(n_prompts: int = 24) -> None:
     """Seeds a batch of world prompts and starts it, once."""
-    from app.collection.batches import create_batch, import_prompts, start_batch
-    from app.collection.batches import sampling_policy
+    from app.collection.batches import create_batch, import_prompts, sampling_policy, start_batch
     from app.world import generate_prompts
 
     with session_scope() as db:
         batch = db.scalar(select(PromptBatch).where(PromptBatch.name == DEMO_BATCH))
         if batch is None:
-            batch = create_batch(db, name=DEMO_BATCH, guidelines=DEMO_GUIDELINES, k=4, overlap=1,
-                                 temperature=1.0, top_p=0.95, max_new_tokens=24)
-            lines = [json.dumps({"text": p.text, "source_user_id": f"demo-{i % 6}", "category": "plain",
-                                 "metadata": {"family": p.family}})
-                     for i, p in enumerate(generate_prompts(n_prompts, seed=2026))]
+            batch = create_batch(
+                db,
+                name=DEMO_BATCH,
+                guidelines=DEMO_GUIDELINES,
+                k=4,
+                overlap=1,
+                temperature=1.0,
+                top_p=0.95,
+                max_new_tokens=24,
+            )
+            lines = [
+                json.dumps(
+                    {
+                        "text": p.text,
+                        "source_user_id": f"demo-{i % 6}",
+                        "category": "plain",
+                        "metadata": {"family": p.family},
+                    }
+                )
+                for i, p in enumerate(generate_prompts(n_prompts, seed=2026))
+            ]
             import_prompts(db, batch, "\n".join(lines).encode(), "jsonl")
         if batch.status == "draft" and sampling_policy(db) is not None:
             start_batch(db, batch)

@@ -27,8 +27,16 @@ M = TypeVar("M", bound=BaseModel)
 
 # Stable codes clients can switch on; the status alone is too coarse for some (409 vs 422 is not "what").
 CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "rate_limited",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "rate_limited",
     503: "unavailable",
 }
 
@@ -46,8 +54,15 @@ class AppError(ValueError):
 
     status: int = 422
 
-    def __init__(self, field: str | None, message: str, status: int | None = None, *, code: str | None = None,
-                 line: int | None = None):
+    def __init__(
+        self,
+        field: str | None,
+        message: str,
+        status: int | None = None,
+        *,
+        code: str | None = None,
+        line: int | None = None,
+    ):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
@@ -132,6 +147,7 @@ def renders_on_error(page: Callable[..., Response]) -> Callable[[Callable[..., A
 
     def decorate(route: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.iscoroutinefunction(route):
+
             @functools.wraps(route)
             async def async_wrapper(**kwargs: Any) -> Any:
                 try:
@@ -156,11 +172,23 @@ def renders_on_error(page: Callable[..., Response]) -> Callable[[Callable[..., A
 # --- answers ---------------------------------------------------------------------------------------
 
 
-def error_body(status: int, message: str, field: str | None = None, *, detail: str | None = None,
-               code: str | None = None, line: int | None = None, **extra: Any) -> dict[str, Any]:
+def error_body(
+    status: int,
+    message: str,
+    field: str | None = None,
+    *,
+    detail: str | None = None,
+    code: str | None = None,
+    line: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """Builds the JSON of every 4xx/5xx answer (`ErrorOut`)."""
-    body: dict[str, Any] = {"detail": detail if detail is not None else (f"{field}: {message}" if field else message),
-            "code": code or code_for(status), "field": field, "message": message}
+    body: dict[str, Any] = {
+        "detail": detail if detail is not None else (f"{field}: {message}" if field else message),
+        "code": code or code_for(status),
+        "field": field,
+        "message": message,
+    }
     if line is not None:
         body["line"] = line
     return body | extra
@@ -180,8 +208,9 @@ def _json(body: dict[str, Any], status: int, headers: Mapping[str, str] | None =
 def _error_page(request: Request, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     from app.templating import templates
 
-    return templates.TemplateResponse(request, "error.html", {"status": status, "message": message, "user": None},
-                                      status_code=status, headers=headers)
+    return templates.TemplateResponse(
+        request, "error.html", {"status": status, "message": message, "user": None}, status_code=status, headers=headers
+    )
 
 
 def app_error_response(request: Request, exc: AppError) -> Response:
@@ -255,14 +284,22 @@ ERROR_SCHEMAS = {
         "required": ["detail", "code", "field", "message"],
         "properties": {
             "detail": {"type": "string", "description": "What is wrong, naming the field: 'field: problem; ...'"},
-            "code": {"type": "string", "description": "Stable machine-readable kind of error",
-                     "examples": sorted(set(CODES.values()))},
-            "field": {"anyOf": [{"type": "string"}, {"type": "null"}],
-                      "description": "The field or parameter at fault (the first one for a 422), e.g. items.2.likert"},
+            "code": {
+                "type": "string",
+                "description": "Stable machine-readable kind of error",
+                "examples": sorted(set(CODES.values())),
+            },
+            "field": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "description": "The field or parameter at fault (the first one for a 422), e.g. items.2.likert",
+            },
             "message": {"type": "string", "description": "Why, without the field's name"},
             "line": {"type": "integer", "description": "Line of an uploaded file, for import errors"},
-            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"},
-                       "description": "422: every problem found, not only the first"},
+            "errors": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/ValidationError"},
+                "description": "422: every problem found, not only the first",
+            },
         },
     },
     "ValidationError": {

@@ -19,20 +19,21 @@ from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, loop
-from app.config import get_settings
-from app.db import max_connections
-from app.deps import LoginRequired
-from app.errors import NotFound, error_body
-from app.models import MAX_ID
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.collection import api as collection_api
 from app.collection import pages as collection_pages
 from app.collection import writing_routes
+from app.config import get_settings
+from app.db import max_connections
+from app.deps import LoginRequired
+from app.errors import NotFound, error_body
 from app.export import api as export_api
 from app.labeling import api as labeling_api
 from app.labeling import pages as labeling_pages
-from app.quality import evaluation_routes, routes as quality_routes
+from app.models import MAX_ID
+from app.quality import evaluation_routes
+from app.quality import routes as quality_routes
 from app.registry import api as registry_api
 from app.registry import pages as registry_pages
 from app.training import api as training_api
@@ -60,6 +61,7 @@ DOCS_CSP = (
     "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
     "frame-ancestors 'none'"
 )
+
 
 class SecurityHeadersMiddleware:
     """Adds the security headers to every response (plain ASGI: no per-request task like BaseHTTPMiddleware)."""
@@ -193,9 +195,24 @@ def create_app() -> FastAPI:
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # The stages in the order data walks through them, each with its pages and its API.
-    for module in (accounts_pages, accounts_api, collection_pages, collection_api, writing_routes, labeling_pages,
-                   labeling_api, quality_routes, evaluation_routes, export_api, training_pages, training_api, registry_pages, registry_api,
-                   webhooks_pages, webhooks_api):
+    for module in (
+        accounts_pages,
+        accounts_api,
+        collection_pages,
+        collection_api,
+        writing_routes,
+        labeling_pages,
+        labeling_api,
+        quality_routes,
+        evaluation_routes,
+        export_api,
+        training_pages,
+        training_api,
+        registry_pages,
+        registry_api,
+        webhooks_pages,
+        webhooks_api,
+    ):
         app.include_router(module.router)
 
     app.add_middleware(AdmissionMiddleware, limit=max_connections())
@@ -210,12 +227,20 @@ def create_app() -> FastAPI:
         return RedirectResponse(f"/login?next={exc.next_url}", status_code=303)
 
     async def database_unavailable(request: Request, exc: Exception):
-        log.warning("database unavailable during %s %s, answered 503: %s", request.method, request.url.path,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return errors.http_error_response(request, HTTPException(
-            503, "The database is unavailable for a moment; please retry in a few seconds.",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        ))
+        log.warning(
+            "database unavailable during %s %s, answered 503: %s",
+            request.method,
+            request.url.path,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return errors.http_error_response(
+            request,
+            HTTPException(
+                503,
+                "The database is unavailable for a moment; please retry in a few seconds.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ),
+        )
 
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)

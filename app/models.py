@@ -11,7 +11,7 @@ Relationships are `lazy="raise"` so an N+1 query fails loudly in tests.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -79,7 +79,7 @@ RANKING_FLAGS = (
 
 def utcnow() -> datetime:
     """Returns the current time, timezone-aware in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -295,10 +295,21 @@ class Task(Base):
 # The lease queue: open tasks in lease order (higher priority first, then oldest), per kind and for any
 # kind, so `lease_next_task` reads them in index order and stops at the first free slot instead of
 # sorting every open task. Partial, so closed tasks (most of them, once labeled) cost nothing here.
-Index("ix_tasks_lease_queue", Task.kind, Task.priority.desc(), Task.id,
-      postgresql_where=text("is_open"), sqlite_where=text("is_open"))
-Index("ix_tasks_lease_queue_any_kind", Task.priority.desc(), Task.id,
-      postgresql_where=text("is_open"), sqlite_where=text("is_open"))
+Index(
+    "ix_tasks_lease_queue",
+    Task.kind,
+    Task.priority.desc(),
+    Task.id,
+    postgresql_where=text("is_open"),
+    sqlite_where=text("is_open"),
+)
+Index(
+    "ix_tasks_lease_queue_any_kind",
+    Task.priority.desc(),
+    Task.id,
+    postgresql_where=text("is_open"),
+    sqlite_where=text("is_open"),
+)
 # A batch's gold tasks, looked up when a lease draws a gold check.
 Index("ix_tasks_gold", Task.batch_id, postgresql_where=text("is_gold"), sqlite_where=text("is_gold"))
 

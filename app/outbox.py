@@ -71,8 +71,10 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_max_retries": None,
         "worker_hijack_root_logger": False,
         "beat_schedule": {
-            "dispatch-pending-runs": {"task": "instructloop.dispatch_pending_runs",
-                                      "schedule": settings.beat_dispatch_s},
+            "dispatch-pending-runs": {
+                "task": "instructloop.dispatch_pending_runs",
+                "schedule": settings.beat_dispatch_s,
+            },
             "reap-stale-runs": {"task": "instructloop.reap_stale_runs", "schedule": settings.beat_reap_s},
             "expire-leases": {"task": "instructloop.expire_leases", "schedule": settings.beat_expire_leases_s},
             "check-retrain": {"task": "instructloop.check_retrain", "schedule": settings.beat_retrain_s},

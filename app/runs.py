@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from datetime import timedelta
-
 from app import events
 from app.config import get_settings
 from app.db import rowcount
 from app.errors import AppError
-from app.outbox import enqueue_run
 from app.models import RUN_KINDS, ModelVersion, TrainingRun, utcnow
+from app.outbox import enqueue_run
 
 MAX_ATTEMPTS = 3
 
@@ -37,7 +36,11 @@ class RunError(AppError):
 
 
 def start_run(
-    db: Session, kind: str, *, batch_id: int | None = None, params: dict[str, Any] | None = None,
+    db: Session,
+    kind: str,
+    *,
+    batch_id: int | None = None,
+    params: dict[str, Any] | None = None,
     triggered_by: str = "admin",
 ) -> TrainingRun:
     """Queues a run of `kind`; refuses a second active SFT, RM or PPO run."""
@@ -73,15 +76,25 @@ def claim_run(db: Session, run_id: int) -> bool:
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status == "queued")
         .values(
-            status="running", worker=worker_name(), heartbeat_at=now, attempts=TrainingRun.attempts + 1,
-            started_at=now, error=None, traceback=None,
+            status="running",
+            worker=worker_name(),
+            heartbeat_at=now,
+            attempts=TrainingRun.attempts + 1,
+            started_at=now,
+            error=None,
+            traceback=None,
         )
     )
     return rowcount(result) == 1
 
 
-def heartbeat(db: Session, run_id: int, progress: float | None = None, message: str | None = None,
-              metrics: dict[str, Any] | None = None) -> bool:
+def heartbeat(
+    db: Session,
+    run_id: int,
+    progress: float | None = None,
+    message: str | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> bool:
     """Records progress; returns False when the run is no longer ours to work on (cancelled, reaped)."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
@@ -100,14 +113,24 @@ def heartbeat(db: Session, run_id: int, progress: float | None = None, message: 
 
 def is_held(db: Session, run_id: int) -> bool:
     """Whether this worker still holds a running run (a read, for checks between heartbeats)."""
-    return db.scalar(
-        select(TrainingRun.id)
-        .where(TrainingRun.id == run_id, TrainingRun.status == "running", TrainingRun.worker == worker_name())
-    ) is not None
+    return (
+        db.scalar(
+            select(TrainingRun.id).where(
+                TrainingRun.id == run_id, TrainingRun.status == "running", TrainingRun.worker == worker_name()
+            )
+        )
+        is not None
+    )
 
 
-def finish_run(db: Session, run_id: int, *, metrics: dict[str, Any] | None = None,
-               output_version_id: int | None = None, message: str = "done") -> bool:
+def finish_run(
+    db: Session,
+    run_id: int,
+    *,
+    metrics: dict[str, Any] | None = None,
+    output_version_id: int | None = None,
+    message: str = "done",
+) -> bool:
     """Marks a run succeeded if this worker still holds it; False when it was cancelled or reaped meanwhile."""
     run = db.scalar(
         select(TrainingRun)
@@ -137,8 +160,11 @@ def fail_run(db: Session, run_id: int, error: str, tb: str | None = None) -> Non
         .returning(TrainingRun.kind, TrainingRun.batch_id)
     ).first()
     if failed is not None:
-        events.emit(db, "training_run.failed", {"run_id": run_id, "kind": failed.kind, "batch_id": failed.batch_id,
-                                               "error": error[:500]})
+        events.emit(
+            db,
+            "training_run.failed",
+            {"run_id": run_id, "kind": failed.kind, "batch_id": failed.batch_id, "error": error[:500]},
+        )
     db.execute(
         update(ModelVersion)
         .where(ModelVersion.training_run_id == run_id, ModelVersion.status == "training")

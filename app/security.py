@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -104,9 +104,7 @@ def login_blocked(db: Session, settings: Settings, username: str, ip: str) -> bo
     """Tells whether recent failures for this account or this IP exceed the limit."""
     since = utcnow() - timedelta(seconds=settings.login_window_s)
     # count() always yields one row; `or 0` only tells the type checker so
-    by_user = db.scalar(
-        select(func.count()).where(LoginFailure.username == username, LoginFailure.at >= since)
-    ) or 0
+    by_user = db.scalar(select(func.count()).where(LoginFailure.username == username, LoginFailure.at >= since)) or 0
     by_ip = db.scalar(select(func.count()).where(LoginFailure.ip == ip, LoginFailure.at >= since)) or 0
     return by_user >= settings.login_max_failures or by_ip >= settings.login_max_failures * 4
 
@@ -271,4 +269,4 @@ def revoke_api_token(db: Session, token_id: int, owner: User | None = None) -> b
 
 def _aware(value: datetime) -> datetime:
     # SQLite returns naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -28,8 +28,9 @@ class Viewer(Protocol):
     def csrf_token(self) -> str: ...
 
 
-def render(request: Request, name: str, principal: Viewer | None, status_code: int = 200,
-           **context: Any) -> HTMLResponse:
+def render(
+    request: Request, name: str, principal: Viewer | None, status_code: int = 200, **context: Any
+) -> HTMLResponse:
     """Renders a page with the signed-in user and their CSRF token in the context."""
     context.setdefault("user", principal.user if principal else None)
     context.setdefault("csrf_token", principal.csrf_token if principal else "")

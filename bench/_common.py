@@ -160,15 +160,27 @@ class PrivatePostgres:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({result.returncode}): {result.stderr or result.stdout}")
         return result
 
-    def start(self) -> "PrivatePostgres":
+    def start(self) -> PrivatePostgres:
         """Creates the cluster on first use and starts it; returns when it accepts connections."""
         if not (self.data / "PG_VERSION").exists():
-            self._run(_postgres_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                      "--no-sync")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                   f"-c max_connections={self.max_connections} -c shared_buffers=128MB")
-        self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
-                  "-t", "60", "start")
+            self._run(
+                _postgres_bin("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            f"-c max_connections={self.max_connections} -c shared_buffers=128MB"
+        )
+        self._run(
+            _postgres_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -184,7 +196,7 @@ class PrivatePostgres:
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PrivatePostgres":
+    def __enter__(self) -> PrivatePostgres:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -200,11 +212,14 @@ class PrivateRedis:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "PrivateRedis":
+    def start(self) -> PrivateRedis:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_until(self.answers, timeout=15, interval=0.1, message=f"redis-server on port {self.port}")
         return self
 
@@ -225,7 +240,7 @@ class PrivateRedis:
     def close(self) -> None:
         self.stop()
 
-    def __enter__(self) -> "PrivateRedis":
+    def __enter__(self) -> PrivateRedis:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -235,19 +250,35 @@ class PrivateRedis:
 # --- processes ------------------------------------------------------------------------------------
 
 
-def start_server(url: str, workers: int, data_dir: Path, log_path: Path,
-                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    url: str, workers: int, data_dir: Path, log_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Starts `python -m app.cli serve --workers N` on a free local port and waits for /healthz."""
     import httpx
 
     port = free_port()
-    environment = dict(os.environ, INSTRUCTLOOP_DATABASE_URL=url, INSTRUCTLOOP_DATA_DIR=str(data_dir),
-                       INSTRUCTLOOP_ENVIRONMENT="local") | (env or {})
+    environment = dict(
+        os.environ, INSTRUCTLOOP_DATABASE_URL=url, INSTRUCTLOOP_DATA_DIR=str(data_dir), INSTRUCTLOOP_ENVIRONMENT="local"
+    ) | (env or {})
     log = open(log_path, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers)],
-        cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -307,9 +338,23 @@ def start_celery_worker(env: dict[str, str], log_path: Path, broker_url: str, wa
     from celery import Celery
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--queues", "gpu,default", "--concurrency", "1",
-         "--loglevel", "info"],
-        cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "worker",
+            "--queues",
+            "gpu,default",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "info",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     if not wait:
         return proc

@@ -27,29 +27,38 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DB_NAME = "instructloop_bench_export"
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="comparison rows in the large export")
     parser.add_argument("--small-rows", type=int, default=10_000, help="comparison rows in the small export")
     parser.add_argument("--quick", action="store_true", help="a small run: 50,000 and 5,000 rows, no extra formats")
-    parser.add_argument("--extra-formats", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time CSV and gzip transfer on the large export")
-    parser.add_argument("--pg-admin-url", default=os.environ.get(
-        "INSTRUCTLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-        help="a PostgreSQL URL allowed to create databases")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="downloads of each JSON Lines export; the machine is shared, so best and median are kept")
+    parser.add_argument(
+        "--extra-formats",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time CSV and gzip transfer on the large export",
+    )
+    parser.add_argument(
+        "--pg-admin-url",
+        default=os.environ.get("INSTRUCTLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL URL allowed to create databases",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="downloads of each JSON Lines export; the machine is shared, so best and median are kept",
+    )
     parser.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -77,15 +86,17 @@ def load(url: str, small_rows: int, large_rows: int, seed: int) -> dict:
     from sqlalchemy.orm import Session
 
     from app.db import make_engine
+    from app.export.rows import comparison_pairs
     from app.models import ModelVersion, PromptBatch, User
     from app.security import create_api_token
-    from app.export.rows import comparison_pairs
 
     engine = make_engine(url)
     with Session(engine) as db:
         admin = User(username="bench-admin", role="admin", password_hash="x")
-        labelers = [User(username=f"bench-labeler-{i}", role="labeler", password_hash="x", held_out=i % 10 == 0)
-                    for i in range(40)]
+        labelers = [
+            User(username=f"bench-labeler-{i}", role="labeler", password_hash="x", held_out=i % 10 == 0)
+            for i in range(40)
+        ]
         versions = [ModelVersion(name=f"policy-{i}", kind="policy", status="ready") for i in range(3)]
         batches = [PromptBatch(name="bench-small", k=4), PromptBatch(name="bench-large", k=4)]
         db.add_all([admin, *labelers, *versions, *batches])
@@ -108,8 +119,19 @@ def load(url: str, small_rows: int, large_rows: int, seed: int) -> dict:
             pid = ids["prompt"]
             numbers = [rng.randint(1, 99) for _ in range(rng.randint(3, 6))]
             split = "train" if pid % 10 < 8 else ("valid" if pid % 10 == 8 else "test")
-            prompts.append((pid, batch_id, f"Sort these numbers ascending: {' '.join(map(str, numbers))}",
-                            "plain", split, f"{pid:064x}", "{}", "[]", at))
+            prompts.append(
+                (
+                    pid,
+                    batch_id,
+                    f"Sort these numbers ascending: {' '.join(map(str, numbers))}",
+                    "plain",
+                    split,
+                    f"{pid:064x}",
+                    "{}",
+                    "[]",
+                    at,
+                )
+            )
             k = rng.randint(4, 9)
             tasks.append((pid, batch_id, pid, "ranking", k, 1, 1, False, 0, False, at))
             labeler = rng.choice(labeler_ids)
@@ -129,13 +151,22 @@ def load(url: str, small_rows: int, large_rows: int, seed: int) -> dict:
 
     tables = [
         ("prompts", "id, batch_id, text, category, split, normalized_key, metadata, pii_flags, created_at", prompts),
-        ("tasks", "id, batch_id, prompt_id, kind, k, needed, done_count, is_open, priority, is_gold, created_at",
-         tasks),
+        (
+            "tasks",
+            "id, batch_id, prompt_id, kind, k, needed, done_count, is_open, priority, is_gold, created_at",
+            tasks,
+        ),
         ("completions", "id, prompt_id, text, model_version_id, sampling, created_at", completions),
-        ("assignments", "id, task_id, labeler_id, state, leased_at, expires_at, finished_at, draft, display_order, "
-                        "active_seconds", assignments),
-        ("rankings", "id, assignment_id, task_id, prompt_id, labeler_id, all_unacceptable, is_gold, active_seconds, "
-                     "created_at", rankings),
+        (
+            "assignments",
+            "id, task_id, labeler_id, state, leased_at, expires_at, finished_at, draft, display_order, active_seconds",
+            assignments,
+        ),
+        (
+            "rankings",
+            "id, assignment_id, task_id, prompt_id, labeler_id, all_unacceptable, is_gold, active_seconds, created_at",
+            rankings,
+        ),
         ("ranking_items", "id, ranking_id, completion_id, rank, likert, flags, position", items),
     ]
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
@@ -148,8 +179,13 @@ def load(url: str, small_rows: int, large_rows: int, seed: int) -> dict:
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")
-    return {"token": token, "small_rows": pairs_per_batch[0], "large_rows": pairs_per_batch[1],
-            "rankings": len(rankings), "ranking_items": len(items)}
+    return {
+        "token": token,
+        "small_rows": pairs_per_batch[0],
+        "large_rows": pairs_per_batch[1],
+        "rankings": len(rankings),
+        "ranking_items": len(items),
+    }
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -169,11 +205,20 @@ class Server:
 
         self.port = free_port()
         self.data_dir = tempfile.mkdtemp(prefix="instructloop-bench-export-")
-        env = dict(os.environ, INSTRUCTLOOP_DATABASE_URL=url, INSTRUCTLOOP_ENVIRONMENT="test",
-                   INSTRUCTLOOP_SECRET_KEY="bench-secret", INSTRUCTLOOP_DATA_DIR=self.data_dir)
+        env = dict(
+            os.environ,
+            INSTRUCTLOOP_DATABASE_URL=url,
+            INSTRUCTLOOP_ENVIRONMENT="test",
+            INSTRUCTLOOP_SECRET_KEY="bench-secret",
+            INSTRUCTLOOP_DATA_DIR=self.data_dir,
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -213,8 +258,9 @@ def stream(server: Server, token: str, params: dict, accept_encoding: str = "ide
     rows = nbytes = 0
     started = time.perf_counter()
     headers = {"authorization": f"Bearer {token}", "accept-encoding": accept_encoding}
-    with httpx.stream("GET", f"{server.base}/api/v1/export/comparisons", params=params, headers=headers,
-                      timeout=600) as response:
+    with httpx.stream(
+        "GET", f"{server.base}/api/v1/export/comparisons", params=params, headers=headers, timeout=600
+    ) as response:
         response.raise_for_status()
         chunks = response.iter_bytes(1 << 20) if accept_encoding != "identity" else response.iter_raw(1 << 20)
         for chunk in chunks:
@@ -225,8 +271,13 @@ def stream(server: Server, token: str, params: dict, accept_encoding: str = "ide
     sampler.join()
     if params.get("format") == "csv":
         rows -= 1  # the header row
-    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds),
-            "mb_per_s": round(nbytes / seconds / 2**20, 1), "peak_rss_mb": round(peak[0], 1)}
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds),
+        "mb_per_s": round(nbytes / seconds / 2**20, 1),
+        "peak_rss_mb": round(peak[0], 1),
+    }
 
 
 def raw_fetch(url: str, batch: str) -> dict:
@@ -251,8 +302,10 @@ def in_process(url: str, batch: str) -> dict:
 
     engine = make_engine(url)
     started = time.perf_counter()
-    rows = sum(chunk.count(b"\n") for chunk in SnapshotExport(engine, "comparisons", secret_key="bench-secret",
-                                                              batch=batch).chunks())
+    rows = sum(
+        chunk.count(b"\n")
+        for chunk in SnapshotExport(engine, "comparisons", secret_key="bench-secret", batch=batch).chunks()
+    )
     seconds = time.perf_counter() - started
     engine.dispose()
     return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds)}
@@ -260,10 +313,10 @@ def in_process(url: str, batch: str) -> dict:
 
 def main() -> None:
     args = parse_args()
+    from alembic import command
     from sqlalchemy import create_engine, text
 
     from app.db import alembic_config
-    from alembic import command
 
     url = args.pg_admin_url.rsplit("/", 1)[0] + f"/{DB_NAME}"
     admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
@@ -274,15 +327,25 @@ def main() -> None:
         command.upgrade(alembic_config(url), "head")
         started = time.perf_counter()
         data = load(url, args.small_rows, args.rows, args.seed)
-        print(f"loaded {data['rankings']:,} rankings ({data['ranking_items']:,} items) in "
-              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-        result = {"benchmark": "export", "machine_cpus": os.cpu_count(), "rankings": data["rankings"],
-                  "ranking_items": data["ranking_items"], "load_average_start": round(os.getloadavg()[0], 2)}
+        print(
+            f"loaded {data['rankings']:,} rankings ({data['ranking_items']:,} items) in "
+            f"{time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
+        result = {
+            "benchmark": "export",
+            "machine_cpus": os.cpu_count(),
+            "rankings": data["rankings"],
+            "ranking_items": data["ranking_items"],
+            "load_average_start": round(os.getloadavg()[0], 2),
+        }
         raw = raw_fetch(url, "bench-large")
         result["baseline_raw_fetch"] = raw | {"comparison_rows_per_s": round(data["large_rows"] / raw["seconds"])}
         result["baseline_in_process"] = in_process(url, "bench-large")
-        for label, batch, expected in (("small", "bench-small", data["small_rows"]),
-                                       ("large", "bench-large", data["large_rows"])):
+        for label, batch, expected in (
+            ("small", "bench-small", data["small_rows"]),
+            ("large", "bench-large", data["large_rows"]),
+        ):
             server = Server(url)
             try:
                 idle = server.rss_mb()
@@ -290,10 +353,13 @@ def main() -> None:
                 assert all(run["rows"] == expected for run in runs), ([run["rows"] for run in runs], expected)
                 rates = sorted(run["rows_per_s"] for run in runs)
                 result[label] = {
-                    "rows": expected, "rows_per_s_best": rates[-1], "rows_per_s_median": rates[len(rates) // 2],
+                    "rows": expected,
+                    "rows_per_s_best": rates[-1],
+                    "rows_per_s_median": rates[len(rates) // 2],
                     "runs_rows_per_s": [run["rows_per_s"] for run in runs],
                     "mb_per_s_best": max(run["mb_per_s"] for run in runs),
-                    "idle_rss_mb": round(idle, 1), "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+                    "idle_rss_mb": round(idle, 1),
+                    "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
                 }
                 if label == "large" and args.extra_formats:
                     result["large_csv"] = stream(server, data["token"], {"batch": batch, "format": "csv"})
@@ -304,8 +370,9 @@ def main() -> None:
         large, small = result["large"], result["small"]
         result["rss_growth_small_to_large_mb"] = round(large["peak_rss_mb"] - small["peak_rss_mb"], 1)
         result["http_vs_in_process"] = round(large["rows_per_s_best"] / result["baseline_in_process"]["rows_per_s"], 2)
-        result["http_vs_raw_fetch"] = round(large["rows_per_s_best"] /
-                                            result["baseline_raw_fetch"]["comparison_rows_per_s"], 2)
+        result["http_vs_raw_fetch"] = round(
+            large["rows_per_s_best"] / result["baseline_raw_fetch"]["comparison_rows_per_s"], 2
+        )
         result["load_average_end"] = round(os.getloadavg()[0], 2)
     finally:
         if not args.keep_db:

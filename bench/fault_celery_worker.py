@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, load_avg, start_celery_worker, stop_server, wait_until  # noqa: E402
-from bench.labelers import Stack  # noqa: E402
+from bench._common import emit, load_avg, start_celery_worker, stop_server, wait_until
+from bench.labelers import Stack
 
 STALE_AFTER_S = 5  # the run's heartbeat is older than this: the reaper re-queues it
 
@@ -54,11 +54,14 @@ class Watcher(threading.Thread):
     def snapshot(self) -> tuple[str, float, int, tuple, dict]:
         with self.engine.connect() as conn:
             status, progress, attempts, metrics = conn.exec_driver_sql(
-                "SELECT status, progress, attempts, metrics FROM training_runs WHERE id = %(id)s",
-                {"id": self.run_id}).one()
-            versions = tuple(conn.exec_driver_sql(
-                "SELECT id, status FROM model_versions WHERE training_run_id = %(id)s ORDER BY id",
-                {"id": self.run_id}).all())
+                "SELECT status, progress, attempts, metrics FROM training_runs WHERE id = %(id)s", {"id": self.run_id}
+            ).one()
+            versions = tuple(
+                conn.exec_driver_sql(
+                    "SELECT id, status FROM model_versions WHERE training_run_id = %(id)s ORDER BY id",
+                    {"id": self.run_id},
+                ).all()
+            )
         return status, progress, attempts, versions, metrics or {}
 
     def run(self) -> None:
@@ -93,12 +96,14 @@ def subscribe_to_registrations(url: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--demonstrations", type=int, default=400, help="seeded demonstrations to train on")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--kill-at", type=float, default=0.3,
-                        help="kill once the run's progress reaches this (and a checkpoint exists)")
+    parser.add_argument(
+        "--kill-at", type=float, default=0.3, help="kill once the run's progress reaches this (and a checkpoint exists)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
     parser.add_argument("--quick", action="store_true", help="300 demonstrations, 2 epochs, kill at 25 %%")
     args = parser.parse_args()
@@ -108,19 +113,37 @@ def main() -> int:
         args.demonstrations, args.epochs, args.kill_at = 300, 2, 0.25
     import httpx
 
-    params = {"epochs": args.epochs, "batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 3,
-              "early_stopping_patience": None, "device": "cpu"}
-    summary: dict = {"scenario": "kill_celery_worker", "demonstrations": args.demonstrations, "params": params,
-                     "load_avg_1m": [load_avg()]}
-    with Stack(workers=1, prompts=args.demonstrations + 50, identities=4, overlap=1, redis=True,
-               demonstrations_done=args.demonstrations, keep=args.keep) as stack:
+    params = {
+        "epochs": args.epochs,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "checkpoint_every": 3,
+        "early_stopping_patience": None,
+        "device": "cpu",
+    }
+    summary: dict = {
+        "scenario": "kill_celery_worker",
+        "demonstrations": args.demonstrations,
+        "params": params,
+        "load_avg_1m": [load_avg()],
+    }
+    with Stack(
+        workers=1,
+        prompts=args.demonstrations + 50,
+        identities=4,
+        overlap=1,
+        redis=True,
+        demonstrations_done=args.demonstrations,
+        keep=args.keep,
+    ) as stack:
         env = dict(os.environ, **stack.env, INSTRUCTLOOP_RUN_STALE_AFTER_S=str(STALE_AFTER_S))
         subscribe_to_registrations(stack.url)
         worker = start_celery_worker(env, stack.dir / "worker-1.log", stack.redis.url)
         watcher = None
         try:
-            api = httpx.Client(base_url=stack.base, headers={"Authorization": f"Bearer {stack.seeded.admin_token}"},
-                               timeout=30)
+            api = httpx.Client(
+                base_url=stack.base, headers={"Authorization": f"Bearer {stack.seeded.admin_token}"}, timeout=30
+            )
             created = api.post("/api/v1/runs", json={"kind": "sft", "params": params})
             if created.status_code != 201:
                 raise RuntimeError(f"POST /api/v1/runs answered {created.status_code}: {created.text}")
@@ -129,18 +152,29 @@ def main() -> int:
             watcher.start()
             checkpoint = stack.dir / "data" / "artifacts" / "runs" / str(run_id) / "checkpoint" / "checkpoint.pt"
             started = time.monotonic()
-            wait_until(lambda: watcher.seen and watcher.seen[-1][1] == "running", timeout=120, interval=0.1,
-                       message="the first worker to claim the run")
+            wait_until(
+                lambda: watcher.seen and watcher.seen[-1][1] == "running",
+                timeout=120,
+                interval=0.1,
+                message="the first worker to claim the run",
+            )
             standby = start_celery_worker(env, stack.dir / "worker-2.log", stack.redis.url, wait=False)
+
             def ready_to_kill() -> bool:
                 status, progress = watcher.seen[-1][1], watcher.seen[-1][2]
                 if status in ("succeeded", "failed", "cancelled"):
-                    raise RuntimeError(f"the run ended ({status}) before it reached {args.kill_at:.0%}: "
-                                       "give it more --demonstrations or --epochs so the kill lands mid-run")
+                    raise RuntimeError(
+                        f"the run ended ({status}) before it reached {args.kill_at:.0%}: "
+                        "give it more --demonstrations or --epochs so the kill lands mid-run"
+                    )
                 return status == "running" and progress >= args.kill_at and checkpoint.exists()
 
-            wait_until(ready_to_kill, timeout=300, interval=0.1,
-                       message=f"the SFT run to reach {args.kill_at:.0%} with a checkpoint")
+            wait_until(
+                ready_to_kill,
+                timeout=300,
+                interval=0.1,
+                message=f"the SFT run to reach {args.kill_at:.0%} with a checkpoint",
+            )
             killed_at, progress_at_kill = time.monotonic(), watcher.seen[-1][2]
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
@@ -163,8 +197,12 @@ def main() -> int:
 
             wait_until(reaped_and_taken, timeout=120, interval=2.0, message="the reaper to re-queue the run")
             summary["requeued_after_kill_s"] = round(time.monotonic() - killed_at, 2)
-            wait_until(lambda: watcher.snapshot()[0] in ("succeeded", "failed", "cancelled"), timeout=600,
-                       interval=0.5, message="the resumed run to finish")
+            wait_until(
+                lambda: watcher.snapshot()[0] in ("succeeded", "failed", "cancelled"),
+                timeout=600,
+                interval=0.5,
+                message="the resumed run to finish",
+            )
             summary["finished_after_kill_s"] = round(time.monotonic() - killed_at, 2)
             time.sleep(0.5)
         finally:
@@ -178,15 +216,22 @@ def main() -> int:
         engine = create_engine(stack.url)
         with engine.connect() as conn:
             registered = conn.exec_driver_sql(
-                "SELECT count(*) FROM webhook_deliveries WHERE event = 'model_version.registered'").scalar()
+                "SELECT count(*) FROM webhook_deliveries WHERE event = 'model_version.registered'"
+            ).scalar()
             artifact = conn.exec_driver_sql(
-                "SELECT artifact_path FROM model_versions WHERE training_run_id = %(id)s", {"id": run_id}).scalar()
+                "SELECT artifact_path FROM model_versions WHERE training_run_id = %(id)s", {"id": run_id}
+            ).scalar()
         engine.dispose()
         curve = (metrics or {}).get("curve") or []
         files = sorted(p.name for p in Path(artifact).iterdir()) if artifact and Path(artifact).is_dir() else []
         summary.update(
-            run={"id": run_id, "status": status, "attempts": attempts, "steps": metrics.get("steps"),
-                 "epochs_run": metrics.get("epochs_run")},
+            run={
+                "id": run_id,
+                "status": status,
+                "attempts": attempts,
+                "steps": metrics.get("steps"),
+                "epochs_run": metrics.get("epochs_run"),
+            },
             versions=[list(v) for v in versions],
             registered_events=registered,
             resumed_from_step=(curve[0]["step"] - 1) if curve else None,

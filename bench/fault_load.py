@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, load_avg  # noqa: E402
-from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing  # noqa: E402
+from bench._common import emit, load_avg
+from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing
 
 
 def database_activity(url: str, db_name: str) -> dict:
@@ -39,16 +39,26 @@ def database_activity(url: str, db_name: str) -> dict:
                 "SELECT count(*) FILTER (WHERE state = 'active'), count(*) FILTER (WHERE wait_event_type = 'Lock'),"
                 " count(*) FILTER (WHERE state = 'idle in transaction'), count(*),"
                 " coalesce(extract(epoch FROM max(now() - query_start) FILTER (WHERE state = 'active')), 0)"
-                " FROM pg_stat_activity WHERE datname = %(db)s AND pid <> pg_backend_pid()", {"db": db_name}).one()
+                " FROM pg_stat_activity WHERE datname = %(db)s AND pid <> pg_backend_pid()",
+                {"db": db_name},
+            ).one()
             # What the waiting statements wait for: which table's rows, and the statements themselves.
             waits = conn.exec_driver_sql(
                 "SELECT coalesce(l.relation::regclass::text, l.locktype), left(a.query, 60), count(*)"
                 " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE NOT l.granted AND a.datname = %(db)s"
-                " GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 3", {"db": db_name}).all()
+                " GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 3",
+                {"db": db_name},
+            ).all()
     finally:
         engine.dispose()
-    return {"active": row[0], "lock_waits": row[1], "idle_in_transaction": row[2], "connections": row[3],
-            "longest_s": round(float(row[4]), 2), "waiting_for": [list(w) for w in waits]}
+    return {
+        "active": row[0],
+        "lock_waits": row[1],
+        "idle_in_transaction": row[2],
+        "connections": row[3],
+        "longest_s": round(float(row[4]), 2),
+        "waiting_for": [list(w) for w in waits],
+    }
 
 
 def main() -> int:
@@ -64,15 +74,23 @@ def main() -> int:
     behaviour = behaviour_from(args)
     prompts, identities = sizing(args.clients, args.seconds, behaviour, args.overlap)
     samples: list[dict] = []
-    with Stack(workers=args.workers, prompts=prompts, identities=identities, overlap=args.overlap,
-               pg_admin_url=args.pg_admin_url, keep=args.keep) as stack:
+    with Stack(
+        workers=args.workers,
+        prompts=prompts,
+        identities=identities,
+        overlap=args.overlap,
+        pg_admin_url=args.pg_admin_url,
+        keep=args.keep,
+    ) as stack:
         started = time.monotonic()
 
         async def watch() -> dict:
             # What the database was doing, every 5 s: if requests stall, this says whether on locks or CPU.
             while time.monotonic() - started < args.seconds:
-                samples.append(await asyncio.to_thread(database_activity, stack.url, stack.db_name) | {
-                    "t": round(time.monotonic() - started), "load": load_avg()})
+                samples.append(
+                    await asyncio.to_thread(database_activity, stack.url, stack.db_name)
+                    | {"t": round(time.monotonic() - started), "load": load_avg()}
+                )
                 await asyncio.sleep(5)
             return {}
 
@@ -81,8 +99,12 @@ def main() -> int:
     result["failures_per_30s"] = {f"{t}s": n for t, n in sorted(failures.items())}
     result["database_worst"] = max(samples, key=lambda s: (s["lock_waits"], s["longest_s"]), default=None)
     result["database_busiest"] = max(samples, key=lambda s: s["active"], default=None)
-    checks = {"zero_5xx": result["5xx"] == 0, "zero_dropped": result["no_answer"] == 0,
-              "nothing_given_up": result["gave_up"] == result["requests_given_up"] == 0, "books_balance": result["books"]["ok"]}
+    checks = {
+        "zero_5xx": result["5xx"] == 0,
+        "zero_dropped": result["no_answer"] == 0,
+        "nothing_given_up": result["gave_up"] == result["requests_given_up"] == 0,
+        "books_balance": result["books"]["ok"],
+    }
     return emit({"scenario": "load", **result, "checks": checks, "ok": all(checks.values())})
 
 

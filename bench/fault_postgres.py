@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit  # noqa: E402
-from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing  # noqa: E402
+from bench._common import emit
+from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing
 
 RECOVERY_LIMIT_S = 15.0  # after the database is back, failures must stop within this time
 
@@ -46,8 +46,9 @@ def main() -> int:
     prompts, identities = sizing(args.clients, args.seconds, behaviour, args.overlap)
     outages: list[dict] = []
 
-    with Stack(workers=args.workers, prompts=prompts, identities=identities, overlap=args.overlap,
-               keep=args.keep) as stack:
+    with Stack(
+        workers=args.workers, prompts=prompts, identities=identities, overlap=args.overlap, keep=args.keep
+    ) as stack:
 
         async def restarter() -> dict:
             for _ in range(args.restarts):
@@ -65,9 +66,12 @@ def main() -> int:
         during = [t for log in logs for t, _ in log.failures if outage["stopped_at"] <= t < until]
         after_back = [t for t in during if t >= outage["back_at"]]
         answered = [t for log in logs for t in log.answered_at if t >= outage["back_at"]]
-        outage.update(down_s=round(outage["back_at"] - outage["stopped_at"], 2), failures=len(during),
-                      recovery_s=round(max(after_back) - outage["back_at"], 2) if after_back else 0.0,
-                      first_answer_after_back_s=round(min(answered) - outage["back_at"], 2) if answered else None)
+        outage.update(
+            down_s=round(outage["back_at"] - outage["stopped_at"], 2),
+            failures=len(during),
+            recovery_s=round(max(after_back) - outage["back_at"], 2) if after_back else 0.0,
+            first_answer_after_back_s=round(min(answered) - outage["back_at"], 2) if answered else None,
+        )
     result["outages"] = [{k: v for k, v in o.items() if k not in ("stopped_at", "back_at")} for o in outages]
     checks = {
         "restarted": len(outages) == args.restarts,

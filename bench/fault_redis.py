@@ -28,13 +28,13 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, emit, start_celery_worker, stop_server, wait_until  # noqa: E402
-from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing  # noqa: E402
+from bench._common import ROOT, emit, start_celery_worker, stop_server, wait_until
+from bench.labelers import Stack, behaviour_from, load_parser, run_load, sizing
 
 
 def run_row(url: str, run_id: int) -> dict:
@@ -42,9 +42,15 @@ def run_row(url: str, run_id: int) -> dict:
 
     engine = create_engine(url)
     with engine.connect() as conn:
-        row = conn.exec_driver_sql(
-            "SELECT status, attempts, enqueued_at, started_at, finished_at, error FROM training_runs "
-            "WHERE id = %(id)s", {"id": run_id}).mappings().one()
+        row = (
+            conn.exec_driver_sql(
+                "SELECT status, attempts, enqueued_at, started_at, finished_at, error FROM training_runs "
+                "WHERE id = %(id)s",
+                {"id": run_id},
+            )
+            .mappings()
+            .one()
+        )
     engine.dispose()
     return dict(row)
 
@@ -67,24 +73,41 @@ def main() -> int:
     behaviour = behaviour_from(args)
     prompts, identities = sizing(args.clients, args.seconds, behaviour, args.overlap)
     outage: dict = {}
-    with Stack(workers=args.workers, prompts=prompts, identities=identities, overlap=args.overlap, redis=True,
-               demonstrations_done=40, pg_admin_url=args.pg_admin_url, keep=args.keep) as stack:
+    with Stack(
+        workers=args.workers,
+        prompts=prompts,
+        identities=identities,
+        overlap=args.overlap,
+        redis=True,
+        demonstrations_done=40,
+        pg_admin_url=args.pg_admin_url,
+        keep=args.keep,
+    ) as stack:
         env = dict(os.environ, **stack.env)
         worker = start_celery_worker(env, stack.dir / "worker.log", stack.redis.url)
-        beat = subprocess.Popen([sys.executable, "-m", "app.cli", "beat"], cwd=ROOT, env=env,
-                                stdout=open(stack.dir / "beat.log", "ab"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "beat"],
+            cwd=ROOT,
+            env=env,
+            stdout=open(stack.dir / "beat.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
+
             async def outage_with_a_job() -> dict:
                 await asyncio.sleep(args.seconds * 0.1)
                 stack.redis.stop()
                 outage["down_at"] = time.monotonic()
                 await asyncio.sleep(2.0)
-                async with httpx.AsyncClient(base_url=stack.base, timeout=30, headers={
-                        "Authorization": f"Bearer {stack.seeded.admin_token}"}) as admin:
+                async with httpx.AsyncClient(
+                    base_url=stack.base, timeout=30, headers={"Authorization": f"Bearer {stack.seeded.admin_token}"}
+                ) as admin:
                     t0 = time.perf_counter()
-                    created = await admin.post("/api/v1/runs", json={"kind": "sft", "params": {
-                        "epochs": 1, "learning_rate": 1e-3, "device": "cpu"}})
+                    created = await admin.post(
+                        "/api/v1/runs",
+                        json={"kind": "sft", "params": {"epochs": 1, "learning_rate": 1e-3, "device": "cpu"}},
+                    )
                     outage["request_ms"] = round((time.perf_counter() - t0) * 1000, 1)
                 outage["request_status"] = created.status_code
                 outage["run_id"] = created.json().get("id") if created.status_code == 201 else None
@@ -92,15 +115,19 @@ def main() -> int:
                     outage["while_down"] = run_row(stack.url, outage["run_id"])
                 await asyncio.sleep(max(0.0, args.down - (time.monotonic() - outage["down_at"])))
                 await asyncio.to_thread(stack.redis.start)
-                outage["back_at"], outage["back_wall"] = time.monotonic(), datetime.now(timezone.utc)
+                outage["back_at"], outage["back_wall"] = time.monotonic(), datetime.now(UTC)
                 return {}
 
             result, _ = run_load(stack, args.clients, args.seconds, behaviour, during=outage_with_a_job)
             run = None
             if outage.get("run_id"):
                 try:
-                    wait_until(lambda: run_row(stack.url, outage["run_id"])["status"] in ("succeeded", "failed"),
-                               timeout=300, interval=0.5, message="the run requested during the outage")
+                    wait_until(
+                        lambda: run_row(stack.url, outage["run_id"])["status"] in ("succeeded", "failed"),
+                        timeout=300,
+                        interval=0.5,
+                        message="the run requested during the outage",
+                    )
                     outage["finished_after_back_s"] = round(time.monotonic() - outage["back_at"], 2)
                 except TimeoutError as exc:
                     outage["error"] = str(exc)
@@ -111,7 +138,8 @@ def main() -> int:
     while_down = outage.get("while_down") or {}
     result["outage"] = {
         "down_s": round(outage["back_at"] - outage["down_at"], 2) if "back_at" in outage else None,
-        "job_request_status": outage.get("request_status"), "job_request_ms": outage.get("request_ms"),
+        "job_request_status": outage.get("request_status"),
+        "job_request_ms": outage.get("request_ms"),
         "run_while_down": {k: while_down.get(k) for k in ("status", "enqueued_at")},
         "run_after": run and {k: run[k] for k in ("status", "attempts", "error")},
         # Beat's dispatch (every 15 s) sends it; then the worker claims and trains it.
@@ -125,8 +153,11 @@ def main() -> int:
         "books_balance": result["books"]["ok"],
         "job_accepted_while_down": outage.get("request_status") == 201,
         "job_held_in_outbox": while_down.get("status") == "queued" and while_down.get("enqueued_at") is None,
-        "job_ran_once_after": bool(run) and run["status"] == "succeeded" and run["attempts"] == 1
-        and run["started_at"] is not None and while_down.get("status") == "queued",
+        "job_ran_once_after": bool(run)
+        and run["status"] == "succeeded"
+        and run["attempts"] == 1
+        and run["started_at"] is not None
+        and while_down.get("status") == "queued",
     }
     return emit({"scenario": "redis_outage", **result, "checks": checks, "ok": all(checks.values())})
 

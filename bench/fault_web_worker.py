@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import child_pids, emit  # noqa: E402
-from bench.labelers import Stack, behaviour_from, load_parser, failure_window, run_load, sizing  # noqa: E402
+from bench._common import child_pids, emit
+from bench.labelers import Stack, behaviour_from, failure_window, load_parser, run_load, sizing
 
 
 def main() -> int:
@@ -41,8 +41,14 @@ def main() -> int:
     kills: list[dict] = []
     first_kill = [0.0]
 
-    with Stack(workers=args.workers, prompts=prompts, identities=identities, overlap=args.overlap,
-               pg_admin_url=args.pg_admin_url, keep=args.keep) as stack:
+    with Stack(
+        workers=args.workers,
+        prompts=prompts,
+        identities=identities,
+        overlap=args.overlap,
+        pg_admin_url=args.pg_admin_url,
+        keep=args.keep,
+    ) as stack:
 
         async def killer() -> dict:
             # Kills spread over the middle of the run, each once the previous replacement is serving.

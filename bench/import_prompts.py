@@ -32,10 +32,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PG_ADMIN_URL = os.environ.get("INSTRUCTLOOP_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TOPICS = ["gravity", "photosynthesis", "the French revolution", "binary search", "tax law", "sourdough bread",
-          "volcanoes", "the stock market", "jazz harmony", "protein folding", "medieval castles", "rust lifetimes"]
-TEMPLATE = ("You are a careful assistant. Read the following passage about {topic} and answer the question "
-            "that follows in two sentences, citing the passage where you can. Passage: ")
+TOPICS = [
+    "gravity",
+    "photosynthesis",
+    "the French revolution",
+    "binary search",
+    "tax law",
+    "sourdough bread",
+    "volcanoes",
+    "the stock market",
+    "jazz harmony",
+    "protein folding",
+    "medieval castles",
+    "rust lifetimes",
+]
+TEMPLATE = (
+    "You are a careful assistant. Read the following passage about {topic} and answer the question "
+    "that follows in two sentences, citing the passage where you can. Passage: "
+)
 
 
 def make_prompts(n: int, seed: int, tag: str) -> bytes:
@@ -53,18 +67,25 @@ def make_prompts(n: int, seed: int, tag: str) -> bytes:
             # A long shared prefix (> 100 characters) with a different tail: a near duplicate.
             text = TEMPLATE.format(topic=topic) + f"{tag} note {rng.randrange(n)} on {topic}."
         elif roll < 0.23:
-            pii = rng.choice([
-                f"reach me at person{i}@example.com",
-                f"call +1 415-555-{i % 10000:04d}",
-                "my card is 4111 1111 1111 1111",
-            ])
+            pii = rng.choice(
+                [
+                    f"reach me at person{i}@example.com",
+                    f"call +1 415-555-{i % 10000:04d}",
+                    "my card is 4111 1111 1111 1111",
+                ]
+            )
             text = f"Prompt {tag}-{i}: draft a polite reply to a customer, {pii}, about {topic}."
         else:
-            text = f"Prompt {tag}-{i}: explain {topic} to a {rng.choice(['child', 'student', 'lawyer', 'chef'])} " \
-                   f"in {rng.randrange(2, 9)} sentences, mentioning item {rng.randrange(10**6)}."
+            text = (
+                f"Prompt {tag}-{i}: explain {topic} to a {rng.choice(['child', 'student', 'lawyer', 'chef'])} "
+                f"in {rng.randrange(2, 9)} sentences, mentioning item {rng.randrange(10**6)}."
+            )
         texts.append(text)
-        record = {"text": text, "source_user_id": user,
-                  "category": rng.choice(["plain", "plain", "few-shot", "user-based"])}
+        record = {
+            "text": text,
+            "source_user_id": user,
+            "category": rng.choice(["plain", "plain", "few-shot", "user-based"]),
+        }
         if i % 10 == 0:
             record["metadata"] = {"source": "bench", "i": i}
         lines.append(json.dumps(record))
@@ -80,9 +101,9 @@ def _import_in_child(url: str, path: str, batch_name: str, queue) -> None:
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
+    from app.collection import batches
     from app.db import make_engine
     from app.models import Prompt
-    from app.collection import batches
 
     engine = make_engine(url)
     with Session(engine) as db:
@@ -96,6 +117,7 @@ def _import_in_child(url: str, path: str, batch_name: str, queue) -> None:
                 return fn(*args, **kwargs)
             finally:
                 phases[name] += time.perf_counter() - t0
+
         return wrapper
 
     # Wrapped where batches looks them up, so the phases can be told apart without a second run.
@@ -111,15 +133,25 @@ def _import_in_child(url: str, path: str, batch_name: str, queue) -> None:
     elapsed = time.perf_counter() - start
     assert outcome.ok, outcome.errors
     report = outcome.hygiene.report
-    queue.put({
-        "stored_before": stored_before, "received": report.received, "kept": report.kept,
-        "duplicates": report.duplicates, "shared_prefix": report.shared_prefix, "pii_dropped": report.pii_dropped,
-        "over_user_limit": report.over_user_limit, "seconds": round(elapsed, 3),
-        "prompts_per_s": round(report.received / elapsed),
-        "parse_s": round(phases["parse"], 3), "hygiene_s": round(phases["hygiene"], 3),
-        "insert_and_commit_s": round(elapsed - phases["parse"] - phases["hygiene"], 3), "peak_rss_mib": round(_rss_mib(), 1),
-        "rss_growth_mib": round(_rss_mib() - baseline, 1), "file_mib": round(len(data) / 2**20, 1),
-    })
+    queue.put(
+        {
+            "stored_before": stored_before,
+            "received": report.received,
+            "kept": report.kept,
+            "duplicates": report.duplicates,
+            "shared_prefix": report.shared_prefix,
+            "pii_dropped": report.pii_dropped,
+            "over_user_limit": report.over_user_limit,
+            "seconds": round(elapsed, 3),
+            "prompts_per_s": round(report.received / elapsed),
+            "parse_s": round(phases["parse"], 3),
+            "hygiene_s": round(phases["hygiene"], 3),
+            "insert_and_commit_s": round(elapsed - phases["parse"] - phases["hygiene"], 3),
+            "peak_rss_mib": round(_rss_mib(), 1),
+            "rss_growth_mib": round(_rss_mib() - baseline, 1),
+            "file_mib": round(len(data) / 2**20, 1),
+        }
+    )
     engine.dispose()
 
 
@@ -135,17 +167,18 @@ def run_import(url: str, path: Path, batch_name: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompts", type=int, default=100_000, help="prompts per import (default 100,000)")
     parser.add_argument("--quick", action="store_true", help="10,000 prompts, for a smoke run")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the generated prompts")
     args = parser.parse_args()
     n = 10_000 if args.quick else args.prompts
 
+    from alembic import command
     from sqlalchemy import create_engine, text
 
-    from alembic import command
     from app.db import alembic_config
 
     name = f"instructloop_bench_{uuid.uuid4().hex[:8]}"
@@ -167,12 +200,21 @@ def main() -> None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-    print(json.dumps({
-        "benchmark": "import_prompts", "prompts": n, "cpu_count": os.cpu_count(),
-        "empty_db": empty, "with_stored": loaded,
-        "prompts_per_s": empty["prompts_per_s"], "prompts_per_s_with_stored": loaded["prompts_per_s"],
-        "peak_rss_mib": empty["peak_rss_mib"], "peak_rss_mib_with_stored": loaded["peak_rss_mib"],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "import_prompts",
+                "prompts": n,
+                "cpu_count": os.cpu_count(),
+                "empty_db": empty,
+                "with_stored": loaded,
+                "prompts_per_s": empty["prompts_per_s"],
+                "prompts_per_s_with_stored": loaded["prompts_per_s"],
+                "peak_rss_mib": empty["peak_rss_mib"],
+                "peak_rss_mib_with_stored": loaded["peak_rss_mib"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

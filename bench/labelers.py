@@ -99,8 +99,17 @@ class Seeded:
     seconds: float
 
 
-def seed(url: str, *, prompts: int, identities: int, overlap: int = 2, k: int = 4, login_share: float = 0.25,
-         demonstrations_done: int = 0, seed_value: int = 0) -> Seeded:
+def seed(
+    url: str,
+    *,
+    prompts: int,
+    identities: int,
+    overlap: int = 2,
+    k: int = 4,
+    login_share: float = 0.25,
+    demonstrations_done: int = 0,
+    seed_value: int = 0,
+) -> Seeded:
     """Loads labelers, an admin, the bundled base model, a batch in `labeling` with world prompts, K outputs
     each (the world's imperfect demonstrator, so the outputs differ in true score) and its tasks.
 
@@ -109,10 +118,10 @@ def seed(url: str, *, prompts: int, identities: int, overlap: int = 2, k: int = 
     from sqlalchemy import create_engine, insert, select
     from sqlalchemy.orm import Session
 
-    from app.models import Assignment, Completion, Demonstration, Prompt, PromptBatch, Task, User, utcnow
-    from app.security import create_api_token, hash_password
     from app.collection.batches import create_tasks
+    from app.models import Assignment, Completion, Demonstration, Prompt, PromptBatch, Task, User, utcnow
     from app.registry.versions import register_base_model
+    from app.security import create_api_token, hash_password
     from app.world import generate_prompts
     from app.world.labelers import demonstrate
 
@@ -122,48 +131,97 @@ def seed(url: str, *, prompts: int, identities: int, overlap: int = 2, k: int = 
     with Session(engine, expire_on_commit=False) as db:
         password_hash = hash_password(PASSWORD)  # one argon2 hash for every account: seeding stays fast
         admin = User(username="bench-admin", role="admin", password_hash=password_hash)
-        users = [User(username=f"bench-labeler-{i}", role="labeler", password_hash=password_hash)
-                 for i in range(identities)]
+        users = [
+            User(username=f"bench-labeler-{i}", role="labeler", password_hash=password_hash) for i in range(identities)
+        ]
         db.add_all([admin, *users])
         db.flush()
         every = max(1, round(1 / login_share)) if login_share > 0 else 0  # every n-th person logs in
-        people = [Identity(u.username, None if every and i % every == 0 else
-                           create_api_token(db, u, ["label"], name="bench")[0]) for i, u in enumerate(users)]
+        people = [
+            Identity(
+                u.username, None if every and i % every == 0 else create_api_token(db, u, ["label"], name="bench")[0]
+            )
+            for i, u in enumerate(users)
+        ]
         admin_token = create_api_token(db, admin, ["admin"], name="bench")[0]
         base = register_base_model(db, str(ROOT / "models" / "world-base"))
-        batch = PromptBatch(name=f"bench-labelers-{uuid.uuid4().hex[:6]}", status="labeling", k=k, overlap=overlap,
-                            wants_demonstrations=True, wants_rankings=True, policy_version_id=base.id,
-                            guidelines="Rank by **correctness**, then concision. Demonstrate the answer alone.")
+        batch = PromptBatch(
+            name=f"bench-labelers-{uuid.uuid4().hex[:6]}",
+            status="labeling",
+            k=k,
+            overlap=overlap,
+            wants_demonstrations=True,
+            wants_rankings=True,
+            policy_version_id=base.id,
+            guidelines="Rank by **correctness**, then concision. Demonstrate the answer alone.",
+        )
         db.add(batch)
         db.flush()
         world = generate_prompts(prompts, seed_value, unique=False)
         now = utcnow()
-        db.execute(insert(Prompt), [
-            {"batch_id": batch.id, "text": p.text, "split": "valid" if i % 10 == 9 else "train",
-             "normalized_key": hashlib.sha256(f"{i}:{p.text}".encode()).hexdigest(), "created_at": now}
-            for i, p in enumerate(world)])
-        prompt_rows = db.execute(select(Prompt.id, Prompt.text).where(Prompt.batch_id == batch.id)
-                                 .order_by(Prompt.id)).all()
+        db.execute(
+            insert(Prompt),
+            [
+                {
+                    "batch_id": batch.id,
+                    "text": p.text,
+                    "split": "valid" if i % 10 == 9 else "train",
+                    "normalized_key": hashlib.sha256(f"{i}:{p.text}".encode()).hexdigest(),
+                    "created_at": now,
+                }
+                for i, p in enumerate(world)
+            ],
+        )
+        prompt_rows = db.execute(
+            select(Prompt.id, Prompt.text).where(Prompt.batch_id == batch.id).order_by(Prompt.id)
+        ).all()
         by_text = {p.text: p for p in world}
-        db.execute(insert(Completion), [
-            {"prompt_id": pid, "text": demonstrate(by_text[text], rng, error_rate=0.5), "model_version_id": base.id,
-             "sampling": {"simulated": True}, "created_at": now}
-            for pid, text in prompt_rows for _ in range(k)])
+        db.execute(
+            insert(Completion),
+            [
+                {
+                    "prompt_id": pid,
+                    "text": demonstrate(by_text[text], rng, error_rate=0.5),
+                    "model_version_id": base.id,
+                    "sampling": {"simulated": True},
+                    "created_at": now,
+                }
+                for pid, text in prompt_rows
+                for _ in range(k)
+            ],
+        )
         tasks = create_tasks(db, batch)
         last_demo = 0
         if demonstrations_done:
             demo_tasks = db.execute(
-                select(Task.id, Task.prompt_id, Prompt.text).join(Prompt, Prompt.id == Task.prompt_id)
-                .where(Task.batch_id == batch.id, Task.kind == "demonstration").order_by(Task.id)
-                .limit(demonstrations_done)).all()
+                select(Task.id, Task.prompt_id, Prompt.text)
+                .join(Prompt, Prompt.id == Task.prompt_id)
+                .where(Task.batch_id == batch.id, Task.kind == "demonstration")
+                .order_by(Task.id)
+                .limit(demonstrations_done)
+            ).all()
             for n, (task_id, prompt_id, text) in enumerate(demo_tasks):
                 author = users[n % len(users)]
-                assignment = Assignment(task_id=task_id, labeler_id=author.id, state="submitted", leased_at=now,
-                                        expires_at=now, finished_at=now, display_order=[])
+                assignment = Assignment(
+                    task_id=task_id,
+                    labeler_id=author.id,
+                    state="submitted",
+                    leased_at=now,
+                    expires_at=now,
+                    finished_at=now,
+                    display_order=[],
+                )
                 db.add(assignment)
                 db.flush()
-                db.add(Demonstration(assignment_id=assignment.id, task_id=task_id, prompt_id=prompt_id,
-                                     labeler_id=author.id, text=demonstrate(by_text[text], rng, error_rate=0.2)))
+                db.add(
+                    Demonstration(
+                        assignment_id=assignment.id,
+                        task_id=task_id,
+                        prompt_id=prompt_id,
+                        labeler_id=author.id,
+                        text=demonstrate(by_text[text], rng, error_rate=0.2),
+                    )
+                )
                 task = db.get(Task, task_id)
                 task.done_count += 1
                 task.is_open = task.done_count < task.needed
@@ -173,8 +231,16 @@ def seed(url: str, *, prompts: int, identities: int, overlap: int = 2, k: int = 
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE")
     engine.dispose()
-    return Seeded(batch_id=batch.id, identities=people, admin_token=admin_token, k=k, overlap=overlap, tasks=tasks,
-                  seeded_demonstration_ids=last_demo, seconds=round(time.perf_counter() - start, 2))
+    return Seeded(
+        batch_id=batch.id,
+        identities=people,
+        admin_token=admin_token,
+        k=k,
+        overlap=overlap,
+        tasks=tasks,
+        seeded_demonstration_ids=last_demo,
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 # --- the simulated labelers -----------------------------------------------------------------------
@@ -232,8 +298,16 @@ class Refused(Exception):
 class Labeler:
     """One seat at which simulated labelers work, one identity after another."""
 
-    def __init__(self, base: str, seat: int, pool: list[Identity], behaviour: Behaviour, deadline: float,
-                 hard_deadline: float, log: ClientLog):
+    def __init__(
+        self,
+        base: str,
+        seat: int,
+        pool: list[Identity],
+        behaviour: Behaviour,
+        deadline: float,
+        hard_deadline: float,
+        log: ClientLog,
+    ):
         from app.world.labelers import SimulatedDemonstrator, SimulatedLabeler
 
         host = urlsplit(base).hostname
@@ -292,14 +366,22 @@ class Labeler:
         if self.client is not None:
             await self.client.aclose()
         headers = {"Authorization": f"Bearer {self.identity.token}"} if self.identity.token else {}
-        self.client = httpx.AsyncClient(base_url=self.base, headers=headers, timeout=30.0,
-                                        limits=httpx.Limits(max_connections=2, max_keepalive_connections=1))
+        self.client = httpx.AsyncClient(
+            base_url=self.base,
+            headers=headers,
+            timeout=30.0,
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+        )
         if self.identity.token:
             return True
         form = await self.call("login", "GET", "/login")
         token = _csrf(form)
-        done = await self.call("login", "POST", "/login", data={
-            "username": self.identity.username, "password": PASSWORD, "csrf_token": token or ""})
+        done = await self.call(
+            "login",
+            "POST",
+            "/login",
+            data={"username": self.identity.username, "password": PASSWORD, "csrf_token": token or ""},
+        )
         if done is None or done.status_code != 303:
             raise Refused(f"login of {self.identity.username}: {_status(done)}")
         page = await self.call("login", "GET", done.headers["location"])
@@ -339,8 +421,12 @@ class Labeler:
         think = min(self.rng.uniform(*self.b.think_s), max(0.0, self.deadline - time.monotonic()))
         if self.rng.random() < self.b.p_draft:
             await asyncio.sleep(think / 2)
-            await self.call("draft", "PUT", f"/api/v1/assignments/{assignment}/draft",
-                            json={"draft": {"note": "halfway"}, "active_seconds": think / 2})
+            await self.call(
+                "draft",
+                "PUT",
+                f"/api/v1/assignments/{assignment}/draft",
+                json={"draft": {"note": "halfway"}, "active_seconds": think / 2},
+            )
             await asyncio.sleep(think / 2)
         else:
             await asyncio.sleep(think)
@@ -360,9 +446,13 @@ class Labeler:
             texts = [c["text"] for c in task["completions"]]
             ranks = self.ranker.rank(task["prompt"], texts)
             likerts = self.ranker.likert(task["prompt"], texts)
-            body = {"items": [{"completion_id": c["id"], "rank": r, "likert": lk, "flags": []}
-                              for c, r, lk in zip(task["completions"], ranks, likerts)],
-                    "active_seconds": think}
+            body = {
+                "items": [
+                    {"completion_id": c["id"], "rank": r, "likert": lk, "flags": []}
+                    for c, r, lk in zip(task["completions"], ranks, likerts)
+                ],
+                "active_seconds": think,
+            }
         else:
             body = {"text": self.demonstrator.demonstrate(task["prompt"]), "active_seconds": think}
         response = await self.call("submit", "POST", f"/api/v1/assignments/{assignment}/submit", json=body)
@@ -375,8 +465,15 @@ class Labeler:
             self.log.conflicts.append((task["assignment_id"], response.status_code, response.text[:200]))
             return
         data = response.json()
-        self.log.acks.append(Ack(self.identity.username, task["assignment_id"], task["task_id"], kind,
-                                 None if kind == "skip" else data["id"]))
+        self.log.acks.append(
+            Ack(
+                self.identity.username,
+                task["assignment_id"],
+                task["task_id"],
+                kind,
+                None if kind == "skip" else data["id"],
+            )
+        )
 
 
 def _csrf(response) -> str | None:
@@ -390,8 +487,14 @@ def _status(response) -> str:
     return "no answer" if response is None else f"HTTP {response.status_code}"
 
 
-async def run_labelers(base: str, identities: list[Identity], clients: int, seconds: float, behaviour: Behaviour,
-                       during: Callable[[], Awaitable[dict]] | None = None) -> tuple[list[ClientLog], dict]:
+async def run_labelers(
+    base: str,
+    identities: list[Identity],
+    clients: int,
+    seconds: float,
+    behaviour: Behaviour,
+    during: Callable[[], Awaitable[dict]] | None = None,
+) -> tuple[list[ClientLog], dict]:
     """Runs `clients` simulated labelers for `seconds` (plus their retry window); `during` runs beside them.
 
     Identities are shared out seat by seat; a labeler who abandons a task hands the seat to a fresh identity.
@@ -428,19 +531,31 @@ async def run_labelers(base: str, identities: list[Identity], clients: int, seco
 
     await asyncio.gather(side(), sample_load(), *(staggered(lab) for lab in labelers))
     loads.append(load_avg())
-    return logs, outcome | {"wall_s": round(time.monotonic() - start, 2),
-                            "load_avg_1m": {"min": min(loads), "mean": round(sum(loads) / len(loads), 2),
-                                            "max": max(loads)}}
+    return logs, outcome | {
+        "wall_s": round(time.monotonic() - start, 2),
+        "load_avg_1m": {"min": min(loads), "mean": round(sum(loads) / len(loads), 2), "max": max(loads)},
+    }
 
 
-def run_load(stack: "Stack", clients: int, seconds: float, behaviour: Behaviour,
-             during: Callable[[], Awaitable[dict]] | None = None) -> tuple[dict[str, Any], list[ClientLog]]:
+def run_load(
+    stack: Stack,
+    clients: int,
+    seconds: float,
+    behaviour: Behaviour,
+    during: Callable[[], Awaitable[dict]] | None = None,
+) -> tuple[dict[str, Any], list[ClientLog]]:
     """Drives the labelers against a stack (with `during` beside them); returns the figures and books, and the logs."""
     logs, outcome = asyncio.run(run_labelers(stack.base, stack.seeded.identities, clients, seconds, behaviour, during))
     figures = summarize(logs, seconds)
     books = stack.books(logs)
-    return {"clients": clients, "seconds": seconds, "workers": stack.workers, **outcome, **figures,
-            "books": books}, logs
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "workers": stack.workers,
+        **outcome,
+        **figures,
+        "books": books,
+    }, logs
 
 
 # --- figures and books ----------------------------------------------------------------------------
@@ -480,8 +595,8 @@ def summarize(logs: list[ClientLog], seconds: float) -> dict[str, Any]:
         "other_4xx": [c for log in logs for c in log.conflicts if c[1] != 409][:5],
         "clients_out_of_tasks": sum(log.exhausted for log in logs),
         "identities_used": sum(log.identities_used for log in logs),
-        "latency_ms": {op: percentiles(values) for op, values in sorted(latency.items())} | {
-            "all": percentiles(everything)},
+        "latency_ms": {op: percentiles(values) for op, values in sorted(latency.items())}
+        | {"all": percentiles(everything)},
     }
 
 
@@ -506,27 +621,36 @@ def check_books(url: str, logs: list[ClientLog], seeded: Seeded) -> dict[str, An
     engine = create_engine(url)
     with engine.connect() as conn:
         q = conn.exec_driver_sql
-        labels = {(kind, label_id): assignment for kind, label_id, assignment in q(
-            "SELECT 'ranking', id, assignment_id FROM rankings UNION ALL "
-            "SELECT 'demonstration', id, assignment_id FROM demonstrations")}
+        labels = {
+            (kind, label_id): assignment
+            for kind, label_id, assignment in q(
+                "SELECT 'ranking', id, assignment_id FROM rankings UNION ALL "
+                "SELECT 'demonstration', id, assignment_id FROM demonstrations"
+            )
+        }
         states = dict(q("SELECT id, state FROM assignments").all())
         checks = {
             "assignments_with_two_labels": q(
                 "SELECT count(*) FROM (SELECT assignment_id FROM (SELECT assignment_id FROM rankings UNION ALL "
-                "SELECT assignment_id FROM demonstrations) l GROUP BY assignment_id HAVING count(*) > 1) d").scalar(),
+                "SELECT assignment_id FROM demonstrations) l GROUP BY assignment_id HAVING count(*) > 1) d"
+            ).scalar(),
             "labeler_labeled_a_task_twice": q(
                 "SELECT count(*) FROM (SELECT task_id, labeler_id FROM (SELECT task_id, labeler_id FROM rankings "
                 "UNION ALL SELECT task_id, labeler_id FROM demonstrations) l GROUP BY task_id, labeler_id "
-                "HAVING count(*) > 1) d").scalar(),
+                "HAVING count(*) > 1) d"
+            ).scalar(),
             "tasks_over_overlap": q(
                 "SELECT count(*) FROM tasks t WHERE t.needed < (SELECT count(*) FROM rankings r WHERE r.task_id = t.id)"
-                " + (SELECT count(*) FROM demonstrations d WHERE d.task_id = t.id)").scalar(),
+                " + (SELECT count(*) FROM demonstrations d WHERE d.task_id = t.id)"
+            ).scalar(),
             "tasks_whose_count_disagrees": q(
                 "SELECT count(*) FROM tasks t WHERE t.done_count <> (SELECT count(*) FROM rankings r "
-                "WHERE r.task_id = t.id) + (SELECT count(*) FROM demonstrations d WHERE d.task_id = t.id)").scalar(),
+                "WHERE r.task_id = t.id) + (SELECT count(*) FROM demonstrations d WHERE d.task_id = t.id)"
+            ).scalar(),
             "rankings_without_k_items": q(
                 "SELECT count(*) FROM rankings r JOIN tasks t ON t.id = r.task_id WHERE t.k <> "
-                "(SELECT count(*) FROM ranking_items i WHERE i.ranking_id = r.id)").scalar(),
+                "(SELECT count(*) FROM ranking_items i WHERE i.ranking_id = r.id)"
+            ).scalar(),
         }
     engine.dispose()
     lost = []
@@ -537,8 +661,11 @@ def check_books(url: str, logs: list[ClientLog], seeded: Seeded) -> dict[str, An
         elif labels.get((ack.kind, ack.label_id)) != ack.assignment_id or states.get(ack.assignment_id) != "submitted":
             lost.append(ack)
     acked_labels = {(a.kind, a.label_id) for a in acks if a.kind != "skip"}
-    unacknowledged = [key for key in labels if key not in acked_labels
-                      and not (key[0] == "demonstration" and key[1] <= seeded.seeded_demonstration_ids)]
+    unacknowledged = [
+        key
+        for key in labels
+        if key not in acked_labels and not (key[0] == "demonstration" and key[1] <= seeded.seeded_demonstration_ids)
+    ]
     abandoned = [a for log in logs for a in log.abandoned]
     books = {
         "acknowledged": len(acks),
@@ -551,8 +678,12 @@ def check_books(url: str, logs: list[ClientLog], seeded: Seeded) -> dict[str, An
         "stored_unacknowledged": len(unacknowledged),
         "abandoned_still_leased_or_expired": sum(1 for a in abandoned if states.get(a) in ("leased", "expired")),
     }
-    books["doubled"] = (len(contradicting) + checks["assignments_with_two_labels"]
-                        + checks["labeler_labeled_a_task_twice"] + checks["tasks_over_overlap"])
+    books["doubled"] = (
+        len(contradicting)
+        + checks["assignments_with_two_labels"]
+        + checks["labeler_labeled_a_task_twice"]
+        + checks["tasks_over_overlap"]
+    )
     books["ok"] = books["lost"] == 0 and books["doubled"] == 0 and not any(checks.values())
     return books
 
@@ -567,9 +698,21 @@ class Stack:
     the server, worker and database logs is kept when `keep` is set, and named on stderr).
     """
 
-    def __init__(self, *, workers: int, prompts: int, identities: int, overlap: int = 2, k: int = 4,
-                 redis: bool = False, demonstrations_done: int = 0, pg_admin_url: str | None = None,
-                 max_connections: int = 400, keep: bool = False, server_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        workers: int,
+        prompts: int,
+        identities: int,
+        overlap: int = 2,
+        k: int = 4,
+        redis: bool = False,
+        demonstrations_done: int = 0,
+        pg_admin_url: str | None = None,
+        max_connections: int = 400,
+        keep: bool = False,
+        server_env: dict[str, str] | None = None,
+    ):
         self.workers, self.prompts, self.identities, self.overlap, self.k = workers, prompts, identities, overlap, k
         self.want_redis, self.demonstrations_done = redis, demonstrations_done
         self.pg_admin_url, self.max_connections, self.keep = pg_admin_url, max_connections, keep
@@ -580,7 +723,7 @@ class Stack:
         self.server = None
         self.db_name = f"instructloop_bench_{uuid.uuid4().hex[:8]}"
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         try:
             self._start()
         except BaseException:
@@ -598,7 +741,8 @@ class Stack:
             self.redis = PrivateRedis(self.dir / "redis.log").start()
         self.url = create_database(self.admin_url, self.db_name)
         self.env = {
-            "INSTRUCTLOOP_DATABASE_URL": self.url, "INSTRUCTLOOP_DATA_DIR": str(self.dir / "data"),
+            "INSTRUCTLOOP_DATABASE_URL": self.url,
+            "INSTRUCTLOOP_DATA_DIR": str(self.dir / "data"),
             "INSTRUCTLOOP_ENVIRONMENT": "local",
             # Abandoned tasks come back to the pool within the run.
             "INSTRUCTLOOP_LEASE_MINUTES": "1",
@@ -609,15 +753,25 @@ class Stack:
         from app.config import get_settings
 
         get_settings.cache_clear()
-        self.seeded = seed(self.url, prompts=self.prompts, identities=self.identities, overlap=self.overlap, k=self.k,
-                           demonstrations_done=self.demonstrations_done)
-        print(f"seeded {self.seeded.tasks:,} tasks ({self.prompts:,} prompts, overlap {self.overlap}, K {self.k}) "
-              f"and {self.identities} labelers in {self.seeded.seconds} s", file=sys.stderr)
+        self.seeded = seed(
+            self.url,
+            prompts=self.prompts,
+            identities=self.identities,
+            overlap=self.overlap,
+            k=self.k,
+            demonstrations_done=self.demonstrations_done,
+        )
+        print(
+            f"seeded {self.seeded.tasks:,} tasks ({self.prompts:,} prompts, overlap {self.overlap}, K {self.k}) "
+            f"and {self.identities} labelers in {self.seeded.seconds} s",
+            file=sys.stderr,
+        )
         self.start_web()
 
     def start_web(self) -> None:
-        self.server, self.base = start_server(self.url, self.workers, self.dir / "data", self.dir / "server.log",
-                                              env=self.env | self.server_env)
+        self.server, self.base = start_server(
+            self.url, self.workers, self.dir / "data", self.dir / "server.log", env=self.env | self.server_env
+        )
 
     def __exit__(self, *exc) -> None:
         if self.server is not None:
@@ -651,15 +805,19 @@ def sizing(clients: int, seconds: float, behaviour: Behaviour, overlap: int) -> 
 
 def load_parser(doc: str, *, clients: int, seconds: float, workers: int) -> argparse.ArgumentParser:
     """A command line for a load-driving script: its docstring as help, and the options they all share."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=clients, help="simulated labelers at once")
     parser.add_argument("--seconds", type=float, default=seconds, help="how long the labelers work")
     parser.add_argument("--workers", type=int, default=workers, help="uvicorn worker processes")
     parser.add_argument("--think", default="0.5,4", help="think time range in seconds, 'low,high'")
     parser.add_argument("--overlap", type=int, default=2, help="labels each task needs")
-    parser.add_argument("--pg-admin-url", default=None,
-                        help="use this PostgreSQL (a URL allowed to create databases) instead of a private cluster")
+    parser.add_argument(
+        "--pg-admin-url",
+        default=None,
+        help="use this PostgreSQL (a URL allowed to create databases) instead of a private cluster",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the logs")
     return parser
 
@@ -677,8 +835,14 @@ def main() -> int:
         args.clients, args.seconds = 20, 15.0
     behaviour = behaviour_from(args)
     prompts, identities = sizing(args.clients, args.seconds, behaviour, args.overlap)
-    with Stack(workers=args.workers, prompts=prompts, identities=identities, overlap=args.overlap,
-               pg_admin_url=args.pg_admin_url, keep=args.keep) as stack:
+    with Stack(
+        workers=args.workers,
+        prompts=prompts,
+        identities=identities,
+        overlap=args.overlap,
+        pg_admin_url=args.pg_admin_url,
+        keep=args.keep,
+    ) as stack:
         result, _ = run_load(stack, args.clients, args.seconds, behaviour)
     summary = {"benchmark": "labelers", **result}
     summary["ok"] = result["books"]["ok"] and result["5xx"] == 0

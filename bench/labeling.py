@@ -54,24 +54,35 @@ HISTORY_LABELERS = 500  # who wrote the existing rankings; the clients are the f
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rankings", type=int, default=100_000, help="submitted rankings loaded before the run")
     parser.add_argument("--open-tasks", type=int, default=60_000, help="open ranking tasks the clients can take")
     parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--workers", default="1,2,4", help="comma-separated uvicorn worker counts to try")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per concurrency level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
-    parser.add_argument("--max-submissions", type=int, default=20_000,
-                        help="stop a level after this many submissions (a bound besides --seconds)")
+    parser.add_argument(
+        "--max-submissions",
+        type=int,
+        default=20_000,
+        help="stop a level after this many submissions (a bound besides --seconds)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small run: 10,000 rankings, 2 workers, 4 s per level")
-    parser.add_argument("--pg-admin-url", default=os.environ.get(
-        "INSTRUCTLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-        help="a PostgreSQL URL allowed to create databases")
+    parser.add_argument(
+        "--pg-admin-url",
+        default=os.environ.get("INSTRUCTLOOP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL URL allowed to create databases",
+    )
     parser.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of the lease query after loading")
-    parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
-                        help="HTTP client of the simulated labelers: lean (asyncio streams, little CPU) or httpx")
+    parser.add_argument(
+        "--client",
+        choices=("lean", "httpx"),
+        default="lean",
+        help="HTTP client of the simulated labelers: lean (asyncio streams, little CPU) or httpx",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rankings, args.open_tasks, args.workers, args.seconds, args.warmup = 10_000, 8_000, "2", 4.0, 1.0
@@ -138,16 +149,29 @@ def load(url: str, rankings: int, open_tasks: int, clients: int) -> tuple[dict, 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with get_sessionmaker()() as db:
-        users = [User(username=f"bench-labeler-{i}", role="labeler", password_hash="!")
-                 for i in range(HISTORY_LABELERS)]
+        users = [
+            User(username=f"bench-labeler-{i}", role="labeler", password_hash="!") for i in range(HISTORY_LABELERS)
+        ]
         model = ModelVersion(name="bench-base", kind="base", status="ready", artifact_path="/nonexistent")
-        batch = PromptBatch(name="bench-labeling", status="labeling", k=K, overlap=1, wants_demonstrations=False,
-                            guidelines="Rank the outputs by **correctness**, then by concision.")
+        batch = PromptBatch(
+            name="bench-labeling",
+            status="labeling",
+            k=K,
+            overlap=1,
+            wants_demonstrations=False,
+            guidelines="Rank the outputs by **correctness**, then by concision.",
+        )
         db.add_all([*users, model, batch])
         db.flush()
         tokens = [create_api_token(db, users[i], ["label"], name="bench")[0] for i in range(clients)]
-        params = {"batch": batch.id, "model": model.id, "first_user": users[0].id, "labelers": HISTORY_LABELERS,
-                  "prompts": rankings + open_tasks, "done": rankings}
+        params = {
+            "batch": batch.id,
+            "model": model.id,
+            "first_user": users[0].id,
+            "labelers": HISTORY_LABELERS,
+            "prompts": rankings + open_tasks,
+            "done": rankings,
+        }
         db.commit()
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -161,7 +185,8 @@ def load(url: str, rankings: int, open_tasks: int, clients: int) -> tuple[dict, 
             timings[table] = round(time.perf_counter() - t0, 2)
         for table in TABLES_WITH_IDS:
             conn.exec_driver_sql(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+            )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         t0 = time.perf_counter()
         conn.exec_driver_sql("VACUUM ANALYZE")
@@ -177,13 +202,13 @@ def explain_lease(url: str) -> str:
     from sqlalchemy.dialects import postgresql
 
     from app.db import get_sessionmaker
+    from app.labeling import leases
     from app.models import User
-    from app.labeling import service as labeling
 
     captured: list[str] = []
     with get_sessionmaker()() as db:
         labeler = db.scalar(select(User).order_by(User.id).limit(1))
-        original = labeling._lock_free_slot
+        original = leases._lock_free_slot
 
         def capture(session, query, *params):
             # `params`: the bound values, when the service builds the query once and binds them per call.
@@ -192,11 +217,11 @@ def explain_lease(url: str) -> str:
             captured.append(str(compiled))
             return original(session, query, *params)
 
-        labeling._lock_free_slot = capture
+        leases._lock_free_slot = capture
         try:
-            labeling.lease_next_task(db, labeler, "ranking")
+            leases.lease_next_task(db, labeler, "ranking")
         finally:
-            labeling._lock_free_slot = original
+            leases._lock_free_slot = original
         if not captured:
             return "(the lease query did not run: the labeler already held a lease)"
         plan = db.connection().exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + captured[0]).scalars().all()
@@ -343,12 +368,27 @@ def ranking_items(completion_ids: list[int], n: int) -> list[dict]:
     slots = [1, 2, 2, 3, 4, 5]
     shift = n % len(completion_ids)
     slots = slots[shift:] + slots[:shift]
-    return [{"completion_id": cid, "rank": slot, "likert": 8 - min(7, slot + 1),
-             "flags": ["hallucination"] if slot == 5 else []} for cid, slot in zip(completion_ids, slots)]
+    return [
+        {
+            "completion_id": cid,
+            "rank": slot,
+            "likert": 8 - min(7, slot + 1),
+            "flags": ["hallucination"] if slot == 5 else [],
+        }
+        for cid, slot in zip(completion_ids, slots)
+    ]
 
 
-async def labeler_loop(base: str, token: str, index: int, measure_from: float, stop_at: float,
-                       stats: LevelStats, budget: list[int], client_kind: str = "lean") -> None:
+async def labeler_loop(
+    base: str,
+    token: str,
+    index: int,
+    measure_from: float,
+    stop_at: float,
+    stats: LevelStats,
+    budget: list[int],
+    client_kind: str = "lean",
+) -> None:
     """One simulated labeler: lease, rank, submit, until the time or the submission budget runs out."""
     errors = client_errors(client_kind)
     async with open_client(client_kind, base, {"Authorization": f"Bearer {token}"}) as client:
@@ -373,8 +413,7 @@ async def labeler_loop(base: str, token: str, index: int, measure_from: float, s
                 await asyncio.sleep(0.05)
                 continue
             task = lease.json()
-            body = {"items": ranking_items([c["id"] for c in task["completions"]], index + n),
-                    "active_seconds": 12.5}
+            body = {"items": ranking_items([c["id"] for c in task["completions"]], index + n), "active_seconds": 12.5}
             t2 = time.perf_counter()
             try:
                 submit = await client.post(f"/api/v1/assignments/{task['assignment_id']}/submit", json=body)
@@ -393,8 +432,9 @@ async def labeler_loop(base: str, token: str, index: int, measure_from: float, s
                 budget[0] -= 1
 
 
-async def floor_loop(base: str, stop_at: float, latencies: list[float], errors: list[int],
-                     client_kind: str = "lean") -> None:
+async def floor_loop(
+    base: str, stop_at: float, latencies: list[float], errors: list[int], client_kind: str = "lean"
+) -> None:
     """One client of the baseline: GET /healthz (one `SELECT 1` through the same stack) in a loop."""
     async with open_client(client_kind, base) as client:
         while time.perf_counter() < stop_at:
@@ -405,8 +445,9 @@ async def floor_loop(base: str, stop_at: float, latencies: list[float], errors: 
                 errors.append(response.status_code)
 
 
-def run_floor(base: str, clients: int, seconds: float, meter: CpuMeter | None = None,
-              client_kind: str = "lean") -> dict:
+def run_floor(
+    base: str, clients: int, seconds: float, meter: CpuMeter | None = None, client_kind: str = "lean"
+) -> dict:
     """The same-run baseline: what the web stack itself costs per request (routing, session, one query)."""
     latencies: list[float] = []
     errors: list[int] = []
@@ -420,8 +461,10 @@ def run_floor(base: str, clients: int, seconds: float, meter: CpuMeter | None = 
     after = meter.snapshot() if meter else None
     server = CpuMeter.used(before, after, "server")
     return {
-        "clients": clients, "requests_per_s": round(len(latencies) / seconds, 1),
-        "ms": {f"p{q}": percentile(latencies, q) for q in (50, 95, 99)}, "errors": len(errors),
+        "clients": clients,
+        "requests_per_s": round(len(latencies) / seconds, 1),
+        "ms": {f"p{q}": percentile(latencies, q) for q in (50, 95, 99)},
+        "errors": len(errors),
         "server_cpu_ms_per_request": None if server is None else round(server / max(1, len(latencies)) * 1000, 2),
     }
 
@@ -458,9 +501,14 @@ class CpuMeter:
             return [], []
         root = psutil.Process(self.server.pid)
         with self.engine.connect() as conn:
-            pids = conn.exec_driver_sql(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %(db)s AND pid <> pg_backend_pid()",
-                {"db": self.db_name}).scalars().all()
+            pids = (
+                conn.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %(db)s AND pid <> pg_backend_pid()",
+                    {"db": self.db_name},
+                )
+                .scalars()
+                .all()
+            )
         backends = []
         for pid in pids:
             try:
@@ -517,8 +565,16 @@ class CpuMeter:
         return sum(t - before.get(key, 0.0) for key, t in after.items() if key[0] == kind)
 
 
-def run_level(base: str, tokens: list[str], clients: int, seconds: float, warmup: float,
-              max_submissions: int, meter: CpuMeter | None = None, client_kind: str = "lean") -> dict:
+def run_level(
+    base: str,
+    tokens: list[str],
+    clients: int,
+    seconds: float,
+    warmup: float,
+    max_submissions: int,
+    meter: CpuMeter | None = None,
+    client_kind: str = "lean",
+) -> dict:
     """Runs `clients` labelers at once; returns throughput, latency percentiles, errors and CPU per submission."""
     stats = LevelStats()
     budget = [max_submissions]
@@ -528,8 +584,12 @@ def run_level(base: str, tokens: list[str], clients: int, seconds: float, warmup
     async def main() -> None:
         now = time.perf_counter()
         measure_from, stop_at = now + warmup, now + warmup + seconds
-        await asyncio.gather(*(labeler_loop(base, tokens[i], i, measure_from, stop_at, stats, budget, client_kind)
-                               for i in range(clients)))
+        await asyncio.gather(
+            *(
+                labeler_loop(base, tokens[i], i, measure_from, stop_at, stats, budget, client_kind)
+                for i in range(clients)
+            )
+        )
 
     sampler0 = meter.sampler_cpu if meter else 0.0
     wall0 = time.perf_counter()
@@ -559,8 +619,9 @@ def run_level(base: str, tokens: list[str], clients: int, seconds: float, warmup
         "errors_by_kind": stats.errors,
         "ran_out_of_tasks": stats.exhausted > 0,
         "client_cpu_share": round(client_cpu / wall, 2),
-        "cpu_ms_per_submission": {k: None if v is None else round(v / made * 1000, 2)
-                                  for k, v in per_submission.items()},
+        "cpu_ms_per_submission": {
+            k: None if v is None else round(v / made * 1000, 2) for k, v in per_submission.items()
+        },
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "_ids": stats.submitted_ids,
     }
@@ -578,21 +639,31 @@ def check_books(url: str, rankings_before: int, submitted_ids: list[int]) -> dic
         q = conn.exec_driver_sql
         stored = q("SELECT count(*) FROM rankings").scalar()
         over = q("SELECT count(*) FROM tasks WHERE done_count > needed").scalar()
-        doubled = q("SELECT count(*) FROM (SELECT task_id FROM rankings GROUP BY task_id "
-                    "HAVING count(*) > 1) d").scalar()
-        bad_items = q("SELECT count(*) FROM (SELECT ranking_id FROM ranking_items GROUP BY ranking_id "
-                      "HAVING count(*) <> 6) d").scalar()
-        mismatch = q("SELECT count(*) FROM tasks t WHERE t.done_count <> "
-                     "(SELECT count(*) FROM rankings r WHERE r.task_id = t.id)").scalar()
+        doubled = q(
+            "SELECT count(*) FROM (SELECT task_id FROM rankings GROUP BY task_id HAVING count(*) > 1) d"
+        ).scalar()
+        bad_items = q(
+            "SELECT count(*) FROM (SELECT ranking_id FROM ranking_items GROUP BY ranking_id HAVING count(*) <> 6) d"
+        ).scalar()
+        mismatch = q(
+            "SELECT count(*) FROM tasks t WHERE t.done_count <> "
+            "(SELECT count(*) FROM rankings r WHERE r.task_id = t.id)"
+        ).scalar()
     engine.dispose()
     books = {
-        "rankings_stored": stored, "new_rankings": stored - rankings_before,
-        "submits_answered_200": len(submitted_ids), "distinct_ranking_ids": len(set(submitted_ids)),
-        "tasks_over_overlap": over, "tasks_with_two_rankings": doubled, "rankings_without_6_items": bad_items,
+        "rankings_stored": stored,
+        "new_rankings": stored - rankings_before,
+        "submits_answered_200": len(submitted_ids),
+        "distinct_ranking_ids": len(set(submitted_ids)),
+        "tasks_over_overlap": over,
+        "tasks_with_two_rankings": doubled,
+        "rankings_without_6_items": bad_items,
         "tasks_whose_count_disagrees": mismatch,
     }
-    books["ok"] = (books["new_rankings"] == books["submits_answered_200"] == books["distinct_ranking_ids"]
-                   and over == doubled == bad_items == mismatch == 0)
+    books["ok"] = (
+        books["new_rankings"] == books["submits_answered_200"] == books["distinct_ranking_ids"]
+        and over == doubled == bad_items == mismatch == 0
+    )
     return books
 
 
@@ -607,8 +678,9 @@ def main() -> None:
     args = parse_args()
     name = f"instructloop_bench_labeling_{uuid.uuid4().hex[:8]}"
     data_dir = Path(tempfile.mkdtemp(prefix="instructloop-bench-labeling-"))
-    print(f"creating {name} and loading {args.rankings:,} rankings + {args.open_tasks:,} open tasks ...",
-          file=sys.stderr)
+    print(
+        f"creating {name} and loading {args.rankings:,} rankings + {args.open_tasks:,} open tasks ...", file=sys.stderr
+    )
     url = create_database(args.pg_admin_url, name)
     os.environ["INSTRUCTLOOP_DATABASE_URL"] = url
     os.environ["INSTRUCTLOOP_DATA_DIR"] = str(data_dir)
@@ -629,21 +701,28 @@ def main() -> None:
             try:
                 floor = run_floor(base, max(args.client_levels), min(args.seconds, 8.0), meter, args.client)
                 floors.append(floor | {"workers": workers})
-                print(f"workers={workers} baseline GET /healthz at {floor['clients']} clients: "
-                      f"{floor['requests_per_s']} requests/s, p50/p99 {floor['ms']['p50']}/{floor['ms']['p99']} ms, "
-                      f"server cpu {floor['server_cpu_ms_per_request']} ms/request", file=sys.stderr)
+                print(
+                    f"workers={workers} baseline GET /healthz at {floor['clients']} clients: "
+                    f"{floor['requests_per_s']} requests/s, p50/p99 {floor['ms']['p50']}/{floor['ms']['p99']} ms, "
+                    f"server cpu {floor['server_cpu_ms_per_request']} ms/request",
+                    file=sys.stderr,
+                )
                 for clients in args.client_levels:
-                    level = run_level(base, tokens, clients, args.seconds, args.warmup, args.max_submissions, meter,
-                                      args.client)
+                    level = run_level(
+                        base, tokens, clients, args.seconds, args.warmup, args.max_submissions, meter, args.client
+                    )
                     all_ids += level.pop("_ids")
                     level["workers"] = workers
                     results.append(level)
-                    print(f"workers={workers} clients={clients:>2}: {level['submissions_per_s']:7.1f} submissions/s"
-                          f"  lease p50/p95/p99 {fmt(level['lease_ms']['p50'])}/{fmt(level['lease_ms']['p95'])}/"
-                          f"{fmt(level['lease_ms']['p99'])} ms  submit p50/p95/p99 {fmt(level['submit_ms']['p50'])}/"
-                          f"{fmt(level['submit_ms']['p95'])}/{fmt(level['submit_ms']['p99'])} ms"
-                          f"  errors {level['errors']}  cpu ms/submission {level['cpu_ms_per_submission']}"
-                          f"  load {level['load_avg_1m']}", file=sys.stderr)
+                    print(
+                        f"workers={workers} clients={clients:>2}: {level['submissions_per_s']:7.1f} submissions/s"
+                        f"  lease p50/p95/p99 {fmt(level['lease_ms']['p50'])}/{fmt(level['lease_ms']['p95'])}/"
+                        f"{fmt(level['lease_ms']['p99'])} ms  submit p50/p95/p99 {fmt(level['submit_ms']['p50'])}/"
+                        f"{fmt(level['submit_ms']['p95'])}/{fmt(level['submit_ms']['p99'])} ms"
+                        f"  errors {level['errors']}  cpu ms/submission {level['cpu_ms_per_submission']}"
+                        f"  load {level['load_avg_1m']}",
+                        file=sys.stderr,
+                    )
             finally:
                 stop_server(proc)
         books = check_books(url, args.rankings, all_ids)
@@ -655,21 +734,34 @@ def main() -> None:
     at_top = [r for r in results if r["clients"] == top]
     best = max(at_top, key=lambda r: r["submissions_per_s"]) if at_top else None
     summary = {
-        "benchmark": "labeling", "existing_rankings": args.rankings, "open_tasks": args.open_tasks, "k": K,
-        "seconds_per_level": args.seconds, "client": args.client, "cpu_count": os.cpu_count(), "load_s": timings,
+        "benchmark": "labeling",
+        "existing_rankings": args.rankings,
+        "open_tasks": args.open_tasks,
+        "k": K,
+        "seconds_per_level": args.seconds,
+        "client": args.client,
+        "cpu_count": os.cpu_count(),
+        "load_s": timings,
         "levels": results,
-        "best_at_max_clients": best and {key: best[key] for key in ("workers", "clients", "submissions_per_s",
-                                                                   "lease_ms", "submit_ms", "errors")},
+        "best_at_max_clients": best
+        and {key: best[key] for key in ("workers", "clients", "submissions_per_s", "lease_ms", "submit_ms", "errors")},
         "baseline_healthz": floors,
         # A submission is two requests (lease, submit); against two bare requests of the same stack.
         "cpu_vs_two_healthz_requests": [
             round(r["cpu_ms_per_submission"]["server"] / (2 * f["server_cpu_ms_per_request"]), 2)
-            for f in floors for r in results
-            if r["workers"] == f["workers"] and r["clients"] == top and r["cpu_ms_per_submission"]["server"]
+            for f in floors
+            for r in results
+            if r["workers"] == f["workers"]
+            and r["clients"] == top
+            and r["cpu_ms_per_submission"]["server"]
             and f["server_cpu_ms_per_request"]
         ],
-        "aim_met": bool(best and best["submissions_per_s"] >= 300 and (best["submit_ms"]["p99"] or 1e9) < 100
-                        and best["errors"] == 0),
+        "aim_met": bool(
+            best
+            and best["submissions_per_s"] >= 300
+            and (best["submit_ms"]["p99"] or 1e9) < 100
+            and best["errors"] == 0
+        ),
         "books": books,
     }
     print(json.dumps(summary))

@@ -69,8 +69,11 @@ def make_rankings(n: int, k: int, seed: int) -> list[Any]:
                 completions.append(other)
         rng.shuffle(completions)
         labeler = labelers[i % len(labelers)]
-        rankings.append(RankingExample(prompt.text, completions, labeler.rank(prompt.text, completions),
-                                       labeler=f"labeler-{i % len(labelers)}"))
+        rankings.append(
+            RankingExample(
+                prompt.text, completions, labeler.rank(prompt.text, completions), labeler=f"labeler-{i % len(labelers)}"
+            )
+        )
     return [r for r in rankings if r.n_pairs]
 
 
@@ -149,8 +152,14 @@ def run_ours(
     clock = StepClock()
     per_step = args.rankings_per_step or matched_rankings_per_step(train, args.pairs_per_step)
     config = RMConfig(
-        epochs=epochs, learning_rate=args.lr, rankings_per_step=per_step,
-        rankings_per_micro_batch=per_step, warmup_ratio=0.03, max_length=128, seed=0, device="cpu",
+        epochs=epochs,
+        learning_rate=args.lr,
+        rankings_per_step=per_step,
+        rankings_per_micro_batch=per_step,
+        warmup_ratio=0.03,
+        max_length=128,
+        seed=0,
+        device="cpu",
     )
     started = time.perf_counter()
     train_rm(base, train, [], config, out, progress=lambda step, total, metrics: clock.tick())
@@ -160,10 +169,14 @@ def run_ours(
     loop, cpu = clock.loop_seconds(), clock.loop_seconds(cpu=True)
     rows = sum(len(r.completions) for r in train)
     return {
-        "loop_s": round(loop, 2), "loop_cpu_s": round(cpu, 2), "end_to_end_s": round(end_to_end, 2),
+        "loop_s": round(loop, 2),
+        "loop_cpu_s": round(cpu, 2),
+        "end_to_end_s": round(end_to_end, 2),
         "optimizer_steps": len(clock.times),
-        "rankings_per_step": per_step, "rankings_per_s": round(epochs * len(train) / loop, 2),
-        "rankings_per_cpu_s": round(epochs * len(train) / cpu, 2), "forward_rows": epochs * rows,
+        "rankings_per_step": per_step,
+        "rankings_per_s": round(epochs * len(train) / loop, 2),
+        "rankings_per_cpu_s": round(epochs * len(train) / cpu, 2),
+        "forward_rows": epochs * rows,
         "held_out_accuracy": round(accuracy, 4),
     }
 
@@ -188,16 +201,37 @@ def run_trl(base: str, train: list[Any], valid: list[Any], args: argparse.Namesp
             clock.tick()
 
     config = RewardConfig(
-        output_dir=str(out), num_train_epochs=1, learning_rate=args.lr, per_device_train_batch_size=args.pairs_per_step,
-        lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, max_length=128,
+        output_dir=str(out),
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.pairs_per_step,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=128,
         # The fast settings on CPU: no bf16 autocast, no gradient checkpointing (TRL's defaults are for GPUs).
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, seed=0, data_seed=0,
-        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10_000, disable_tqdm=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     started = time.perf_counter()
-    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
-                            processing_class=tokenizer, callbacks=[Clock()])
+    trainer = RewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for the JSON line
         trainer.train()
     end_to_end = time.perf_counter() - started
@@ -215,9 +249,14 @@ def run_trl(base: str, train: list[Any], valid: list[Any], args: argparse.Namesp
     accuracy = held_out_accuracy(scores, valid)
     loop, cpu = clock.loop_seconds(), clock.loop_seconds(cpu=True)
     return {
-        "loop_s": round(loop, 2), "loop_cpu_s": round(cpu, 2), "end_to_end_s": round(end_to_end, 2),
-        "optimizer_steps": len(clock.times), "rankings_per_s": round(len(train) / loop, 2),
-        "rankings_per_cpu_s": round(len(train) / cpu, 2), "pairs": len(pairs), "forward_rows": 2 * len(pairs),
+        "loop_s": round(loop, 2),
+        "loop_cpu_s": round(cpu, 2),
+        "end_to_end_s": round(end_to_end, 2),
+        "optimizer_steps": len(clock.times),
+        "rankings_per_s": round(len(train) / loop, 2),
+        "rankings_per_cpu_s": round(len(train) / cpu, 2),
+        "pairs": len(pairs),
+        "forward_rows": 2 * len(pairs),
         "held_out_accuracy": round(accuracy, 4),
     }
 
@@ -236,8 +275,12 @@ def compare(k: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
             longer = run_ours(args.model, train, valid, args, Path(tmp) / "ours-longer", epochs=args.extra_epochs)
             print(f"K={k} repeat {repeat} ours, {args.extra_epochs} epochs: {longer}", file=sys.stderr, flush=True)
     result = {
-        "repeat": repeat, "train_rankings": len(train), "valid_rankings": len(valid),
-        "noise_ceiling": round(noise_ceiling(valid), 4), "ours": ours, "trl": theirs,
+        "repeat": repeat,
+        "train_rankings": len(train),
+        "valid_rankings": len(valid),
+        "noise_ceiling": round(noise_ceiling(valid), 4),
+        "ours": ours,
+        "trl": theirs,
         "speedup": round(ours["rankings_per_s"] / theirs["rankings_per_s"], 2),
         "cpu_speedup": round(ours["rankings_per_cpu_s"] / theirs["rankings_per_cpu_s"], 2),
         "accuracy_difference": round(ours["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
@@ -245,7 +288,8 @@ def compare(k: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
     if longer:
         # Our trainer given more passes: its time against TRL's one epoch, and the accuracy it reaches.
         result[f"ours_{args.extra_epochs}_epochs"] = {
-            **longer, "time_ratio_to_trl": round(theirs["loop_s"] / longer["loop_s"], 2),
+            **longer,
+            "time_ratio_to_trl": round(theirs["loop_s"] / longer["loop_s"], 2),
             "accuracy_difference": round(longer["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
         }
     return result
@@ -256,19 +300,35 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "world-base"), help="backbone of both reward models")
     parser.add_argument("--rankings", type=int, default=240, help="training rankings per K")
     parser.add_argument("--valid", type=int, default=200, help="held-out rankings per K")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="independent draws of train and held-out rankings per K (repeat 0: seeds K, 1000 + K)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="independent draws of train and held-out rankings per K (repeat 0: seeds K, 1000 + K)",
+    )
     parser.add_argument("--ks", default="4,9", help="comma-separated K values")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both trainers")
-    parser.add_argument("--rankings-per-step", type=int, default=4,
-                        help="ours: whole rankings per optimizer step (4, as in the world model's training "
-                             "recipe; 0: as many pairs per step as TRL's step, which at K = 9 is a single ranking, "
-                             "so each step sees one prompt)")
+    parser.add_argument(
+        "--rankings-per-step",
+        type=int,
+        default=4,
+        help="ours: whole rankings per optimizer step (4, as in the world model's training "
+        "recipe; 0: as many pairs per step as TRL's step, which at K = 9 is a single ranking, "
+        "so each step sees one prompt)",
+    )
     parser.add_argument("--pairs-per-step", type=int, default=32, help="TRL: pairs per optimizer step")
-    parser.add_argument("--extra-epochs", type=int, default=1,
-                        help="also train ours for this many epochs (time and accuracy beside TRL's one epoch; 1: skip)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: on a shared 2-core machine a 2-thread pool is often much slower)")
+    parser.add_argument(
+        "--extra-epochs",
+        type=int,
+        default=1,
+        help="also train ours for this many epochs (time and accuracy beside TRL's one epoch; 1: skip)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared 2-core machine a 2-thread pool is often much slower)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small run (40 rankings per K, 30 held out, 1 repeat)")
     args = parser.parse_args()
     if args.quick:
@@ -291,23 +351,33 @@ def main() -> None:
     by_k = {}
     for k in [int(x) for x in args.ks.split(",")]:
         runs = [compare(k, repeat, args) for repeat in range(args.repeats)]
-        by_k[str(k)] = {"runs": runs, "summary": {
-            name: spread([pick(run) for run in runs]) for name, pick in (
-                ("ours_accuracy", lambda run: run["ours"]["held_out_accuracy"]),
-                ("trl_accuracy", lambda run: run["trl"]["held_out_accuracy"]),
-                ("accuracy_difference", lambda run: run["accuracy_difference"]),
-                ("noise_ceiling", lambda run: run["noise_ceiling"]),
-                ("speedup", lambda run: run["speedup"]),
-                ("cpu_speedup", lambda run: run["cpu_speedup"]),
-            )
-        }}
+        by_k[str(k)] = {
+            "runs": runs,
+            "summary": {
+                name: spread([pick(run) for run in runs])
+                for name, pick in (
+                    ("ours_accuracy", lambda run: run["ours"]["held_out_accuracy"]),
+                    ("trl_accuracy", lambda run: run["trl"]["held_out_accuracy"]),
+                    ("accuracy_difference", lambda run: run["accuracy_difference"]),
+                    ("noise_ceiling", lambda run: run["noise_ceiling"]),
+                    ("speedup", lambda run: run["speedup"]),
+                    ("cpu_speedup", lambda run: run["cpu_speedup"]),
+                )
+            },
+        }
         print(f"K={k} summary: {by_k[str(k)]['summary']}", file=sys.stderr, flush=True)
     result = {
-        "benchmark": "reward_speed", "quick": args.quick, "model": Path(args.model).name,
-        "threads": args.threads, "lr": args.lr, "pairs_per_step": args.pairs_per_step, "repeats": args.repeats,
+        "benchmark": "reward_speed",
+        "quick": args.quick,
+        "model": Path(args.model).name,
+        "threads": args.threads,
+        "lr": args.lr,
+        "pairs_per_step": args.pairs_per_step,
+        "repeats": args.repeats,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()], "by_k": by_k,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "by_k": by_k,
     }
     print(json.dumps(result))
 

@@ -40,8 +40,14 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     prompts = [p.text for p in generate_prompts(args.prompts, seed=5)]
     # No newline stop and no resampling: both paths generate exactly the same number of tokens.
-    common = dict(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0, max_resample_tries=0,
-                  stop_at_newline=False)
+    common = dict(
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        seed=0,
+        max_resample_tries=0,
+        stop_at_newline=False,
+    )
 
     def tokens(outputs: list[list[str]]) -> int:
         return sum(len(tokenizer(t, add_special_tokens=False).input_ids) for row in outputs for t in row)
@@ -54,8 +60,13 @@ def main() -> None:
     single = sample_one_at_a_time(model, tokenizer, prompts, args.k, **common)
     single_s = time.perf_counter() - start
     result = {
-        "benchmark": "sampling", "model": Path(args.model).name, "prompts": args.prompts, "k": args.k,
-        "max_new_tokens": args.max_new_tokens, "batched_s": round(batched_s, 3), "one_at_a_time_s": round(single_s, 3),
+        "benchmark": "sampling",
+        "model": Path(args.model).name,
+        "prompts": args.prompts,
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "batched_s": round(batched_s, 3),
+        "one_at_a_time_s": round(single_s, 3),
         "batched_tokens_per_s": round(tokens(batched) / batched_s, 1),
         "one_at_a_time_tokens_per_s": round(tokens(single) / single_s, 1),
         "speedup": round(single_s / batched_s, 2),

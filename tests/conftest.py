@@ -36,13 +36,15 @@ TEST_DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{TEST_DB_NAME}"
 DATA_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / f"instructloop-test-{_RUN_ID}"
 
 # Every process the tests start (and this one) reads these.
-os.environ.update({
-    "INSTRUCTLOOP_ENVIRONMENT": "test",
-    "INSTRUCTLOOP_DATABASE_URL": TEST_DB_URL,
-    "INSTRUCTLOOP_BROKER_URL": REDIS_URL,
-    "INSTRUCTLOOP_DATA_DIR": str(DATA_DIR),
-    "INSTRUCTLOOP_SECRET_KEY": "test-secret-" + _RUN_ID,
-})
+os.environ.update(
+    {
+        "INSTRUCTLOOP_ENVIRONMENT": "test",
+        "INSTRUCTLOOP_DATABASE_URL": TEST_DB_URL,
+        "INSTRUCTLOOP_BROKER_URL": REDIS_URL,
+        "INSTRUCTLOOP_DATA_DIR": str(DATA_DIR),
+        "INSTRUCTLOOP_SECRET_KEY": "test-secret-" + _RUN_ID,
+    }
+)
 
 
 def pytest_configure(config):
@@ -74,8 +76,9 @@ def backend(request) -> str:
 
 
 def _migrate(url: str) -> None:
-    from app.db import alembic_config
     from alembic import command
+
+    from app.db import alembic_config
 
     command.upgrade(alembic_config(url), "head")
 
@@ -234,7 +237,10 @@ def live_server(pg_engine) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     wait_for_http(url + "/healthz", proc=proc)
@@ -248,9 +254,23 @@ def start_celery_worker(env: dict[str, str] | None = None, log_path: Path | None
 
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--queues", "gpu,default", "--concurrency", "1",
-         "--loglevel", "info"],
-        cwd=ROOT, env=env or dict(os.environ), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "worker",
+            "--queues",
+            "gpu,default",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "info",
+        ],
+        cwd=ROOT,
+        env=env or dict(os.environ),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -331,8 +351,9 @@ def login(client):
     def do(username: str, password: str = PASSWORD) -> str:
         form = client.get("/login")
         token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
-        response = client.post("/login", data={"username": username, "password": password, "csrf_token": token},
-                               follow_redirects=False)
+        response = client.post(
+            "/login", data={"username": username, "password": password, "csrf_token": token}, follow_redirects=False
+        )
         assert response.status_code == 303, response.text
         page = client.get(response.headers["location"])
         return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)

@@ -81,8 +81,11 @@ def _session_headers(client, username: str) -> tuple[dict, str]:
 
     client.cookies.clear()
     form = client.get("/login")
-    client.post("/login", data={"username": username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
-                follow_redirects=False)
+    client.post(
+        "/login",
+        data={"username": username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
+        follow_redirects=False,
+    )
     cookie = client.cookies.get("il_session")
     page = client.get("/admin" if username.startswith("admin") else "/label")
     return {"cookie": f"il_session={cookie}", "x-csrf-token": _csrf(page.text)}, cookie
@@ -90,7 +93,8 @@ def _session_headers(client, username: str) -> tuple[dict, str]:
 
 def _denied_anonymous(response) -> bool:
     return response.status_code == 401 or (
-        response.status_code == 303 and response.headers.get("location", "").startswith("/login"))
+        response.status_code == 303 and response.headers.get("location", "").startswith("/login")
+    )
 
 
 def _expected(rule: str, caller: str) -> str:
@@ -110,19 +114,26 @@ def _expected(rule: str, caller: str) -> str:
     if rule == "user":
         return "allow"
     if kind == "session":
-        return "allow" if rule in {"labeler": {"label"}, "admin": {"label", "export:read", "admin"}}[detail] else "forbidden"
+        return (
+            "allow"
+            if rule in {"labeler": {"label"}, "admin": {"label", "export:read", "admin"}}[detail]
+            else "forbidden"
+        )
     return "allow" if detail == rule else "forbidden"
 
 
 def test_access_matrix(client, db):
     labeler, admin = UserFactory(), AdminFactory()
-    tokens = {scope: create_api_token(db, admin if scope != "label" else labeler, [scope])[0]
-              for scope in ("export:read", "label", "admin")}
+    tokens = {
+        scope: create_api_token(db, admin if scope != "label" else labeler, [scope])[0]
+        for scope in ("export:read", "label", "admin")
+    }
     revoked_raw, revoked = create_api_token(db, admin, ["admin"])
     revoked.revoked_at = utcnow()
     db.flush()
-    sessions = {role: _session_headers(client, user.username)
-                for role, user in (("labeler", labeler), ("admin", admin))}
+    sessions = {
+        role: _session_headers(client, user.username) for role, user in (("labeler", labeler), ("admin", admin))
+    }
     expired_headers, _ = _session_headers(client, AdminFactory().username)
     for row in db.query(UserSession).all():
         if row.user_id not in (labeler.id, admin.id):
@@ -130,8 +141,11 @@ def test_access_matrix(client, db):
     db.flush()
     client.cookies.clear()
 
-    callers: dict[str, dict] = {"anonymous": {}, "revoked:token": {"authorization": f"Bearer {revoked_raw}"},
-                                "expired:session": expired_headers}
+    callers: dict[str, dict] = {
+        "anonymous": {},
+        "revoked:token": {"authorization": f"Bearer {revoked_raw}"},
+        "expired:session": expired_headers,
+    }
     callers |= {f"session:{role}": headers for role, (headers, _) in sessions.items()}
     callers |= {f"token:{scope}": {"authorization": f"Bearer {raw}"} for scope, raw in tokens.items()}
 
@@ -142,8 +156,9 @@ def test_access_matrix(client, db):
             continue  # ends the session it is called with; covered in test_auth.py
         for caller, headers in callers.items():
             client.cookies.clear()
-            response = client.request(method, _concrete(path), headers=headers, follow_redirects=False,
-                                      json={} if method in UNSAFE else None)
+            response = client.request(
+                method, _concrete(path), headers=headers, follow_redirects=False, json={} if method in UNSAFE else None
+            )
             expected = _expected(rule, caller)
             status = response.status_code
             ok = {

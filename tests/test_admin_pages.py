@@ -33,9 +33,21 @@ def admin_csrf(db, login):
 
 
 def _create(client, csrf, **fields):
-    form = {"csrf_token": csrf, "name": "Batch A", "guidelines": "Be kind", "task_mix": "both", "k": "5",
-            "overlap": "1", "temperature": "0.7", "top_p": "0.9", "max_new_tokens": "32", "priority": "0",
-            "pii_policy": "drop", "policy_version_id": "", **fields}
+    form = {
+        "csrf_token": csrf,
+        "name": "Batch A",
+        "guidelines": "Be kind",
+        "task_mix": "both",
+        "k": "5",
+        "overlap": "1",
+        "temperature": "0.7",
+        "top_p": "0.9",
+        "max_new_tokens": "32",
+        "priority": "0",
+        "pii_policy": "drop",
+        "policy_version_id": "",
+        **fields,
+    }
     return client.post("/admin/batches/new", data=form, follow_redirects=False)
 
 
@@ -66,16 +78,22 @@ def test_create_form_creates_and_redirects(client, db, admin_csrf):
 def test_upload_lists_errors_then_imports_and_shows_report(client, db, admin_csrf):
     batch_id = int(_create(client, admin_csrf).headers["location"].rsplit("/", 1)[1])
     url = f"/admin/batches/{batch_id}/prompts"
-    bad = client.post(url, data={"csrf_token": admin_csrf},
-                      files={"file": ("prompts.jsonl", BAD_FILE.encode(), "application/octet-stream")})
+    bad = client.post(
+        url,
+        data={"csrf_token": admin_csrf},
+        files={"file": ("prompts.jsonl", BAD_FILE.encode(), "application/octet-stream")},
+    )
     assert bad.status_code == 422
     rows = re.findall(r'<tr data-testid="upload-error"><td>(\d+)</td><td>([^<]*)</td>', bad.text)
     assert rows == [("2", "category"), ("3", "text"), ("4", "—")]
     assert db.get(PromptBatch, batch_id).hygiene_report == {}
 
-    good = client.post(url, data={"csrf_token": admin_csrf},
-                       files={"file": ("prompts.jsonl", GOOD_FILE.encode(), "application/octet-stream")},
-                       follow_redirects=False)
+    good = client.post(
+        url,
+        data={"csrf_token": admin_csrf},
+        files={"file": ("prompts.jsonl", GOOD_FILE.encode(), "application/octet-stream")},
+        follow_redirects=False,
+    )
     assert good.status_code == 303 and good.headers["location"] == f"/admin/batches/{batch_id}?imported=2"
     page = client.get(good.headers["location"])
     assert 'data-testid="hygiene-report"' in page.text
@@ -85,8 +103,11 @@ def test_upload_lists_errors_then_imports_and_shows_report(client, db, admin_csr
     csv_text = client.get(f"/api/v1/batches/{batch_id}/hygiene/dropped.csv").text
     assert csv_text.splitlines()[1:] == ["3,duplicate,same text as line 1", "4,pii,contains email"]
 
-    binary = client.post(url, data={"csrf_token": admin_csrf},
-                         files={"file": ("book.xlsx", b"PK\x03\x04zip", "application/octet-stream")})
+    binary = client.post(
+        url,
+        data={"csrf_token": admin_csrf},
+        files={"file": ("book.xlsx", b"PK\x03\x04zip", "application/octet-stream")},
+    )
     assert binary.status_code == 415 and "binary" in binary.text
     empty = client.post(url, data={"csrf_token": admin_csrf})
     assert empty.status_code == 422 and "choose a JSON Lines or CSV file" in empty.text
@@ -97,23 +118,36 @@ def test_start_button_and_status_actions(client, db, admin_csrf):
     refused = client.post(f"/admin/batches/{batch_id}/start", data={"csrf_token": admin_csrf})
     assert refused.status_code == 409 and "import prompts before starting" in refused.text
     ModelVersionFactory()
-    client.post(f"/admin/batches/{batch_id}/prompts", data={"csrf_token": admin_csrf},
-                files={"file": ("p.csv", b"text\nHello\nGoodbye\n", "text/csv")})
+    client.post(
+        f"/admin/batches/{batch_id}/prompts",
+        data={"csrf_token": admin_csrf},
+        files={"file": ("p.csv", b"text\nHello\nGoodbye\n", "text/csv")},
+    )
     started = client.post(f"/admin/batches/{batch_id}/start", data={"csrf_token": admin_csrf}, follow_redirects=False)
     assert started.status_code == 303
     assert db.get(PromptBatch, batch_id).status == "sampling"
     assert db.scalar(select(TrainingRun.kind).where(TrainingRun.batch_id == batch_id)) == "sample"
     page = client.get(f"/admin/batches/{batch_id}")
     assert 'data-testid="upload-form"' not in page.text and 'value="paused"' in page.text
-    frozen = client.post(f"/admin/batches/{batch_id}/settings",
-                         data={"csrf_token": admin_csrf, "name": "Batch A", "guidelines": "Clearer", "k": "6"})
+    frozen = client.post(
+        f"/admin/batches/{batch_id}/settings",
+        data={"csrf_token": admin_csrf, "name": "Batch A", "guidelines": "Clearer", "k": "6"},
+    )
     assert frozen.status_code == 409 and "can only change while the batch is a draft" in frozen.text
-    saved = client.post(f"/admin/batches/{batch_id}/settings",
-                        data={"csrf_token": admin_csrf, "name": "Batch A", "guidelines": "Clearer", "priority": "3"},
-                        follow_redirects=False)
+    saved = client.post(
+        f"/admin/batches/{batch_id}/settings",
+        data={"csrf_token": admin_csrf, "name": "Batch A", "guidelines": "Clearer", "priority": "3"},
+        follow_redirects=False,
+    )
     assert saved.status_code == 303 and db.get(PromptBatch, batch_id).priority == 3
-    assert client.post(f"/admin/batches/{batch_id}/status", data={"csrf_token": admin_csrf, "status": "paused"},
-                       follow_redirects=False).status_code == 303
+    assert (
+        client.post(
+            f"/admin/batches/{batch_id}/status",
+            data={"csrf_token": admin_csrf, "status": "paused"},
+            follow_redirects=False,
+        ).status_code
+        == 303
+    )
     assert db.get(PromptBatch, batch_id).status == "paused"
     wrong = client.post(f"/admin/batches/{batch_id}/status", data={"csrf_token": admin_csrf, "status": "archived"})
     assert wrong.status_code == 409 and "cannot go from paused to archived" in wrong.text
@@ -127,14 +161,24 @@ def test_dashboard_shows_throughput_skips_and_eta(client, db, admin_csrf):
     now = utcnow()
     for i in range(6):
         prompt = PromptFactory(batch_id=batch.id)
-        task = Task(batch_id=batch.id, prompt_id=prompt.id, kind="demonstration", needed=2,
-                    done_count=1 if i < 4 else 0)
+        task = Task(
+            batch_id=batch.id, prompt_id=prompt.id, kind="demonstration", needed=2, done_count=1 if i < 4 else 0
+        )
         db.add(task)
         db.flush()
         who, state = (ann, "submitted") if i < 3 else (bob, "submitted" if i < 4 else "skipped")
-        db.add(Assignment(task_id=task.id, labeler_id=who.id, state=state, leased_at=now - timedelta(hours=2),
-                          expires_at=now, finished_at=now - timedelta(minutes=60 - i),
-                          active_seconds=[20, 40, 50, 400, 0, 0][i], skip_reason="unclear" if state == "skipped" else None))
+        db.add(
+            Assignment(
+                task_id=task.id,
+                labeler_id=who.id,
+                state=state,
+                leased_at=now - timedelta(hours=2),
+                expires_at=now,
+                finished_at=now - timedelta(minutes=60 - i),
+                active_seconds=[20, 40, 50, 400, 0, 0][i],
+                skip_reason="unclear" if state == "skipped" else None,
+            )
+        )
     db.flush()
     page = client.get(f"/admin/batches/{batch.id}")
     assert page.status_code == 200

@@ -130,6 +130,7 @@ def test_random_rankings_agree_half_the_time() -> None:
 
 def test_kendall_tau_b_matches_scipy() -> None:
     from scipy import stats  # a dev dependency: the reference implementation
+
     rng = random.Random(1)
     for _ in range(200):
         k = rng.randint(2, 9)

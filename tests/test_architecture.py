@@ -26,8 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 # The data's walk: a stage may import the kernel and the stages listed before it.
 WALK = ["collection", "labeling", "quality", "export", "training", "registry"]
 # Modules every stage may import, which import no stage.
-KERNEL = {"app", "app.config", "app.db", "app.models", "app.errors", "app.security", "app.deps", "app.templating",
-          "app.outbox", "app.runs", "app.charts", "app.events"}
+KERNEL = {
+    "app",
+    "app.config",
+    "app.db",
+    "app.models",
+    "app.errors",
+    "app.security",
+    "app.deps",
+    "app.templating",
+    "app.outbox",
+    "app.runs",
+    "app.charts",
+    "app.events",
+}
 # The bundled world is a library of its own (prompts, scorer, corpus): kernel rank too.
 KERNEL_PACKAGES = ("app.world", "app.training.configs")
 # What wires the stages together or fronts them all; may import any stage.
@@ -77,8 +89,13 @@ def build_graph(root: Path = ROOT) -> dict[str, Module]:
                         if alias.name.startswith("_") and not alias.name.startswith("__") and node.module in modules:
                             module.private.append(f"line {node.lineno}: from {node.module} import {alias.name}")
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 module.private.append(f"line {node.lineno}: {aliases[node.value.id]}.{node.attr}")
     return modules
 
@@ -171,15 +188,24 @@ def test_the_web_process_never_imports_torch_or_the_worker(modules):
             continue
         seen.add(name)
         todo.extend(graph[name])
-    heavy = sorted(f"{name} imports {imported}" for name in seen for imported in modules[name].imports
-                   if imported.split(".")[0] in HEAVY)
+    heavy = sorted(
+        f"{name} imports {imported}"
+        for name in seen
+        for imported in modules[name].imports
+        if imported.split(".")[0] in HEAVY
+    )
     assert heavy == []
     assert "app.cli" not in seen
 
 
 def test_only_the_cli_starts_the_worker_side(modules):
-    offenders = sorted(f"{m.name} imports {i}" for m in modules.values() if m.name.startswith("app")
-                       and m.name not in MAY_IMPORT_WORKER for i in m.imports if i.split(".")[0] in HEAVY)
+    offenders = sorted(
+        f"{m.name} imports {i}"
+        for m in modules.values()
+        if m.name.startswith("app") and m.name not in MAY_IMPORT_WORKER
+        for i in m.imports
+        if i.split(".")[0] in HEAVY
+    )
     assert offenders == []
 
 
@@ -187,8 +213,10 @@ def test_imports_flow_one_way_along_the_walk(modules):
     graph = edges(modules)
     backwards = sorted(
         f"{name} (rank {rank(name)}) imports {target} (rank {rank(target)})"
-        for name, targets in graph.items() if name.startswith("app")
-        for target in targets if rank(target) > rank(name) and not (name in MAY_IMPORT_WORKER and target.startswith("worker"))
+        for name, targets in graph.items()
+        if name.startswith("app")
+        for target in targets
+        if rank(target) > rank(name) and not (name in MAY_IMPORT_WORKER and target.startswith("worker"))
     )
     assert backwards == []
 
@@ -215,26 +243,41 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Module]:
 
 
 def test_the_checker_finds_a_cycle_through_a_lazy_import(tmp_path):
-    found = _tree(tmp_path, {
-        "app/__init__.py": "", "app/a.py": "from app import b\n",
-        "app/b.py": "def f():\n    from app.a import g\n",
-    })
+    found = _tree(
+        tmp_path,
+        {
+            "app/__init__.py": "",
+            "app/a.py": "from app import b\n",
+            "app/b.py": "def f():\n    from app.a import g\n",
+        },
+    )
     assert find_cycles(edges(found)) == [["app.a", "app.b"]]
 
 
 def test_the_checker_finds_private_names(tmp_path):
-    found = _tree(tmp_path, {
-        "app/__init__.py": "", "app/a.py": "def _x(): pass\n",
-        "app/b.py": "from app import a\nfrom app.a import _x\na._x()\n",
-    })
+    found = _tree(
+        tmp_path,
+        {
+            "app/__init__.py": "",
+            "app/a.py": "def _x(): pass\n",
+            "app/b.py": "from app import a\nfrom app.a import _x\na._x()\n",
+        },
+    )
     assert found["app.b"].private == ["line 2: from app.a import _x", "line 3: app.a._x"]
 
 
 def test_the_checker_ranks_a_backward_import(tmp_path):
-    found = _tree(tmp_path, {
-        "app/__init__.py": "", "app/collection/__init__.py": "", "app/registry/__init__.py": "",
-        "app/collection/batches.py": "from app.registry import versions\n", "app/registry/versions.py": "",
-    })
+    found = _tree(
+        tmp_path,
+        {
+            "app/__init__.py": "",
+            "app/collection/__init__.py": "",
+            "app/registry/__init__.py": "",
+            "app/collection/batches.py": "from app.registry import versions\n",
+            "app/registry/versions.py": "",
+        },
+    )
     graph = edges(found)
     assert [t for t in graph["app.collection.batches"] if rank(t) > rank("app.collection.batches")] == [
-        "app.registry.versions"]
+        "app.registry.versions"
+    ]

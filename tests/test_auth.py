@@ -46,8 +46,11 @@ def test_session_cookie_flags_and_rotation(client, db):
     for _ in range(2):
         client.cookies.clear()
         form = client.get("/login")
-        response = client.post("/login", data={"username": user.username, "password": PASSWORD,
-                                               "csrf_token": _csrf(form.text)}, follow_redirects=False)
+        response = client.post(
+            "/login",
+            data={"username": user.username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
+            follow_redirects=False,
+        )
         session_part = [c for c in response.headers.get_list("set-cookie") if c.startswith(SESSION_COOKIE)][0]
         assert "HttpOnly" in session_part and "SameSite=lax" in session_part
         cookies.append(client.cookies.get(SESSION_COOKIE))
@@ -59,8 +62,9 @@ def test_session_cookie_flags_and_rotation(client, db):
 def test_wrong_password_is_a_clear_401(client):
     user = UserFactory()
     form = client.get("/login")
-    response = client.post("/login", data={"username": user.username, "password": "nope-nope",
-                                           "csrf_token": _csrf(form.text)})
+    response = client.post(
+        "/login", data={"username": user.username, "password": "nope-nope", "csrf_token": _csrf(form.text)}
+    )
     assert response.status_code == 401
     assert "Wrong username or password" in response.text
 
@@ -70,12 +74,16 @@ def test_login_is_rate_limited_per_account(client):
     statuses = []
     for _ in range(7):
         form = client.get("/login")
-        statuses.append(client.post("/login", data={"username": user.username, "password": "bad-password",
-                                                     "csrf_token": _csrf(form.text)}).status_code)
+        statuses.append(
+            client.post(
+                "/login", data={"username": user.username, "password": "bad-password", "csrf_token": _csrf(form.text)}
+            ).status_code
+        )
     assert statuses[:5] == [401] * 5 and statuses[5:] == [429, 429]
     form = client.get("/login")
-    blocked = client.post("/login", data={"username": user.username, "password": PASSWORD,
-                                          "csrf_token": _csrf(form.text)})
+    blocked = client.post(
+        "/login", data={"username": user.username, "password": PASSWORD, "csrf_token": _csrf(form.text)}
+    )
     assert blocked.status_code == 429 and "Too many failed attempts" in blocked.text
 
 
@@ -112,9 +120,16 @@ def test_tampered_cookie_is_anonymous(client):
 def test_open_redirect_after_login_is_refused(client):
     user = UserFactory()
     form = client.get("/login?next=//evil.example")
-    response = client.post("/login", data={"username": user.username, "password": PASSWORD,
-                                           "csrf_token": _csrf(form.text), "next": "https://evil.example/"},
-                           follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={
+            "username": user.username,
+            "password": PASSWORD,
+            "csrf_token": _csrf(form.text),
+            "next": "https://evil.example/",
+        },
+        follow_redirects=False,
+    )
     assert response.headers["location"] == "/label"
 
 
@@ -124,8 +139,13 @@ def test_api_token_is_stored_hashed_and_works_as_bearer(client, db):
     assert raw not in token.token_hash and len(token.token_hash) == 64
     me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {raw}"})
     assert me.status_code == 200
-    assert me.json() == {"id": admin.id, "username": admin.username, "role": "admin",
-                         "scopes": ["export:read"], "via": "token"}
+    assert me.json() == {
+        "id": admin.id,
+        "username": admin.username,
+        "role": "admin",
+        "scopes": ["export:read"],
+        "via": "token",
+    }
 
 
 def test_malformed_and_revoked_tokens_are_401(client, db):
@@ -156,8 +176,9 @@ def test_token_create_list_revoke_through_api(client, db, login):
     csrf = login(admin.username)
     no_csrf = client.post("/api/v1/tokens", json={"scopes": ["export:read"]})
     assert no_csrf.status_code == 403
-    created = client.post("/api/v1/tokens", json={"name": "export", "scopes": ["export:read"]},
-                          headers={"X-CSRF-Token": csrf})
+    created = client.post(
+        "/api/v1/tokens", json={"name": "export", "scopes": ["export:read"]}, headers={"X-CSRF-Token": csrf}
+    )
     assert created.status_code == 201
     secret, token_id = created.json()["token"], created.json()["id"]
     assert secret.startswith("il_") and created.json()["scopes"] == ["export:read"]

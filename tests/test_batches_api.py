@@ -36,8 +36,12 @@ def make_batch(client, auth, **fields) -> dict:
 
 
 def upload(client, auth, batch_id, data: bytes, content_type="application/jsonl", **params):
-    return client.post(f"/api/v1/batches/{batch_id}/prompts", content=data, params=params,
-                       headers={**auth, "content-type": content_type})
+    return client.post(
+        f"/api/v1/batches/{batch_id}/prompts",
+        content=data,
+        params=params,
+        headers={**auth, "content-type": content_type},
+    )
 
 
 def stored(db, batch_id) -> int:
@@ -76,8 +80,9 @@ def test_create_refuses_bad_fields_naming_them(client, auth):
         response = client.post("/api/v1/batches", json=body, headers=auth)
         assert response.status_code == 422, body
         assert [e["field"] for e in response.json()["errors"]] == [field], response.json()
-    neither = client.post("/api/v1/batches", json={"name": "x", "wants_demonstrations": False,
-                                                   "wants_rankings": False}, headers=auth)
+    neither = client.post(
+        "/api/v1/batches", json={"name": "x", "wants_demonstrations": False, "wants_rankings": False}, headers=auth
+    )
     assert neither.status_code == 422 and neither.json()["detail"].startswith("wants_rankings")
     missing_model = client.post("/api/v1/batches", json={"name": "x", "policy_version_id": 424242}, headers=auth)
     assert missing_model.status_code == 422 and missing_model.json()["detail"].startswith("policy_version_id")
@@ -121,13 +126,13 @@ def test_patch_refuses_unknown_status(client, auth):
 
 HYGIENE_FILE = [
     {"text": "What is 2 + 2?", "source_user_id": "u1"},
-    {"text": "  what IS 2 +   2? ", "source_user_id": "u2"},                       # duplicate of line 1
-    {"text": "Write to me at bob@example.com please", "source_user_id": "u4"},     # pii
+    {"text": "  what IS 2 +   2? ", "source_user_id": "u2"},  # duplicate of line 1
+    {"text": "Write to me at bob@example.com please", "source_user_id": "u4"},  # pii
     {"text": "Summarise the following article about cats", "source_user_id": "u5"},
     {"text": "Summarise the following article about dogs", "source_user_id": "u6"},  # shared prefix (20)
     {"text": "Translate hello to French", "source_user_id": "u3", "category": "few-shot"},
     {"text": "Name three primary colours", "source_user_id": "u3", "metadata": {"topic": "art"}},
-    {"text": "Sort the numbers 3 1 2 please", "source_user_id": "u3"},             # over the cap of 2
+    {"text": "Sort the numbers 3 1 2 please", "source_user_id": "u3"},  # over the cap of 2
 ]
 
 
@@ -139,13 +144,17 @@ def test_import_jsonl_applies_every_hygiene_rule(client, auth, db):
     body = response.json()
     assert body["stored"] == 4 and body["replaced"] == 0
     report = body["hygiene"]
-    assert {k: report[k] for k in ("received", "kept", "duplicates", "pii_dropped", "shared_prefix",
-                                   "over_user_limit")} == {
-        "received": 8, "kept": 4, "duplicates": 1, "pii_dropped": 1, "shared_prefix": 1, "over_user_limit": 1}
+    assert {
+        k: report[k] for k in ("received", "kept", "duplicates", "pii_dropped", "shared_prefix", "over_user_limit")
+    } == {"received": 8, "kept": 4, "duplicates": 1, "pii_dropped": 1, "shared_prefix": 1, "over_user_limit": 1}
     assert report["pii_kinds"]["email"] == 1
     assert sum(report["splits"].values()) == 4
     assert [(d["line"], d["rule"]) for d in body["dropped"]] == [
-        (2, "duplicate"), (3, "pii"), (5, "shared_prefix"), (8, "over_user_limit")]
+        (2, "duplicate"),
+        (3, "pii"),
+        (5, "shared_prefix"),
+        (8, "over_user_limit"),
+    ]
     rows = db.scalars(select(Prompt).where(Prompt.batch_id == batch["id"]).order_by(Prompt.source_line)).all()
     assert [p.source_line for p in rows] == [1, 4, 6, 7]
     assert rows[2].category == "few-shot"
@@ -155,8 +164,12 @@ def test_import_jsonl_applies_every_hygiene_rule(client, auth, db):
     assert download.status_code == 200 and download.headers["content-type"].startswith("text/csv")
     lines = list(csv.reader(io.StringIO(download.text)))
     assert lines[0] == ["line", "rule", "detail"]
-    assert [(r[0], r[1]) for r in lines[1:]] == [("2", "duplicate"), ("3", "pii"), ("5", "shared_prefix"),
-                                                 ("8", "over_user_limit")]
+    assert [(r[0], r[1]) for r in lines[1:]] == [
+        ("2", "duplicate"),
+        ("3", "pii"),
+        ("5", "shared_prefix"),
+        ("8", "over_user_limit"),
+    ]
     listed = client.get(f"/api/v1/batches/{batch['id']}", headers=auth).json()
     assert listed["progress"]["prompts"] == 4 and listed["hygiene"]["kept"] == 4
 
@@ -173,9 +186,11 @@ def test_import_stores_metadata(client, auth, db):
 
 def test_import_csv_with_pii_redacted(client, auth, db):
     batch = make_batch(client, auth, pii_policy="redact")
-    data = ("text,source_user_id,category,metadata\n"
-            "Call me on +1 415-555-0100 tomorrow,u1,plain,\n"
-            '"A prompt, with a comma",u2,user-based,"{""a"": 1}"\n').encode()
+    data = (
+        b"text,source_user_id,category,metadata\n"
+        b"Call me on +1 415-555-0100 tomorrow,u1,plain,\n"
+        b'"A prompt, with a comma",u2,user-based,"{""a"": 1}"\n'
+    )
     response = upload(client, auth, batch["id"], data, content_type="text/csv")
     assert response.status_code == 201, response.text
     assert response.json()["stored"] == 2 and response.json()["hygiene"]["pii_redacted"] == 1
@@ -186,12 +201,19 @@ def test_import_csv_with_pii_redacted(client, auth, db):
 
 def test_import_multipart_upload(client, auth, db):
     batch = make_batch(client, auth)
-    response = client.post(f"/api/v1/batches/{batch['id']}/prompts", headers=auth,
-                           files={"file": ("prompts.csv", b"text\nHello there\nGoodbye now\n", "application/octet-stream")})
+    response = client.post(
+        f"/api/v1/batches/{batch['id']}/prompts",
+        headers=auth,
+        files={"file": ("prompts.csv", b"text\nHello there\nGoodbye now\n", "application/octet-stream")},
+    )
     assert response.status_code == 201, response.text
     assert stored(db, batch["id"]) == 2
-    no_file = client.post(f"/api/v1/batches/{batch['id']}/prompts", headers=auth, data={"other": "x"},
-                          files={"attachment": ("a.txt", b"x", "text/plain")})
+    no_file = client.post(
+        f"/api/v1/batches/{batch['id']}/prompts",
+        headers=auth,
+        data={"other": "x"},
+        files={"attachment": ("a.txt", b"x", "text/plain")},
+    )
     assert no_file.status_code == 422 and no_file.json()["detail"].startswith("file")
 
 
@@ -202,21 +224,34 @@ def _errors(response) -> list[tuple[int, str | None]]:
 
 def test_every_jsonl_error_class_is_reported_by_line_and_field(client, auth, db):
     batch = make_batch(client, auth)
-    data = jsonl(
-        {"text": "fine"},
-        '{"text": "broken',                                     # 2 bad JSON
-        {"source_user_id": "u1"},                               # 3 missing text
-        {"text": "   "},                                        # 4 empty text
-        {"text": "x" * 20001},                                  # 5 over the maximum
-        {"text": "ok", "category": "poem"},                     # 6 unknown category
-        {"text": "ok", "colour": "red"},                        # 7 unknown field
-        {"text": "ok", "metadata": [1, 2]},                     # 8 metadata not an object
-        {"text": 5},                                            # 9 text not a string
-        "[1, 2]",                                               # 10 not an object
-    ) + b'{"text": "caf\xe9"}\n'                                # 11 invalid UTF-8
+    data = (
+        jsonl(
+            {"text": "fine"},
+            '{"text": "broken',  # 2 bad JSON
+            {"source_user_id": "u1"},  # 3 missing text
+            {"text": "   "},  # 4 empty text
+            {"text": "x" * 20001},  # 5 over the maximum
+            {"text": "ok", "category": "poem"},  # 6 unknown category
+            {"text": "ok", "colour": "red"},  # 7 unknown field
+            {"text": "ok", "metadata": [1, 2]},  # 8 metadata not an object
+            {"text": 5},  # 9 text not a string
+            "[1, 2]",  # 10 not an object
+        )
+        + b'{"text": "caf\xe9"}\n'
+    )  # 11 invalid UTF-8
     response = upload(client, auth, batch["id"], data)
-    assert _errors(response) == [(2, None), (3, "text"), (4, "text"), (5, "text"), (6, "category"),
-                                 (7, "colour"), (8, "metadata"), (9, "text"), (10, None), (11, None)]
+    assert _errors(response) == [
+        (2, None),
+        (3, "text"),
+        (4, "text"),
+        (5, "text"),
+        (6, "category"),
+        (7, "colour"),
+        (8, "metadata"),
+        (9, "text"),
+        (10, None),
+        (11, None),
+    ]
     body = response.json()
     assert body["total"] == 10 and "nothing was imported" in body["detail"]
     messages = [e["message"] for e in body["errors"]]
@@ -230,19 +265,30 @@ def test_every_csv_error_class_is_reported(client, auth, db):
     batch = make_batch(client, auth)
     data = b'text,category\nfine,plain\ntoo,many,cells\n"",plain\nok,essay\nshort\n'
     assert _errors(upload(client, auth, batch["id"], data, content_type="text/csv")) == [
-        (3, None), (4, "text"), (5, "category"), (6, None)]
+        (3, None),
+        (4, "text"),
+        (5, "category"),
+        (6, None),
+    ]
     assert _errors(upload(client, auth, batch["id"], b"prompt,user\nhi,u\n", content_type="text/csv")) == [
-        (1, "prompt"), (1, "user"), (1, "text")]
+        (1, "prompt"),
+        (1, "user"),
+        (1, "text"),
+    ]
     assert _errors(upload(client, auth, batch["id"], b"", content_type="text/csv")) == [(1, None)]
     assert _errors(upload(client, auth, batch["id"], "text\nhi\n".encode("utf-16"), content_type="text/csv")) == [
-        (1, None)]
+        (1, None)
+    ]
     assert stored(db, batch["id"]) == 0
 
 
 def test_binary_file_is_refused_clearly(client, auth, db):
     batch = make_batch(client, auth)
-    response = client.post(f"/api/v1/batches/{batch['id']}/prompts", headers=auth,
-                           files={"file": ("prompts.xlsx", b"PK\x03\x04\x14\x00binary", "application/vnd.ms-excel")})
+    response = client.post(
+        f"/api/v1/batches/{batch['id']}/prompts",
+        headers=auth,
+        files={"file": ("prompts.xlsx", b"PK\x03\x04\x14\x00binary", "application/vnd.ms-excel")},
+    )
     assert response.status_code == 415 and "binary" in response.json()["detail"]
 
 
@@ -255,8 +301,9 @@ def test_error_list_is_capped_at_100_with_the_total(client, auth, db):
 
 def test_one_bad_line_among_10000_imports_nothing(client, auth, db):
     batch = make_batch(client, auth)
-    records = [{"text": f"Prompt number {i} about topic {i * 7}", "source_user_id": f"u{i % 100}"}
-               for i in range(10_000)]
+    records = [
+        {"text": f"Prompt number {i} about topic {i * 7}", "source_user_id": f"u{i % 100}"} for i in range(10_000)
+    ]
     records[7776] = {"text": "fine", "category": "limerick"}
     response = upload(client, auth, batch["id"], jsonl(*records))
     assert _errors(response) == [(7777, "category")] and response.json()["total"] == 1
@@ -279,7 +326,10 @@ def test_replace_only_while_draft_and_keeps_old_prompts_on_errors(client, auth, 
     bad = jsonl({"text": "Fifth prompt"}, {"text": ""})
     assert upload(client, auth, batch["id"], bad, replace="true").status_code == 422
     assert sorted(db.scalars(select(Prompt.text).where(Prompt.batch_id == batch["id"]))) == [
-        "First prompt", "Fourth prompt", "Third prompt"]
+        "First prompt",
+        "Fourth prompt",
+        "Third prompt",
+    ]
 
     assert client.post(f"/api/v1/batches/{batch['id']}/start", headers=auth).status_code == 200
     late = upload(client, auth, batch["id"], jsonl({"text": "Sixth prompt"}), replace="true")
@@ -350,8 +400,11 @@ def test_admin_session_needs_the_csrf_header_to_write(client, db, admin, login):
     assert client.post("/api/v1/batches", json={"name": "x"}).status_code == 403
     created = client.post("/api/v1/batches", json={"name": "x"}, headers={"x-csrf-token": csrf})
     assert created.status_code == 201
-    response = client.post(f"/api/v1/batches/{created.json()['id']}/prompts", data={"csrf_token": csrf},
-                           files={"file": ("p.jsonl", jsonl({"text": "Hi"}), "application/octet-stream")})
+    response = client.post(
+        f"/api/v1/batches/{created.json()['id']}/prompts",
+        data={"csrf_token": csrf},
+        files={"file": ("p.jsonl", jsonl({"text": "Hi"}), "application/octet-stream")},
+    )
     assert response.status_code == 201, response.text
 
 
@@ -362,11 +415,15 @@ def test_dropped_csv_lists_every_dropped_line_beyond_the_preview(client, auth, d
 
     batch = client.post("/api/v1/batches", json={"name": "many-dupes"}, headers=auth).json()
     lines = [json.dumps({"text": "the same prompt"}) for _ in range(1500)]
-    response = client.post(f"/api/v1/batches/{batch['id']}/prompts", content="\n".join(lines),
-                           headers=auth | {"content-type": "application/x-ndjson"})
+    response = client.post(
+        f"/api/v1/batches/{batch['id']}/prompts",
+        content="\n".join(lines),
+        headers=auth | {"content-type": "application/x-ndjson"},
+    )
     assert response.status_code == 201
-    rows = list(csv.reader(io.StringIO(client.get(f"/api/v1/batches/{batch['id']}/hygiene/dropped.csv",
-                                                  headers=auth).text)))
+    rows = list(
+        csv.reader(io.StringIO(client.get(f"/api/v1/batches/{batch['id']}/hygiene/dropped.csv", headers=auth).text))
+    )
     assert rows[0] == ["line", "rule", "detail"]
     assert len(rows) - 1 == 1499 and {r[1] for r in rows[1:]} == {"duplicate"}
 
@@ -376,11 +433,17 @@ def test_split_fractions_are_configurable_and_validated(client, auth, db):
 
     batch = client.post("/api/v1/batches", json={"name": "all-valid"}, headers=auth).json()
     body = "\n".join(json.dumps({"text": f"prompt {i}", "source_user_id": f"u{i}"}) for i in range(50))
-    bad = client.post(f"/api/v1/batches/{batch['id']}/prompts?split=0.5,0.5", content=body,
-                      headers=auth | {"content-type": "application/x-ndjson"})
+    bad = client.post(
+        f"/api/v1/batches/{batch['id']}/prompts?split=0.5,0.5",
+        content=body,
+        headers=auth | {"content-type": "application/x-ndjson"},
+    )
     assert bad.status_code == 422 and bad.json()["detail"].startswith("split:")
-    ok = client.post(f"/api/v1/batches/{batch['id']}/prompts?split=0,1,0", content=body,
-                     headers=auth | {"content-type": "application/x-ndjson"})
+    ok = client.post(
+        f"/api/v1/batches/{batch['id']}/prompts?split=0,1,0",
+        content=body,
+        headers=auth | {"content-type": "application/x-ndjson"},
+    )
     assert ok.status_code == 201
     from sqlalchemy import select
 

@@ -31,12 +31,18 @@ def instructloop(*args: str, timeout: float = 120) -> subprocess.CompletedProces
 def test_import_prompts_stores_the_kept_rows_and_reports_hygiene(committed_session, tmp_path):
     db = committed_session
     file = tmp_path / "prompts.jsonl"
-    file.write_text("\n".join(json.dumps(row) for row in [
-        {"text": "Sort 3 1 2.", "source_user_id": "ann", "category": "plain"},
-        {"text": "Reverse the word lamp.", "source_user_id": "ann"},
-        {"text": "Count the vowels in banana.", "source_user_id": "bob", "category": "few-shot"},
-        {"text": "sort 3 1 2.", "source_user_id": "bob"},  # the first line again, once normalised
-    ]) + "\n")
+    file.write_text(
+        "\n".join(
+            json.dumps(row)
+            for row in [
+                {"text": "Sort 3 1 2.", "source_user_id": "ann", "category": "plain"},
+                {"text": "Reverse the word lamp.", "source_user_id": "ann"},
+                {"text": "Count the vowels in banana.", "source_user_id": "bob", "category": "few-shot"},
+                {"text": "sort 3 1 2.", "source_user_id": "bob"},  # the first line again, once normalised
+            ]
+        )
+        + "\n"
+    )
     done = instructloop("import-prompts", str(file), "--batch", "cli-batch")
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -46,11 +52,16 @@ def test_import_prompts_stores_the_kept_rows_and_reports_hygiene(committed_sessi
 
     batch = db.scalar(select(PromptBatch).where(PromptBatch.name == "cli-batch"))
     assert batch.id == summary["batch_id"] and batch.status == "draft"
-    rows = db.execute(select(Prompt.text, Prompt.source_user_id, Prompt.category, Prompt.split, Prompt.source_line)
-                      .where(Prompt.batch_id == batch.id).order_by(Prompt.source_line)).all()
+    rows = db.execute(
+        select(Prompt.text, Prompt.source_user_id, Prompt.category, Prompt.split, Prompt.source_line)
+        .where(Prompt.batch_id == batch.id)
+        .order_by(Prompt.source_line)
+    ).all()
     assert [(r.text, r.source_user_id, r.category, r.source_line) for r in rows] == [
-        ("Sort 3 1 2.", "ann", "plain", 1), ("Reverse the word lamp.", "ann", "plain", 2),
-        ("Count the vowels in banana.", "bob", "few-shot", 3)]
+        ("Sort 3 1 2.", "ann", "plain", 1),
+        ("Reverse the word lamp.", "ann", "plain", 2),
+        ("Count the vowels in banana.", "bob", "few-shot", 3),
+    ]
     assert rows[0].split == rows[1].split  # one source user, one split
 
     # Into the same batch again: the same texts are duplicates of the batch's own prompts now.

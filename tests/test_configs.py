@@ -53,8 +53,11 @@ def test_the_web_side_imports_neither_torch_nor_transformers(module):
 def used_settings(path: str) -> set[str]:
     """The `config.<name>` attributes a trainer module reads."""
     tree = ast.parse((ROOT / path).read_text())
-    return {node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"}
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"
+    }
 
 
 @pytest.mark.parametrize("kind", sorted(TRAINERS))
@@ -100,8 +103,9 @@ def test_the_trainer_trains_with_a_validated_config(tmp_path):
         config = SFTConfig(**validate_params("sft", params))
         assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
         config.learning_rate = 1e-2
-        metrics = train_sft(base, [("Repeat red", "red red"), ("Repeat blue", "blue blue")] * 2, [], config,
-                            tmp_path / "out")
+        metrics = train_sft(
+            base, [("Repeat red", "red red"), ("Repeat blue", "blue blue")] * 2, [], config, tmp_path / "out"
+        )
     finally:
         next(threads, None)
     assert metrics["steps"] == 2 and metrics["epochs_run"] == 1
@@ -139,27 +143,30 @@ def test_every_limit_is_enforced_at_its_edge(kind):
                 assert spec["allowed"] in caught.value.message, caught.value.message
 
 
-@pytest.mark.parametrize("kind, params, field, says", [
-    ("sft", {"lerning_rate": 0.1}, "params.lerning_rate", "sft has no such setting; known: epochs, learning_rate"),
-    ("sft", {"epochs": "2"}, "params.epochs", 'must be an integer >= 1, got "2"'),
-    ("sft", {"epochs": 2.0}, "params.epochs", "must be an integer >= 1, got 2.0"),
-    ("sft", {"epochs": True}, "params.epochs", "must be an integer >= 1, got true"),
-    ("sft", {"epochs": None}, "params.epochs", "must be an integer >= 1, got null"),
-    ("sft", {"learning_rate": 0}, "params.learning_rate", "must be a number > 0, got 0"),
-    ("sft", {"learning_rate": float("inf")}, "params.learning_rate", "must be a number > 0, got Infinity"),
-    ("sft", {"warmup_ratio": 1.5}, "params.warmup_ratio", "must be a number between 0 and 1, got 1.5"),
-    ("sft", {"early_stopping_patience": 0}, "params.early_stopping_patience", "an integer >= 1 or null, got 0"),
-    ("rm", {"device": "gpu"}, "params.device", "must be one of 'cpu' or null, got \"gpu\""),
-    ("rm", {"mixed_precision": "fp8"}, "params.mixed_precision", "must be one of 'no', 'bf16', 'fp16'"),
-    ("ppo", {"kl_coef": -0.1}, "params.kl_coef", "must be a number >= 0, got -0.1"),
-    ("ppo", {"adaptive_kl": 1}, "params.adaptive_kl", "must be true or false, got 1"),
-    ("ppo", {"stop_at_newline": "yes"}, "params.stop_at_newline", "must be true, false or null"),
-    ("ppo", {"lr_schedule": "linear"}, "params.lr_schedule", "must be one of 'constant', 'cosine'"),
-    ("ppo", {"seed": -1}, "params.seed", "must be an integer between 0 and 4294967295, got -1"),
-    ("pretrain", {"steps": 0}, "params.steps", "must be an integer >= 1 or null, got 0"),
-    ("pretrain", {"epochs": 1}, "params.epochs", "pretrain has no such setting; known: steps, seed"),
-    ("sample", {}, "kind", "must be one of pretrain, sft, rm, ppo"),
-])
+@pytest.mark.parametrize(
+    "kind, params, field, says",
+    [
+        ("sft", {"lerning_rate": 0.1}, "params.lerning_rate", "sft has no such setting; known: epochs, learning_rate"),
+        ("sft", {"epochs": "2"}, "params.epochs", 'must be an integer >= 1, got "2"'),
+        ("sft", {"epochs": 2.0}, "params.epochs", "must be an integer >= 1, got 2.0"),
+        ("sft", {"epochs": True}, "params.epochs", "must be an integer >= 1, got true"),
+        ("sft", {"epochs": None}, "params.epochs", "must be an integer >= 1, got null"),
+        ("sft", {"learning_rate": 0}, "params.learning_rate", "must be a number > 0, got 0"),
+        ("sft", {"learning_rate": float("inf")}, "params.learning_rate", "must be a number > 0, got Infinity"),
+        ("sft", {"warmup_ratio": 1.5}, "params.warmup_ratio", "must be a number between 0 and 1, got 1.5"),
+        ("sft", {"early_stopping_patience": 0}, "params.early_stopping_patience", "an integer >= 1 or null, got 0"),
+        ("rm", {"device": "gpu"}, "params.device", "must be one of 'cpu' or null, got \"gpu\""),
+        ("rm", {"mixed_precision": "fp8"}, "params.mixed_precision", "must be one of 'no', 'bf16', 'fp16'"),
+        ("ppo", {"kl_coef": -0.1}, "params.kl_coef", "must be a number >= 0, got -0.1"),
+        ("ppo", {"adaptive_kl": 1}, "params.adaptive_kl", "must be true or false, got 1"),
+        ("ppo", {"stop_at_newline": "yes"}, "params.stop_at_newline", "must be true, false or null"),
+        ("ppo", {"lr_schedule": "linear"}, "params.lr_schedule", "must be one of 'constant', 'cosine'"),
+        ("ppo", {"seed": -1}, "params.seed", "must be an integer between 0 and 4294967295, got -1"),
+        ("pretrain", {"steps": 0}, "params.steps", "must be an integer >= 1 or null, got 0"),
+        ("pretrain", {"epochs": 1}, "params.epochs", "pretrain has no such setting; known: steps, seed"),
+        ("sample", {}, "kind", "must be one of pretrain, sft, rm, ppo"),
+    ],
+)
 def test_validation_names_the_field_and_what_it_accepts(kind, params, field, says):
     with pytest.raises(FieldError) as caught:
         validate_params(kind, params)
@@ -194,11 +201,25 @@ def test_api_refuses_bad_params_naming_the_field(client, db, auth):
 
 @pytest.mark.sqlite
 def test_valid_params_round_trip(client, db, auth):
-    sent = {"sft": {"epochs": 2, "learning_rate": 1e-3, "warmup_ratio": 0, "early_stopping_patience": None,
-                    "device": "cpu", "mixed_precision": "bf16"},
-            "ppo": {"steps": 1, "kl_coef": 0, "gamma": 1, "lr_schedule": "constant", "stop_at_newline": True,
-                    "missing_eos_penalty": 0.5},
-            "pretrain": {"steps": 10, "seed": 4294967295}}
+    sent = {
+        "sft": {
+            "epochs": 2,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0,
+            "early_stopping_patience": None,
+            "device": "cpu",
+            "mixed_precision": "bf16",
+        },
+        "ppo": {
+            "steps": 1,
+            "kl_coef": 0,
+            "gamma": 1,
+            "lr_schedule": "constant",
+            "stop_at_newline": True,
+            "missing_eos_penalty": 0.5,
+        },
+        "pretrain": {"steps": 10, "seed": 4294967295},
+    }
     for kind, params in sent.items():
         started = client.post("/api/v1/runs", json={"kind": kind, "params": params}, headers=auth)
         assert started.status_code == 201, started.text
@@ -216,8 +237,13 @@ def test_params_listing_comes_from_the_dataclasses(client, db, auth):
     for kind, specs in listed.items():
         assert list(specs) == [f.name for f in fields(CONFIGS[kind])]
         assert specs == json.loads(json.dumps(param_specs(kind)))
-    assert listed["rm"]["learning_rate"] == {"type": "float", "default": 9e-6, "gt": 0, "allowed": "a number > 0",
-                                             "help": "Peak AdamW learning rate (InstructGPT 6B RM: 9e-6)."}
+    assert listed["rm"]["learning_rate"] == {
+        "type": "float",
+        "default": 9e-6,
+        "gt": 0,
+        "allowed": "a number > 0",
+        "help": "Peak AdamW learning rate (InstructGPT 6B RM: 9e-6).",
+    }
     assert listed["sft"]["early_stopping_patience"]["type"] == "int | None"
     assert listed["ppo"]["lr_schedule"]["choices"] == ["constant", "cosine"]
 

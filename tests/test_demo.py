@@ -26,11 +26,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the demo starts thr
 def demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo-data")
     port = free_port()
-    env = dict(os.environ, INSTRUCTLOOP_DATA_DIR=str(data_dir), INSTRUCTLOOP_DATABASE_URL="",
-               INSTRUCTLOOP_BROKER_URL="", INSTRUCTLOOP_ENVIRONMENT="demo")
+    env = dict(
+        os.environ,
+        INSTRUCTLOOP_DATA_DIR=str(data_dir),
+        INSTRUCTLOOP_DATABASE_URL="",
+        INSTRUCTLOOP_BROKER_URL="",
+        INSTRUCTLOOP_ENVIRONMENT="demo",
+    )
     log = open(data_dir / "demo.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "demo", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "demo", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/healthz", timeout=90, proc=proc)

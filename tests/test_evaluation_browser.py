@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import select
 
 from app.models import Completion, EvalJudgment, User
-from app.security import hash_password
 from app.quality import evaluations
 from app.quality.stats import win_rate
+from app.security import hash_password
 from tests.factories import PASSWORD
 from tests.test_evaluations import held_out_batch, sample_by_hand, two_models
 from tests.test_labeling_browser import fresh
@@ -94,6 +94,8 @@ def test_labeler_judges_blind_pairs_and_admin_sees_the_win_rate(chromium, live_s
     # And the evaluation's own page agrees.
     page.goto(f"{live_server}/admin/evaluations/{evaluation.id}")
     assert page.get_by_test_id("win-rate").inner_text() == "83.3 %"
-    assert page.get_by_test_id("win-interval").inner_text() == \
-        f"95 % CI {expected.low * 100:.1f} % – {expected.high * 100:.1f} %"
+    assert (
+        page.get_by_test_id("win-interval").inner_text()
+        == f"95 % CI {expected.low * 100:.1f} % – {expected.high * 100:.1f} %"
+    )
     context.close()

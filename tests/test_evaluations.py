@@ -13,14 +13,14 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from app.config import get_settings
-from app.models import Completion, EvalJudgment, Evaluation, ModelVersion, Prompt, PromptBatch, Task, TrainingRun
-from app.security import create_api_token
-from app.quality import evaluations
-from app.labeling import service as labeling
-from app.registry import versions as registry
-from app.quality.behaviour import model_behaviour
 from app.collection.sampling import store_samples
+from app.config import get_settings
+from app.labeling import leases, submissions
+from app.models import Completion, EvalJudgment, Evaluation, ModelVersion, Prompt, PromptBatch, Task, TrainingRun
+from app.quality import evaluations
+from app.quality.behaviour import model_behaviour
+from app.registry import versions as registry
+from app.security import create_api_token
 from tests.factories import AdminFactory, UserFactory
 from tests.html_text import text, texts
 from tests.test_labeling import seed_batch, tasks_of
@@ -32,9 +32,17 @@ def held_out_batch(db, n: int = 6, categories=("plain",), families=("arithmetic"
     batch = PromptBatch(name=f"held-out-{tag}", status="completed")
     db.add(batch)
     db.flush()
-    db.add_all(Prompt(batch_id=batch.id, text=f"Held-out prompt {i} ({tag})", split="test",
-                      category=categories[i % len(categories)], extra={"family": families[i % len(families)]},
-                      normalized_key=hashlib.sha256(f"{tag}:{i}".encode()).hexdigest()) for i in range(n))
+    db.add_all(
+        Prompt(
+            batch_id=batch.id,
+            text=f"Held-out prompt {i} ({tag})",
+            split="test",
+            category=categories[i % len(categories)],
+            extra={"family": families[i % len(families)]},
+            normalized_key=hashlib.sha256(f"{tag}:{i}".encode()).hexdigest(),
+        )
+        for i in range(n)
+    )
     db.flush()
     return batch
 
@@ -52,14 +60,21 @@ def sample_by_hand(db, evaluation: Evaluation, identical: int = 0) -> int:
     """Stores one output per prompt for each model, as the worker would; the first `identical` prompts agree."""
     prompts = evaluations.prompts_needing_output(db, evaluation, evaluation.model_a_id)
     for model_id, word in ((evaluation.model_a_id, "alpha"), (evaluation.model_b_id, "beta")):
-        store_samples(db, model_id, {pid: ["same answer" if i < identical else f"{word} answer to {pid}"]
-                                     for i, (pid, _) in enumerate(prompts)}, {"temperature": 0.0})
+        store_samples(
+            db,
+            model_id,
+            {
+                pid: ["same answer" if i < identical else f"{word} answer to {pid}"]
+                for i, (pid, _) in enumerate(prompts)
+            },
+            {"temperature": 0.0},
+        )
     return evaluations.open_for_judging(db, evaluation)
 
 
 def judge(db, labeler, prefer: str) -> EvalJudgment:
     """Leases the labeler's next eval task and gives the verdict `prefer` ('a', 'b' or 'tie')."""
-    assignment = labeling.lease_next_task(db, labeler, "eval")
+    assignment = leases.lease_next_task(db, labeler, "eval")
     assert assignment is not None
     task = db.get(Task, assignment.task_id)
     evaluation = evaluations.for_batch(db, task.batch_id)
@@ -67,14 +82,18 @@ def judge(db, labeler, prefer: str) -> EvalJudgment:
         choice = "tie"
     else:
         wanted = evaluation.model_a_id if prefer == "a" else evaluation.model_b_id
-        choice = db.scalar(select(Completion.id).where(Completion.id.in_(assignment.display_order),
-                                                       Completion.model_version_id == wanted))
-    return labeling.submit(db, labeler, assignment.id, choice=choice, active_seconds=12)
+        choice = db.scalar(
+            select(Completion.id).where(
+                Completion.id.in_(assignment.display_order), Completion.model_version_id == wanted
+            )
+        )
+    return submissions.submit(db, labeler, assignment.id, choice=choice, active_seconds=12)
 
 
 @pytest.fixture
 def settings_env(monkeypatch):
     """Sets INSTRUCTLOOP_* variables for one test."""
+
     def set_(**values):
         for name, value in values.items():
             monkeypatch.setenv(f"INSTRUCTLOOP_{name.upper()}", str(value))
@@ -117,14 +136,17 @@ def test_start_copies_held_out_prompts_into_an_evaluation_batch_and_queues_sampl
     assert (run.kind, run.params, run.triggered_by) == ("sample", {"evaluation_id": evaluation.id}, "evaluation")
 
 
-@pytest.mark.parametrize(("change", "field", "status"), [
-    ({"model_b_id": "same"}, "model_b_id", 422),
-    ({"kind_b": "rm"}, "model_b_id", 422),
-    ({"status_a": "training"}, "model_a_id", 422),
-    ({"prompt_split": "train"}, "prompt_split", 422),
-    ({"n_prompts": 0}, "n_prompts", 422),
-    ({"no_prompts": True}, "prompt_split", 409),
-])
+@pytest.mark.parametrize(
+    ("change", "field", "status"),
+    [
+        ({"model_b_id": "same"}, "model_b_id", 422),
+        ({"kind_b": "rm"}, "model_b_id", 422),
+        ({"status_a": "training"}, "model_a_id", 422),
+        ({"prompt_split": "train"}, "prompt_split", 422),
+        ({"n_prompts": 0}, "n_prompts", 422),
+        ({"no_prompts": True}, "prompt_split", 409),
+    ],
+)
 def test_start_refuses_with_a_message_naming_the_field(db, change, field, status):
     if not change.get("no_prompts"):
         held_out_batch(db)
@@ -167,7 +189,7 @@ def test_blind_judging_to_completion_with_results_per_category_and_family(db):
     assert set(result.by_family) <= {"arithmetic", "sorting", "facts"}
     assert sum(t["n"] for t in result.by_family.values()) == 10
     # Seen from B's side on B's own page, the same verdicts are a 25 % win rate.
-    for_b, = evaluations.for_model(db, b.id)
+    (for_b,) = evaluations.for_model(db, b.id)
     assert for_b["result"]["win_rate"] == pytest.approx(0.25) and for_b["opponent"]["id"] == a.id
 
 
@@ -177,12 +199,12 @@ def test_a_verdict_is_idempotent_and_a_bad_choice_names_the_field(db):
     evaluation = evaluations.start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=2)
     sample_by_hand(db, evaluation)
     labeler = UserFactory()
-    assignment = labeling.lease_next_task(db, labeler, "eval")
-    with pytest.raises(labeling.LabelingError) as exc:
-        labeling.submit(db, labeler, assignment.id, choice=123456789)
+    assignment = leases.lease_next_task(db, labeler, "eval")
+    with pytest.raises(leases.LabelingError) as exc:
+        submissions.submit(db, labeler, assignment.id, choice=123456789)
     assert exc.value.field == "choice"
-    first = labeling.submit(db, labeler, assignment.id, choice=assignment.display_order[1])
-    again = labeling.submit(db, labeler, assignment.id, choice="tie")
+    first = submissions.submit(db, labeler, assignment.id, choice=assignment.display_order[1])
+    again = submissions.submit(db, labeler, assignment.id, choice="tie")
     assert again.id == first.id and again.winner == first.winner != "tie"
     assert db.get(Task, assignment.task_id).done_count == 1
     # The order each labeler saw is recorded: the judgment knows which model was shown first.
@@ -218,8 +240,9 @@ def test_admin_api_starts_lists_and_cancels_evaluations(client, db):
     auth = {"Authorization": f"Bearer {token}"}
     refused = client.post("/api/v1/evaluations", headers=auth, json={"model_a_id": a.id, "model_b_id": a.id})
     assert refused.status_code == 422 and "model_b_id" in refused.json()["detail"]
-    created = client.post("/api/v1/evaluations", headers=auth,
-                          json={"model_a_id": a.id, "model_b_id": b.id, "n_prompts": 2})
+    created = client.post(
+        "/api/v1/evaluations", headers=auth, json={"model_a_id": a.id, "model_b_id": b.id, "n_prompts": 2}
+    )
     assert created.status_code == 201, created.text
     body = created.json()
     assert body["status"] == "sampling" and body["model_a"]["name"] == a.name and body["overall"]["n"] == 0
@@ -242,15 +265,15 @@ def test_admin_api_starts_lists_and_cancels_evaluations(client, db):
 def test_a_new_policy_is_evaluated_against_the_promoted_one(db, settings_env):
     settings_env(eval_after_ppo_prompts=3)
     held_out_batch(db, n=5)
-    current = ModelVersion(name=f"policy-old-{uuid.uuid4().hex[:6]}", kind="policy", status="training",
-                           artifact_path="/x")
+    current = ModelVersion(
+        name=f"policy-old-{uuid.uuid4().hex[:6]}", kind="policy", status="training", artifact_path="/x"
+    )
     db.add(current)
     db.flush()
     registry.mark_ready(db, current.id)  # the first policy is promoted, nothing to compare with
     assert current.status == "promoted"
     assert db.scalar(select(Evaluation)) is None
-    new = ModelVersion(name=f"policy-new-{uuid.uuid4().hex[:6]}", kind="policy", status="training",
-                       artifact_path="/y")
+    new = ModelVersion(name=f"policy-new-{uuid.uuid4().hex[:6]}", kind="policy", status="training", artifact_path="/y")
     db.add(new)
     db.flush()
     registry.mark_ready(db, new.id)
@@ -267,8 +290,9 @@ def test_the_promotion_gate_needs_a_won_evaluation_and_a_scheduled_win_promotes(
     registry.promote(db, current)
     with pytest.raises(registry.RegistryError, match="has not won"):
         registry.promote(db, new)
-    evaluation = evaluations.start_evaluation(db, model_a_id=new.id, model_b_id=current.id, n_prompts=2,
-                                              triggered_by="schedule")
+    evaluation = evaluations.start_evaluation(
+        db, model_a_id=new.id, model_b_id=current.id, n_prompts=2, triggered_by="schedule"
+    )
     sample_by_hand(db, evaluation)
     labeler = UserFactory()
     judge(db, labeler, "a")
@@ -303,12 +327,18 @@ def test_flag_rates_and_mean_likert_per_model_version(db):
     model_id = db.scalar(select(Completion.model_version_id).join(Prompt).where(Prompt.batch_id == batch.id))
     labeler = UserFactory()
     for task in tasks_of(db, batch):
-        assignment = labeling.lease_next_task(db, labeler, "ranking")
+        assignment = leases.lease_next_task(db, labeler, "ranking")
         order = assignment.display_order
-        items = [{"completion_id": cid, "rank": i + 1, "likert": [2, 4, 6, 4][i],
-                  "flags": ["hallucination"] if i == 0 else (["harmful_advice", "hallucination"] if i == 1 else [])}
-                 for i, cid in enumerate(order)]
-        labeling.submit_ranking(db, labeler, assignment.id, items)
+        items = [
+            {
+                "completion_id": cid,
+                "rank": i + 1,
+                "likert": [2, 4, 6, 4][i],
+                "flags": ["hallucination"] if i == 0 else (["harmful_advice", "hallucination"] if i == 1 else []),
+            }
+            for i, cid in enumerate(order)
+        ]
+        submissions.submit_ranking(db, labeler, assignment.id, items)
     found = model_behaviour(db, model_id)
     assert found.n_outputs == 8 and found.n_rankings == 2
     assert found.likert.value == pytest.approx(4.0)
@@ -352,8 +382,9 @@ def test_model_page_shows_evaluations_and_behaviour(client, db, login):
 def test_the_api_shows_one_evaluation_with_its_results(client, db):
     held_out_batch(db, n=4, categories=("plain", "few-shot"), families=("arithmetic", "sorting"))
     a, b = two_models(db)
-    evaluation = evaluations.start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=4, overlap=2,
-                                              temperature=0.5, max_new_tokens=20)
+    evaluation = evaluations.start_evaluation(
+        db, model_a_id=a.id, model_b_id=b.id, n_prompts=4, overlap=2, temperature=0.5, max_new_tokens=20
+    )
     assert sample_by_hand(db, evaluation, identical=1) == 3
     labeler, second = UserFactory(), UserFactory()
     for who, verdicts in ((labeler, "aab"), (second, "a-a")):
@@ -366,11 +397,38 @@ def test_the_api_shows_one_evaluation_with_its_results(client, db):
     response = client.get(url, headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
     body = response.json()
-    assert {k: body[k] for k in ("id", "status", "batch_id", "n_prompts", "overlap", "prompt_split", "temperature",
-                                 "max_new_tokens", "triggered_by", "n_identical", "tasks", "tasks_done", "labelers")} \
-        == {"id": evaluation.id, "status": "completed", "batch_id": evaluation.batch_id, "n_prompts": 4,
-            "overlap": 2, "prompt_split": "test", "temperature": 0.5, "max_new_tokens": 20, "triggered_by": "admin",
-            "n_identical": 1, "tasks": 3, "tasks_done": 6, "labelers": 2}
+    assert {
+        k: body[k]
+        for k in (
+            "id",
+            "status",
+            "batch_id",
+            "n_prompts",
+            "overlap",
+            "prompt_split",
+            "temperature",
+            "max_new_tokens",
+            "triggered_by",
+            "n_identical",
+            "tasks",
+            "tasks_done",
+            "labelers",
+        )
+    } == {
+        "id": evaluation.id,
+        "status": "completed",
+        "batch_id": evaluation.batch_id,
+        "n_prompts": 4,
+        "overlap": 2,
+        "prompt_split": "test",
+        "temperature": 0.5,
+        "max_new_tokens": 20,
+        "triggered_by": "admin",
+        "n_identical": 1,
+        "tasks": 3,
+        "tasks_done": 6,
+        "labelers": 2,
+    }
     assert body["model_a"] == {"id": a.id, "name": a.name, "kind": "policy"}
     assert body["model_b"] == {"id": b.id, "name": b.name, "kind": "policy"}
     overall = body["overall"]
@@ -392,8 +450,17 @@ def test_admin_starts_and_cancels_an_evaluation_through_the_form(client, db, log
     admin = AdminFactory()
     db.commit()
     csrf = login(admin.username)
-    form = {"csrf_token": csrf, "model_a_id": str(a.id), "model_b_id": str(b.id), "n_prompts": "2", "overlap": "2",
-            "prompt_split": "test", "temperature": "0", "max_new_tokens": "32", "source_batch_id": str(source.id)}
+    form = {
+        "csrf_token": csrf,
+        "model_a_id": str(a.id),
+        "model_b_id": str(b.id),
+        "n_prompts": "2",
+        "overlap": "2",
+        "prompt_split": "test",
+        "temperature": "0",
+        "max_new_tokens": "32",
+        "source_batch_id": str(source.id),
+    }
     assert client.post("/admin/evaluations", data={**form, "csrf_token": "wrong"}).status_code == 403
     # A refusal shows the form again with a message naming the field, and starts nothing.
     same = client.post("/admin/evaluations", data={**form, "model_b_id": str(a.id)})
@@ -406,8 +473,14 @@ def test_admin_starts_and_cancels_an_evaluation_through_the_form(client, db, log
     assert started.status_code == 303
     evaluation = db.scalar(select(Evaluation))
     assert started.headers["location"] == f"/admin/evaluations/{evaluation.id}"
-    assert (evaluation.model_a_id, evaluation.model_b_id, evaluation.n_prompts, evaluation.overlap,
-            evaluation.max_new_tokens, evaluation.created_by_id) == (a.id, b.id, 2, 2, 32, admin.id)
+    assert (
+        evaluation.model_a_id,
+        evaluation.model_b_id,
+        evaluation.n_prompts,
+        evaluation.overlap,
+        evaluation.max_new_tokens,
+        evaluation.created_by_id,
+    ) == (a.id, b.id, 2, 2, 32, admin.id)
     copied = db.scalars(select(Prompt.text).where(Prompt.batch_id == evaluation.batch_id)).all()
     source_texts = set(db.scalars(select(Prompt.text).where(Prompt.batch_id == source.id)))
     assert len(copied) == 2 and set(copied) <= source_texts
@@ -417,8 +490,9 @@ def test_admin_starts_and_cancels_an_evaluation_through_the_form(client, db, log
     assert text(page.text, "evaluation-status") == "sampling" and texts(page.text, "cancel-evaluation") == ["Cancel"]
 
     assert client.post(f"/admin/evaluations/{evaluation.id}/cancel").status_code == 403  # no CSRF token
-    cancelled = client.post(f"/admin/evaluations/{evaluation.id}/cancel", data={"csrf_token": csrf},
-                            follow_redirects=False)
+    cancelled = client.post(
+        f"/admin/evaluations/{evaluation.id}/cancel", data={"csrf_token": csrf}, follow_redirects=False
+    )
     assert cancelled.status_code == 303 and cancelled.headers["location"] == f"/admin/evaluations/{evaluation.id}"
     db.expire_all()
     assert db.get(Evaluation, evaluation.id).status == "cancelled"
@@ -437,11 +511,17 @@ def test_the_behaviour_api_reports_flag_rates_and_likert_of_hand_made_rankings(c
     model_id = db.scalar(select(Completion.model_version_id).join(Prompt).where(Prompt.batch_id == batch.id))
     labeler = UserFactory()
     for n, _task in enumerate(tasks_of(db, batch)):
-        assignment = labeling.lease_next_task(db, labeler, "ranking")
-        items = [{"completion_id": cid, "rank": i + 1, "likert": [7, 5, 3, 1][i],
-                  "flags": ["hallucination"] if i < 2 else (["personal_data"] if i == 3 and n == 0 else [])}
-                 for i, cid in enumerate(assignment.display_order)]
-        labeling.submit_ranking(db, labeler, assignment.id, items, all_unacceptable=n == 1)
+        assignment = leases.lease_next_task(db, labeler, "ranking")
+        items = [
+            {
+                "completion_id": cid,
+                "rank": i + 1,
+                "likert": [7, 5, 3, 1][i],
+                "flags": ["hallucination"] if i < 2 else (["personal_data"] if i == 3 and n == 0 else []),
+            }
+            for i, cid in enumerate(assignment.display_order)
+        ]
+        submissions.submit_ranking(db, labeler, assignment.id, items, all_unacceptable=n == 1)
     token, _ = create_api_token(db, AdminFactory(), ["admin"])
     db.commit()
     auth = {"Authorization": f"Bearer {token}"}

@@ -10,7 +10,6 @@ data, because each export reads from a snapshot connection of its own.
 from __future__ import annotations
 
 import concurrent.futures
-
 import csv
 import gzip
 import io
@@ -20,7 +19,7 @@ import random
 import re
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -28,6 +27,15 @@ from sqlalchemy import func, select
 
 from app.config import get_settings
 from app.db import get_engine
+from app.export import stream as export_service
+from app.export.rows import (
+    COMPARISON_COLUMNS,
+    DEMONSTRATION_COLUMNS,
+    RANKING_COLUMNS,
+    comparison_pairs,
+    labeler_pseudonym,
+)
+from app.export.stream import SnapshotExport, export_chunks, parse_cursor, resolve_filters
 from app.models import (
     Assignment,
     Completion,
@@ -41,13 +49,10 @@ from app.models import (
     User,
 )
 from app.security import create_api_token
-from app.export import stream as export_service
-from app.export.rows import COMPARISON_COLUMNS, DEMONSTRATION_COLUMNS, RANKING_COLUMNS, comparison_pairs, labeler_pseudonym
-from app.export.stream import SnapshotExport, export_chunks, parse_cursor, resolve_filters
 
 pytestmark = pytest.mark.sqlite
 
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 _seq = itertools.count(1)
 
 
@@ -78,8 +83,9 @@ def add_version(db, name) -> ModelVersion:
 
 def add_task(db, batch, k, split="train", text=None) -> Task:
     n = next(_seq)
-    prompt = Prompt(batch_id=batch.id, text=text or f"Sort the numbers {n} 3 1", split=split,
-                    normalized_key=f"{n:064x}")
+    prompt = Prompt(
+        batch_id=batch.id, text=text or f"Sort the numbers {n} 3 1", split=split, normalized_key=f"{n:064x}"
+    )
     db.add(prompt)
     db.flush()
     task = Task(batch_id=batch.id, prompt_id=prompt.id, kind="ranking", k=k, needed=3)
@@ -88,30 +94,62 @@ def add_task(db, batch, k, split="train", text=None) -> Task:
     return task
 
 
-def add_ranking(db, batch, labeler, ranks, *, task=None, split="train", likerts=None, versions=None,
-                positions=None, texts=None, all_unacceptable=False, created_at=None, flags=None) -> Ranking:
+def add_ranking(
+    db,
+    batch,
+    labeler,
+    ranks,
+    *,
+    task=None,
+    split="train",
+    likerts=None,
+    versions=None,
+    positions=None,
+    texts=None,
+    all_unacceptable=False,
+    created_at=None,
+    flags=None,
+) -> Ranking:
     """Inserts a submitted ranking: item i has ranks[i], shown at positions[i] (default i)."""
     k = len(ranks)
     task = task or add_task(db, batch, k, split)
     completions = [
-        Completion(prompt_id=task.prompt_id, text=(texts[i] if texts else f"t{task.id}-out{i}"),
-                   model_version_id=(versions[i].id if versions and versions[i] else None))
+        Completion(
+            prompt_id=task.prompt_id,
+            text=(texts[i] if texts else f"t{task.id}-out{i}"),
+            model_version_id=(versions[i].id if versions and versions[i] else None),
+        )
         for i in range(k)
     ]
     db.add_all(completions)
-    assignment = Assignment(task_id=task.id, labeler_id=labeler.id, state="submitted",
-                            expires_at=T0 + timedelta(days=1))
+    assignment = Assignment(
+        task_id=task.id, labeler_id=labeler.id, state="submitted", expires_at=T0 + timedelta(days=1)
+    )
     db.add(assignment)
     db.flush()
-    ranking = Ranking(assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id, labeler_id=labeler.id,
-                      all_unacceptable=all_unacceptable, created_at=created_at or T0)
+    ranking = Ranking(
+        assignment_id=assignment.id,
+        task_id=task.id,
+        prompt_id=task.prompt_id,
+        labeler_id=labeler.id,
+        all_unacceptable=all_unacceptable,
+        created_at=created_at or T0,
+    )
     db.add(ranking)
     db.flush()
-    db.add_all([
-        RankingItem(ranking_id=ranking.id, completion_id=c.id, rank=ranks[i], likert=(likerts or [4] * k)[i],
-                    flags=(flags or {}).get(i, []), position=(positions or list(range(k)))[i])
-        for i, c in enumerate(completions)
-    ])
+    db.add_all(
+        [
+            RankingItem(
+                ranking_id=ranking.id,
+                completion_id=c.id,
+                rank=ranks[i],
+                likert=(likerts or [4] * k)[i],
+                flags=(flags or {}).get(i, []),
+                position=(positions or list(range(k)))[i],
+            )
+            for i, c in enumerate(completions)
+        ]
+    )
     db.flush()
     return ranking
 
@@ -125,12 +163,19 @@ def add_demonstration(db, batch, labeler, text, *, split="train", created_at=Non
         task = Task(batch_id=batch.id, prompt_id=prompt.id, kind="demonstration", needed=3)
         db.add(task)
         db.flush()
-    assignment = Assignment(task_id=task.id, labeler_id=labeler.id, state="submitted",
-                            expires_at=T0 + timedelta(days=1))
+    assignment = Assignment(
+        task_id=task.id, labeler_id=labeler.id, state="submitted", expires_at=T0 + timedelta(days=1)
+    )
     db.add(assignment)
     db.flush()
-    demo = Demonstration(assignment_id=assignment.id, task_id=task.id, prompt_id=task.prompt_id,
-                         labeler_id=labeler.id, text=text, created_at=created_at or T0)
+    demo = Demonstration(
+        assignment_id=assignment.id,
+        task_id=task.id,
+        prompt_id=task.prompt_id,
+        labeler_id=labeler.id,
+        text=text,
+        created_at=created_at or T0,
+    )
     db.add(demo)
     db.flush()
     return demo
@@ -140,8 +185,16 @@ def run_export(db, kind, fmt="jsonl", cursor=None, **filters) -> list:
     """Exports through the service on the test's own connection; returns parsed rows."""
     conn = db.connection()
     secret = get_settings().secret_key
-    body = b"".join(export_chunks(conn, kind, resolve_filters(conn, kind, secret, **filters), secret_key=secret,
-                                  fmt=fmt, cursor=parse_cursor(kind, cursor) if cursor else None))
+    body = b"".join(
+        export_chunks(
+            conn,
+            kind,
+            resolve_filters(conn, kind, secret, **filters),
+            secret_key=secret,
+            fmt=fmt,
+            cursor=parse_cursor(kind, cursor) if cursor else None,
+        )
+    )
     if fmt == "csv":
         return list(csv.reader(io.StringIO(body.decode())))
     return [json.loads(line) for line in body.decode().splitlines()]
@@ -160,11 +213,22 @@ def test_pairs_of_k4_without_ties_in_exact_order(db):
     ranking = add_ranking(db, batch, labeler, [2, 1, 4, 3], likerts=[5, 7, 1, 3], texts=["a", "b", "c", "d"])
     rows = run_export(db, "comparisons")
     assert [(r["chosen"], r["rejected"]) for r in rows] == [
-        ("b", "a"), ("b", "d"), ("b", "c"), ("a", "d"), ("a", "c"), ("d", "c"),
+        ("b", "a"),
+        ("b", "d"),
+        ("b", "c"),
+        ("a", "d"),
+        ("a", "c"),
+        ("d", "c"),
     ]
     assert [(r["chosen_rank"], r["rejected_rank"]) for r in rows] == [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
     assert [(r["chosen_likert"], r["rejected_likert"]) for r in rows] == [
-        (7, 5), (7, 3), (7, 1), (5, 3), (5, 1), (3, 1)]
+        (7, 5),
+        (7, 3),
+        (7, 1),
+        (5, 3),
+        (5, 1),
+        (3, 1),
+    ]
     assert [r["cursor"] for r in rows] == [f"{ranking.id}:{n}" for n in range(6)]
     assert all(r["weight"] == 1 / 6 for r in rows)
     assert all(r["ranking_id"] == ranking.id and r["prompt_id"] == ranking.prompt_id for r in rows)
@@ -183,19 +247,27 @@ def test_tied_outputs_yield_no_pair_but_stay_in_the_ranking_export(db):
     assert [c["rank"] for c in rankings[1]["completions"]] == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("ranks", [
-    list(range(1, 10)),
-    [1, 1, 2, 2, 2, 3, 4, 4, 5],
-    [9, 1, 5, 5, 2, 8, 8, 3, 1],
-])
+@pytest.mark.parametrize(
+    "ranks",
+    [
+        list(range(1, 10)),
+        [1, 1, 2, 2, 2, 3, 4, 4, 5],
+        [9, 1, 5, 5, 2, 8, 8, 3, 1],
+    ],
+)
 def test_pairs_of_k9_match_a_brute_force_count(db, ranks):
     batch, labeler = add_batch(db), add_user(db)
     ranking = add_ranking(db, batch, labeler, ranks, texts=[f"o{i}" for i in range(9)])
     rows = run_export(db, "comparisons")
     expected = brute_force_pairs(ranks)
     assert {(int(r["chosen"][1:]), int(r["rejected"][1:])) for r in rows} == expected
-    assert len(rows) == len(expected) == {(1, 2, 3, 4, 5, 6, 7, 8, 9): 36, (1, 1, 2, 2, 2, 3, 4, 4, 5): 31,
-                                          (9, 1, 5, 5, 2, 8, 8, 3, 1): 33}[tuple(ranks)]
+    assert (
+        len(rows)
+        == len(expected)
+        == {(1, 2, 3, 4, 5, 6, 7, 8, 9): 36, (1, 1, 2, 2, 2, 3, 4, 4, 5): 31, (9, 1, 5, 5, 2, 8, 8, 3, 1): 33}[
+            tuple(ranks)
+        ]
+    )
     assert sum(r["weight"] for r in rows) == pytest.approx(1.0)
     assert all(r["chosen_rank"] < r["rejected_rank"] for r in rows)
     assert [r["cursor"] for r in rows] == [f"{ranking.id}:{n}" for n in range(len(expected))]
@@ -210,17 +282,30 @@ def test_comparison_pairs_are_best_first_and_skip_ties():
 def test_ranking_rows_carry_display_order_flags_and_provenance(db):
     batch, labeler = add_batch(db, "prov-batch"), add_user(db, held_out=True)
     policy, base = add_version(db, "policy-7"), add_version(db, "base-1")
-    ranking = add_ranking(db, batch, labeler, [3, 1, 2, 4], split="valid", likerts=[2, 6, 5, 1],
-                          versions=[policy, base, None, policy], positions=[2, 0, 3, 1], texts=list("wxyz"),
-                          flags={3: ["hallucination"]}, all_unacceptable=False)
+    ranking = add_ranking(
+        db,
+        batch,
+        labeler,
+        [3, 1, 2, 4],
+        split="valid",
+        likerts=[2, 6, 5, 1],
+        versions=[policy, base, None, policy],
+        positions=[2, 0, 3, 1],
+        texts=list("wxyz"),
+        flags={3: ["hallucination"]},
+        all_unacceptable=False,
+    )
     (row,) = run_export(db, "rankings")
     assert list(row) == list(RANKING_COLUMNS)
     assert row["k"] == 4 and row["batch"] == "prov-batch" and row["split"] == "valid"
     assert row["labeler_held_out"] is True and row["cursor"] == str(ranking.id)
-    assert [(c["text"], c["position"], c["rank"], c["likert"], c["model_version"], c["flags"])
-            for c in row["completions"]] == [
-        ("x", 0, 1, 6, "base-1", []), ("z", 1, 4, 1, "policy-7", ["hallucination"]),
-        ("w", 2, 3, 2, "policy-7", []), ("y", 3, 2, 5, None, []),
+    assert [
+        (c["text"], c["position"], c["rank"], c["likert"], c["model_version"], c["flags"]) for c in row["completions"]
+    ] == [
+        ("x", 0, 1, 6, "base-1", []),
+        ("z", 1, 4, 1, "policy-7", ["hallucination"]),
+        ("w", 2, 3, 2, "policy-7", []),
+        ("y", 3, 2, 5, None, []),
     ]
     comparisons = run_export(db, "comparisons")
     assert comparisons[0]["chosen_model_version"] == "base-1" and comparisons[0]["rejected_model_version"] is None
@@ -290,12 +375,22 @@ def test_each_filter_selects_exactly_its_rankings(db, world):
         (("labeler", labeler_pseudonym(secret, bob.id)),): ("late_bob", "overlap2"),
         (("labeler", labeler_pseudonym(secret, carol.id)),): (),
         (("model_version", "policy-v2"),): ("v2",),
-        (("model_version", str(world["versions"][0].id)),): ("plain", "other_batch", "valid", "late_bob", "flagged",
-                                                              "v2"),
+        (("model_version", str(world["versions"][0].id)),): (
+            "plain",
+            "other_batch",
+            "valid",
+            "late_bob",
+            "flagged",
+            "v2",
+        ),
         (("min_overlap", 2),): ("overlap1", "overlap2"),
         (("exclude_flagged", True),): tuple(n for n in ALL if n != "flagged"),
-        (("batch", "batch-a"), ("labeler", labeler_pseudonym(secret, alice.id)), ("exclude_flagged", True)):
-            ("plain", "valid", "v2", "overlap1"),
+        (("batch", "batch-a"), ("labeler", labeler_pseudonym(secret, alice.id)), ("exclude_flagged", True)): (
+            "plain",
+            "valid",
+            "v2",
+            "overlap1",
+        ),
     }
     for filters, names in cases.items():
         assert ids(run_export(db, "rankings", **dict(filters))) == expect(world, *names), filters
@@ -311,24 +406,29 @@ def test_filters_on_demonstrations(db, world):
     assert rows[0]["prompt"].startswith("Reverse the word") and rows[0]["cursor"] == str(demos["alice"].id)
     secret = get_settings().secret_key
     assert ids(run_export(db, "demonstrations", batch="batch-b"), "demonstration_id") == [demos["bob_late"].id]
-    assert ids(run_export(db, "demonstrations", labeler=labeler_pseudonym(secret, alice.id)),
-               "demonstration_id") == [demos["alice"].id]
+    assert ids(run_export(db, "demonstrations", labeler=labeler_pseudonym(secret, alice.id)), "demonstration_id") == [
+        demos["alice"].id
+    ]
     assert ids(run_export(db, "demonstrations", since=T0 + timedelta(days=1)), "demonstration_id") == [
-        demos["bob_late"].id]
+        demos["bob_late"].id
+    ]
     assert run_export(db, "demonstrations", min_overlap=2) == []
 
 
-@pytest.mark.parametrize("kind, filters, param", [
-    ("rankings", {"batch": "no-such-batch"}, "batch"),
-    ("rankings", {"batch": "999999"}, "batch"),
-    ("comparisons", {"labeler": "lab_0000000000000000"}, "labeler"),
-    ("comparisons", {"model_version": "policy-v404"}, "model_version"),
-    ("rankings", {"split": "holdout"}, "split"),
-    ("rankings", {"min_overlap": 0}, "min_overlap"),
-    ("rankings", {"since": T0, "until": T0}, "until"),
-    ("demonstrations", {"model_version": "policy-v1"}, "model_version"),
-    ("demonstrations", {"exclude_flagged": True}, "exclude_flagged"),
-])
+@pytest.mark.parametrize(
+    "kind, filters, param",
+    [
+        ("rankings", {"batch": "no-such-batch"}, "batch"),
+        ("rankings", {"batch": "999999"}, "batch"),
+        ("comparisons", {"labeler": "lab_0000000000000000"}, "labeler"),
+        ("comparisons", {"model_version": "policy-v404"}, "model_version"),
+        ("rankings", {"split": "holdout"}, "split"),
+        ("rankings", {"min_overlap": 0}, "min_overlap"),
+        ("rankings", {"since": T0, "until": T0}, "until"),
+        ("demonstrations", {"model_version": "policy-v1"}, "model_version"),
+        ("demonstrations", {"exclude_flagged": True}, "exclude_flagged"),
+    ],
+)
 def test_bad_filters_name_the_parameter(db, world, kind, filters, param):
     with pytest.raises(export_service.ExportError) as err:
         resolve_filters(db.connection(), kind, get_settings().secret_key, **filters)
@@ -384,8 +484,11 @@ def test_the_embedded_default_exports_from_a_snapshot_too(db, monkeypatch):
 
 
 def test_csv_has_the_header_and_the_same_rows_as_jsonl(db, world):
-    for kind, columns in (("comparisons", COMPARISON_COLUMNS), ("rankings", RANKING_COLUMNS),
-                          ("demonstrations", DEMONSTRATION_COLUMNS)):
+    for kind, columns in (
+        ("comparisons", COMPARISON_COLUMNS),
+        ("rankings", RANKING_COLUMNS),
+        ("demonstrations", DEMONSTRATION_COLUMNS),
+    ):
         table = run_export(db, kind, fmt="csv")
         rows = run_export(db, kind)
         assert tuple(table[0]) == columns
@@ -395,13 +498,15 @@ def test_csv_has_the_header_and_the_same_rows_as_jsonl(db, world):
         assert [r["prompt"] for r in by_column] == [r["prompt"] for r in rows]
         if kind == "comparisons":
             assert [(r["chosen"], r["rejected"], float(r["weight"])) for r in by_column] == [
-                (r["chosen"], r["rejected"], r["weight"]) for r in rows]
+                (r["chosen"], r["rejected"], r["weight"]) for r in rows
+            ]
         if kind == "rankings":
             assert [json.loads(r["completions"]) for r in by_column] == [r["completions"] for r in rows]
 
 
-@pytest.mark.parametrize("text, kind", [("12:x", "comparisons"), ("12:3", "rankings"), ("abc", "rankings"),
-                                        ("-1", "demonstrations")])
+@pytest.mark.parametrize(
+    "text, kind", [("12:x", "comparisons"), ("12:3", "rankings"), ("abc", "rankings"), ("-1", "demonstrations")]
+)
 def test_bad_cursor_is_refused(text, kind):
     with pytest.raises(export_service.ExportError) as err:
         parse_cursor(kind, text)
@@ -445,7 +550,7 @@ def test_http_export_streams_the_service_rows(client, db):
         rows = [json.loads(line) for line in response.text.splitlines()]
         assert rows == run_export(db, kind) and len(rows) == n_rows, kind
         assert all(set(row) == set(export_service.COLUMNS[kind]) for row in rows)
-    demo, = [json.loads(line) for line in client.get("/api/v1/export/demonstrations", headers=auth).text.splitlines()]
+    (demo,) = [json.loads(line) for line in client.get("/api/v1/export/demonstrations", headers=auth).text.splitlines()]
     assert demo["completion"] == "olleh" and demo["prompt"].startswith("Reverse the word")
     table = client.get("/api/v1/export/rankings?format=csv", headers=auth)
     assert table.headers["content-type"].startswith("text/csv")
@@ -453,20 +558,23 @@ def test_http_export_streams_the_service_rows(client, db):
     assert tuple(header) == RANKING_COLUMNS and len(body) == 3
 
 
-@pytest.mark.parametrize("query, param", [
-    ("split=holdout", "split"),
-    ("since=yesterday", "since"),
-    ("min_overlap=0", "min_overlap"),
-    ("min_overlap=two", "min_overlap"),
-    ("format=parquet", "format"),
-    ("compress=brotli", "compress"),
-    ("batch=no-such-batch", "batch"),
-    ("labeler=lab_nobody", "labeler"),
-    ("cursor=12:x", "cursor"),
-    ("exclude_flagged=maybe", "exclude_flagged"),
-    ("labler=lab_typo", "labler"),
-    ("since=2026-11-02T00:00:00&until=2026-11-01T00:00:00", "until"),
-])
+@pytest.mark.parametrize(
+    "query, param",
+    [
+        ("split=holdout", "split"),
+        ("since=yesterday", "since"),
+        ("min_overlap=0", "min_overlap"),
+        ("min_overlap=two", "min_overlap"),
+        ("format=parquet", "format"),
+        ("compress=brotli", "compress"),
+        ("batch=no-such-batch", "batch"),
+        ("labeler=lab_nobody", "labeler"),
+        ("cursor=12:x", "cursor"),
+        ("exclude_flagged=maybe", "exclude_flagged"),
+        ("labler=lab_typo", "labler"),
+        ("since=2026-11-02T00:00:00&until=2026-11-01T00:00:00", "until"),
+    ],
+)
 def test_bad_filters_are_a_422_naming_the_parameter(client, db, query, param):
     admin = add_user(db, "admin")
     token, _ = create_api_token(db, admin, ["export:read"])
@@ -487,8 +595,13 @@ def committed_world(committed_session):
     rng = random.Random(11)
     for _ in range(40):
         k = rng.randint(4, 9)
-        add_ranking(db, batch, labeler, [rng.randint(1, k) for _ in range(k)], texts=[
-            f"output {i} with \"quotes\", commas, ünïcode\nand a newline" for i in range(k)])
+        add_ranking(
+            db,
+            batch,
+            labeler,
+            [rng.randint(1, k) for _ in range(k)],
+            texts=[f'output {i} with "quotes", commas, ünïcode\nand a newline' for i in range(k)],
+        )
     for n in range(5):
         add_demonstration(db, batch, labeler, f"demo {n}")
     token, _ = create_api_token(db, admin, ["export:read"])
@@ -497,8 +610,12 @@ def committed_world(committed_session):
 
 
 def get(live_server, token, kind, **params):
-    return httpx.get(f"{live_server}/api/v1/export/{kind}", params=params, timeout=60,
-                     headers={"authorization": f"Bearer {token}", "accept-encoding": "identity"})
+    return httpx.get(
+        f"{live_server}/api/v1/export/{kind}",
+        params=params,
+        timeout=60,
+        headers={"authorization": f"Bearer {token}", "accept-encoding": "identity"},
+    )
 
 
 def test_live_export_resumes_after_a_byte_level_cut(live_server, committed_world):
@@ -524,8 +641,11 @@ def test_live_export_gzip_both_ways_and_csv(live_server, committed_world):
     assert as_file.headers["content-type"] == "application/gzip"
     assert 'filename="comparisons.jsonl.gz"' in as_file.headers["content-disposition"]
     assert gzip.decompress(as_file.content) == plain
-    transfer = httpx.get(f"{live_server}/api/v1/export/comparisons", timeout=60,
-                         headers={"authorization": f"Bearer {token}", "accept-encoding": "gzip"})
+    transfer = httpx.get(
+        f"{live_server}/api/v1/export/comparisons",
+        timeout=60,
+        headers={"authorization": f"Bearer {token}", "accept-encoding": "gzip"},
+    )
     assert transfer.headers["content-encoding"] == "gzip" and transfer.content == plain
     assert "content-length" not in transfer.headers  # streamed, not buffered
     table = get(live_server, token, "comparisons", format="csv")
@@ -542,9 +662,11 @@ def test_exports_load_with_datasets_in_the_columns_trl_expects(live_server, comm
     import datasets
 
     token = committed_world["token"]
-    expected = {"demonstrations": ({"prompt", "completion"}, 5),
-                "comparisons": ({"prompt", "chosen", "rejected"}, None),
-                "rankings": ({"prompt", "completions"}, 40)}
+    expected = {
+        "demonstrations": ({"prompt", "completion"}, 5),
+        "comparisons": ({"prompt", "chosen", "rejected"}, None),
+        "rankings": ({"prompt", "completions"}, 40),
+    }
     for kind, (trl_columns, count) in expected.items():
         path = tmp_path / f"{kind}.jsonl"
         path.write_bytes(get(live_server, token, kind).content)
@@ -555,8 +677,9 @@ def test_exports_load_with_datasets_in_the_columns_trl_expects(live_server, comm
             assert all(isinstance(value, str) and value for value in dataset[column])
         if count is not None:
             assert dataset.num_rows == count
-    comparisons = datasets.load_dataset("json", data_files=str(tmp_path / "comparisons.jsonl"), split="train",
-                                        cache_dir=str(tmp_path / "hf"))
+    comparisons = datasets.load_dataset(
+        "json", data_files=str(tmp_path / "comparisons.jsonl"), split="train", cache_dir=str(tmp_path / "hf")
+    )
     rankings = [json.loads(x) for x in (tmp_path / "rankings.jsonl").read_text().splitlines()]
     pairs = sum(len(comparison_pairs(tuple(sorted(c["rank"] for c in r["completions"])))) for r in rankings)
     assert comparisons.num_rows == pairs
@@ -569,8 +692,12 @@ def _snapshot_ids(rows):
 def test_an_export_is_a_snapshot_under_concurrent_submissions(committed_world, monkeypatch):
     db, batch, labeler = committed_world["db"], committed_world["batch"], committed_world["labeler"]
     before = db.scalars(select(Ranking.id).order_by(Ranking.id)).all()
-    with_pairs = db.scalars(select(RankingItem.ranking_id).group_by(RankingItem.ranking_id)
-                            .having(func.count(RankingItem.rank.distinct()) > 1).order_by(RankingItem.ranking_id)).all()
+    with_pairs = db.scalars(
+        select(RankingItem.ranking_id)
+        .group_by(RankingItem.ranking_id)
+        .having(func.count(RankingItem.rank.distinct()) > 1)
+        .order_by(RankingItem.ranking_id)
+    ).all()
     # Small fetches and chunks, so the stream is still reading when the new rankings commit.
     monkeypatch.setattr(export_service, "YIELD_PER", 7)
     monkeypatch.setattr(export_service, "CHUNK_CHARS", 2000)
@@ -627,8 +754,11 @@ def test_cli_export_writes_the_same_rows_as_the_api(live_server, committed_world
     result = CliRunner().invoke(cli, ["export", "comparisons", "--out", str(out), "--batch", "live-batch"])
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == get(live_server, committed_world["token"], "comparisons").content
-    for args, param in ((["--split", "holdout"], "split"), (["--format", "parquet"], "format"),
-                        (["--since", "last week"], "since")):
+    for args, param in (
+        (["--split", "holdout"], "split"),
+        (["--format", "parquet"], "format"),
+        (["--since", "last week"], "since"),
+    ):
         bad = CliRunner().invoke(cli, ["export", "comparisons", "--out", str(out), *args])
         assert bad.exit_code == 2 and f"{param}:" in bad.output, bad.output
 
@@ -659,11 +789,22 @@ def test_a_client_hanging_up_ends_the_snapshot_at_once(committed_world, monkeypa
                 hung_up.set()
 
         scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": "GET", "scheme": "http", "path": "/api/v1/export/comparisons", "raw_path": b"",
-            "root_path": "", "query_string": b"", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
-            "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {committed_world['token']}".encode()),
-                        (b"accept-encoding", b"identity")],
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/api/v1/export/comparisons",
+            "raw_path": b"",
+            "root_path": "",
+            "query_string": b"",
+            "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1),
+            "headers": [
+                (b"host", b"testserver"),
+                (b"authorization", f"Bearer {committed_world['token']}".encode()),
+                (b"accept-encoding", b"identity"),
+            ],
         }
         with anyio.fail_after(30):
             await application(scope, receive, send)
@@ -686,8 +827,18 @@ def test_the_export_api_is_documented(client):
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     comparisons = paths["/api/v1/export/comparisons"]["get"]
     assert {p["name"] for p in comparisons["parameters"]} >= {
-        "format", "compress", "batch", "split", "since", "until", "labeler", "model_version", "min_overlap",
-        "exclude_flagged", "cursor"}
+        "format",
+        "compress",
+        "batch",
+        "split",
+        "since",
+        "until",
+        "labeler",
+        "model_version",
+        "min_overlap",
+        "exclude_flagged",
+        "cursor",
+    }
     assert "application/x-ndjson" in comparisons["responses"]["200"]["content"]
 
 
@@ -748,7 +899,7 @@ def test_a_receiver_that_fails_twice_gets_the_signed_event_on_the_third_try(db, 
     other = webhooks.create_webhook(db, flaky.url + "/other", ["training_run.failed"])
     (delivery,) = webhooks.emit_event(db, "batch.completed", {"batch_id": 7, "name": "batch-7"})
     assert delivery.webhook_id == hook.id and other.id != hook.id
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert webhooks.deliver_due(db, now=now).retrying == 1
     assert webhooks.deliver_due(db, now=now + timedelta(seconds=9)).retrying == 0  # backing off: nothing due
     assert webhooks.deliver_due(db, now=now + timedelta(seconds=10)).retrying == 1
@@ -759,12 +910,15 @@ def test_a_receiver_that_fails_twice_gets_the_signed_event_on_the_third_try(db, 
     bodies = {body for _, body in flaky.requests}
     assert len(bodies) == 1  # the same event each time
     for headers, body in flaky.requests:
-        assert webhooks.verify_signature(hook.secret, headers["X-InstructLoop-Timestamp"], body,
-                                         headers["X-InstructLoop-Signature"])
-        assert not webhooks.verify_signature(other.secret, headers["X-InstructLoop-Timestamp"], body,
-                                             headers["X-InstructLoop-Signature"])
-        assert not webhooks.verify_signature(hook.secret, headers["X-InstructLoop-Timestamp"], body + b" ",
-                                             headers["X-InstructLoop-Signature"])
+        assert webhooks.verify_signature(
+            hook.secret, headers["X-InstructLoop-Timestamp"], body, headers["X-InstructLoop-Signature"]
+        )
+        assert not webhooks.verify_signature(
+            other.secret, headers["X-InstructLoop-Timestamp"], body, headers["X-InstructLoop-Signature"]
+        )
+        assert not webhooks.verify_signature(
+            hook.secret, headers["X-InstructLoop-Timestamp"], body + b" ", headers["X-InstructLoop-Signature"]
+        )
         assert headers["X-InstructLoop-Event"] == "batch.completed"
     event = json.loads(bodies.pop())
     assert event["event"] == "batch.completed" and event["data"] == {"batch_id": 7, "name": "batch-7"}
@@ -779,7 +933,7 @@ def test_a_dead_receiver_is_given_up_after_the_last_attempt(db, receiver):
     dead = receiver(failures=100)
     hook = webhooks.create_webhook(db, dead.url, ["training_run.failed"])
     (delivery,) = webhooks.emit_event(db, "training_run.failed", {"run_id": 3})
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for _ in range(webhooks.MAX_ATTEMPTS + 2):
         webhooks.deliver_due(db, now=now)
         now += webhooks.MAX_RETRY
@@ -787,10 +941,16 @@ def test_a_dead_receiver_is_given_up_after_the_last_attempt(db, receiver):
     assert (delivery.status, delivery.attempts) == ("failed", webhooks.MAX_ATTEMPTS)
     assert delivery.last_error.startswith("HTTP 500") and len(dead.requests) == webhooks.MAX_ATTEMPTS
     headers, body = dead.requests[-1]
-    assert webhooks.verify_signature(hook.secret, headers["X-InstructLoop-Timestamp"], body,
-                                     headers["X-InstructLoop-Signature"])
-    assert not webhooks.verify_signature(hook.secret, headers["X-InstructLoop-Timestamp"], body,
-                                         headers["X-InstructLoop-Signature"], now=time.time() + 3600)  # replayed
+    assert webhooks.verify_signature(
+        hook.secret, headers["X-InstructLoop-Timestamp"], body, headers["X-InstructLoop-Signature"]
+    )
+    assert not webhooks.verify_signature(
+        hook.secret,
+        headers["X-InstructLoop-Timestamp"],
+        body,
+        headers["X-InstructLoop-Signature"],
+        now=time.time() + 3600,
+    )  # replayed
 
 
 def test_admins_manage_webhooks_and_read_the_delivery_log(client, db, receiver):
@@ -803,13 +963,15 @@ def test_admins_manage_webhooks_and_read_the_delivery_log(client, db, receiver):
     target = receiver()
     assert client.get("/api/v1/webhooks").status_code == 401
     assert client.get("/api/v1/webhooks", headers={"authorization": f"Bearer {reader}"}).status_code == 403
-    bad = client.post("/api/v1/webhooks", json={"url": "ftp://example.org", "events": ["batch.completed"]},
-                      headers=auth)
+    bad = client.post(
+        "/api/v1/webhooks", json={"url": "ftp://example.org", "events": ["batch.completed"]}, headers=auth
+    )
     assert bad.status_code == 422 and bad.json()["detail"].startswith("url:")
     bad = client.post("/api/v1/webhooks", json={"url": target.url, "events": ["batch.done"]}, headers=auth)
     assert bad.status_code == 422 and bad.json()["detail"].startswith("events:")
-    created = client.post("/api/v1/webhooks", json={"url": target.url, "events": ["model_version.registered"]},
-                          headers=auth)
+    created = client.post(
+        "/api/v1/webhooks", json={"url": target.url, "events": ["model_version.registered"]}, headers=auth
+    )
     assert created.status_code == 201 and created.json()["secret"].startswith("whsec_")
     hook_id = created.json()["id"]
     assert [h["id"] for h in client.get("/api/v1/webhooks", headers=auth).json()] == [hook_id]
@@ -818,7 +980,8 @@ def test_admins_manage_webhooks_and_read_the_delivery_log(client, db, receiver):
     webhooks.deliver_due(db)
     log = client.get(f"/api/v1/webhooks/{hook_id}/deliveries", headers=auth).json()
     assert [(d["event"], d["status"], d["attempts"], d["last_status_code"]) for d in log] == [
-        ("model_version.registered", "delivered", 1, 204)]
+        ("model_version.registered", "delivered", 1, 204)
+    ]
     assert client.delete(f"/api/v1/webhooks/{hook_id}", headers=auth).status_code == 204
     assert client.delete(f"/api/v1/webhooks/{hook_id}", headers=auth).status_code == 404
     assert webhooks.emit_event(db, "model_version.registered", {"model_version": "sft-4"}) == []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real workers that train; the limit only catches a hang
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real processes; the limit only catches a hang
 
 ROOT = Path(__file__).resolve().parent.parent
 # Checks on how long something took: the scenario records them as benchmarks, the tests do not assert them.
@@ -27,8 +27,9 @@ DURATION_CHECKS = frozenset({"recovered"})
 
 def run_scenario(script: str) -> dict:
     """Runs `bench/<script> --quick` and returns its JSON summary; fails with its output when it breaks."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines, f"{script} printed nothing (exit {proc.returncode}); stderr:\n{proc.stderr[-4000:]}"
     summary = json.loads(lines[-1])
@@ -37,7 +38,8 @@ def run_scenario(script: str) -> dict:
     slow = {name for name, passed in checks.items() if not passed and name in DURATION_CHECKS}
     # The script exits 1 when any check failed; only a failed duration check may explain that here.
     assert checks and not failed and (proc.returncode == 0 or slow), (
-        f"{script} failed checks {sorted(failed)}: {json.dumps(summary)[:3000]}\nstderr:\n{proc.stderr[-3000:]}")
+        f"{script} failed checks {sorted(failed)}: {json.dumps(summary)[:3000]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return summary
 
 
@@ -69,7 +71,8 @@ def test_postgres_restart_is_survived_with_at_most_503():
     summary = run_scenario("fault_postgres.py")
     assert summary["outages"] and summary["outages"][0]["down_s"] >= 3  # the database really was away
     assert all(o["first_answer_after_back_s"] is not None for o in summary["outages"]), (
-        f"liveness: no request was answered after PostgreSQL came back: {summary['outages']}")
+        f"liveness: no request was answered after PostgreSQL came back: {summary['outages']}"
+    )
     assert summary["500"] == 0 and all(kind.endswith(" 503") for kind in summary["5xx_by_kind"])
     assert summary["gave_up"] == 0
     assert_books_balance(summary)

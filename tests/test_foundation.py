@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 import subprocess
 import sys
 import uuid
@@ -75,15 +74,13 @@ def test_constraints_make_bad_states_impossible(db, backend):
     from app.models import PromptBatch, Task
     from tests.factories import BatchFactory, PromptFactory
 
-    with pytest.raises(IntegrityError):
-        with db.begin_nested():
-            db.add(PromptBatch(name="bad-k", k=12))
-            db.flush()
+    with pytest.raises(IntegrityError), db.begin_nested():
+        db.add(PromptBatch(name="bad-k", k=12))
+        db.flush()
     prompt = PromptFactory(batch=BatchFactory())
-    with pytest.raises(IntegrityError):
-        with db.begin_nested():
-            db.add(Task(batch_id=prompt.batch_id, prompt_id=prompt.id, kind="ranking", k=3, needed=1))
-            db.flush()
+    with pytest.raises(IntegrityError), db.begin_nested():
+        db.add(Task(batch_id=prompt.batch_id, prompt_id=prompt.id, kind="ranking", k=3, needed=1))
+        db.flush()
 
 
 def test_web_process_never_imports_torch_or_the_worker():
@@ -131,19 +128,32 @@ def test_compose_services_run_real_cli_commands():
 
 def test_create_user_and_token_from_the_cli(committed):
     env_cmd = [sys.executable, "-m", "app.cli"]
-    created = subprocess.run(env_cmd + ["create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
-                             cwd=ROOT, capture_output=True, text=True)
+    created = subprocess.run(
+        env_cmd + ["create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert created.returncode == 0, created.stderr
-    dup = subprocess.run(env_cmd + ["create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
-                         cwd=ROOT, capture_output=True, text=True)
+    dup = subprocess.run(
+        env_cmd + ["create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert dup.returncode == 2 and "already exists" in dup.stderr
-    token = subprocess.run(env_cmd + ["create-token", "--user", "cli-admin", "--scopes", "export:read,admin"],
-                           cwd=ROOT, capture_output=True, text=True)
+    token = subprocess.run(
+        env_cmd + ["create-token", "--user", "cli-admin", "--scopes", "export:read,admin"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert token.returncode == 0, token.stderr
     raw = token.stdout.strip().splitlines()[-1]
     assert raw.startswith("il_") and len(raw) > 40
-    bad = subprocess.run(env_cmd + ["create-token", "--user", "cli-admin", "--scopes", "root"],
-                         cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        env_cmd + ["create-token", "--user", "cli-admin", "--scopes", "root"], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "unknown root" in bad.stderr
 
     from sqlalchemy import select
@@ -159,8 +169,13 @@ def test_create_user_and_token_from_the_cli(committed):
 
 
 def test_create_user_prompts_for_the_password(committed):
-    result = subprocess.run([sys.executable, "-m", "app.cli", "create-user", "prompted", "--role", "labeler"],
-                            cwd=ROOT, capture_output=True, text=True, input="a-long-password\na-long-password\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "create-user", "prompted", "--role", "labeler"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input="a-long-password\na-long-password\n",
+    )
     assert result.returncode == 0, result.stderr
     assert "created labeler" in result.stderr
 

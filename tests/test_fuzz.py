@@ -39,10 +39,10 @@ from hypothesis import strategies as st
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
 
 from app.deps import get_db
+from app.labeling import leases
 from app.main import create_app
-from app.models import MAX_ID, Assignment, ModelVersion, TrainingRun, Webhook
+from app.models import Assignment, ModelVersion, TrainingRun, Webhook
 from app.security import create_api_token
-from app.labeling import service as labeling
 from tests.factories import AdminFactory, UserFactory
 from tests.test_labeling import seed_batch
 
@@ -79,10 +79,12 @@ def _seed(db, user, other) -> dict[str, list[int]]:
     demos = seed_batch(db, n_prompts=2, rankings=False, demonstrations=True)
     draft = seed_batch(db, n_prompts=1)
     draft.status, draft.allow_prompt_writing = "draft", True
-    leased = [labeling.lease_next_task(db, user, kind) for kind in ("ranking", "demonstration")]
-    foreign = labeling.lease_next_task(db, other, "ranking")  # someone else's: must stay out of reach
-    runs = [TrainingRun(kind="sft", status="succeeded", progress=1.0, metrics={"curve": [{"step": 1, "loss": 1.0}]}),
-            TrainingRun(kind="rm", status="queued")]
+    leased = [leases.lease_next_task(db, user, kind) for kind in ("ranking", "demonstration")]
+    foreign = leases.lease_next_task(db, other, "ranking")  # someone else's: must stay out of reach
+    runs = [
+        TrainingRun(kind="sft", status="succeeded", progress=1.0, metrics={"curve": [{"step": 1, "loss": 1.0}]}),
+        TrainingRun(kind="rm", status="queued"),
+    ]
     hook = Webhook(url="http://127.0.0.1:9/hook", secret="s" * 32, events=["batch.completed"])
     db.add_all([*runs, hook])
     _, spare = create_api_token(db, user, ["label"], "spare")
@@ -138,8 +140,10 @@ def _report_totals() -> Iterator[None]:
         for (role, status), n in SENT.items():
             by_role[role] += n
             by_status[status] += n
-        print(f"\nfuzz: {sum(SENT.values())} requests {dict(by_role)}, {EXAMPLES} examples per operation; "
-              f"statuses {dict(sorted(by_status.items()))}")
+        print(
+            f"\nfuzz: {sum(SENT.values())} requests {dict(by_role)}, {EXAMPLES} examples per operation; "
+            f"statuses {dict(sorted(by_status.items()))}"
+        )
 
 
 # --- generation ---------------------------------------------------------------------------------
@@ -150,8 +154,10 @@ def _aimed(values: dict[str, Any]):
     caller = _current.get("caller")
     if not isinstance(values, dict) or caller is None or not any(caller.ids.get(k) for k in values):
         return st.just(values)
-    aimed = {name: st.sampled_from(caller.ids[name]) if caller.ids.get(name) else st.just(value)
-             for name, value in values.items()}
+    aimed = {
+        name: st.sampled_from(caller.ids[name]) if caller.ids.get(name) else st.just(value)
+        for name, value in values.items()
+    }
     return st.one_of(st.just(values), st.fixed_dictionaries(aimed))
 
 
@@ -172,8 +178,13 @@ def filter_path_parameters(context, path_parameters):
     return caller is None or not path_parameters or path_parameters.get("token_id") != caller.own_token_id
 
 
-FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=EXAMPLES <= 20,
-                         suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=EXAMPLES <= 20,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 # --- known 500s in modules of other sessions --------------------------------------------------------
@@ -241,8 +252,11 @@ def _probes(ids: dict[str, list[int]]) -> list[tuple[str, str, Any]]:
         ("POST", "/api/v1/batches", {"name": "n", "policy_version_id": BIG}),
         ("POST", "/api/v1/prompts/written", {"batch_id": batch, "text": "\x00"}),
         ("POST", "/api/v1/prompts/written", {"batch_id": batch, "text": "\ud800"}),
-        ("POST", f"/api/v1/assignments/{ranking}/submit",
-         {"items": [{"completion_id": BIG, "rank": BIG, "likert": -BIG}], "text": "\x00"}),
+        (
+            "POST",
+            f"/api/v1/assignments/{ranking}/submit",
+            {"items": [{"completion_id": BIG, "rank": BIG, "likert": -BIG}], "text": "\x00"},
+        ),
         ("POST", f"/api/v1/assignments/{demonstration}/submit", {"text": "\ud800"}),
         ("POST", f"/api/v1/assignments/{ranking}/skip", {"reason": "other", "note": "\x00"}),
         ("POST", f"/api/v1/assignments/{ranking}/skip", {"reason": "other", "note": "\ud800"}),
@@ -259,13 +273,20 @@ def test_hostile_values_on_real_rows_are_4xx(admin_caller):
     failures = []
     with TestClient(APP, raise_server_exceptions=False) as client:
         draft = admin_caller.ids["batch_id"][2]
-        nulls = client.patch(f"/api/v1/batches/{draft}", json={"allow_prompt_writing": None, "k": None, "name": None},
-                             headers=admin_caller.headers)
+        nulls = client.patch(
+            f"/api/v1/batches/{draft}",
+            json={"allow_prompt_writing": None, "k": None, "name": None},
+            headers=admin_caller.headers,
+        )
         assert nulls.status_code == 200 and nulls.json()["allow_prompt_writing"] is True  # null leaves it be
         for method, url, body in _probes(admin_caller.ids):
             # json.dumps escapes a lone surrogate as \udxxx, as a hostile client would send it.
-            response = client.request(method, url, content=None if body is None else json.dumps(body),
-                                      headers={**admin_caller.headers, "content-type": "application/json"})
+            response = client.request(
+                method,
+                url,
+                content=None if body is None else json.dumps(body),
+                headers={**admin_caller.headers, "content-type": "application/json"},
+            )
             if response.status_code >= 500 or response.status_code < 400:
                 failures.append(f"{method} {url} {body!r}: {response.status_code} {response.text[:200]}")
     assert not failures, "\n".join(failures)

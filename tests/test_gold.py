@@ -7,10 +7,10 @@ import json
 import pytest
 from sqlalchemy import func, select
 
+from app.labeling import leases, submissions
 from app.models import GoldAnswer, Ranking, Task
-from app.security import create_api_token
 from app.quality import gold
-from app.labeling import service as labeling
+from app.security import create_api_token
 from app.training import data as training
 from tests.factories import AdminFactory, UserFactory
 from tests.html_text import text, texts
@@ -21,10 +21,10 @@ from tests.test_quality import rank, task_outputs
 @pytest.fixture
 def seeded_draw():
     """Makes the gold draw reproducible for the test and restores it afterwards."""
-    state = labeling.gold_draw.getstate()
-    labeling.gold_draw.seed(1234)
-    yield labeling.gold_draw
-    labeling.gold_draw.setstate(state)
+    state = leases.gold_draw.getstate()
+    leases.gold_draw.seed(1234)
+    yield leases.gold_draw
+    leases.gold_draw.setstate(state)
 
 
 def by_output(db, task: Task, ranks: list[int]) -> dict[int, int]:
@@ -34,13 +34,16 @@ def by_output(db, task: Task, ranks: list[int]) -> dict[int, int]:
 # --- scoring against a known answer ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ([1, 2, 3, 4], (6, 6)),  # the same order: every pair agrees
-    ([4, 3, 2, 1], (0, 6)),  # reversed: every pair disagrees
-    ([1, 1, 2, 3], (5, 5)),  # the labeler's tie on the first two outputs leaves that pair out
-    ([2, 1, 3, 4], (5, 6)),  # one swapped neighbour pair
-    ([1, 1, 1, 1], (0, 0)),  # all tied: nothing to score
-])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ([1, 2, 3, 4], (6, 6)),  # the same order: every pair agrees
+        ([4, 3, 2, 1], (0, 6)),  # reversed: every pair disagrees
+        ([1, 1, 2, 3], (5, 5)),  # the labeler's tie on the first two outputs leaves that pair out
+        ([2, 1, 3, 4], (5, 6)),  # one swapped neighbour pair
+        ([1, 1, 1, 1], (0, 0)),  # all tied: nothing to score
+    ],
+)
 def test_a_check_is_scored_by_pairs_ordered_like_the_answer(given, expected):
     answer = {10: 1, 11: 2, 12: 3, 13: 4}
     assert gold.score_check(answer, dict(zip([10, 11, 12, 13], given))) == expected
@@ -71,7 +74,7 @@ def test_marking_a_ranking_gold_closes_its_task_to_the_normal_queue(db):
     db.refresh(first)
     assert first.is_gold and not first.is_open
     # With no gold share the labeler only ever gets the ordinary task.
-    assert labeling.lease_next_task(db, labeler, "ranking").task_id == second.id
+    assert leases.lease_next_task(db, labeler, "ranking").task_id == second.id
 
 
 def test_a_gold_check_cannot_be_an_answer_key_nor_can_a_ranking_that_ties_everything(db):
@@ -88,7 +91,7 @@ def test_a_gold_check_cannot_be_an_answer_key_nor_can_a_ranking_that_ties_everyt
 @pytest.mark.sqlite
 def test_consensus_gold_needs_enough_rankings_and_takes_their_borda_order(db):
     batch = seed_batch(db, n_prompts=1, k=4, overlap=3)
-    task, = tasks_of(db, batch)
+    (task,) = tasks_of(db, batch)
     rank(db, UserFactory(), task, [1, 2, 3, 4])
     rank(db, UserFactory(), task, [2, 1, 3, 4])
     with pytest.raises(gold.GoldError, match="needs at least 3") as exc:
@@ -103,7 +106,7 @@ def test_consensus_gold_needs_enough_rankings_and_takes_their_borda_order(db):
 
 def test_unmarking_returns_the_task_to_the_queue_when_it_still_needs_labels(db):
     batch = seed_batch(db, n_prompts=1, k=4, overlap=2)
-    task, = tasks_of(db, batch)
+    (task,) = tasks_of(db, batch)
     answer = rank(db, UserFactory(), task, [1, 2, 3, 4])
     gold.mark_ranking_gold(db, answer.id, None, batch.id)
     gold.unmark_gold(db, task.id, batch.id)
@@ -127,15 +130,19 @@ def test_with_a_full_gold_share_a_labeler_gets_each_gold_task_once_then_ordinary
     labeler = UserFactory()
     served = []
     for _ in range(4):
-        assignment = labeling.lease_next_task(db, labeler, "ranking")
+        assignment = leases.lease_next_task(db, labeler, "ranking")
         if assignment is None:
             break
         served.append(assignment.task_id)
         # The labeler's answer to a gold task: the known order reversed for one, kept for the other.
         slots = [4, 3, 2, 1] if assignment.task_id == tasks[0].id else [1, 2, 3, 4]
         outputs = task_outputs(db, db.get(Task, assignment.task_id))
-        labeling.submit_ranking(db, labeler, assignment.id, [
-            {"completion_id": c, "rank": s, "likert": 4, "flags": []} for c, s in zip(outputs, slots)])
+        submissions.submit_ranking(
+            db,
+            labeler,
+            assignment.id,
+            [{"completion_id": c, "rank": s, "likert": 4, "flags": []} for c, s in zip(outputs, slots)],
+        )
     assert set(served[:2]) == {tasks[0].id, tasks[1].id}  # gold first, each once
     assert set(served[2:]) == {tasks[2].id, tasks[3].id}  # then the ordinary tasks
     # Checks are marked, do not count towards the gold tasks' overlap, and are scored.
@@ -145,7 +152,7 @@ def test_with_a_full_gold_share_a_labeler_gets_each_gold_task_once_then_ordinary
         db.refresh(task)
         assert task.done_count == 1  # only the expert's answer
     _, labelers = gold.gold_report(db, batch.id)
-    row, = [r for r in labelers if r.labeler_id == labeler.id]
+    (row,) = [r for r in labelers if r.labeler_id == labeler.id]
     assert (row.n_checks, row.agreeing_pairs, row.counted_pairs) == (2, 6, 12)
     assert row.accuracy.value == pytest.approx(0.5)
     assert sorted(row.per_check) == [0.0, 1.0]
@@ -158,7 +165,7 @@ def test_gold_share_sets_the_share_of_leases_that_are_checks(db, seeded_draw):
     gold.mark_ranking_gold(db, rank(db, UserFactory(), tasks[0], [1, 2, 3, 4]).id, None, batch.id)
     gold_leases = 0
     for _ in range(160):  # each new labeler can be served the one gold task once
-        assignment = labeling.lease_next_task(db, UserFactory(), "ranking")
+        assignment = leases.lease_next_task(db, UserFactory(), "ranking")
         gold_leases += assignment.task_id == tasks[0].id
     # Binomial(160, 0.25): mean 40, sd 5.5; the seeded draw makes this exact, the bounds say what is meant.
     assert 24 <= gold_leases <= 56
@@ -169,7 +176,7 @@ def test_no_gold_share_means_no_checks(db, seeded_draw):
     tasks = tasks_of(db, batch)
     gold.mark_ranking_gold(db, rank(db, UserFactory(), tasks[0], [1, 2, 3, 4]).id, None, batch.id)
     for _ in range(20):
-        assert labeling.lease_next_task(db, UserFactory(), "ranking").task_id != tasks[0].id
+        assert leases.lease_next_task(db, UserFactory(), "ranking").task_id != tasks[0].id
 
 
 def test_gold_checks_are_left_out_of_reward_model_training(db, seeded_draw):
@@ -199,9 +206,13 @@ def test_a_gold_task_looks_like_any_other_task_through_the_api(client, db, seede
     body = response.json()
     assert body["task_id"] == first.id and body["batch_id"] == batch.id
     assert "gold" not in json.dumps(body).lower()
-    submitted = client.post(f"/api/v1/assignments/{body['assignment_id']}/submit", headers={
-        "Authorization": f"Bearer {token}"}, json={"items": [
-            {"completion_id": c["id"], "rank": i + 1, "likert": 5} for i, c in enumerate(body["completions"])]})
+    submitted = client.post(
+        f"/api/v1/assignments/{body['assignment_id']}/submit",
+        headers={"Authorization": f"Bearer {token}"},
+        json={
+            "items": [{"completion_id": c["id"], "rank": i + 1, "likert": 5} for i, c in enumerate(body["completions"])]
+        },
+    )
     assert submitted.status_code == 200 and "gold" not in submitted.text.lower()
 
 

@@ -107,7 +107,13 @@ def test_duplicates_of_earlier_batches_through_a_set_or_a_lookup():
 def test_shared_prefix_keeps_only_the_first():
     config = HygieneConfig(prefix_chars=20, max_per_user=None)
     head = "Answer the question: "  # 21 characters
-    texts = (head + "what is 2+2?", head.upper() + "why is the sky blue?", "short prompt", "short prompt too", head + "x")
+    texts = (
+        head + "what is 2+2?",
+        head.upper() + "why is the sky blue?",
+        "short prompt",
+        "short prompt too",
+        head + "x",
+    )
     result = run(rows(*texts), config=config)
     assert drops(result) == [(2, "shared_prefix"), (5, "shared_prefix")]
     assert result.dropped[0].detail == "same first 20 characters as line 1"
@@ -156,7 +162,9 @@ def test_per_user_cap_keeps_the_first_prompts():
     assert [k.line for k in result.kept if k.source_user_id == "bob"] == [2, 4, 6]
     assert result.report.over_user_limit == 4
     assert sum(1 for k in result.kept if k.source_user_id is None) == 5
-    assert result.dropped[0] == DroppedPrompt(7, "over_user_limit", "user 'alice' has reached the limit of 3 prompts per user")
+    assert result.dropped[0] == DroppedPrompt(
+        7, "over_user_limit", "user 'alice' has reached the limit of 3 prompts per user"
+    )
     check_totals(result)
 
 

@@ -27,8 +27,15 @@ def tiny_model_path() -> Path:
     path = DATA_DIR / "tiny-model"
     if not (path / "config.json").exists():
         tokenizer = train_tokenizer(list(corpus(300, seed=1)), vocab_size=300)
-        model = tiny_causal_lm(tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=2)
+        model = tiny_causal_lm(
+            tokenizer,
+            seed=0,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
         save_model(model, tokenizer, path)
     return path
 
@@ -39,8 +46,15 @@ def _seed_batch(db, model_path: Path, n_prompts: int, k: int = 4, max_new_tokens
     from app.world import generate_prompts
 
     register_base_model(db, str(model_path))
-    batch = create_batch(db, name=f"jobs-{time.monotonic_ns()}", k=k, wants_demonstrations=False,
-                         temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    batch = create_batch(
+        db,
+        name=f"jobs-{time.monotonic_ns()}",
+        k=k,
+        wants_demonstrations=False,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+    )
     for i, p in enumerate(generate_prompts(n_prompts, seed=7)):
         db.add(Prompt(batch_id=batch.id, text=p.text, normalized_key=f"{i:064x}", split="train"))
     db.flush()
@@ -57,15 +71,19 @@ def _run_of(db, batch_id: int) -> TrainingRun:
 def test_sampling_job_fills_a_batch_with_k_distinct_completions(committed_session, celery_worker, tiny_model_path):
     db = committed_session
     batch_id = _seed_batch(db, tiny_model_path, n_prompts=6, k=5)
-    run = wait_until(lambda: (r := _run_of(db, batch_id)) and r.status in ("succeeded", "failed") and r,
-                     timeout=120, message="the sampling run to finish")
+    run = wait_until(
+        lambda: (r := _run_of(db, batch_id)) and r.status in ("succeeded", "failed") and r,
+        timeout=120,
+        message="the sampling run to finish",
+    )
     assert run.status == "succeeded", run.error
     assert run.attempts == 1 and run.progress == 1.0
     batch = db.get(PromptBatch, batch_id)
     assert batch.status == "labeling"
     per_prompt = db.execute(
         select(Completion.prompt_id, func.count(), func.count(func.distinct(Completion.text)))
-        .join(Prompt, Prompt.id == Completion.prompt_id).where(Prompt.batch_id == batch_id)
+        .join(Prompt, Prompt.id == Completion.prompt_id)
+        .where(Prompt.batch_id == batch_id)
         .group_by(Completion.prompt_id)
     ).all()
     assert len(per_prompt) == 6
@@ -74,7 +92,9 @@ def test_sampling_job_fills_a_batch_with_k_distinct_completions(committed_sessio
     assert sum(distinct for _, _, distinct in per_prompt) >= 28
     tasks = db.scalars(select(Task).where(Task.batch_id == batch_id)).all()
     assert len(tasks) == 6 and {t.kind for t in tasks} == {"ranking"} and {t.k for t in tasks} == {5}
-    assert db.scalar(select(func.count()).select_from(TaskItem).where(TaskItem.task_id.in_([t.id for t in tasks]))) == 30
+    assert (
+        db.scalar(select(func.count()).select_from(TaskItem).where(TaskItem.task_id.in_([t.id for t in tasks]))) == 30
+    )
 
 
 def test_a_duplicate_message_does_nothing_twice(committed_session, celery_worker, tiny_model_path):
@@ -82,22 +102,27 @@ def test_a_duplicate_message_does_nothing_twice(committed_session, celery_worker
 
     db = committed_session
     batch_id = _seed_batch(db, tiny_model_path, n_prompts=2)
-    run = wait_until(lambda: (r := _run_of(db, batch_id)) and r.status == "succeeded" and r, timeout=120,
-                     message="the sampling run")
+    run = wait_until(
+        lambda: (r := _run_of(db, batch_id)) and r.status == "succeeded" and r, timeout=120, message="the sampling run"
+    )
     message = sender().send_task("instructloop.sample_batch", args=[run.id])
     # Positive signal that the worker consumed the duplicate: its log line for that very message.
     log_path = celery_worker.log_path
     consumed = f"Task instructloop.sample_batch[{message.id}] succeeded"
-    line = wait_until(lambda: next((l for l in log_path.read_text(errors="replace").splitlines() if consumed in l),
-                                   None), timeout=120, message="the worker consuming the duplicate message")
+    line = wait_until(
+        lambda: next((l for l in log_path.read_text(errors="replace").splitlines() if consumed in l), None),
+        timeout=120,
+        message="the worker consuming the duplicate message",
+    )
     assert line.endswith("'skipped'"), line
     run = _run_of(db, batch_id)
     assert run.attempts == 1 and run.status == "succeeded"
     assert db.scalar(select(func.count()).select_from(Task).where(Task.batch_id == batch_id)) == 2
 
 
-def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_session, tiny_model_path, tmp_path,
-                                                                 monkeypatch):
+def test_killed_worker_run_is_resumed_and_finished_exactly_once(
+    committed_session, tiny_model_path, tmp_path, monkeypatch
+):
     """SIGKILL mid-job; the reaper re-queues the run and a new worker finishes it once."""
     import redis
 
@@ -110,8 +135,12 @@ def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_sessio
     batch_id = _seed_batch(db, tiny_model_path, n_prompts=160, k=4, max_new_tokens=24)
     worker = start_celery_worker(log_path=tmp_path / "w1.log")
     try:
-        wait_until(lambda: (r := _run_of(db, batch_id)) and r.status == "running" and r.progress > 0 and r,
-                   timeout=120, interval=0.1, message="the run to make progress")
+        wait_until(
+            lambda: (r := _run_of(db, batch_id)) and r.status == "running" and r.progress > 0 and r,
+            timeout=120,
+            interval=0.1,
+            message="the run to make progress",
+        )
     finally:
         # The whole process group: the prefork parent and the child running the job.
         os.killpg(worker.pid, signal.SIGKILL)
@@ -123,30 +152,42 @@ def test_killed_worker_run_is_resumed_and_finished_exactly_once(committed_sessio
     get_settings.cache_clear()
     # The killed worker's last heartbeat goes stale within a second; nothing else is running to reap.
     assert wait_until(lambda: reap_stale_runs(db), timeout=30, message="the killed run's heartbeat going stale") == [
-        run.id]
+        run.id
+    ]
     db.commit()
     worker = start_celery_worker(log_path=tmp_path / "w2.log")
     try:
         send_pending_runs(db)
         db.commit()
-        run = wait_until(lambda: (r := _run_of(db, batch_id)) and r.status in ("succeeded", "failed") and r,
-                         timeout=240, message="the resumed run to finish")
+        run = wait_until(
+            lambda: (r := _run_of(db, batch_id)) and r.status in ("succeeded", "failed") and r,
+            timeout=240,
+            message="the resumed run to finish",
+        )
     finally:
         stop_process(worker, timeout=30)
         monkeypatch.delenv("INSTRUCTLOOP_RUN_STALE_AFTER_S")
         get_settings.cache_clear()
     assert run.status == "succeeded", run.error
     assert run.attempts == 2
-    counts = db.execute(
-        select(func.count()).select_from(Completion).join(Prompt, Prompt.id == Completion.prompt_id)
-        .where(Prompt.batch_id == batch_id).group_by(Completion.prompt_id)
-    ).scalars().all()
+    counts = (
+        db.execute(
+            select(func.count())
+            .select_from(Completion)
+            .join(Prompt, Prompt.id == Completion.prompt_id)
+            .where(Prompt.batch_id == batch_id)
+            .group_by(Completion.prompt_id)
+        )
+        .scalars()
+        .all()
+    )
     assert len(counts) == 160 and set(counts) == {4}
     assert db.scalar(select(func.count()).select_from(Task).where(Task.batch_id == batch_id)) == 160
 
 
-def test_job_requested_while_the_broker_is_down_runs_when_it_returns(committed_session, tiny_model_path, tmp_path,
-                                                                      monkeypatch):
+def test_job_requested_while_the_broker_is_down_runs_when_it_returns(
+    committed_session, tiny_model_path, tmp_path, monkeypatch
+):
     """A private Redis is stopped while a batch starts; the run waits in the outbox and runs after it returns."""
     from app.config import get_settings
     from app.outbox import sender
@@ -161,17 +202,25 @@ def test_job_requested_while_the_broker_is_down_runs_when_it_returns(committed_s
         batch_id = _seed_batch(db, tiny_model_path, n_prompts=3)  # no Redis listening: the send fails
         run = _run_of(db, batch_id)
         assert run.status == "queued" and run.enqueued_at is None
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
         try:
-            wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0,
-                       timeout=10, message="the private Redis")
+            wait_until(
+                lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0,
+                timeout=10,
+                message="the private Redis",
+            )
             env = dict(os.environ, INSTRUCTLOOP_BROKER_URL=url)
             worker = start_celery_worker(env=env, log_path=tmp_path / "w.log")
             try:
                 # The worker flushes the outbox when it starts (beat would do the same every 15 s).
-                run = wait_until(lambda: (r := _run_of(db, batch_id)) and r.status == "succeeded" and r,
-                                 timeout=120, message="the run queued during the outage")
+                run = wait_until(
+                    lambda: (r := _run_of(db, batch_id)) and r.status == "succeeded" and r,
+                    timeout=120,
+                    message="the run queued during the outage",
+                )
             finally:
                 stop_process(worker, timeout=30)
         finally:
@@ -202,17 +251,21 @@ def test_an_evaluation_is_sampled_by_the_worker_from_both_models(committed_sessi
     db.add_all([a, b])
     db.flush()
     # Sampled (not greedy) from two copies of one random model: outputs differ on nearly every prompt.
-    evaluation = start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=5, temperature=1.0,
-                                  max_new_tokens=8)
+    evaluation = start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=5, temperature=1.0, max_new_tokens=8)
     db.commit()
-    run = wait_until(lambda: (r := _run_of(db, evaluation.batch_id)) and r.status in ("succeeded", "failed") and r,
-                     timeout=120, message="the evaluation's sampling run to finish")
+    run = wait_until(
+        lambda: (r := _run_of(db, evaluation.batch_id)) and r.status in ("succeeded", "failed") and r,
+        timeout=120,
+        message="the evaluation's sampling run to finish",
+    )
     assert run.status == "succeeded", run.error
     db.expire_all()
     evaluation = db.get(Evaluation, evaluation.id)
     outputs = db.execute(
-        select(Completion.model_version_id, func.count()).join(Prompt, Prompt.id == Completion.prompt_id)
-        .where(Prompt.batch_id == evaluation.batch_id).group_by(Completion.model_version_id)
+        select(Completion.model_version_id, func.count())
+        .join(Prompt, Prompt.id == Completion.prompt_id)
+        .where(Prompt.batch_id == evaluation.batch_id)
+        .group_by(Completion.model_version_id)
     ).all()
     assert dict(outputs) == {a.id: 5, b.id: 5}
     tasks = db.scalars(select(Task).where(Task.batch_id == evaluation.batch_id)).all()

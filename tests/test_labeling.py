@@ -10,6 +10,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
+from app.collection.batches import create_tasks
+from app.labeling import leases, submissions
 from app.models import (
     Assignment,
     Completion,
@@ -23,21 +25,37 @@ from app.models import (
     TaskItem,
     utcnow,
 )
-from app.templating import render_guidelines
 from app.security import create_api_token
-from app.labeling import service as labeling
-from app.collection.batches import create_tasks
+from app.templating import render_guidelines
 from tests.factories import AdminFactory, UserFactory
 
 
-def seed_batch(db, *, n_prompts: int = 2, k: int = 4, overlap: int = 1, priority: int = 0,
-               rankings: bool = True, demonstrations: bool = False, prompt_texts: list[str] | None = None,
-               output_texts: list[str] | None = None, guidelines: str = "Rank by **correctness**.") -> PromptBatch:
+def seed_batch(
+    db,
+    *,
+    n_prompts: int = 2,
+    k: int = 4,
+    overlap: int = 1,
+    priority: int = 0,
+    rankings: bool = True,
+    demonstrations: bool = False,
+    prompt_texts: list[str] | None = None,
+    output_texts: list[str] | None = None,
+    guidelines: str = "Rank by **correctness**.",
+) -> PromptBatch:
     """Creates a batch in `labeling` with prompts, K model outputs each and its tasks (used by the browser tests too)."""
     tag = uuid.uuid4().hex[:8]
     model = ModelVersion(name=f"base-{tag}", kind="base", status="ready", artifact_path="/nonexistent")
-    batch = PromptBatch(name=f"batch-{tag}", status="labeling", k=k, overlap=overlap, priority=priority,
-                        wants_rankings=rankings, wants_demonstrations=demonstrations, guidelines=guidelines)
+    batch = PromptBatch(
+        name=f"batch-{tag}",
+        status="labeling",
+        k=k,
+        overlap=overlap,
+        priority=priority,
+        wants_rankings=rankings,
+        wants_demonstrations=demonstrations,
+        guidelines=guidelines,
+    )
     db.add_all([model, batch])
     db.flush()
     for i in range(n_prompts):
@@ -47,8 +65,11 @@ def seed_batch(db, *, n_prompts: int = 2, k: int = 4, overlap: int = 1, priority
         db.flush()
         if rankings:
             db.add_all(
-                Completion(prompt_id=prompt.id, model_version_id=model.id,
-                           text=output_texts[j] if output_texts else f"Output {j} for prompt {i}")
+                Completion(
+                    prompt_id=prompt.id,
+                    model_version_id=model.id,
+                    text=output_texts[j] if output_texts else f"Output {j} for prompt {i}",
+                )
                 for j in range(k)
             )
     db.flush()
@@ -82,11 +103,11 @@ def test_lease_order_is_priority_then_age(db):
     expected = [t.id for t in tasks_of(db, high)] + [t.id for t in tasks_of(db, low)]
     got = []
     for _ in expected:
-        assignment = labeling.lease_next_task(db, labeler, "ranking")
+        assignment = leases.lease_next_task(db, labeler, "ranking")
         got.append(assignment.task_id)
-        labeling.submit_ranking(db, labeler, assignment.id, items_for(assignment))
+        submissions.submit_ranking(db, labeler, assignment.id, items_for(assignment))
     assert got == expected
-    assert labeling.lease_next_task(db, labeler, "ranking") is None
+    assert leases.lease_next_task(db, labeler, "ranking") is None
 
 
 @pytest.mark.sqlite
@@ -94,30 +115,30 @@ def test_a_slot_is_never_leased_twice(db):
     batch = seed_batch(db, n_prompts=2, overlap=1)
     first, second = tasks_of(db, batch)
     a, b, c = UserFactory(), UserFactory(), UserFactory()
-    lease_a = labeling.lease_next_task(db, a)
+    lease_a = leases.lease_next_task(db, a)
     assert lease_a.task_id == first.id
-    assert labeling.lease_next_task(db, b).task_id == second.id
-    assert labeling.lease_next_task(db, c) is None
+    assert leases.lease_next_task(db, b).task_id == second.id
+    assert leases.lease_next_task(db, c) is None
     # Asking again hands back the lease already held, not a second task.
-    assert labeling.lease_next_task(db, a).id == lease_a.id
+    assert leases.lease_next_task(db, a).id == lease_a.id
 
 
 def test_overlap_gives_each_task_to_that_many_distinct_labelers(db):
     batch = seed_batch(db, n_prompts=2, overlap=2)
     first, second = tasks_of(db, batch)
-    leases = [labeling.lease_next_task(db, UserFactory()) for _ in range(5)]
-    assert [a.task_id if a else None for a in leases] == [first.id, first.id, second.id, second.id, None]
+    got = [leases.lease_next_task(db, UserFactory()) for _ in range(5)]
+    assert [a.task_id if a else None for a in got] == [first.id, first.id, second.id, second.id, None]
 
 
 def test_expired_lease_returns_the_slot_to_the_pool(db):
     batch = seed_batch(db, n_prompts=1)
     (task,) = tasks_of(db, batch)
     a, b = UserFactory(), UserFactory()
-    lease = labeling.lease_next_task(db, a)
-    assert labeling.lease_next_task(db, b) is None
+    lease = leases.lease_next_task(db, a)
+    assert leases.lease_next_task(db, b) is None
     expire(db, lease)
-    assert labeling.lease_next_task(db, b).task_id == task.id
-    assert labeling.expire_leases(db) == 1
+    assert leases.lease_next_task(db, b).task_id == task.id
+    assert leases.expire_leases(db) == 1
     assert db.get(Assignment, lease.id).state == "expired"
 
 
@@ -125,14 +146,14 @@ def test_display_order_is_a_recorded_shuffle_per_labeler(db):
     batch = seed_batch(db, n_prompts=1, k=9, overlap=4)
     (task,) = tasks_of(db, batch)
     items = sorted(db.scalars(select(TaskItem.completion_id).where(TaskItem.task_id == task.id)))
-    orders = [labeling.lease_next_task(db, UserFactory()).display_order for _ in range(4)]
+    orders = [leases.lease_next_task(db, UserFactory()).display_order for _ in range(4)]
     assert all(sorted(order) == items for order in orders)
     assert len({tuple(order) for order in orders}) > 1  # four equal shuffles of 9: odds 1 in 10^16
 
 
 def test_bad_kind_is_refused(db):
-    with pytest.raises(labeling.LabelingError) as err:
-        labeling.lease_next_task(db, UserFactory(), "poetry")
+    with pytest.raises(leases.LabelingError) as err:
+        leases.lease_next_task(db, UserFactory(), "poetry")
     assert err.value.field == "kind"
 
 
@@ -143,12 +164,12 @@ def test_bad_kind_is_refused(db):
 def test_skipped_task_is_never_offered_to_that_labeler_again(db):
     batch = seed_batch(db, n_prompts=1)
     a, b = UserFactory(), UserFactory()
-    lease = labeling.lease_next_task(db, a)
-    labeling.skip(db, a, lease.id, "unclear", "the question is cut off")
-    assert labeling.lease_next_task(db, a) is None
+    lease = leases.lease_next_task(db, a)
+    submissions.skip(db, a, lease.id, "unclear", "the question is cut off")
+    assert leases.lease_next_task(db, a) is None
     expire(db, lease)  # a skip is final even once the lease time has passed
-    assert labeling.lease_next_task(db, a) is None
-    assert labeling.lease_next_task(db, b).task_id == tasks_of(db, batch)[0].id
+    assert leases.lease_next_task(db, a) is None
+    assert leases.lease_next_task(db, b).task_id == tasks_of(db, batch)[0].id
     stored = db.get(Assignment, lease.id)
     assert (stored.state, stored.skip_reason, stored.skip_note) == ("skipped", "unclear", "the question is cut off")
 
@@ -156,15 +177,15 @@ def test_skipped_task_is_never_offered_to_that_labeler_again(db):
 def test_skip_needs_a_known_reason_and_a_note_for_other(db):
     seed_batch(db, n_prompts=1)
     a = UserFactory()
-    lease = labeling.lease_next_task(db, a)
-    with pytest.raises(labeling.LabelingError) as err:
-        labeling.skip(db, a, lease.id, "bored")
+    lease = leases.lease_next_task(db, a)
+    with pytest.raises(leases.LabelingError) as err:
+        submissions.skip(db, a, lease.id, "bored")
     assert err.value.field == "reason"
-    with pytest.raises(labeling.LabelingError) as err:
-        labeling.skip(db, a, lease.id, "other", "   ")
+    with pytest.raises(leases.LabelingError) as err:
+        submissions.skip(db, a, lease.id, "other", "   ")
     assert err.value.field == "note"
-    with pytest.raises(labeling.LabelingError) as err:
-        labeling.submit_ranking(db, a, labeling.skip(db, a, lease.id, "other", "no time").id, items_for(lease))
+    with pytest.raises(leases.LabelingError) as err:
+        submissions.submit_ranking(db, a, submissions.skip(db, a, lease.id, "other", "no time").id, items_for(lease))
     assert err.value.status == 409
 
 
@@ -175,9 +196,9 @@ def test_skip_needs_a_known_reason_and_a_note_for_other(db):
 def test_submit_is_idempotent(db):
     batch = seed_batch(db, n_prompts=1, demonstrations=True)
     a = UserFactory()
-    lease = labeling.lease_next_task(db, a, "ranking")
-    first = labeling.submit_ranking(db, a, lease.id, items_for(lease))
-    again = labeling.submit_ranking(db, a, lease.id, items_for(lease, likert=7))
+    lease = leases.lease_next_task(db, a, "ranking")
+    first = submissions.submit_ranking(db, a, lease.id, items_for(lease))
+    again = submissions.submit_ranking(db, a, lease.id, items_for(lease, likert=7))
     assert again.id == first.id
     assert db.scalar(select(func.count()).select_from(Ranking)) == 1
     assert db.scalar(select(func.count()).select_from(RankingItem)) == 4
@@ -185,10 +206,13 @@ def test_submit_is_idempotent(db):
     db.refresh(task)
     assert (task.done_count, task.is_open) == (1, False)
 
-    demo_lease = labeling.lease_next_task(db, a, "demonstration")
-    demo = labeling.submit_demonstration(db, a, demo_lease.id, "  The answer is 1.\n")
-    assert labeling.submit_demonstration(db, a, demo_lease.id, "something else").id == demo.id
-    assert db.scalar(select(Demonstration.text).where(Demonstration.assignment_id == demo_lease.id)) == "  The answer is 1."
+    demo_lease = leases.lease_next_task(db, a, "demonstration")
+    demo = submissions.submit_demonstration(db, a, demo_lease.id, "  The answer is 1.\n")
+    assert submissions.submit_demonstration(db, a, demo_lease.id, "something else").id == demo.id
+    assert (
+        db.scalar(select(Demonstration.text).where(Demonstration.assignment_id == demo_lease.id))
+        == "  The answer is 1."
+    )
     assert db.scalar(select(func.count()).select_from(Demonstration)) == 1
     assert tasks_of(db, batch, "demonstration")[0].done_count == 1
 
@@ -196,10 +220,10 @@ def test_submit_is_idempotent(db):
 def test_expired_lease_submit_is_accepted_when_the_slot_is_free(db):
     seed_batch(db, n_prompts=1)
     a = UserFactory()
-    lease = labeling.lease_next_task(db, a)
+    lease = leases.lease_next_task(db, a)
     expire(db, lease)
-    labeling.expire_leases(db)
-    ranking = labeling.submit_ranking(db, a, lease.id, items_for(lease), active_seconds=42)
+    leases.expire_leases(db)
+    ranking = submissions.submit_ranking(db, a, lease.id, items_for(lease), active_seconds=42)
     assert ranking.active_seconds == 42
     assert db.get(Assignment, lease.id).state == "submitted"
 
@@ -207,37 +231,37 @@ def test_expired_lease_submit_is_accepted_when_the_slot_is_free(db):
 def test_expired_lease_submit_is_409_when_someone_else_took_the_slot(db):
     seed_batch(db, n_prompts=1)
     a, b = UserFactory(), UserFactory()
-    lease_a = labeling.lease_next_task(db, a)
+    lease_a = leases.lease_next_task(db, a)
     expire(db, lease_a)
-    lease_b = labeling.lease_next_task(db, b)
-    with pytest.raises(labeling.LabelingError) as err:
-        labeling.submit_ranking(db, a, lease_a.id, items_for(lease_a))
+    lease_b = leases.lease_next_task(db, b)
+    with pytest.raises(leases.LabelingError) as err:
+        submissions.submit_ranking(db, a, lease_a.id, items_for(lease_a))
     assert err.value.status == 409 and "another labeler" in str(err.value)
-    with pytest.raises(labeling.LabelingError) as err:
-        labeling.save_draft(db, a, lease_a.id, {"slots": {}})
+    with pytest.raises(leases.LabelingError) as err:
+        submissions.save_draft(db, a, lease_a.id, {"slots": {}})
     assert err.value.status == 409
-    assert labeling.submit_ranking(db, b, lease_b.id, items_for(lease_b)).labeler_id == b.id
+    assert submissions.submit_ranking(db, b, lease_b.id, items_for(lease_b)).labeler_id == b.id
 
 
 def test_ties_are_stored_as_dense_ranks_with_display_positions(db):
     seed_batch(db, n_prompts=1, k=5)
     a = UserFactory()
-    lease = labeling.lease_next_task(db, a)
-    ranking = labeling.submit_ranking(db, a, lease.id, items_for(lease, slots=[1, 3, 3, 5, 5]))
+    lease = leases.lease_next_task(db, a)
+    ranking = submissions.submit_ranking(db, a, lease.id, items_for(lease, slots=[1, 3, 3, 5, 5]))
     rows = db.execute(
         select(RankingItem.completion_id, RankingItem.rank, RankingItem.position)
-        .where(RankingItem.ranking_id == ranking.id).order_by(RankingItem.position)
+        .where(RankingItem.ranking_id == ranking.id)
+        .order_by(RankingItem.position)
     ).all()
-    assert [(cid, rank, pos) for cid, rank, pos in rows] == list(
-        zip(lease.display_order, [1, 2, 2, 3, 3], range(5)))
+    assert [(cid, rank, pos) for cid, rank, pos in rows] == list(zip(lease.display_order, [1, 2, 2, 3, 3], range(5)))
 
 
 def test_draft_is_saved_and_renews_the_lease(db):
     seed_batch(db, n_prompts=1)
     a = UserFactory()
-    lease = labeling.lease_next_task(db, a)
+    lease = leases.lease_next_task(db, a)
     expire(db, lease)
-    labeling.save_draft(db, a, lease.id, {"slots": {"1": 2}}, active_seconds=12)
+    submissions.save_draft(db, a, lease.id, {"slots": {"1": 2}}, active_seconds=12)
     stored = db.get(Assignment, lease.id)
     assert stored.draft == {"slots": {"1": 2}} and stored.active_seconds == 12 and stored.state == "leased"
     assert stored.expires_at > utcnow() + timedelta(minutes=10)
@@ -258,8 +282,10 @@ def test_api_flow_next_draft_submit_repeat_and_204(client, login, db):
     assert client.put(url + "/draft", json={"draft": {"likert": {"1": 3}}}, headers=headers).status_code == 200
     assert client.get(url).json()["draft"] == {"likert": {"1": 3}}
     ids = [c["id"] for c in task["completions"]]
-    body = {"items": [{"completion_id": cid, "rank": slot, "likert": 5} for cid, slot in zip(ids, [1, 2, 2, 4])],
-            "active_seconds": 30}
+    body = {
+        "items": [{"completion_id": cid, "rank": slot, "likert": 5} for cid, slot in zip(ids, [1, 2, 2, 4])],
+        "active_seconds": 30,
+    }
     first = client.post(url + "/submit", json=body, headers=headers)
     assert first.status_code == 200, first.text
     assert [item["rank"] for item in first.json()["items"]] == [1, 2, 2, 3]
@@ -268,14 +294,17 @@ def test_api_flow_next_draft_submit_repeat_and_204(client, login, db):
     assert client.get("/api/v1/tasks/next", params={"kind": "ranking"}).status_code == 204
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda items: items[2].update(likert=9), "items[2].likert"),
-    (lambda items: items[1].update(rank=0), "items[1].rank"),
-    (lambda items: items[3].update(flags=["boring"]), "items[3].flags"),
-    (lambda items: items[0].update(completion_id=10**9), "items[0].completion_id"),
-    (lambda items: items[1].update(completion_id=items[0]["completion_id"]), "items[1].completion_id"),
-    (lambda items: items.pop(), "items:"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda items: items[2].update(likert=9), "items[2].likert"),
+        (lambda items: items[1].update(rank=0), "items[1].rank"),
+        (lambda items: items[3].update(flags=["boring"]), "items[3].flags"),
+        (lambda items: items[0].update(completion_id=10**9), "items[0].completion_id"),
+        (lambda items: items[1].update(completion_id=items[0]["completion_id"]), "items[1].completion_id"),
+        (lambda items: items.pop(), "items:"),
+    ],
+)
 def test_validation_messages_name_the_item_and_field(client, db, change, field):
     seed_batch(db, n_prompts=1, k=4)
     raw, _ = create_api_token(db, UserFactory(), ["label"])
@@ -283,8 +312,9 @@ def test_validation_messages_name_the_item_and_field(client, db, change, field):
     task = client.get("/api/v1/tasks/next", headers=headers).json()
     items = [{"completion_id": c["id"], "rank": 1, "likert": 4} for c in task["completions"]]
     change(items)
-    response = client.post(f"/api/v1/assignments/{task['assignment_id']}/submit", json={"items": items},
-                           headers=headers)
+    response = client.post(
+        f"/api/v1/assignments/{task['assignment_id']}/submit", json={"items": items}, headers=headers
+    )
     assert response.status_code == 422
     assert response.json()["detail"].startswith(field)
     assert db.scalar(select(func.count()).select_from(Ranking)) == 0
@@ -293,7 +323,7 @@ def test_validation_messages_name_the_item_and_field(client, db, change, field):
 def test_another_labelers_assignment_is_404(client, login, db):
     seed_batch(db, n_prompts=1)
     owner = UserFactory()
-    lease = labeling.lease_next_task(db, owner)
+    lease = leases.lease_next_task(db, owner)
     raw, _ = create_api_token(db, UserFactory(), ["label"])
     bearer = {"Authorization": f"Bearer {raw}"}
     url = f"/api/v1/assignments/{lease.id}"
@@ -342,10 +372,13 @@ def test_next_page_leases_and_redirects_then_says_when_nothing_is_left(client, l
         assert "src=" in tag or 'type="application/json"' in tag
     assert not re.search(r"\sstyle=|\son[a-z]+=", page.text)
 
-    items = [{"completion_id": cid, "rank": 1, "likert": 4}
-             for cid in db.get(Assignment, assignment_id).display_order]
-    assert client.post(f"/api/v1/assignments/{assignment_id}/submit", json={"items": items},
-                       headers={"X-CSRF-Token": csrf}).status_code == 200
+    items = [{"completion_id": cid, "rank": 1, "likert": 4} for cid in db.get(Assignment, assignment_id).display_order]
+    assert (
+        client.post(
+            f"/api/v1/assignments/{assignment_id}/submit", json={"items": items}, headers={"X-CSRF-Token": csrf}
+        ).status_code
+        == 200
+    )
     done = client.get("/label/next?kind=ranking")
     assert done.status_code == 200 and 'data-testid="nothing-left"' in done.text
     back = client.get(location, follow_redirects=False)
@@ -355,8 +388,8 @@ def test_next_page_leases_and_redirects_then_says_when_nothing_is_left(client, l
 def test_demonstration_page_shows_the_draft_and_guidelines(client, login, db):
     seed_batch(db, n_prompts=1, rankings=False, demonstrations=True, guidelines="Be **kind**.\n\n- short\n- true")
     user = UserFactory()
-    lease = labeling.lease_next_task(db, user, "demonstration")
-    labeling.save_draft(db, user, lease.id, {"text": "half </textarea><script>x</script> done"})
+    lease = leases.lease_next_task(db, user, "demonstration")
+    submissions.save_draft(db, user, lease.id, {"text": "half </textarea><script>x</script> done"})
     login(user.username)
     page = client.get(f"/label/assignments/{lease.id}")
     assert 'data-testid="demonstration-page"' in page.text
@@ -369,8 +402,11 @@ def test_next_without_a_kind_offers_rankings_then_demonstrations(client, login, 
     csrf = login(UserFactory().username)
     assert 'data-testid="ranking-page"' in client.get("/label/next").text
     ranking_url = client.get("/label/next", follow_redirects=False).headers["location"]  # the lease held
-    skip = client.post("/api/v1" + ranking_url.removeprefix("/label") + "/skip", json={"reason": "language"},
-                       headers={"X-CSRF-Token": csrf})
+    skip = client.post(
+        "/api/v1" + ranking_url.removeprefix("/label") + "/skip",
+        json={"reason": "language"},
+        headers={"X-CSRF-Token": csrf},
+    )
     assert skip.json()["state"] == "skipped"
     assert 'data-testid="demonstration-page"' in client.get("/label/next").text
 
@@ -382,10 +418,12 @@ def test_labeling_pages_are_for_labelers_only(client, login, db):
 
 
 def test_guidelines_are_escaped_before_the_small_markdown_subset():
-    html = str(render_guidelines(
-        "# Rules\n**Be kind** and *brief*, use `code`.\n\n- one\n- <script>alert(1)</script>\n\n"
-        "<img src=x onerror=alert(2)> 2 * 3 * 4"
-    ))
+    html = str(
+        render_guidelines(
+            "# Rules\n**Be kind** and *brief*, use `code`.\n\n- one\n- <script>alert(1)</script>\n\n"
+            "<img src=x onerror=alert(2)> 2 * 3 * 4"
+        )
+    )
     assert "<h3>Rules</h3>" in html
     assert "<p><strong>Be kind</strong> and <em>brief</em>, use <code>code</code>.</p>" in html
     assert "<ul><li>one</li><li>&lt;script&gt;alert(1)&lt;/script&gt;</li></ul>" in html

@@ -69,8 +69,14 @@ def ranks_by_letter(session, assignment_id: int) -> dict[str, tuple[int, int, li
 
 def test_write_and_submit_demonstrations(page, live_server, committed_session, labeler, js_errors):
     prompt = "Write a haiku about tea.\n    Keep   the spacing:\n\tthree lines."
-    seed_batch(committed_session, n_prompts=3, rankings=False, demonstrations=True,
-               prompt_texts=[prompt, "Second prompt", "Third prompt"], guidelines="Be **brief**.\n\n- no rhymes")
+    seed_batch(
+        committed_session,
+        n_prompts=3,
+        rankings=False,
+        demonstrations=True,
+        prompt_texts=[prompt, "Second prompt", "Third prompt"],
+        guidelines="Be **brief**.\n\n- no rhymes",
+    )
     committed_session.commit()
     log_in(page, live_server, labeler.username)
 
@@ -195,7 +201,12 @@ def test_rank_five_outputs_with_the_keyboard_alone(page, live_server, committed_
 
     stored = ranks_by_letter(fresh(committed_session), assignment_id)
     assert {letter: (rank, score) for letter, (rank, score, _) in stored.items()} == {
-        "A": (2, 5), "B": (1, 7), "C": (1, 7), "D": (3, 3), "E": (4, 1)}
+        "A": (2, 5),
+        "B": (1, 7),
+        "C": (1, 7),
+        "D": (3, 3),
+        "E": (4, 1),
+    }
     assert not js_errors
 
 
@@ -223,16 +234,24 @@ def test_reload_mid_task_finds_the_autosaved_draft(page, live_server, committed_
     page.reload()
     page.get_by_test_id("ranking-page").wait_for()
     assert page.get_by_test_id("save-status").inner_text() == "Draft restored"
-    assert page.locator("[data-testid=slot-1] .rank-card").evaluate_all("cs => cs.map(c => c.dataset.letter)") == ["B", "C"]
+    assert page.locator("[data-testid=slot-1] .rank-card").evaluate_all("cs => cs.map(c => c.dataset.letter)") == [
+        "B",
+        "C",
+    ]
     assert page.get_by_test_id("placed-B").inner_text() == "slot 1 (best)"
     assert page.locator("[data-testid=likert-B-6] input").is_checked()
-    assert page.get_by_test_id("flag-D-personal_data").is_checked() and page.get_by_test_id("all-unacceptable").is_checked()
+    assert (
+        page.get_by_test_id("flag-D-personal_data").is_checked()
+        and page.get_by_test_id("all-unacceptable").is_checked()
+    )
     assert page.get_by_test_id("flag-count-D").inner_text() == "(1)"
 
     session = fresh(committed_session)
     draft = session.scalar(select(Assignment.draft).where(Assignment.id == rank_id))
     assert draft["all_unacceptable"] is True and sorted(draft["slots"].values()) == [1, 1]
-    assert session.scalar(select(Assignment.draft).where(Assignment.id == demo_id)) == {"text": "First half of my answer,"}
+    assert session.scalar(select(Assignment.draft).where(Assignment.id == demo_id)) == {
+        "text": "First half of my answer,"
+    }
 
     for letter, slot in (("A", 2), ("D", 4)):  # finish the restored ranking and submit it
         page.get_by_test_id(f"rank-card-{letter}").drag_to(page.get_by_test_id(f"slot-{slot}"))
@@ -247,18 +266,27 @@ def test_reload_mid_task_finds_the_autosaved_draft(page, live_server, committed_
     assert not js_errors
 
 
-PROMPT_PAYLOAD = ('Summarise: <script>window.__pwnedPrompt = 1</script>'
-                  '<img src=x onerror="window.__pwnedPromptImg = 1"> & done')
-OUTPUT_PAYLOAD = ('Sure! <script>window.__pwnedOutput = 1</script>\n'
-                  '<img src=x onerror="window.__pwnedOutputImg = 1"> **not bold**')
+PROMPT_PAYLOAD = (
+    'Summarise: <script>window.__pwnedPrompt = 1</script><img src=x onerror="window.__pwnedPromptImg = 1"> & done'
+)
+OUTPUT_PAYLOAD = (
+    'Sure! <script>window.__pwnedOutput = 1</script>\n<img src=x onerror="window.__pwnedOutputImg = 1"> **not bold**'
+)
 
 
 @pytest.mark.parametrize("kind", ["ranking", "demonstration"])
-def test_hostile_prompt_and_outputs_show_as_text_and_run_nothing(page, live_server, committed_session, labeler,
-                                                                 js_errors, kind):
-    seed_batch(committed_session, n_prompts=1, k=4, demonstrations=True, prompt_texts=[PROMPT_PAYLOAD],
-               output_texts=[OUTPUT_PAYLOAD, "plain", "<b>bold?</b>", "</pre></textarea>x"],
-               guidelines="Read this: <script>window.__pwnedGuide = 1</script> <img src=x onerror=\"window.__pwnedGuideImg=1\">")
+def test_hostile_prompt_and_outputs_show_as_text_and_run_nothing(
+    page, live_server, committed_session, labeler, js_errors, kind
+):
+    seed_batch(
+        committed_session,
+        n_prompts=1,
+        k=4,
+        demonstrations=True,
+        prompt_texts=[PROMPT_PAYLOAD],
+        output_texts=[OUTPUT_PAYLOAD, "plain", "<b>bold?</b>", "</pre></textarea>x"],
+        guidelines='Read this: <script>window.__pwnedGuide = 1</script> <img src=x onerror="window.__pwnedGuideImg=1">',
+    )
     committed_session.commit()
     log_in(page, live_server, labeler.username)
     open_next(page, live_server, kind)

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import get_sessionmaker
+from app.labeling import leases, submissions
 from app.models import Assignment, Ranking, RankingItem, Task, User
 from app.security import create_api_token
-from app.labeling import service as labeling
 from tests.test_labeling import seed_batch
 
 pytestmark = pytest.mark.slow
@@ -80,12 +80,13 @@ def test_32_labelers_through_the_service_never_share_a_slot(committed):
         with get_sessionmaker()() as db:
             labeler = db.get(User, user_ids[i])
             while True:
-                assignment = labeling.lease_next_task(db, labeler, "ranking")
+                assignment = leases.lease_next_task(db, labeler, "ranking")
                 db.commit()
                 if assignment is None:
                     return done
-                ranking = labeling.submit_ranking(db, labeler, assignment.id, items(assignment.display_order, i),
-                                                  active_seconds=3)
+                ranking = submissions.submit_ranking(
+                    db, labeler, assignment.id, items(assignment.display_order, i), active_seconds=3
+                )
                 db.commit()
                 done.append((ranking.id, ranking.task_id, labeler.id))
 

@@ -35,8 +35,10 @@ def _new_batch(db, name: str, n: int, seed: int) -> PromptBatch:
     from app.world import generate_prompts
 
     batch = create_batch(db, name=name, k=4, overlap=1, max_new_tokens=16, temperature=1.0, top_p=1.0)
-    lines = [json.dumps({"text": p.text, "source_user_id": f"u{i % 10}"})
-             for i, p in enumerate(generate_prompts(n, seed=seed))]
+    lines = [
+        json.dumps({"text": p.text, "source_user_id": f"u{i % 10}"})
+        for i, p in enumerate(generate_prompts(n, seed=seed))
+    ]
     outcome = import_prompts(db, batch, "\n".join(lines).encode(), "jsonl")
     assert outcome.ok and outcome.stored > 0
     start_batch(db, batch)
@@ -45,11 +47,11 @@ def _new_batch(db, name: str, n: int, seed: int) -> PromptBatch:
 
 
 def test_import_sample_label_train_resample(committed_session, celery_worker):
-    from app.security import hash_password
-    from app.labeling import service as labeling
     from app.collection.batches import sampling_policy
+    from app.labeling import leases, submissions
     from app.registry.versions import register_base_model
     from app.runs import start_run
+    from app.security import hash_password
     from app.world import SimulatedDemonstrator, SimulatedLabeler
 
     db = committed_session
@@ -67,25 +69,42 @@ def test_import_sample_label_train_resample(committed_session, celery_worker):
     judges = {u.id: SimulatedLabeler(seed=u.id) for u in labelers}
     submitted = {"demonstration": 0, "ranking": 0}
     for user in labelers:
-        while (assignment := labeling.lease_next_task(db, user)) is not None:
-            view = labeling.task_view(db, assignment)
+        while (assignment := leases.lease_next_task(db, user)) is not None:
+            view = leases.task_view(db, assignment)
             if view.task.kind == "demonstration":
-                labeling.submit_demonstration(db, user, assignment.id, demonstrator.demonstrate(view.prompt.text),
-                                              active_seconds=rng.uniform(10, 60))
+                submissions.submit_demonstration(
+                    db,
+                    user,
+                    assignment.id,
+                    demonstrator.demonstrate(view.prompt.text),
+                    active_seconds=rng.uniform(10, 60),
+                )
             else:
                 texts = [c.text for c in view.completions]
                 ranks = judges[user.id].rank(view.prompt.text, texts)
                 likert = judges[user.id].likert(view.prompt.text, texts)
-                items = [{"completion_id": c.id, "rank": r, "likert": s, "flags": []}
-                         for c, r, s in zip(view.completions, ranks, likert)]
-                labeling.submit_ranking(db, user, assignment.id, items, active_seconds=rng.uniform(10, 60))
+                items = [
+                    {"completion_id": c.id, "rank": r, "likert": s, "flags": []}
+                    for c, r, s in zip(view.completions, ranks, likert)
+                ]
+                submissions.submit_ranking(db, user, assignment.id, items, active_seconds=rng.uniform(10, 60))
             submitted[view.task.kind] += 1
             db.commit()
     assert submitted == {"demonstration": 40, "ranking": 40}  # overlap 1: each task labeled exactly once
 
-    small = {"epochs": 1, "batch_size": 8, "rankings_per_step": 4, "rankings_per_micro_batch": 4, "steps": 2,
-             "rollout_batch_size": 4, "minibatch_size": 4, "micro_batch_size": 4, "ppo_epochs": 1,
-             "max_new_tokens": 8, "eval_size": 4}
+    small = {
+        "epochs": 1,
+        "batch_size": 8,
+        "rankings_per_step": 4,
+        "rankings_per_micro_batch": 4,
+        "steps": 2,
+        "rollout_batch_size": 4,
+        "minibatch_size": 4,
+        "micro_batch_size": 4,
+        "ppo_epochs": 1,
+        "max_new_tokens": 8,
+        "eval_size": 4,
+    }
     versions = {}
     for kind in ("sft", "rm", "ppo"):
         run = start_run(db, kind, params=small)
@@ -101,7 +120,8 @@ def test_import_sample_label_train_resample(committed_session, celery_worker):
     run2 = db.scalar(select(TrainingRun).where(TrainingRun.batch_id == batch2.id))
     _wait_run(db, run2.id)
     sampled_by = db.scalars(
-        select(func.distinct(Completion.model_version_id)).join(Prompt, Prompt.id == Completion.prompt_id)
+        select(func.distinct(Completion.model_version_id))
+        .join(Prompt, Prompt.id == Completion.prompt_id)
         .where(Prompt.batch_id == batch2.id)
     ).all()
     assert sampled_by == [versions["ppo"].id]  # the next batch comes from the new policy

@@ -31,7 +31,7 @@ def tokenizer():
     return train_tokenizer(corpus(300, seed=0), vocab_size=300)
 
 
-@pytest.fixture()
+@pytest.fixture
 def saved(tmp_path, tokenizer):
     model = tiny_causal_lm(tokenizer, seed=0, **SMALL)
     return save_model(model, tokenizer, tmp_path / "base"), model
@@ -188,9 +188,15 @@ def test_runs_take_the_recipe_of_their_base_model_under_their_own_params(db, tmp
 
     base_dir = tmp_path / "base"
     base_dir.mkdir()
-    (base_dir / RECIPE_FILE).write_text(json.dumps({
-        "about": "settings for this model", "sft": {"learning_rate": 1e-3, "epochs": 6}, "ppo": {"kl_coef": 0.1},
-    }))
+    (base_dir / RECIPE_FILE).write_text(
+        json.dumps(
+            {
+                "about": "settings for this model",
+                "sft": {"learning_rate": 1e-3, "epochs": 6},
+                "ppo": {"kl_coef": 0.1},
+            }
+        )
+    )
     base = register_version(db, kind="base", name="base-r", artifact_path=str(base_dir))
     sft = register_version(db, kind="sft", name="sft-r", artifact_path=str(tmp_path / "sft"), parent_id=base.id)
     rm = register_version(db, kind="rm", name="rm-r", artifact_path=str(tmp_path / "rm"), parent_id=sft.id)

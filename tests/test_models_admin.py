@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
+from app import runs as run_service
 from app.models import ModelVersion, TrainingRun, User, utcnow
 from app.security import create_api_token, hash_password
-from app import runs as run_service
 from tests.factories import PASSWORD, AdminFactory, ModelVersionFactory, UserFactory
 from tests.html_text import text
 
@@ -41,19 +41,46 @@ def make_run(db, kind="sft", status="running", **fields) -> TrainingRun:
 
 def lineage_tree(db) -> dict[str, ModelVersion]:
     """base → sft → rm, and a policy trained from the SFT model against the RM."""
-    base = ModelVersionFactory(name="base-1", kind="base", status="promoted", promoted_at=utcnow(),
-                               metrics={"final_held_out_loss": 2.5, "parameters": 1_200_000})
-    sft = ModelVersionFactory(name="sft-run1", kind="sft", parent_id=base.id, lineage={"base": base.id},
-                              data_snapshot={"counts": {"train": 40, "valid": 8}, "max_ids": {"demonstration": 48}},
-                              metrics={"valid_loss": 1.25, "train_loss": 1.1, "train_loss_curve": [2.0, 1.5, 1.1],
-                                       "valid_loss_curve": [1.9, 1.4, 1.25], "epochs_run": 3})
-    rm = ModelVersionFactory(name="rm-run2", kind="rm", parent_id=sft.id, lineage={"backbone": sft.id},
-                             metrics={"valid_accuracy": 0.71, "valid_loss": 0.6})
-    policy = ModelVersionFactory(name="policy-run3", kind="policy", parent_id=sft.id,
-                                 lineage={"sft": sft.id, "rm": rm.id}, data_snapshot={"counts": {"prompts": 90}},
-                                 metrics={"eval": {"reward": 0.62, "kl": 1.5}, "kl_curve": [0.0, 0.8, 1.5],
-                                          "log": [{"reward": 0.3, "kl": 0.0}, {"reward": 0.5, "kl": 0.8},
-                                                  {"reward": 0.62, "kl": 1.5}]})
+    base = ModelVersionFactory(
+        name="base-1",
+        kind="base",
+        status="promoted",
+        promoted_at=utcnow(),
+        metrics={"final_held_out_loss": 2.5, "parameters": 1_200_000},
+    )
+    sft = ModelVersionFactory(
+        name="sft-run1",
+        kind="sft",
+        parent_id=base.id,
+        lineage={"base": base.id},
+        data_snapshot={"counts": {"train": 40, "valid": 8}, "max_ids": {"demonstration": 48}},
+        metrics={
+            "valid_loss": 1.25,
+            "train_loss": 1.1,
+            "train_loss_curve": [2.0, 1.5, 1.1],
+            "valid_loss_curve": [1.9, 1.4, 1.25],
+            "epochs_run": 3,
+        },
+    )
+    rm = ModelVersionFactory(
+        name="rm-run2",
+        kind="rm",
+        parent_id=sft.id,
+        lineage={"backbone": sft.id},
+        metrics={"valid_accuracy": 0.71, "valid_loss": 0.6},
+    )
+    policy = ModelVersionFactory(
+        name="policy-run3",
+        kind="policy",
+        parent_id=sft.id,
+        lineage={"sft": sft.id, "rm": rm.id},
+        data_snapshot={"counts": {"prompts": 90}},
+        metrics={
+            "eval": {"reward": 0.62, "kl": 1.5},
+            "kl_curve": [0.0, 0.8, 1.5],
+            "log": [{"reward": 0.3, "kl": 0.0}, {"reward": 0.5, "kl": 0.8}, {"reward": 0.62, "kl": 1.5}],
+        },
+    )
     return {"base": base, "sft": sft, "rm": rm, "policy": policy}
 
 
@@ -66,9 +93,15 @@ def promoted_names(db, kind: str) -> list[str]:
 # --- who may ---------------------------------------------------------------------------------------
 
 API_CALLS = [
-    ("get", "/api/v1/models"), ("get", "/api/v1/models/1"), ("post", "/api/v1/models/1/promote"),
-    ("post", "/api/v1/models/1/retire"), ("post", "/api/v1/models/rollback?kind=policy"), ("get", "/api/v1/runs"),
-    ("get", "/api/v1/runs/1"), ("get", "/api/v1/runs/schedule"), ("post", "/api/v1/runs"),
+    ("get", "/api/v1/models"),
+    ("get", "/api/v1/models/1"),
+    ("post", "/api/v1/models/1/promote"),
+    ("post", "/api/v1/models/1/retire"),
+    ("post", "/api/v1/models/rollback?kind=policy"),
+    ("get", "/api/v1/runs"),
+    ("get", "/api/v1/runs/1"),
+    ("get", "/api/v1/runs/schedule"),
+    ("post", "/api/v1/runs"),
     ("post", "/api/v1/runs/1/cancel"),
 ]
 PAGES = ["/admin/models", "/admin/models/1", "/admin/runs", "/admin/runs/1"]
@@ -117,7 +150,9 @@ def test_lists_and_shows_versions_with_lineage(client, db, auth):
     listed = client.get("/api/v1/models", headers=auth).json()
     assert [m["name"] for m in listed] == ["policy-run3", "rm-run2", "sft-run1", "base-1"]
     assert client.get("/api/v1/models?kind=sft", headers=auth).json()[0]["key_metrics"] == {
-        "valid_loss": 1.25, "train_loss": 1.1}
+        "valid_loss": 1.25,
+        "train_loss": 1.1,
+    }
     assert [m["name"] for m in client.get("/api/v1/models?status=promoted", headers=auth).json()] == ["base-1"]
     bad = client.get("/api/v1/models?kind=critic", headers=auth)
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "kind"
@@ -185,10 +220,24 @@ def test_only_ready_versions_are_promoted_or_retired(client, db, auth):
 
 
 def test_lists_and_shows_runs(client, db, auth):
-    old = make_run(db, kind="sft", status="failed", error="RuntimeError: boom", traceback="Traceback ...\nboom",
-                   attempts=2, finished_at=utcnow())
-    live = make_run(db, kind="rm", status="running", progress=0.4, message="step 4/10", attempts=1,
-                    metrics={"curve": [{"step": 2, "loss": 0.7}, {"step": 4, "loss": 0.6}]})
+    old = make_run(
+        db,
+        kind="sft",
+        status="failed",
+        error="RuntimeError: boom",
+        traceback="Traceback ...\nboom",
+        attempts=2,
+        finished_at=utcnow(),
+    )
+    live = make_run(
+        db,
+        kind="rm",
+        status="running",
+        progress=0.4,
+        message="step 4/10",
+        attempts=1,
+        metrics={"curve": [{"step": 2, "loss": 0.7}, {"step": 4, "loss": 0.6}]},
+    )
     make_run(db, kind="sample", status="succeeded", progress=1.0)
     listed = client.get("/api/v1/runs", headers=auth).json()
     assert [r["id"] for r in listed] == sorted((r["id"] for r in listed), reverse=True) and len(listed) == 3
@@ -208,8 +257,9 @@ def test_lists_and_shows_runs(client, db, auth):
 
 @pytest.mark.sqlite
 def test_start_run_by_hand_refuses_a_second_and_bad_fields(client, db, auth, admin):
-    started = client.post("/api/v1/runs", json={"kind": "sft", "params": {"epochs": 2, "learning_rate": 1e-3}},
-                          headers=auth)
+    started = client.post(
+        "/api/v1/runs", json={"kind": "sft", "params": {"epochs": 2, "learning_rate": 1e-3}}, headers=auth
+    )
     assert started.status_code == 201, started.text
     body = started.json()
     assert (body["kind"], body["status"], body["params"]) == ("sft", "queued", {"epochs": 2, "learning_rate": 1e-3})
@@ -220,13 +270,22 @@ def test_start_run_by_hand_refuses_a_second_and_bad_fields(client, db, auth, adm
         assert client.post("/api/v1/runs", json={"kind": kind, "params": params}, headers=auth).status_code == 201
     assert client.post("/api/v1/runs", json={"kind": "pretrain"}, headers=auth).status_code == 409
 
-    for body, field in [({"kind": "dpo"}, "kind"), ({"kind": "sample"}, "kind"), ({}, "kind"),
-                        ({"kind": "rm", "params": [1]}, "params"), ({"kind": "rm", "colour": "red"}, "colour")]:
+    for body, field in [
+        ({"kind": "dpo"}, "kind"),
+        ({"kind": "sample"}, "kind"),
+        ({}, "kind"),
+        ({"kind": "rm", "params": [1]}, "params"),
+        ({"kind": "rm", "colour": "red"}, "colour"),
+    ]:
         response = client.post("/api/v1/runs", json=body, headers=auth)
         assert response.status_code == 422, body
         assert [e["field"] for e in response.json()["errors"]] == [field], response.json()
-    for params, field in [({"lerning_rate": 0.1}, "params.lerning_rate"), ({"epochs": "two"}, "params.epochs"),
-                          ({"epochs": 1.5}, "params.epochs"), ({"device": 3}, "params.device")]:
+    for params, field in [
+        ({"lerning_rate": 0.1}, "params.lerning_rate"),
+        ({"epochs": "two"}, "params.epochs"),
+        ({"epochs": 1.5}, "params.epochs"),
+        ({"device": 3}, "params.device"),
+    ]:
         response = client.post("/api/v1/runs", json={"kind": "rm", "params": params}, headers=auth)
         assert response.status_code == 422 and response.json()["detail"].startswith(f"{field}:"), response.json()
     assert db.scalar(select(func.count()).select_from(TrainingRun).where(TrainingRun.kind == "rm")) == 0
@@ -295,21 +354,29 @@ def test_promote_and_rollback_forms(client, db, admin_csrf):
     first = ModelVersionFactory(name="p-first", kind="policy", status="promoted", promoted_at=utcnow() - timedelta(1))
     second = ModelVersionFactory(name="p-second", kind="policy")
     assert client.post(f"/admin/models/{second.id}/promote").status_code == 403  # no CSRF token
-    response = client.post(f"/admin/models/{second.id}/promote", data={"csrf_token": admin_csrf},
-                           follow_redirects=False)
+    response = client.post(
+        f"/admin/models/{second.id}/promote", data={"csrf_token": admin_csrf}, follow_redirects=False
+    )
     assert response.status_code == 303 and response.headers["location"] == "/admin/models"
     assert promoted_names(db, "policy") == ["p-second"]
     assert 'data-testid="rollback-policy">Roll back to p-first' in client.get("/admin/models").text
-    response = client.post("/admin/models/rollback", data={"csrf_token": admin_csrf, "kind": "policy"},
-                           follow_redirects=False)
+    response = client.post(
+        "/admin/models/rollback", data={"csrf_token": admin_csrf, "kind": "policy"}, follow_redirects=False
+    )
     assert response.status_code == 303 and promoted_names(db, "policy") == ["p-first"]
     refused = client.post("/admin/models/rollback", data={"csrf_token": admin_csrf, "kind": "policy"})
     assert refused.status_code == 409 and "no earlier promoted policy" in refused.text
-    back = client.post(f"/admin/models/{second.id}/promote",
-                       data={"csrf_token": admin_csrf, "next": f"/admin/models/{second.id}"}, follow_redirects=False)
+    back = client.post(
+        f"/admin/models/{second.id}/promote",
+        data={"csrf_token": admin_csrf, "next": f"/admin/models/{second.id}"},
+        follow_redirects=False,
+    )
     assert back.headers["location"] == f"/admin/models/{second.id}"
-    evil = client.post(f"/admin/models/{first.id}/promote",
-                       data={"csrf_token": admin_csrf, "next": "https://evil.example"}, follow_redirects=False)
+    evil = client.post(
+        f"/admin/models/{first.id}/promote",
+        data={"csrf_token": admin_csrf, "next": "https://evil.example"},
+        follow_redirects=False,
+    )
     assert evil.headers["location"] == "/admin/models"
     retired = client.post(f"/admin/models/{second.id}/retire", data={"csrf_token": admin_csrf}, follow_redirects=False)
     assert retired.status_code == 303
@@ -318,15 +385,19 @@ def test_promote_and_rollback_forms(client, db, admin_csrf):
 
 
 def test_runs_pages_start_show_and_cancel(client, db, admin_csrf):
-    response = client.post("/admin/runs", data={"csrf_token": admin_csrf, "kind": "rm", "params": '{"epochs": 2}'},
-                           follow_redirects=False)
+    response = client.post(
+        "/admin/runs", data={"csrf_token": admin_csrf, "kind": "rm", "params": '{"epochs": 2}'}, follow_redirects=False
+    )
     assert response.status_code == 303
     run = db.scalar(select(TrainingRun).where(TrainingRun.kind == "rm"))
     assert response.headers["location"] == f"/admin/runs/{run.id}" and run.params == {"epochs": 2}
     conflict = client.post("/admin/runs", data={"csrf_token": admin_csrf, "kind": "rm", "params": ""})
     assert conflict.status_code == 409 and "already queued or running" in conflict.text
-    for params, message in [("{epochs: 2}", "params: not valid JSON"), ("[1]", "params: must be a JSON object"),
-                            ('{"epoch": 2}', "params.epoch: sft has no such setting")]:
+    for params, message in [
+        ("{epochs: 2}", "params: not valid JSON"),
+        ("[1]", "params: must be a JSON object"),
+        ('{"epoch": 2}', "params.epoch: sft has no such setting"),
+    ]:
         bad = client.post("/admin/runs", data={"csrf_token": admin_csrf, "kind": "sft", "params": params})
         assert bad.status_code == 422 and message in bad.text, bad.text
         assert "</textarea>" in bad.text and params.replace('"', "&#34;") in bad.text  # the form keeps what was typed
@@ -347,8 +418,13 @@ def test_runs_pages_start_show_and_cancel(client, db, admin_csrf):
     refused = client.post(f"/admin/runs/{run.id}/cancel", data={"csrf_token": admin_csrf})
     assert refused.status_code == 409 and "only a queued or running run can be cancelled" in refused.text
 
-    failed = make_run(db, kind="ppo", status="failed", error="RuntimeError: PPO needs an SFT model",
-                      traceback="Traceback (most recent call last):\n  <b>File</b>")
+    failed = make_run(
+        db,
+        kind="ppo",
+        status="failed",
+        error="RuntimeError: PPO needs an SFT model",
+        traceback="Traceback (most recent call last):\n  <b>File</b>",
+    )
     page = client.get(f"/admin/runs/{failed.id}").text
     assert "RuntimeError: PPO needs an SFT model" in page and "&lt;b&gt;File&lt;/b&gt;" in page  # escaped
 
@@ -360,8 +436,14 @@ def test_run_page_progress_updates_without_reload(live_server, committed_session
 
     db = committed_session
     db.add(User(username="runs-admin", role="admin", password_hash=hash_password(PASSWORD)))
-    run = TrainingRun(kind="sft", status="running", progress=0.1, message="step 10/100", heartbeat_at=utcnow(),
-                      metrics={"curve": [{"step": 10, "loss": 2.0}]})
+    run = TrainingRun(
+        kind="sft",
+        status="running",
+        progress=0.1,
+        message="step 10/100",
+        heartbeat_at=utcnow(),
+        metrics={"curve": [{"step": 10, "loss": 2.0}]},
+    )
     db.add(run)
     db.commit()
     page.goto(f"{live_server}/login?next=/admin/runs")

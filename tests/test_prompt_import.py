@@ -160,7 +160,7 @@ def test_utf16_file_is_refused_with_a_hint():
 
 def test_ten_thousand_lines_with_one_bad_line_gives_exactly_that_error():
     lines = [json.dumps({"text": f"prompt number {i}", "source_user_id": f"u{i % 37}"}) for i in range(10_000)]
-    lines[6_789] = json.dumps({"text": f"prompt number 6789", "category": "unknown"})
+    lines[6_789] = json.dumps({"text": "prompt number 6789", "category": "unknown"})
     result = parse_prompts(("\n".join(lines) + "\n").encode(), "jsonl")
     assert [(e.line, e.field) for e in result.errors] == [(6_790, "category")]
     assert len(result.rows) == 9_999

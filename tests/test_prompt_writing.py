@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import func, select
 
-from app.models import Prompt, PromptBatch, Task, TrainingRun
-from app.security import create_api_token
-from app.labeling import service as labeling
 from app.collection import prompt_writing as writing
 from app.collection.hygiene import normalized_key, prefix_key
 from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
+from app.labeling import leases
+from app.models import Prompt, PromptBatch, Task, TrainingRun
+from app.security import create_api_token
 from tests.factories import AdminFactory, ModelVersionFactory, UserFactory
 
 pytestmark = pytest.mark.sqlite
@@ -24,14 +24,29 @@ pytestmark = pytest.mark.sqlite
 Draft, Example = writing.PromptDraft, writing.FewShotExample
 
 
-def make_batch(db, *, status: str = "draft", allow: bool = True, pii_policy: str = "drop",
-               demonstrations: bool = True, rankings: bool = True, hygiene_config: dict | None = None,
-               guidelines: str = "Write prompts about **arithmetic**.") -> PromptBatch:
+def make_batch(
+    db,
+    *,
+    status: str = "draft",
+    allow: bool = True,
+    pii_policy: str = "drop",
+    demonstrations: bool = True,
+    rankings: bool = True,
+    hygiene_config: dict | None = None,
+    guidelines: str = "Write prompts about **arithmetic**.",
+) -> PromptBatch:
     """A batch that accepts written prompts (unless allow=False), with the hygiene config of a past import."""
-    batch = PromptBatch(name=f"write-{uuid.uuid4().hex[:8]}", status=status, allow_prompt_writing=allow, k=4,
-                        pii_policy=pii_policy, wants_demonstrations=demonstrations, wants_rankings=rankings,
-                        guidelines=guidelines,
-                        hygiene_report={"config": hygiene_config} if hygiene_config else {})
+    batch = PromptBatch(
+        name=f"write-{uuid.uuid4().hex[:8]}",
+        status=status,
+        allow_prompt_writing=allow,
+        k=4,
+        pii_policy=pii_policy,
+        wants_demonstrations=demonstrations,
+        wants_rankings=rankings,
+        guidelines=guidelines,
+        hygiene_report={"config": hygiene_config} if hygiene_config else {},
+    )
     db.add(batch)
     db.flush()
     return batch
@@ -39,8 +54,9 @@ def make_batch(db, *, status: str = "draft", allow: bool = True, pii_policy: str
 
 def store_prompt(db, batch: PromptBatch, text: str, prefix_chars: int = 100) -> Prompt:
     """Stores a prompt with the keys an import with this prefix length gives it."""
-    prompt = Prompt(batch_id=batch.id, text=text, normalized_key=normalized_key(text),
-                    prefix_key=prefix_key(text, prefix_chars))
+    prompt = Prompt(
+        batch_id=batch.id, text=text, normalized_key=normalized_key(text), prefix_key=prefix_key(text, prefix_chars)
+    )
     db.add(prompt)
     db.flush()
     return prompt
@@ -61,20 +77,31 @@ def test_few_shot_parts_are_assembled_in_the_documented_format():
     assert writing.assemble_few_shot("Add.", examples[:1]) == "Add.\n\nQuery: 2 + 2\nResponse: 4"
 
 
-@pytest.mark.parametrize("draft, field", [
-    (Draft(category="plain", text="  \n "), "text"),
-    (Draft(category="poem", text="hi"), "category"),
-    (Draft(category="user-based", text="Summarise this ticket."), "use_case"),
-    (Draft(category="user-based", use_case="support desk"), "text"),
-    (Draft(category="few-shot", examples=[Example("a", "b"), Example("c", "d")]), "instruction"),
-    (Draft(category="few-shot", instruction="Do it.", examples=[Example("a", "b")]), "examples"),
-    # The empty first row is ignored, but the half-filled second one is named as the labeler sees it.
-    (Draft(category="few-shot", instruction="Do it.", examples=[Example("", ""), Example("q", " "),
-                                                                 Example("a", "b")]), "examples[1].response"),
-    (Draft(category="few-shot", instruction="Do it.", examples=[Example("", "b"), Example("a", "b")]),
-     "examples[0].query"),
-    (Draft(category="plain", text="nul \x00 here"), "text"),
-])
+@pytest.mark.parametrize(
+    "draft, field",
+    [
+        (Draft(category="plain", text="  \n "), "text"),
+        (Draft(category="poem", text="hi"), "category"),
+        (Draft(category="user-based", text="Summarise this ticket."), "use_case"),
+        (Draft(category="user-based", use_case="support desk"), "text"),
+        (Draft(category="few-shot", examples=[Example("a", "b"), Example("c", "d")]), "instruction"),
+        (Draft(category="few-shot", instruction="Do it.", examples=[Example("a", "b")]), "examples"),
+        # The empty first row is ignored, but the half-filled second one is named as the labeler sees it.
+        (
+            Draft(
+                category="few-shot",
+                instruction="Do it.",
+                examples=[Example("", ""), Example("q", " "), Example("a", "b")],
+            ),
+            "examples[1].response",
+        ),
+        (
+            Draft(category="few-shot", instruction="Do it.", examples=[Example("", "b"), Example("a", "b")]),
+            "examples[0].query",
+        ),
+        (Draft(category="plain", text="nul \x00 here"), "text"),
+    ],
+)
 def test_bad_drafts_are_refused_naming_the_field(draft, field):
     with pytest.raises(writing.PromptWritingError) as caught:
         writing.compose(draft)
@@ -83,8 +110,13 @@ def test_bad_drafts_are_refused_naming_the_field(draft, field):
 
 
 def test_user_based_prompts_keep_the_use_case_beside_the_text():
-    text, metadata = writing.compose(Draft(category="user-based", use_case="A teacher making quizzes",
-                                           text="Turn these notes into 3 questions:\n- photosynthesis"))
+    text, metadata = writing.compose(
+        Draft(
+            category="user-based",
+            use_case="A teacher making quizzes",
+            text="Turn these notes into 3 questions:\n- photosynthesis",
+        )
+    )
     assert text == "Turn these notes into 3 questions:\n- photosynthesis"
     assert metadata == {"written": True, "use_case": "A teacher making quizzes"}
 
@@ -95,17 +127,24 @@ def test_user_based_prompts_keep_the_use_case_beside_the_text():
 def test_a_written_prompt_joins_a_draft_batch_with_author_and_category(db):
     batch = make_batch(db)
     author = UserFactory()
-    draft = Draft(category="few-shot", instruction="Reverse the word.",
-                  examples=[Example("cat", "tac"), Example("dog", "god")], final_query="bird")
+    draft = Draft(
+        category="few-shot",
+        instruction="Reverse the word.",
+        examples=[Example("cat", "tac"), Example("dog", "god")],
+        final_query="bird",
+    )
     outcome = writing.write_prompt(db, author, batch.id, draft)
     assert outcome.kept and outcome.message == "kept" and outcome.rule is None
     stored = db.get(Prompt, outcome.prompt.id)
     assert stored.batch_id == batch.id and stored.author_id == author.id and stored.category == "few-shot"
     assert stored.source_user_id == f"labeler:{author.id}" and stored.split in ("train", "valid", "test")
-    assert stored.text == ("Reverse the word.\n\nQuery: cat\nResponse: tac\n\nQuery: dog\nResponse: god"
-                           "\n\nQuery: bird\nResponse:")
-    assert stored.extra["few_shot"]["examples"] == [{"query": "cat", "response": "tac"},
-                                                    {"query": "dog", "response": "god"}]
+    assert stored.text == (
+        "Reverse the word.\n\nQuery: cat\nResponse: tac\n\nQuery: dog\nResponse: god\n\nQuery: bird\nResponse:"
+    )
+    assert stored.extra["few_shot"]["examples"] == [
+        {"query": "cat", "response": "tac"},
+        {"query": "dog", "response": "god"},
+    ]
     assert stored.normalized_key == normalized_key(stored.text)
     # A draft batch just holds it: no task and no sampling run until the admin starts the batch.
     assert count(db, Task, Task.prompt_id == stored.id) == 0 and count(db, TrainingRun) == 0
@@ -139,11 +178,19 @@ def test_the_batch_prefix_rule_and_per_user_cap_come_from_its_import(db):
     assert count(db, Prompt, Prompt.source_user_id == f"labeler:{a.id}") == 2
 
 
-@pytest.mark.parametrize("policy, kept, stored_text, message", [
-    ("drop", False, None, "dropped: it contains personal data (email), which this batch does not accept"),
-    ("redact", True, "Write to [EMAIL] about the refund.", "kept, with personal data replaced by tags such as [EMAIL]"),
-    ("flag", True, "Write to ann@example.com about the refund.", "kept, flagged for personal data (email)"),
-])
+@pytest.mark.parametrize(
+    "policy, kept, stored_text, message",
+    [
+        ("drop", False, None, "dropped: it contains personal data (email), which this batch does not accept"),
+        (
+            "redact",
+            True,
+            "Write to [EMAIL] about the refund.",
+            "kept, with personal data replaced by tags such as [EMAIL]",
+        ),
+        ("flag", True, "Write to ann@example.com about the refund.", "kept, flagged for personal data (email)"),
+    ],
+)
 def test_personal_data_follows_the_batch_policy(db, policy, kept, stored_text, message):
     batch = make_batch(db, pii_policy=policy)
     draft = Draft(text="Write to ann@example.com about the refund.")
@@ -180,7 +227,7 @@ def test_in_a_labeling_batch_the_prompt_gets_a_demonstration_task_and_a_follow_u
     assert [(r.kind, r.status, r.triggered_by) for r in runs] == [("sample", "queued", "prompt-writing")]
     assert first.sample_run_id == second.sample_run_id == runs[0].id
     # The demonstration task exists at once and is leased like any other.
-    lease = labeling.lease_next_task(db, demonstrator, "demonstration")
+    lease = leases.lease_next_task(db, demonstrator, "demonstration")
     assert lease is not None and db.get(Task, lease.task_id).prompt_id == first.prompt.id
     # What the run does: sample the written prompts (only those) and open their ranking tasks.
     todo = prompts_needing_samples(db, batch, model.id)
@@ -188,7 +235,7 @@ def test_in_a_labeling_batch_the_prompt_gets_a_demonstration_task_and_a_follow_u
     store_samples(db, model.id, {pid: [f"out {i}" for i in range(4)] for pid, _ in todo}, {})
     open_for_labeling(db, batch)
     assert count(db, Task, Task.batch_id == batch.id, Task.kind == "ranking") == 2
-    assert labeling.lease_next_task(db, demonstrator, "ranking") is not None
+    assert leases.lease_next_task(db, demonstrator, "ranking") is not None
 
 
 def test_a_batch_that_only_wants_demonstrations_needs_no_sampling(db):
@@ -223,8 +270,13 @@ def test_the_page_lists_writable_batches_and_the_home_links_to_it(client, login,
 def test_writing_through_the_form_shows_the_hygiene_outcome(client, login, db):
     batch = make_batch(db)
     csrf = login(UserFactory().username)
-    data = {"csrf_token": csrf, "batch_id": str(batch.id), "category": "plain",
-            "text": "Say <script>alert(1)</script> twice", "action": "submit"}
+    data = {
+        "csrf_token": csrf,
+        "batch_id": str(batch.id),
+        "category": "plain",
+        "text": "Say <script>alert(1)</script> twice",
+        "action": "submit",
+    }
     kept = client.post("/label/write", data=data)
     assert kept.status_code == 200 and 'data-kept="true"' in kept.text
     assert "Say &lt;script&gt;alert(1)&lt;/script&gt; twice" in kept.text and "<script>alert" not in kept.text
@@ -238,8 +290,15 @@ def test_writing_through_the_form_shows_the_hygiene_outcome(client, login, db):
 def test_form_errors_are_422_naming_the_field_and_keep_what_was_typed(client, login, db):
     batch = make_batch(db)
     csrf = login(UserFactory().username)
-    data = {"csrf_token": csrf, "batch_id": str(batch.id), "category": "few-shot", "instruction": "Double it.",
-            "example_query": ["2", "5", ""], "example_response": ["4", "", ""], "action": "submit"}
+    data = {
+        "csrf_token": csrf,
+        "batch_id": str(batch.id),
+        "category": "few-shot",
+        "instruction": "Double it.",
+        "example_query": ["2", "5", ""],
+        "example_response": ["4", "", ""],
+        "action": "submit",
+    }
     response = client.post("/label/write", data=data)
     assert response.status_code == 422
     assert "examples[1].response: write the response to this query" in response.text
@@ -256,8 +315,9 @@ def test_the_form_needs_csrf_and_a_labeler(client, login, db):
     batch = make_batch(db)
     assert client.get("/label/write", follow_redirects=False).headers["location"].startswith("/login")
     login(UserFactory().username)
-    refused = client.post("/label/write", data={"batch_id": str(batch.id), "text": "Hello"},
-                          headers={"accept": "text/html"})
+    refused = client.post(
+        "/label/write", data={"batch_id": str(batch.id), "text": "Hello"}, headers={"accept": "text/html"}
+    )
     assert refused.status_code == 403 and count(db, Prompt) == 0
     client.cookies.clear()
     login(AdminFactory().username)
@@ -275,8 +335,12 @@ def bearer(db, user=None, scopes=("label",)) -> dict[str, str]:
 def test_api_writes_prompts_201_when_kept_and_200_when_dropped(client, db):
     batch = make_batch(db)
     headers = bearer(db)
-    body = {"batch_id": batch.id, "category": "user-based", "use_case": "Support desk triage",
-            "text": "Classify this ticket as billing or technical: 'my card was charged twice'"}
+    body = {
+        "batch_id": batch.id,
+        "category": "user-based",
+        "use_case": "Support desk triage",
+        "text": "Classify this ticket as billing or technical: 'my card was charged twice'",
+    }
     created = client.post("/api/v1/prompts/written", json=body, headers=headers)
     assert created.status_code == 201, created.text
     out = created.json()
@@ -293,8 +357,12 @@ def test_api_writes_prompts_201_when_kept_and_200_when_dropped(client, db):
 def test_api_errors_name_the_field(client, db):
     batch = make_batch(db)
     headers = bearer(db)
-    few_shot = {"batch_id": batch.id, "category": "few-shot", "instruction": "Spell it backwards.",
-                "examples": [{"query": "abc", "response": "cba"}, {"query": "xy", "response": ""}]}
+    few_shot = {
+        "batch_id": batch.id,
+        "category": "few-shot",
+        "instruction": "Spell it backwards.",
+        "examples": [{"query": "abc", "response": "cba"}, {"query": "xy", "response": ""}],
+    }
     response = client.post("/api/v1/prompts/written", json=few_shot, headers=headers)
     assert response.status_code == 422 and response.json()["detail"].startswith("examples[1].response: ")
     unknown = client.post("/api/v1/prompts/written", json={"batch_id": 10**9, "text": "hi"}, headers=headers)
@@ -303,8 +371,12 @@ def test_api_errors_name_the_field(client, db):
     assert malformed.status_code == 422 and malformed.json()["errors"][0]["field"] == "batch_id"
     assert client.post("/api/v1/prompts/written", json={"batch_id": batch.id, "text": "hi"}).status_code == 401
     export_only = bearer(db, AdminFactory(), ("export:read",))
-    assert client.post("/api/v1/prompts/written", json={"batch_id": batch.id, "text": "hi"},
-                       headers=export_only).status_code == 403
+    assert (
+        client.post(
+            "/api/v1/prompts/written", json={"batch_id": batch.id, "text": "hi"}, headers=export_only
+        ).status_code
+        == 403
+    )
     assert count(db, Prompt) == 0
 
 

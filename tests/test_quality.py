@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import insert, select
 
+from app.labeling import leases, submissions
 from app.models import (
     Assignment,
     Completion,
@@ -25,10 +26,9 @@ from app.models import (
     User,
     utcnow,
 )
-from app.security import create_api_token
-from app.labeling import service as labeling
 from app.quality import report as quality
 from app.quality.agreement import pairwise_agreement
+from app.security import create_api_token
 from app.world.labelers import (
     DEFAULT_NOISE,
     TARGET_AGREEMENT,
@@ -42,21 +42,25 @@ from tests.test_labeling import seed_batch, tasks_of
 
 def task_outputs(db, task: Task) -> list[int]:
     """The task's completion ids in TaskItem order (output index order)."""
-    return list(db.scalars(select(TaskItem.completion_id).where(TaskItem.task_id == task.id)
-                           .order_by(TaskItem.position, TaskItem.id)))
+    return list(
+        db.scalars(
+            select(TaskItem.completion_id).where(TaskItem.task_id == task.id).order_by(TaskItem.position, TaskItem.id)
+        )
+    )
 
 
-def rank(db, labeler: User, task: Task, ranks: list[int], *, seconds: float = 60.0,
-         shown: list[int] | None = None) -> Ranking:
+def rank(
+    db, labeler: User, task: Task, ranks: list[int], *, seconds: float = 60.0, shown: list[int] | None = None
+) -> Ranking:
     """Leases `task` for `labeler` and submits `ranks` (by output index), optionally fixing the display order."""
     outputs = task_outputs(db, task)
-    assignment = labeling.lease_next_task(db, labeler, "ranking")
+    assignment = leases.lease_next_task(db, labeler, "ranking")
     assert assignment is not None and assignment.task_id == task.id
     if shown is not None:
         assignment.display_order = [outputs[i] for i in shown]
         db.flush()
     items = [{"completion_id": cid, "rank": r, "likert": 4, "flags": []} for cid, r in zip(outputs, ranks)]
-    return labeling.submit_ranking(db, labeler, assignment.id, items, active_seconds=seconds)
+    return submissions.submit_ranking(db, labeler, assignment.id, items, active_seconds=seconds)
 
 
 def rank_all(db, batch, plans: dict[User, list[list[int]]], **kwargs) -> None:
@@ -81,7 +85,8 @@ def test_perfect_agreement_is_one(db):
     assert (report.pairwise, report.tau_b, report.alpha) == (1.0, 1.0, 1.0)
     assert (report.n_tasks, report.n_pairs, report.n_rankings) == (3, 3 * 3 * 6, 9)
     assert [(row.agreement, row.consensus_agreement, row.n_tasks_shared) for row in report.labelers] == [
-        (1.0, 1.0, 3)] * 3
+        (1.0, 1.0, 3)
+    ] * 3
     assert report.warnings == []
 
 
@@ -162,7 +167,7 @@ def test_a_labeler_far_below_the_batch_is_flagged(db):
     good = [UserFactory() for _ in range(3)]
     odd = UserFactory()
     plan = [[1, 2, 3, 4], [2, 1, 3, 4], [1, 3, 2, 4], [4, 3, 2, 1]]
-    rank_all(db, batch, {g: plan for g in good} | {odd: [[5 - r for r in p] for p in plan]})
+    rank_all(db, batch, dict.fromkeys(good, plan) | {odd: [[5 - r for r in p] for p in plan]})
     report = quality.quality_report(db, batch.id)
     assert report.pairwise == pytest.approx(0.5)  # 3 agreeing labeler pairs of 6, the others all disagree
     assert [(w.kind, w.labeler_id) for w in report.warnings] == [("low_agreement", odd.id)]
@@ -205,10 +210,13 @@ def test_agreement_api_and_page(client, db, login):
     assert body["pairwise"] == pytest.approx(11 / 12) and body["n_tasks"] == 2 and body["n_rankings"] == 4
     assert [row["username"] for row in body["labelers"]] == sorted([a.username, b.username])
     assert [d["n_tasks"] for d in body["over_time"]] == [2]
-    assert client.get("/api/v1/batches/987654/agreement", headers={"authorization": f"Bearer {raw}"}
-                      ).status_code == 404
-    assert client.get(f"/api/v1/batches/{batch.id}/agreement?ties=maybe",
-                      headers={"authorization": f"Bearer {raw}"}).status_code == 422
+    assert client.get("/api/v1/batches/987654/agreement", headers={"authorization": f"Bearer {raw}"}).status_code == 404
+    assert (
+        client.get(
+            f"/api/v1/batches/{batch.id}/agreement?ties=maybe", headers={"authorization": f"Bearer {raw}"}
+        ).status_code
+        == 422
+    )
 
     login(admin.username)
     page = client.get(f"/admin/batches/{batch.id}/quality")
@@ -255,36 +263,68 @@ def test_held_out_toggle_needs_an_admin_and_csrf(client, db, login):
     client.post(url, data={"csrf_token": token}, follow_redirects=False)
     db.refresh(labeler)
     assert labeler.held_out is False
-    assert client.post(f"/admin/labelers/{admin.id}/held-out", data={"csrf_token": token},
-                       follow_redirects=False).status_code == 404  # only labelers are held out
+    assert (
+        client.post(
+            f"/admin/labelers/{admin.id}/held-out", data={"csrf_token": token}, follow_redirects=False
+        ).status_code
+        == 404
+    )  # only labelers are held out
 
 
 # --- simulated labelers -------------------------------------------------------------------------
 
 
-def _bulk_rankings(db, items, labelers: list[tuple[User, SimulatedLabeler]],
-                   rng: random.Random) -> tuple[PromptBatch, list[list[int]]]:
+def _bulk_rankings(
+    db, items, labelers: list[tuple[User, SimulatedLabeler]], rng: random.Random
+) -> tuple[PromptBatch, list[list[int]]]:
     """Stores one ranking task per item, ranked by two of the simulated labelers; returns all ranks given."""
     tag = uuid.uuid4().hex[:8]
     model = ModelVersion(name=f"sim-{tag}", kind="base", status="ready", artifact_path="/nonexistent")
     batch = PromptBatch(name=f"sim-{tag}", status="labeling", k=9, overlap=2)
     db.add_all([model, batch])
     db.flush()
-    prompt_ids = db.scalars(insert(Prompt).returning(Prompt.id, sort_by_parameter_order=True), [
-        {"batch_id": batch.id, "text": text, "normalized_key": hashlib.sha256(f"{tag}:{i}".encode()).hexdigest()}
-        for i, (text, _outputs) in enumerate(items)]).all()
-    completion_ids = db.scalars(insert(Completion).returning(Completion.id, sort_by_parameter_order=True), [
-        {"prompt_id": pid, "text": text, "model_version_id": model.id}
-        for pid, (_prompt, outputs) in zip(prompt_ids, items) for text in outputs]).all()
-    task_ids = db.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), [
-        {"batch_id": batch.id, "prompt_id": pid, "kind": "ranking", "k": len(outputs), "needed": 2, "done_count": 2,
-         "is_open": False} for pid, (_prompt, outputs) in zip(prompt_ids, items)]).all()
+    prompt_ids = db.scalars(
+        insert(Prompt).returning(Prompt.id, sort_by_parameter_order=True),
+        [
+            {"batch_id": batch.id, "text": text, "normalized_key": hashlib.sha256(f"{tag}:{i}".encode()).hexdigest()}
+            for i, (text, _outputs) in enumerate(items)
+        ],
+    ).all()
+    completion_ids = db.scalars(
+        insert(Completion).returning(Completion.id, sort_by_parameter_order=True),
+        [
+            {"prompt_id": pid, "text": text, "model_version_id": model.id}
+            for pid, (_prompt, outputs) in zip(prompt_ids, items)
+            for text in outputs
+        ],
+    ).all()
+    task_ids = db.scalars(
+        insert(Task).returning(Task.id, sort_by_parameter_order=True),
+        [
+            {
+                "batch_id": batch.id,
+                "prompt_id": pid,
+                "kind": "ranking",
+                "k": len(outputs),
+                "needed": 2,
+                "done_count": 2,
+                "is_open": False,
+            }
+            for pid, (_prompt, outputs) in zip(prompt_ids, items)
+        ],
+    ).all()
     outputs_of, start = [], 0
     for _prompt, outputs in items:
-        outputs_of.append(completion_ids[start:start + len(outputs)])
+        outputs_of.append(completion_ids[start : start + len(outputs)])
         start += len(outputs)
-    db.execute(insert(TaskItem), [{"task_id": tid, "completion_id": cid, "position": i}
-                                  for tid, cids in zip(task_ids, outputs_of) for i, cid in enumerate(cids)])
+    db.execute(
+        insert(TaskItem),
+        [
+            {"task_id": tid, "completion_id": cid, "position": i}
+            for tid, cids in zip(task_ids, outputs_of)
+            for i, cid in enumerate(cids)
+        ],
+    )
     assignments, given = [], []
     now = utcnow()
     for tid, pid, (prompt, outputs), cids in zip(task_ids, prompt_ids, items, outputs_of):
@@ -293,17 +333,50 @@ def _bulk_rankings(db, items, labelers: list[tuple[User, SimulatedLabeler]],
             ranks = sim.rank(prompt, outputs)
             given.append(ranks)
             assignments.append((tid, pid, user.id, cids, ranks, shown))
-    assignment_ids = db.scalars(insert(Assignment).returning(Assignment.id, sort_by_parameter_order=True), [
-        {"task_id": tid, "labeler_id": uid, "state": "submitted", "expires_at": now, "finished_at": now,
-         "display_order": [cids[i] for i in shown], "active_seconds": 30.0}
-        for tid, _pid, uid, cids, _ranks, shown in assignments]).all()
-    ranking_ids = db.scalars(insert(Ranking).returning(Ranking.id, sort_by_parameter_order=True), [
-        {"assignment_id": aid, "task_id": tid, "prompt_id": pid, "labeler_id": uid, "active_seconds": 30.0,
-         "created_at": now} for aid, (tid, pid, uid, _cids, _ranks, _shown) in zip(assignment_ids, assignments)]).all()
-    db.execute(insert(RankingItem), [
-        {"ranking_id": rid, "completion_id": cids[i], "rank": ranks[i], "likert": 4, "flags": [],
-         "position": shown.index(i)}
-        for rid, (_tid, _pid, _uid, cids, ranks, shown) in zip(ranking_ids, assignments) for i in range(len(ranks))])
+    assignment_ids = db.scalars(
+        insert(Assignment).returning(Assignment.id, sort_by_parameter_order=True),
+        [
+            {
+                "task_id": tid,
+                "labeler_id": uid,
+                "state": "submitted",
+                "expires_at": now,
+                "finished_at": now,
+                "display_order": [cids[i] for i in shown],
+                "active_seconds": 30.0,
+            }
+            for tid, _pid, uid, cids, _ranks, shown in assignments
+        ],
+    ).all()
+    ranking_ids = db.scalars(
+        insert(Ranking).returning(Ranking.id, sort_by_parameter_order=True),
+        [
+            {
+                "assignment_id": aid,
+                "task_id": tid,
+                "prompt_id": pid,
+                "labeler_id": uid,
+                "active_seconds": 30.0,
+                "created_at": now,
+            }
+            for aid, (tid, pid, uid, _cids, _ranks, _shown) in zip(assignment_ids, assignments)
+        ],
+    ).all()
+    db.execute(
+        insert(RankingItem),
+        [
+            {
+                "ranking_id": rid,
+                "completion_id": cids[i],
+                "rank": ranks[i],
+                "likert": 4,
+                "flags": [],
+                "position": shown.index(i),
+            }
+            for rid, (_tid, _pid, _uid, cids, ranks, shown) in zip(ranking_ids, assignments)
+            for i in range(len(ranks))
+        ],
+    )
     db.flush()
     return batch, given
 
@@ -323,8 +396,12 @@ def test_simulated_labelers_of_known_noise_measure_their_configured_agreement(db
     agree = counted = 0
     for first, second in zip(given[::2], given[1::2]):
         share = pairwise_agreement(first, second)
-        pairs = sum(1 for i in range(len(first)) for j in range(i + 1, len(first))
-                    if first[i] != first[j] and second[i] != second[j])
+        pairs = sum(
+            1
+            for i in range(len(first))
+            for j in range(i + 1, len(first))
+            if first[i] != first[j] and second[i] != second[j]
+        )
         if share is not None:
             agree += share * pairs
             counted += pairs
@@ -358,8 +435,17 @@ def test_rankings_export_with_consensus_gives_one_row_per_task(client, db):
         # On the test's own connection: an HTTP export reads a snapshot of its own, which cannot see this data.
         conn, secret = db.connection(), get_settings().secret_key
         filters = resolve_filters(conn, "rankings", secret, batch=str(batch.id))
-        return b"".join(export_chunks(conn, "rankings", filters, secret_key=secret, fmt=fmt, aggregate="consensus",
-                                      cursor=parse_cursor("rankings", cursor) if cursor else None)).decode()
+        return b"".join(
+            export_chunks(
+                conn,
+                "rankings",
+                filters,
+                secret_key=secret,
+                fmt=fmt,
+                aggregate="consensus",
+                cursor=parse_cursor("rankings", cursor) if cursor else None,
+            )
+        ).decode()
 
     rows = [json.loads(line) for line in export().splitlines()]
     assert [row["task_id"] for row in rows] == [first.id, second.id]  # third: no ranking, no row

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app.models import PromptBatch, TrainingRun
-from app.collection import batches
-from app.registry import versions as registry
 from app import runs
+from app.collection import batches
+from app.models import PromptBatch, TrainingRun
+from app.registry import versions as registry
 from tests.factories import BatchFactory, ModelVersionFactory, PromptFactory
 
 pytestmark = pytest.mark.sqlite
@@ -25,14 +25,15 @@ def test_finish_keeps_the_heartbeat_curve_and_only_for_the_holder(db):
 
 
 def test_a_cancelled_run_is_not_overwritten_by_its_worker(db):
-    from app.registry.api import cancel_run
+    from app.training.api import cancel_run
     from tests.factories import AdminFactory
 
     run = runs.start_run(db, "rm")
     assert runs.claim_run(db, run.id)
     assert runs.heartbeat(db, run.id, 0.4, "step 4/10")
-    version = registry.register_version(db, kind="rm", name="rm-x", artifact_path="/x", status="training",
-                                        training_run_id=run.id)
+    version = registry.register_version(
+        db, kind="rm", name="rm-x", artifact_path="/x", status="training", training_run_id=run.id
+    )
     admin = AdminFactory()
     cancel_run(db, run, admin.username)  # what the admin's cancel button does
     # The worker's late calls all find the run no longer theirs, and change nothing.
@@ -67,13 +68,15 @@ def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client
     cancel_run(db, run, AdminFactory().username)
     assert db.get(PromptBatch, batch.id).status == "paused"
     batches.transition(db, batch, "sampling")
-    queued = db.scalars(select(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status == "queued")).all()
+    queued = db.scalars(
+        select(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status == "queued")
+    ).all()
     assert len(queued) == 1 and queued[0].triggered_by == "batch-resume"
 
 
 def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
     from app.config import get_settings
-    from app.labeling import service as labeling
+    from app.labeling import leases, submissions
     from app.training import data as training
     from tests.factories import UserFactory
     from tests.test_labeling import seed_batch
@@ -86,16 +89,22 @@ def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
         labeler = UserFactory()
         assert training.due_kinds(db) == []
         for _ in range(3):
-            assignment = labeling.lease_next_task(db, labeler, "demonstration")
-            labeling.submit_demonstration(db, labeler, assignment.id, "an answer")
+            assignment = leases.lease_next_task(db, labeler, "demonstration")
+            submissions.submit_demonstration(db, labeler, assignment.id, "an answer")
         assert training.due_kinds(db) == ["sft"]
         started = training.start_due_runs(db)
         assert [run.kind for run in started] == ["sft"] and started[0].triggered_by == "schedule"
         assert training.start_due_runs(db) == []  # one stage at a time
         assert runs.claim_run(db, started[0].id)
-        version = registry.register_version(db, kind="sft", name="sft-sched", artifact_path="/s", status="training",
-                                            training_run_id=started[0].id, data_snapshot=training.demonstrations(
-                                                db)[1].as_dict())
+        version = registry.register_version(
+            db,
+            kind="sft",
+            name="sft-sched",
+            artifact_path="/s",
+            status="training",
+            training_run_id=started[0].id,
+            data_snapshot=training.demonstrations(db)[1].as_dict(),
+        )
         registry.mark_ready(db, version.id)
         assert runs.finish_run(db, started[0].id, output_version_id=version.id)
         assert training.due_kinds(db) == []  # trained on everything; too few rankings for an RM
@@ -104,8 +113,8 @@ def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):
         other = UserFactory()
         for n in range(3):
             assert training.due_kinds(db) == []
-            assignment = labeling.lease_next_task(db, other, "demonstration")
-            labeling.submit_demonstration(db, other, assignment.id, f"another answer {n}")
+            assignment = leases.lease_next_task(db, other, "demonstration")
+            submissions.submit_demonstration(db, other, assignment.id, f"another answer {n}")
         assert training.due_kinds(db) == ["sft"]
     finally:
         get_settings.cache_clear()

@@ -33,12 +33,12 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import get_settings
-from app.models import ModelVersion, Prompt, TrainingRun, User, Webhook
-from app.security import LOGIN_CSRF_COOKIE, SESSION_COOKIE, create_api_token
-from app.quality import evaluations
-from app.labeling import service as labeling
 from app.collection.sampling import store_samples
+from app.config import get_settings
+from app.labeling import leases, submissions
+from app.models import ModelVersion, Prompt, TrainingRun, User, Webhook
+from app.quality import evaluations
+from app.security import LOGIN_CSRF_COOKIE, SESSION_COOKIE, create_api_token
 from tests.factories import PASSWORD, AdminFactory, UserFactory
 from tests.test_access import all_routes
 from tests.test_labeling import items_for, seed_batch
@@ -83,8 +83,11 @@ def test_api_answers_errors_redirects_and_static_files_carry_the_headers(client,
         client.get("/api/v1/me"),  # 401
         client.get("/api/v1/batches/987654", headers=bearer),  # 404
         client.get("/api/v1/runs?limit=0", headers=bearer),  # 422
-        client.post("/api/v1/tokens", content=b"x" * (get_settings().max_body_bytes + 1),
-                    headers={"content-type": "application/json"}),  # 413 from the body limit
+        client.post(
+            "/api/v1/tokens",
+            content=b"x" * (get_settings().max_body_bytes + 1),
+            headers={"content-type": "application/json"},
+        ),  # 413 from the body limit
         client.get("/api/v1/export/rankings", headers=bearer),  # a streamed export
         client.get("/api/v1/openapi.json"),
         client.get("/healthz"),
@@ -125,8 +128,9 @@ class PageScan(HTMLParser):
                 self.problems.append(f"<{tag} {name}=...> inline event handler")
             if name == "style":
                 self.problems.append(f"<{tag} style=...> style attribute")
-            if name in ("href", "src", "action", "formaction", "xlink:href") and \
-                    (value or "").strip().lower().startswith(("javascript:", "data:text/html")):
+            if name in ("href", "src", "action", "formaction", "xlink:href") and (
+                value or ""
+            ).strip().lower().startswith(("javascript:", "data:text/html")):
                 self.problems.append(f"<{tag} {name}={value!r}> script URL")
         if tag == "style":
             self.problems.append("<style> element")
@@ -138,8 +142,9 @@ class PageScan(HTMLParser):
             elif src is not None and not src.startswith("/static/"):
                 self.problems.append(f"<script src={src!r}> from elsewhere")
         if tag == "form":
-            self.forms.append({"method": (found.get("method") or "get").lower(), "action": found.get("action"),
-                               "csrf": False})
+            self.forms.append(
+                {"method": (found.get("method") or "get").lower(), "action": found.get("action"), "csrf": False}
+            )
         if tag == "input" and found.get("name") == "csrf_token" and self.forms and found.get("value"):
             self.forms[-1]["csrf"] = True
 
@@ -153,17 +158,27 @@ def scan(html: str) -> list[str]:
     parser = PageScan()
     parser.feed(html)
     parser.close()
-    missing = [f"POST form to {f['action']} without csrf_token" for f in parser.forms
-               if f["method"] == "post" and not f["csrf"]]
+    missing = [
+        f"POST form to {f['action']} without csrf_token"
+        for f in parser.forms
+        if f["method"] == "post" and not f["csrf"]
+    ]
     return parser.problems + missing
 
 
 def test_scanner_finds_what_it_looks_for():
-    bad = ('<script>alert(1)</script><p style="color:red" onclick="x()"><a href="javascript:x()">a</a>'
-           '<style>p{}</style><script src="https://cdn.example/x.js"></script><form method="post"></form>')
+    bad = (
+        '<script>alert(1)</script><p style="color:red" onclick="x()"><a href="javascript:x()">a</a>'
+        '<style>p{}</style><script src="https://cdn.example/x.js"></script><form method="post"></form>'
+    )
     assert len(scan(bad)) == 7
-    assert scan('<script type="application/json" id="d">{"a": "</b>"}</script><script src="/static/a.js"></script>'
-                '<form method="post"><input type="hidden" name="csrf_token" value="t"></form>') == []
+    assert (
+        scan(
+            '<script type="application/json" id="d">{"a": "</b>"}</script><script src="/static/a.js"></script>'
+            '<form method="post"><input type="hidden" name="csrf_token" value="t"></form>'
+        )
+        == []
+    )
 
 
 def _world(db) -> dict[str, int]:
@@ -175,20 +190,33 @@ def _world(db) -> dict[str, int]:
     draft = seed_batch(db, n_prompts=1)
     draft.status = "draft"
     for _ in range(2):  # finished labels give the batch page its charts and tables
-        done = labeling.lease_next_task(db, other, "ranking")
-        labeling.submit(db, other, done.id, items=items_for(done), active_seconds=12.0)
-    skipped = labeling.lease_next_task(db, other, "ranking")
-    labeling.skip(db, other, skipped.id, "other", "not sure")
-    held_ranking = labeling.lease_next_task(db, labeler, "ranking")
-    held_demo = labeling.lease_next_task(db, labeler, "demonstration")
+        done = leases.lease_next_task(db, other, "ranking")
+        submissions.submit(db, other, done.id, items=items_for(done), active_seconds=12.0)
+    skipped = leases.lease_next_task(db, other, "ranking")
+    submissions.skip(db, other, skipped.id, "other", "not sure")
+    held_ranking = leases.lease_next_task(db, labeler, "ranking")
+    held_demo = leases.lease_next_task(db, labeler, "demonstration")
     base = db.query(ModelVersion).first()
-    run = TrainingRun(kind="sft", status="running", progress=0.4, message="step 2/5", params={"epochs": 2},
-                      metrics={"curve": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]})
+    run = TrainingRun(
+        kind="sft",
+        status="running",
+        progress=0.4,
+        message="step 2/5",
+        params={"epochs": 2},
+        metrics={"curve": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]},
+    )
     db.add(run)
     db.flush()
-    sft = ModelVersion(name=f"sft-{uuid.uuid4().hex[:6]}", kind="sft", status="ready", artifact_path="/x",
-                       parent_id=base.id, training_run_id=run.id, metrics={"loss_curve": [2.0, 1.0], "acc": 0.5},
-                       data_snapshot={"demonstrations": 10, "ids": [1, 2]})
+    sft = ModelVersion(
+        name=f"sft-{uuid.uuid4().hex[:6]}",
+        kind="sft",
+        status="ready",
+        artifact_path="/x",
+        parent_id=base.id,
+        training_run_id=run.id,
+        metrics={"loss_curve": [2.0, 1.0], "acc": 0.5},
+        data_snapshot={"demonstrations": 10, "ids": [1, 2]},
+    )
     hook = Webhook(url="http://127.0.0.1:9/hook", secret="s" * 32, events=["batch.completed"])
     db.add_all([sft, hook])
     db.flush()
@@ -196,16 +224,25 @@ def _world(db) -> dict[str, int]:
     db.add(Prompt(batch_id=ranking.id, text="A held-out prompt", split="test", normalized_key="d" * 64))
     db.flush()
     evaluation = evaluations.start_evaluation(db, model_a_id=sft.id, model_b_id=base.id, n_prompts=1, overlap=2)
-    (prompt_id, _), = evaluations.prompts_needing_output(db, evaluation, sft.id)
+    ((prompt_id, _),) = evaluations.prompts_needing_output(db, evaluation, sft.id)
     store_samples(db, sft.id, {prompt_id: ["four"]}, {})
     store_samples(db, base.id, {prompt_id: ["five"]}, {})
     evaluations.open_for_judging(db, evaluation)
-    judged = labeling.lease_next_task(db, other, "eval")
-    labeling.submit(db, other, judged.id, choice=judged.display_order[0])
-    held_eval = labeling.lease_next_task(db, labeler, "eval")
-    return {"labeler_id": labeler.id, "batch_id": draft.id, "version_id": sft.id, "run_id": run.id,
-            "webhook_id": hook.id, "assignment_id": held_ranking.id, "demo_assignment": held_demo.id,
-            "labeling_batch": ranking.id, "evaluation_id": evaluation.id, "eval_assignment": held_eval.id}
+    judged = leases.lease_next_task(db, other, "eval")
+    submissions.submit(db, other, judged.id, choice=judged.display_order[0])
+    held_eval = leases.lease_next_task(db, labeler, "eval")
+    return {
+        "labeler_id": labeler.id,
+        "batch_id": draft.id,
+        "version_id": sft.id,
+        "run_id": run.id,
+        "webhook_id": hook.id,
+        "assignment_id": held_ranking.id,
+        "demo_assignment": held_demo.id,
+        "labeling_batch": ranking.id,
+        "evaluation_id": evaluation.id,
+        "eval_assignment": held_eval.id,
+    }
 
 
 def _page_urls(ids: dict[str, int]) -> dict[str, list[str]]:
@@ -230,8 +267,11 @@ def _page_urls(ids: dict[str, int]) -> dict[str, list[str]]:
 def _session(client, username: str) -> Iterator[None]:
     client.cookies.clear()
     form = client.get("/login")
-    response = client.post("/login", data={"username": username, "password": PASSWORD,
-                                           "csrf_token": _csrf(form.text)}, follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={"username": username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
+        follow_redirects=False,
+    )
     assert response.status_code == 303
     yield
     client.cookies.clear()
@@ -245,8 +285,11 @@ def test_every_page_renders_without_inline_script_handlers_or_styles(client, db)
     scanned, problems = [], []
 
     def check(url: str, response, status: int = 200) -> None:
-        assert response.status_code == status and response.headers["content-type"].startswith("text/html"), \
-            (url, response.status_code, response.text[:300])
+        assert response.status_code == status and response.headers["content-type"].startswith("text/html"), (
+            url,
+            response.status_code,
+            response.text[:300],
+        )
         assert_hardened(response, url)
         problems.extend(f"{url}: {p}" for p in scan(response.text))
         scanned.append(url)
@@ -254,8 +297,13 @@ def test_every_page_renders_without_inline_script_handlers_or_styles(client, db)
     for url in pages["anonymous"]:
         check(url, client.get(url))
     form = client.get("/login")
-    check("/login, wrong password", client.post("/login", data={
-        "username": labeler.username, "password": "wrong password", "csrf_token": _csrf(form.text)}), 401)
+    check(
+        "/login, wrong password",
+        client.post(
+            "/login", data={"username": labeler.username, "password": "wrong password", "csrf_token": _csrf(form.text)}
+        ),
+        401,
+    )
     for who, user in (("labeler", labeler), ("admin", admin)):
         with _session(client, user.username):
             for url in pages[who]:
@@ -303,8 +351,11 @@ def test_cookie_flags_follow_the_public_url(request, db, base_url):
         with TestClient(app, base_url="https://testserver" if https else "http://testserver") as client:
             form = client.get("/login")
             login_cookie = _cookie(form, LOGIN_CSRF_COOKIE)
-            response = client.post("/login", data={"username": user.username, "password": PASSWORD,
-                                                   "csrf_token": _csrf(form.text)}, follow_redirects=False)
+            response = client.post(
+                "/login",
+                data={"username": user.username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
+                follow_redirects=False,
+            )
             assert response.status_code == 303
             session_cookie = _cookie(response, SESSION_COOKIE)
             for cookie in (login_cookie, session_cookie):
@@ -321,8 +372,11 @@ def test_login_starts_a_new_session_and_never_adopts_a_planted_one(client, db):
         planted = client.cookies.get(SESSION_COOKIE)
     client.cookies.set(SESSION_COOKIE, planted)  # fixation: the victim's browser carries the attacker's session
     form = client.get("/login")
-    response = client.post("/login", data={"username": victim.username, "password": PASSWORD,
-                                           "csrf_token": _csrf(form.text)}, follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={"username": victim.username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
+        follow_redirects=False,
+    )
     issued = _cookie(response, SESSION_COOKIE).value
     assert issued != planted
     client.cookies.clear()
@@ -342,13 +396,17 @@ def test_guessing_across_accounts_from_one_address_is_rate_limited(client):
         # Fewer failures per account than the per-account limit: only the per-address limit can stop this.
         user = users[i // (settings.login_max_failures - 1)]
         form = client.get("/login")
-        statuses.append(client.post("/login", data={"username": user.username, "password": f"guess-{i}",
-                                                     "csrf_token": _csrf(form.text)}).status_code)
+        statuses.append(
+            client.post(
+                "/login", data={"username": user.username, "password": f"guess-{i}", "csrf_token": _csrf(form.text)}
+            ).status_code
+        )
     assert statuses == [401] * per_ip
     form = client.get("/login")
     fresh = users[-1]
-    blocked = client.post("/login", data={"username": fresh.username, "password": PASSWORD,
-                                          "csrf_token": _csrf(form.text)})
+    blocked = client.post(
+        "/login", data={"username": fresh.username, "password": PASSWORD, "csrf_token": _csrf(form.text)}
+    )
     assert blocked.status_code == 429 and "Too many failed attempts" in blocked.text
     assert SESSION_COOKIE not in client.cookies
 
@@ -369,17 +427,20 @@ def _raw_get(base_url: str, raw_path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-@pytest.mark.parametrize("raw_path", [
-    "/static/../config.py",
-    "/static/../../pyproject.toml",
-    "/static/..%2f..%2fpyproject.toml",
-    "/static/%2e%2e/%2e%2e/pyproject.toml",
-    "/static/%252e%252e/%252e%252e/pyproject.toml",
-    "/static/....//....//pyproject.toml",
-    "/static/..\\..\\pyproject.toml",
-    "/static//etc/passwd",
-    "/static/%2fetc%2fpasswd",
-])
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/static/../config.py",
+        "/static/../../pyproject.toml",
+        "/static/..%2f..%2fpyproject.toml",
+        "/static/%2e%2e/%2e%2e/pyproject.toml",
+        "/static/%252e%252e/%252e%252e/pyproject.toml",
+        "/static/....//....//pyproject.toml",
+        "/static/..\\..\\pyproject.toml",
+        "/static//etc/passwd",
+        "/static/%2fetc%2fpasswd",
+    ],
+)
 def test_static_files_stay_in_their_folder(live_server, raw_path):
     status, body = _raw_get(live_server, raw_path)
     assert status in (400, 404), (raw_path, status)
@@ -387,8 +448,10 @@ def test_static_files_stay_in_their_folder(live_server, raw_path):
     assert _raw_get(live_server, "/static/app.css")[0] == 200  # the folder itself serves
 
 
-@pytest.mark.parametrize("filename", ["../../../../../../tmp/{tag}.jsonl", "..\\..\\{tag}.jsonl",
-                                      "/tmp/{tag}.jsonl", "....//....//tmp/{tag}.jsonl"])
+@pytest.mark.parametrize(
+    "filename",
+    ["../../../../../../tmp/{tag}.jsonl", "..\\..\\{tag}.jsonl", "/tmp/{tag}.jsonl", "....//....//tmp/{tag}.jsonl"],
+)
 def test_uploaded_file_names_write_nothing_anywhere(client, db, login, filename):
     from app.models import Prompt, PromptBatch
 
@@ -400,11 +463,18 @@ def test_uploaded_file_names_write_nothing_anywhere(client, db, login, filename)
     tag = f"il-escape-{uuid.uuid4().hex}"
     name = filename.format(tag=tag)
     content = b'{"text": "What is 2 + 2?", "source_user_id": "u1"}\n'
-    page = client.post(f"/admin/batches/{batch.id}/prompts", data={"csrf_token": csrf},
-                       files={"file": (name, content, "application/x-ndjson")}, follow_redirects=False)
+    page = client.post(
+        f"/admin/batches/{batch.id}/prompts",
+        data={"csrf_token": csrf},
+        files={"file": (name, content, "application/x-ndjson")},
+        follow_redirects=False,
+    )
     assert page.status_code == 303, page.text[:500]
-    api = client.post(f"/api/v1/batches/{batch.id}/prompts", headers={"x-csrf-token": csrf},
-                      files={"file": (name, content, "application/x-ndjson")})
+    api = client.post(
+        f"/api/v1/batches/{batch.id}/prompts",
+        headers={"x-csrf-token": csrf},
+        files={"file": (name, content, "application/x-ndjson")},
+    )
     assert api.status_code == 201, api.text
     assert db.query(Prompt).filter(Prompt.batch_id == batch.id).count() == 1  # kept as a row, not a file
     data_dir = get_settings().data_dir
@@ -435,8 +505,9 @@ def test_run_parameters_cannot_name_output_paths(client, db, kind):
     # The worker writes only under artifacts/models/<kind>-run<id> and artifacts/runs/<id>; a run's params
     # may not point it elsewhere, nor at another model to load.
     for key in ("out_dir", "output_dir", "checkpoint_dir", "model_path", "base_model_path", "artifact_path"):
-        response = client.post("/api/v1/runs", json={"kind": kind, "params": {key: "../../../../tmp/evil"}},
-                               headers=bearer)
+        response = client.post(
+            "/api/v1/runs", json={"kind": kind, "params": {key: "../../../../tmp/evil"}}, headers=bearer
+        )
         assert response.status_code == 422, (kind, key, response.text)
         assert response.json()["detail"].startswith(f"params.{key}:")
     assert db.query(TrainingRun).count() == 0

@@ -108,12 +108,28 @@ def test_sampled_rollouts_mask_and_decode_consistently(policy_path: Path) -> Non
 def test_ppo_raises_a_toy_reward_within_a_kl_bound(policy_path: Path, tmp_path: Path) -> None:
     beta = 0.25
     config = PPOConfig(
-        steps=20, rollout_batch_size=16, minibatch_size=4, micro_batch_size=4, ppo_epochs=4, learning_rate=1e-2,
-        value_learning_rate=1e-2, kl_coef=beta, max_new_tokens=8, eval_batch_size=32, device="cpu",
+        steps=20,
+        rollout_batch_size=16,
+        minibatch_size=4,
+        micro_batch_size=4,
+        ppo_epochs=4,
+        learning_rate=1e-2,
+        value_learning_rate=1e-2,
+        kl_coef=beta,
+        max_new_tokens=8,
+        eval_batch_size=32,
+        device="cpu",
     )
     logged: list[dict] = []
-    result = train_ppo(policy_path, count_a, PROMPTS, config, tmp_path / "policy", eval_prompts=PROMPTS * 4,
-                       progress=lambda step, total, m: logged.append(m))
+    result = train_ppo(
+        policy_path,
+        count_a,
+        PROMPTS,
+        config,
+        tmp_path / "policy",
+        eval_prompts=PROMPTS * 4,
+        progress=lambda step, total, m: logged.append(m),
+    )
     before, after = result["eval_initial"], result["eval"]
     assert len(logged) == 20 and {"reward", "kl", "clipfrac", "value_loss", "entropy"} <= set(logged[0])
     assert before["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
@@ -128,14 +144,32 @@ def test_ppo_raises_a_toy_reward_within_a_kl_bound(policy_path: Path, tmp_path: 
     assert sum(p.numel() for p in policy.parameters()) > 0
 
 
-def test_learning_rate_stays_at_its_peak_under_the_constant_schedule_and_decays_under_cosine(policy_path: Path, tmp_path: Path) -> None:
+def test_learning_rate_stays_at_its_peak_under_the_constant_schedule_and_decays_under_cosine(
+    policy_path: Path, tmp_path: Path
+) -> None:
     lrs: dict[str, list[float]] = {}
     for schedule in ("constant", "cosine"):
-        config = PPOConfig(steps=3, rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1,
-                           learning_rate=1e-3, max_new_tokens=4, lr_schedule=schedule, device="cpu")
+        config = PPOConfig(
+            steps=3,
+            rollout_batch_size=4,
+            minibatch_size=4,
+            micro_batch_size=4,
+            ppo_epochs=1,
+            learning_rate=1e-3,
+            max_new_tokens=4,
+            lr_schedule=schedule,
+            device="cpu",
+        )
         logged: list[dict] = []
-        train_ppo(policy_path, count_a, PROMPTS, config, tmp_path / schedule, eval_prompts=PROMPTS[:1],
-                  progress=lambda step, total, m: logged.append(m))
+        train_ppo(
+            policy_path,
+            count_a,
+            PROMPTS,
+            config,
+            tmp_path / schedule,
+            eval_prompts=PROMPTS[:1],
+            progress=lambda step, total, m: logged.append(m),
+        )
         lrs[schedule] = [m["lr"] for m in logged]
     # PPO's rollouts are new at every step: the last step must still learn.
     assert lrs["constant"] == pytest.approx([1e-3] * 3)
@@ -145,11 +179,26 @@ def test_learning_rate_stays_at_its_peak_under_the_constant_schedule_and_decays_
 
 
 def test_missing_eos_penalty_is_applied(policy_path: Path, tmp_path: Path) -> None:
-    config = PPOConfig(steps=1, rollout_batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=1,
-                       max_new_tokens=12, missing_eos_penalty=1.0, device="cpu")
+    config = PPOConfig(
+        steps=1,
+        rollout_batch_size=16,
+        minibatch_size=8,
+        micro_batch_size=8,
+        ppo_epochs=1,
+        max_new_tokens=12,
+        missing_eos_penalty=1.0,
+        device="cpu",
+    )
     logged: list[dict] = []
-    train_ppo(policy_path, lambda p, c: [0.0] * len(c), PROMPTS, config, tmp_path / "policy",
-              eval_prompts=PROMPTS[:1], progress=lambda step, total, m: logged.append(m))
+    train_ppo(
+        policy_path,
+        lambda p, c: [0.0] * len(c),
+        PROMPTS,
+        config,
+        tmp_path / "policy",
+        eval_prompts=PROMPTS[:1],
+        progress=lambda step, total, m: logged.append(m),
+    )
     assert 0 < logged[0]["ended_fraction"] < 1
     assert logged[0]["reward"] == pytest.approx(-(1 - logged[0]["ended_fraction"]))
 
@@ -168,8 +217,15 @@ def test_value_network_starts_from_the_reward_model(policy_path: Path, tmp_path:
     assert values == pytest.approx(rewards, abs=1e-6)  # value at the last token = normalised reward
     assert any(abs(r) > 1e-3 for r in rewards)
 
-    config = PPOConfig(steps=1, rollout_batch_size=4, minibatch_size=4, micro_batch_size=2, ppo_epochs=1,
-                       max_new_tokens=6, device="cpu")
+    config = PPOConfig(
+        steps=1,
+        rollout_batch_size=4,
+        minibatch_size=4,
+        micro_batch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=6,
+        device="cpu",
+    )
     result = train_ppo(policy_path, tmp_path / "rm", PROMPTS, config, tmp_path / "policy", eval_prompts=PROMPTS[:4])
     assert result["steps"] == 1 and result["n_eval_prompts"] == 4
     numbers = [result["eval"]["reward"], result["eval"]["kl"], *result["log"][0].values()]
@@ -180,9 +236,22 @@ def test_value_network_starts_from_the_reward_model(policy_path: Path, tmp_path:
 @pytest.mark.timeout(900)
 def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path) -> None:
     config = PPOConfig(
-        steps=4, rollout_batch_size=6, minibatch_size=4, micro_batch_size=2, ppo_epochs=2, learning_rate=3e-3,
-        value_learning_rate=3e-3, max_new_tokens=6, adaptive_kl=True, kl_target=0.5, kl_horizon=20,
-        ptx_coef=0.5, ptx_batch_size=2, checkpoint_every=2, seed=5, device="cpu",
+        steps=4,
+        rollout_batch_size=6,
+        minibatch_size=4,
+        micro_batch_size=2,
+        ppo_epochs=2,
+        learning_rate=3e-3,
+        value_learning_rate=3e-3,
+        max_new_tokens=6,
+        adaptive_kl=True,
+        kl_target=0.5,
+        kl_horizon=20,
+        ptx_coef=0.5,
+        ptx_batch_size=2,
+        checkpoint_every=2,
+        seed=5,
+        device="cpu",
     )
     ptx = [("Write one", "a a"), ("", "plain text about the world")]
     kwargs = dict(ptx_examples=ptx, eval_prompts=PROMPTS[:4])
@@ -193,11 +262,27 @@ def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(policy_path, count_a, PROMPTS, config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt",
-                  progress=kill_at_step_3, **kwargs)
+        train_ppo(
+            policy_path,
+            count_a,
+            PROMPTS,
+            config,
+            tmp_path / "resumed",
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=kill_at_step_3,
+            **kwargs,
+        )
     steps: list[int] = []
-    resumed = train_ppo(policy_path, count_a, PROMPTS, config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt",
-                        progress=lambda step, total, m: steps.append(step), **kwargs)
+    resumed = train_ppo(
+        policy_path,
+        count_a,
+        PROMPTS,
+        config,
+        tmp_path / "resumed",
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=lambda step, total, m: steps.append(step),
+        **kwargs,
+    )
     assert steps == [3, 4]  # the step-2 checkpoint survived; step 3 is redone
     assert "ptx_loss" in full["log"][0] and full["kl_coef"] != config.kl_coef
     assert resumed == full

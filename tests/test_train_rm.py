@@ -52,10 +52,14 @@ def keyword_rankings(n: int, seed: int, k_choices: tuple[int, ...] = (4,)) -> li
         ranks = [1] * n_good + [2] * (k - n_good)
         order = list(range(k))
         rng.shuffle(order)
-        rankings.append(RankingExample(
-            prompt=f"Say something {i % 7}", completions=[completions[o] for o in order],
-            ranks=[ranks[o] for o in order], labeler=["ann", "bob"][i % 2],
-        ))
+        rankings.append(
+            RankingExample(
+                prompt=f"Say something {i % 7}",
+                completions=[completions[o] for o in order],
+                ranks=[ranks[o] for o in order],
+                labeler=["ann", "bob"][i % 2],
+            )
+        )
     return rankings
 
 
@@ -67,9 +71,9 @@ def test_kway_loss_matches_hand_computed_pairs_with_ties() -> None:
     expected = sum(math.log1p(math.exp(-m)) for m in [1.0, 0.5, 2.0, 1.0, 1.5]) / 5
     assert expected == pytest.approx(0.2857883, abs=1e-7)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
-    explicit = torch.stack([
-        -F.logsigmoid(scores[w] - scores[l]) for w in range(4) for l in range(4) if ranks[w] < ranks[l]
-    ]).mean()
+    explicit = torch.stack(
+        [-F.logsigmoid(scores[w] - scores[l]) for w in range(4) for l in range(4) if ranks[w] < ranks[l]]
+    ).mean()
     assert loss.item() == pytest.approx(explicit.item(), abs=1e-7)
     loss.backward()
     # Tied completions 1 and 2 only meet the others, never each other.
@@ -116,8 +120,9 @@ def test_training_forwards_exactly_k_rows_per_ranking(
     monkeypatch.setattr(RewardModel, "forward", recording_forward)
     step_rows: list[int] = []
     config = RMConfig(epochs=2, learning_rate=1e-3, rankings_per_step=4, rankings_per_micro_batch=1, device="cpu")
-    train_rm(base_model, rankings, [], config, tmp_path / "rm",
-             progress=lambda step, total, m: step_rows.append(m["rows"]))
+    train_rm(
+        base_model, rankings, [], config, tmp_path / "rm", progress=lambda step, total, m: step_rows.append(m["rows"])
+    )
     ks = sorted(len(r.completions) for r in rankings)
     # One forward call per ranking per epoch, with exactly its K completions.
     assert len(rows_per_call) == 20
@@ -132,7 +137,12 @@ def test_reward_model_learns_a_separable_preference(base_model: Path, tmp_path: 
     train.append(RankingExample("Say something", ["blue fish", "tree lamp"], [1, 1], "ann"))  # all ties: skipped
     demonstrations = [(f"Say something {i}", f"{FILLER[i]} good") for i in range(7)]
     config = RMConfig(
-        epochs=2, learning_rate=3e-3, rankings_per_step=8, rankings_per_micro_batch=4, warmup_ratio=0.1, seed=0,
+        epochs=2,
+        learning_rate=3e-3,
+        rankings_per_step=8,
+        rankings_per_micro_batch=4,
+        warmup_ratio=0.1,
+        seed=0,
         device="cpu",
     )
     metrics = train_rm(base_model, train, valid, config, tmp_path / "rm", demonstrations=demonstrations)

@@ -89,7 +89,11 @@ def test_validation_loss_falls_and_best_epoch_is_saved(base_model: Path, tmp_pat
     config = SFTConfig(epochs=5, learning_rate=1e-2, batch_size=8, warmup_ratio=0.1, seed=1, device="cpu")
     seen: list[tuple[int, int, dict]] = []
     metrics = train_sft(
-        base_model, demonstrations(48, 0), demonstrations(16, 1), config, tmp_path / "sft",
+        base_model,
+        demonstrations(48, 0),
+        demonstrations(16, 1),
+        config,
+        tmp_path / "sft",
         progress=lambda step, total, m: seen.append((step, total, m)),
     )
     assert metrics["n_train"] == 48 and metrics["steps"] == 30 and metrics["epochs_run"] == 5
@@ -119,7 +123,9 @@ def test_early_stopping_keeps_the_best_epoch(base_model: Path, tmp_path: Path) -
     model, tokenizer = load_model(tmp_path / "sft", device="cpu")
     examples = [build_example(tokenizer, p, c, 128) for p, c in valid]
     # The saved weights are the best epoch's, not the last one's.
-    assert validation_loss(model, examples, tokenizer.pad_token_id, 16) == pytest.approx(metrics["valid_loss"], rel=1e-5)
+    assert validation_loss(model, examples, tokenizer.pad_token_id, 16) == pytest.approx(
+        metrics["valid_loss"], rel=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -136,12 +142,26 @@ def test_killed_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        train_sft(base_model, train, valid, config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt",
-                  progress=kill_at_step_5)
+        train_sft(
+            base_model,
+            train,
+            valid,
+            config,
+            tmp_path / "resumed",
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=kill_at_step_5,
+        )
     assert not (tmp_path / "resumed").exists()
     resumed_steps: list[int] = []
-    resumed = train_sft(base_model, train, valid, config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt",
-                        progress=lambda step, total, m: resumed_steps.append(step))
+    resumed = train_sft(
+        base_model,
+        train,
+        valid,
+        config,
+        tmp_path / "resumed",
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=lambda step, total, m: resumed_steps.append(step),
+    )
     # The checkpoint of step 4 survived the kill, so the run redoes step 5 onwards.
     assert resumed_steps == [5, 6]
     assert resumed == full
@@ -150,8 +170,14 @@ def test_killed_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     with pytest.raises(ValueError, match="other settings"):
-        train_sft(base_model, train, valid, SFTConfig(epochs=3, seed=3, device="cpu"), tmp_path / "x",
-                  checkpoint_dir=tmp_path / "ckpt")
+        train_sft(
+            base_model,
+            train,
+            valid,
+            SFTConfig(epochs=3, seed=3, device="cpu"),
+            tmp_path / "x",
+            checkpoint_dir=tmp_path / "ckpt",
+        )
 
 
 def test_trainers_in_one_process_may_use_different_accelerator_settings() -> None:

@@ -15,13 +15,12 @@ import itertools
 import json
 import uuid
 
-import pytest
 from sqlalchemy import select
 
 from app.collection.batches import create_batch, import_prompts, start_batch
 from app.collection.hygiene import assign_split
 from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
-from app.labeling import service as labeling
+from app.labeling import leases, submissions
 from app.models import Demonstration, Prompt, PromptBatch, Ranking, Task
 from app.quality import evaluations, gold
 from app.quality.report import set_held_out
@@ -45,12 +44,15 @@ def collect(db, per_user: int = 2, tag: str | None = None) -> dict:
     """
     tag = tag or uuid.uuid4().hex[:8]
     policy = ModelVersionFactory(kind="base", status="promoted")
-    batch = create_batch(db, name=f"collect-{tag}", k=4, overlap=2, wants_demonstrations=True,
-                         wants_rankings=True)
+    batch = create_batch(db, name=f"collect-{tag}", k=4, overlap=2, wants_demonstrations=True, wants_rankings=True)
     users = {split: source_user_in(split, tag) for split in SPLITS}
-    lines = [json.dumps({"text": f"{split} question {i} from {tag}: what is {i} + {len(split)}?",
-                         "source_user_id": users[split]})
-             for split in SPLITS for i in range(per_user)]
+    lines = [
+        json.dumps(
+            {"text": f"{split} question {i} from {tag}: what is {i} + {len(split)}?", "source_user_id": users[split]}
+        )
+        for split in SPLITS
+        for i in range(per_user)
+    ]
     outcome = import_prompts(db, batch, "\n".join(lines).encode(), "jsonl")
     assert outcome.ok and outcome.stored == 3 * per_user, outcome.errors
     start_batch(db, batch)
@@ -61,24 +63,29 @@ def collect(db, per_user: int = 2, tag: str | None = None) -> dict:
     stored = db.scalars(select(Prompt).where(Prompt.batch_id == batch.id)).all()
     texts = {split: {p.text for p in stored if p.split == split} for split in SPLITS}
     # The import put each user's prompts in that user's split (what the rest of this file relies on).
-    assert {split: len(found) for split, found in texts.items()} == {split: per_user for split in SPLITS}
+    assert {split: len(found) for split, found in texts.items()} == dict.fromkeys(SPLITS, per_user)
     return {"batch": batch, "texts": texts}
 
 
 def demonstrate_all(db, labeler, batch: PromptBatch) -> list[Demonstration]:
     """The labeler writes a demonstration for every demonstration task of the batch."""
     demos = []
-    while (assignment := labeling.lease_next_task(db, labeler, "demonstration")) is not None:
-        demos.append(labeling.submit_demonstration(db, labeler, assignment.id, f"answer by {labeler.username}"))
+    while (assignment := leases.lease_next_task(db, labeler, "demonstration")) is not None:
+        demos.append(submissions.submit_demonstration(db, labeler, assignment.id, f"answer by {labeler.username}"))
     assert demos and all(d.task_id in task_ids(db, batch, "demonstration") for d in demos)
     return demos
 
 
 def rank_all(db, labeler, batch: PromptBatch) -> list[Ranking]:
     """The labeler ranks every ordinary ranking task of the batch (output 1 best)."""
-    return [rank(db, labeler, task, [1, 2, 3, 4])
-            for task in db.scalars(select(Task).where(Task.batch_id == batch.id, Task.kind == "ranking",
-                                                      Task.is_gold.is_(False)).order_by(Task.id))]
+    return [
+        rank(db, labeler, task, [1, 2, 3, 4])
+        for task in db.scalars(
+            select(Task)
+            .where(Task.batch_id == batch.id, Task.kind == "ranking", Task.is_gold.is_(False))
+            .order_by(Task.id)
+        )
+    ]
 
 
 def task_ids(db, batch: PromptBatch, kind: str) -> set[int]:
@@ -185,8 +192,13 @@ def test_gold_checks_are_left_out_and_the_gold_answer_stays_in(db):
     found = collect(db)
     batch = found["batch"]
     expert = UserFactory()
-    train_task = db.scalar(select(Task).join(Prompt, Prompt.id == Task.prompt_id).where(
-        Task.batch_id == batch.id, Task.kind == "ranking", Prompt.split == "train").order_by(Task.id).limit(1))
+    train_task = db.scalar(
+        select(Task)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .where(Task.batch_id == batch.id, Task.kind == "ranking", Prompt.split == "train")
+        .order_by(Task.id)
+        .limit(1)
+    )
     answer = rank(db, expert, train_task, [1, 2, 3, 4])
     gold.mark_ranking_gold(db, answer.id, None, batch.id)
     batch.gold_share = 1.0  # every labeler's first ranking lease is the gold check
@@ -212,21 +224,26 @@ def test_evaluation_batches_add_nothing_to_training_data(db):
     def everything():
         demos, demo_snap = training.demonstrations(db)
         rankings, rank_snap = training.rankings(db)
-        return (demos, {s: [(r.ranking_id, r.prompt) for r in rows] for s, rows in rankings.items()},
-                demo_snap.as_dict(), rank_snap.as_dict(),
-                sorted(training.prompts_for_ppo(db, "train")), sorted(training.prompts_for_ppo(db, "valid")))
+        return (
+            demos,
+            {s: [(r.ranking_id, r.prompt) for r in rows] for s, rows in rankings.items()},
+            demo_snap.as_dict(),
+            rank_snap.as_dict(),
+            sorted(training.prompts_for_ppo(db, "train")),
+            sorted(training.prompts_for_ppo(db, "valid")),
+        )
 
     before = everything()
     a, b = two_models(db)
     for split in ("test", "valid"):
-        evaluation = evaluations.start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=2,
-                                                  prompt_split=split)
+        evaluation = evaluations.start_evaluation(db, model_a_id=a.id, model_b_id=b.id, n_prompts=2, prompt_split=split)
         assert sample_by_hand(db, evaluation) == 2
         for _ in range(2):
             judge(db, labeler, "a")
     # The evaluation prompts are copies of held-out prompts, judged blind, and none of it is training data.
-    copies = db.scalars(select(Prompt).join(PromptBatch, PromptBatch.id == Prompt.batch_id)
-                        .where(PromptBatch.purpose == "evaluation")).all()
+    copies = db.scalars(
+        select(Prompt).join(PromptBatch, PromptBatch.id == Prompt.batch_id).where(PromptBatch.purpose == "evaluation")
+    ).all()
     assert len(copies) == 4 and {p.split for p in copies} == {"test", "valid"}
     assert not {p.text for p in copies} & found["texts"]["train"]
     assert everything() == before
@@ -264,6 +281,7 @@ def test_the_training_jobs_hand_their_trainers_no_test_split_prompt(committed_se
         def train(model_path, *args, **kwargs):
             given[kind] = {"args": args, **kwargs}
             return {}
+
         return train
 
     monkeypatch.setattr(worker.train_sft, "train_sft", recorder("sft"))

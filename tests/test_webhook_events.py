@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app.models import PromptBatch, WebhookDelivery
-from app.labeling import service as labeling
-from app.registry import versions as registry
 from app import runs
+from app.labeling import leases, submissions
+from app.models import PromptBatch, WebhookDelivery
+from app.registry import versions as registry
 from app.webhooks import service as webhooks
 from tests.factories import AdminFactory, UserFactory
 from tests.test_labeling import items_for, seed_batch
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.sqlite
 
 @pytest.fixture
 def hook(db):
-    return webhooks.create_webhook(db, "http://127.0.0.1:9/hook", list(webhooks.WEBHOOK_EVENTS),
-                                   created_by=AdminFactory())
+    return webhooks.create_webhook(
+        db, "http://127.0.0.1:9/hook", list(webhooks.WEBHOOK_EVENTS), created_by=AdminFactory()
+    )
 
 
 def _events(db) -> list[str]:
@@ -30,12 +31,12 @@ def test_the_last_label_completes_the_batch_and_announces_it(db, hook):
     batch = seed_batch(db, n_prompts=2, overlap=1)
     labeler = UserFactory()
     for _ in range(2):
-        assignment = labeling.lease_next_task(db, labeler, "ranking")
+        assignment = leases.lease_next_task(db, labeler, "ranking")
         assert db.get(PromptBatch, batch.id).status == "labeling"
-        labeling.submit_ranking(db, labeler, assignment.id, items_for(assignment))
+        submissions.submit_ranking(db, labeler, assignment.id, items_for(assignment))
     assert db.get(PromptBatch, batch.id).status == "completed"
     assert _events(db) == ["batch.completed"]
-    assert labeling.lease_next_task(db, labeler) is None
+    assert leases.lease_next_task(db, labeler) is None
 
 
 def test_model_events_and_failed_runs_are_announced(db, hook):
@@ -56,8 +57,10 @@ def test_admin_registers_a_webhook_and_reads_its_log(client, login, db):
     csrf = login(admin.username)
     bad = client.post("/admin/webhooks", data={"csrf_token": csrf, "url": "ftp://nope", "events": ["batch.completed"]})
     assert bad.status_code == 422 and "url" in bad.text.lower()
-    created = client.post("/admin/webhooks", data={"csrf_token": csrf, "url": "http://127.0.0.1:9/in",
-                                                   "events": ["batch.completed"], "description": "ci"})
+    created = client.post(
+        "/admin/webhooks",
+        data={"csrf_token": csrf, "url": "http://127.0.0.1:9/in", "events": ["batch.completed"], "description": "ci"},
+    )
     assert created.status_code == 201
     secret = re.search(r'data-testid="webhook-secret">([^<]+)<', created.text).group(1)
     hook = db.scalars(select(webhooks.Webhook)).one()

@@ -55,8 +55,12 @@ def _run(db, run_id: int) -> TrainingRun:
 
 
 def _finished(db, run_id: int, worker, timeout: float = 180) -> TrainingRun:
-    return wait_for(lambda: (r := _run(db, run_id)).status in ("succeeded", "failed", "cancelled") and r,
-                    timeout=timeout, what=f"the worker finishing run {run_id}", logs=(worker.log_path,))
+    return wait_for(
+        lambda: (r := _run(db, run_id)).status in ("succeeded", "failed", "cancelled") and r,
+        timeout=timeout,
+        what=f"the worker finishing run {run_id}",
+        logs=(worker.log_path,),
+    )
 
 
 def _versions_of(db, run_id: int) -> list[ModelVersion]:
@@ -88,31 +92,44 @@ def _mismatched_base(name: str) -> Path:
         tokenizer = char_tokenizer()
         rows = len(tokenizer)
         tokenizer.add_tokens(["#"])
-        model = tiny_causal_lm(tokenizer, seed=0, vocab_size=rows, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                               max_position_embeddings=128)
+        model = tiny_causal_lm(
+            tokenizer,
+            seed=0,
+            vocab_size=rows,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
         save_model(model, tokenizer, path)
     return path
 
 
 def _demonstrations(db, texts: list[str]) -> None:
     """Collects one demonstration per text through the labeling service, in this order (= id order)."""
-    from app.labeling import service as labeling
+    from app.labeling import leases, submissions
     from tests.test_labeling import seed_batch
 
-    seed_batch(db, n_prompts=len(texts), rankings=False, demonstrations=True,
-               prompt_texts=[f"Say the answer to question {i}." for i in range(len(texts))])
+    seed_batch(
+        db,
+        n_prompts=len(texts),
+        rankings=False,
+        demonstrations=True,
+        prompt_texts=[f"Say the answer to question {i}." for i in range(len(texts))],
+    )
     labeler = User(username=f"demonstrator-{time.monotonic_ns()}", role="labeler", password_hash="unused")
     db.add(labeler)
     db.flush()
     for text in texts:
-        assignment = labeling.lease_next_task(db, labeler, "demonstration")
-        labeling.submit_demonstration(db, labeler, assignment.id, text)
+        assignment = leases.lease_next_task(db, labeler, "demonstration")
+        submissions.submit_demonstration(db, labeler, assignment.id, text)
     db.commit()
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server's naming
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
         self.server.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
         self.send_response(204)
@@ -139,8 +156,9 @@ def hook(committed_session, receiver):
     """A webhook subscribed to failed runs, pointing at the local receiver."""
     from app.webhooks import service as webhooks
 
-    hook = webhooks.create_webhook(committed_session, f"http://127.0.0.1:{receiver.server_port}/hook",
-                                   ["training_run.failed"])
+    hook = webhooks.create_webhook(
+        committed_session, f"http://127.0.0.1:{receiver.server_port}/hook", ["training_run.failed"]
+    )
     committed_session.commit()
     return hook
 
@@ -150,21 +168,31 @@ def _assert_failure_announced(db, run: TrainingRun, hook, receiver, worker, expe
     from app.outbox import sender
     from app.webhooks.service import verify_signature
 
-    deliveries = [d for d in db.scalars(select(WebhookDelivery).where(WebhookDelivery.event == "training_run.failed"))
-                  if d.payload["data"]["run_id"] == run.id]
+    deliveries = [
+        d
+        for d in db.scalars(select(WebhookDelivery).where(WebhookDelivery.event == "training_run.failed"))
+        if d.payload["data"]["run_id"] == run.id
+    ]
     assert len(deliveries) == 1, "training_run.failed was not queued exactly once"
     data = deliveries[0].payload["data"]
     assert data["kind"] == run.kind and expected in data["error"]
     sender().send_task("instructloop.deliver_webhooks")  # what beat does every few seconds
-    headers, body = wait_for(lambda: receiver.received and receiver.received[0], timeout=60,
-                             what="the worker delivering the training_run.failed webhook", logs=(worker.log_path,))
+    headers, body = wait_for(
+        lambda: receiver.received and receiver.received[0],
+        timeout=60,
+        what="the worker delivering the training_run.failed webhook",
+        logs=(worker.log_path,),
+    )
     assert headers["x-instructloop-event"] == "training_run.failed"
-    assert verify_signature(hook.secret, headers["x-instructloop-timestamp"], body,
-                            headers["x-instructloop-signature"])
+    assert verify_signature(hook.secret, headers["x-instructloop-timestamp"], body, headers["x-instructloop-signature"])
     sent = json.loads(body)
     assert sent["id"] == deliveries[0].event_id and sent["data"] == data
-    wait_for(lambda: (db.expire_all(), db.get(WebhookDelivery, deliveries[0].id).status == "delivered")[1],
-             timeout=30, what="the delivery recorded as delivered", logs=(worker.log_path,))
+    wait_for(
+        lambda: (db.expire_all(), db.get(WebhookDelivery, deliveries[0].id).status == "delivered")[1],
+        timeout=30,
+        what="the delivery recorded as delivered",
+        logs=(worker.log_path,),
+    )
     return sent
 
 
@@ -178,8 +206,9 @@ def _nothing_promoted_by(db, run_id: int) -> None:
 # --- failures -----------------------------------------------------------------------------------
 
 
-def test_sft_without_demonstrations_fails_with_its_reason_and_announces_it(committed_session, celery_worker, hook,
-                                                                           receiver):
+def test_sft_without_demonstrations_fails_with_its_reason_and_announces_it(
+    committed_session, celery_worker, hook, receiver
+):
     from app.registry.versions import register_base_model
     from app.runs import start_run
 
@@ -196,12 +225,16 @@ def test_sft_without_demonstrations_fails_with_its_reason_and_announces_it(commi
     _assert_failure_announced(db, run, hook, receiver, celery_worker, "no demonstrations")
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("deleted", "does not exist"),
-    ("emptied", "holds no saved model (no config.json)"),
-])
-def test_sft_from_a_base_whose_files_are_gone_fails_and_its_version_is_failed(committed_session, celery_worker,
-                                                                             hook, receiver, damage, reason):
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("deleted", "does not exist"),
+        ("emptied", "holds no saved model (no config.json)"),
+    ],
+)
+def test_sft_from_a_base_whose_files_are_gone_fails_and_its_version_is_failed(
+    committed_session, celery_worker, hook, receiver, damage, reason
+):
     from app.registry.versions import register_base_model
     from app.runs import start_run
 
@@ -273,11 +306,24 @@ def test_cancel_through_the_api_stops_the_worker_at_its_next_step(committed_sess
     register_base_model(db, str(_tiny_base("tiny-base")))
     _demonstrations(db, [f"answer {n}" for n in range(12)])
     # About 12,000 one-example steps, each checkpointed: far longer than the test waits.
-    run = start_run(db, "sft", params={"epochs": 1000, "batch_size": 1, "micro_batch_size": 1,
-                                       "checkpoint_every": 1, "early_stopping_patience": None})
+    run = start_run(
+        db,
+        "sft",
+        params={
+            "epochs": 1000,
+            "batch_size": 1,
+            "micro_batch_size": 1,
+            "checkpoint_every": 1,
+            "early_stopping_patience": None,
+        },
+    )
     db.commit()
-    wait_for(lambda: _run(db, run.id).progress > 0 and (_checkpoint_step(run.id) or 0) > 0, timeout=180,
-             what=f"run {run.id} training (progress and a checkpoint)", logs=(celery_worker.log_path,))
+    wait_for(
+        lambda: _run(db, run.id).progress > 0 and (_checkpoint_step(run.id) or 0) > 0,
+        timeout=180,
+        what=f"run {run.id} training (progress and a checkpoint)",
+        logs=(celery_worker.log_path,),
+    )
 
     answer = httpx.post(f"{live_server}/api/v1/runs/{run.id}/cancel", headers={"authorization": f"Bearer {token}"})
     assert answer.status_code == 200 and answer.json()["status"] == "cancelled", answer.text
@@ -292,7 +338,8 @@ def test_cancel_through_the_api_stops_the_worker_at_its_next_step(committed_sess
     stopped_at = _checkpoint_step(run.id)
     assert stopped_at is not None, "the cancelled run's last checkpoint was removed"
     assert at_cancel <= stopped_at <= at_cancel + 1, (
-        f"the worker went on from step {at_cancel} to {stopped_at} after the cancel instead of stopping at the next")
+        f"the worker went on from step {at_cancel} to {stopped_at} after the cancel instead of stopping at the next"
+    )
     run = _run(db, run.id)
     assert run.status == "cancelled" and run.message == "cancelled by cancelling-admin" and run.progress < 0.5
     assert run.output_version_id is None
@@ -319,8 +366,9 @@ def test_a_job_over_the_time_limit_fails_saying_so(committed_session, tmp_path):
     worker = start_celery_worker(env=dict(os.environ, INSTRUCTLOOP_JOB_TIME_LIMIT_S="8"), log_path=log)
     worker.log_path = log
     try:
-        run = start_run(db, "sft", params={"epochs": 5000, "batch_size": 1, "micro_batch_size": 1,
-                                           "early_stopping_patience": None})
+        run = start_run(
+            db, "sft", params={"epochs": 5000, "batch_size": 1, "micro_batch_size": 1, "early_stopping_patience": None}
+        )
         db.commit()
         run = _finished(db, run.id, worker)
     finally:
@@ -353,11 +401,15 @@ def test_pretrain_run_registers_a_base_model(committed_session, celery_worker):
 # Kept last in the module: their worker and beat live for the module and would take other tests' jobs.
 
 BEAT_ENV = {
-    "INSTRUCTLOOP_BEAT_DISPATCH_S": "1", "INSTRUCTLOOP_BEAT_REAP_S": "1", "INSTRUCTLOOP_BEAT_EXPIRE_LEASES_S": "1",
-    "INSTRUCTLOOP_BEAT_RETRAIN_S": "1", "INSTRUCTLOOP_BEAT_WEBHOOKS_S": "1",
+    "INSTRUCTLOOP_BEAT_DISPATCH_S": "1",
+    "INSTRUCTLOOP_BEAT_REAP_S": "1",
+    "INSTRUCTLOOP_BEAT_EXPIRE_LEASES_S": "1",
+    "INSTRUCTLOOP_BEAT_RETRAIN_S": "1",
+    "INSTRUCTLOOP_BEAT_WEBHOOKS_S": "1",
     # Real jobs here heartbeat every 2 s; only the planted run's hour-old heartbeat is stale.
     "INSTRUCTLOOP_RUN_STALE_AFTER_S": "120",
-    "INSTRUCTLOOP_RETRAIN_MIN_NEW_DEMONSTRATIONS": "2", "INSTRUCTLOOP_RETRAIN_MIN_NEW_RANKINGS": "1000000",
+    "INSTRUCTLOOP_RETRAIN_MIN_NEW_DEMONSTRATIONS": "2",
+    "INSTRUCTLOOP_RETRAIN_MIN_NEW_RANKINGS": "1000000",
 }
 
 
@@ -371,8 +423,14 @@ def beat(pg_engine, tmp_path_factory):
     env = dict(os.environ, **BEAT_ENV)
     worker = start_celery_worker(env=env, log_path=logs / "worker.log")
     with open(logs / "beat.log", "ab") as out:
-        beat = subprocess.Popen([sys.executable, "-m", "app.cli", "beat", "--loglevel", "info"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "beat", "--loglevel", "info"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield logs / "worker.log", logs / "beat.log"
     finally:
@@ -385,15 +443,23 @@ def test_beat_dispatches_a_run_that_never_reached_the_broker(committed_session, 
     run = TrainingRun(kind="rm", params={}, triggered_by="test")  # added without the outbox: never sent
     db.add(run)
     db.commit()
-    run = wait_for(lambda: (r := _run(db, run.id)).enqueued_at is not None and r.attempts == 1 and r, timeout=60,
-                   what="beat's dispatch-pending-runs sending the unsent run to the worker", logs=beat)
-    run = wait_for(lambda: (r := _run(db, run.id)).status == "failed" and r, timeout=120,
-                   what="the worker running the dispatched run", logs=beat)
+    run = wait_for(
+        lambda: (r := _run(db, run.id)).enqueued_at is not None and r.attempts == 1 and r,
+        timeout=60,
+        what="beat's dispatch-pending-runs sending the unsent run to the worker",
+        logs=beat,
+    )
+    run = wait_for(
+        lambda: (r := _run(db, run.id)).status == "failed" and r,
+        timeout=120,
+        what="the worker running the dispatched run",
+        logs=beat,
+    )
     assert run.error == "RuntimeError: no SFT or base model to start the reward model from"
 
 
 def test_beat_returns_an_expired_lease(committed_session, beat):
-    from app.labeling import service as labeling
+    from app.labeling import leases
     from tests.test_labeling import seed_batch
 
     db = committed_session
@@ -401,22 +467,39 @@ def test_beat_returns_an_expired_lease(committed_session, beat):
     labeler = User(username="lapsed-labeler", role="labeler", password_hash="unused")
     db.add(labeler)
     db.flush()
-    assignment = labeling.lease_next_task(db, labeler, "ranking")
+    assignment = leases.lease_next_task(db, labeler, "ranking")
     assignment.expires_at = utcnow() - timedelta(minutes=1)
     db.commit()
-    wait_for(lambda: (db.expire_all(), db.get(Assignment, assignment.id).state == "expired")[1], timeout=60,
-             what="beat's expire-leases returning the lapsed lease", logs=beat)
+    wait_for(
+        lambda: (db.expire_all(), db.get(Assignment, assignment.id).state == "expired")[1],
+        timeout=60,
+        what="beat's expire-leases returning the lapsed lease",
+        logs=beat,
+    )
 
 
 def test_beat_requeues_a_run_whose_worker_went_silent(committed_session, beat):
     db = committed_session
     an_hour_ago = utcnow() - timedelta(hours=1)
-    run = TrainingRun(kind="rm", params={}, triggered_by="test", status="running", worker="gone-host:1",
-                      attempts=1, started_at=an_hour_ago, heartbeat_at=an_hour_ago, enqueued_at=an_hour_ago)
+    run = TrainingRun(
+        kind="rm",
+        params={},
+        triggered_by="test",
+        status="running",
+        worker="gone-host:1",
+        attempts=1,
+        started_at=an_hour_ago,
+        heartbeat_at=an_hour_ago,
+        enqueued_at=an_hour_ago,
+    )
     db.add(run)
     db.commit()
-    run = wait_for(lambda: (r := _run(db, run.id)).attempts == 2 and r.status == "failed" and r, timeout=120,
-                   what="beat's reaper re-queuing the silent run and the worker taking it", logs=beat)
+    run = wait_for(
+        lambda: (r := _run(db, run.id)).attempts == 2 and r.status == "failed" and r,
+        timeout=120,
+        what="beat's reaper re-queuing the silent run and the worker taking it",
+        logs=beat,
+    )
     assert run.message == "re-queued: worker gone-host:1 stopped answering"
     assert run.worker != "gone-host:1"
 
@@ -429,9 +512,16 @@ def test_beat_starts_a_due_retraining(committed_session, beat):
     _demonstrations(db, ["answer one", "answer two"])
     scheduled = wait_for(
         lambda: (db.expire_all(), db.scalar(select(TrainingRun).where(TrainingRun.triggered_by == "schedule")))[1],
-        timeout=60, what="beat's retrain check starting the due SFT run", logs=beat)
+        timeout=60,
+        what="beat's retrain check starting the due SFT run",
+        logs=beat,
+    )
     assert scheduled.kind == "sft"
-    run = wait_for(lambda: (r := _run(db, scheduled.id)).status in ("succeeded", "failed") and r, timeout=180,
-                   what="the worker training the scheduled SFT run", logs=beat)
+    run = wait_for(
+        lambda: (r := _run(db, scheduled.id)).status in ("succeeded", "failed") and r,
+        timeout=180,
+        what="the worker training the scheduled SFT run",
+        logs=beat,
+    )
     assert run.status == "succeeded", run.error
     assert db.get(ModelVersion, run.output_version_id).status == "promoted"

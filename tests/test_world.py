@@ -34,7 +34,7 @@ def test_generation_is_deterministic_per_seed():
 
 def test_generation_balances_families_and_filters():
     counts = Counter(p.family for p in generate_prompts(100, seed=0))
-    assert counts == {family: 20 for family in FAMILIES}
+    assert counts == dict.fromkeys(FAMILIES, 20)
     only = generate_prompts(10, seed=0, families=["reversal", "facts"])
     assert Counter(p.family for p in only) == {"reversal": 5, "facts": 5}
     with pytest.raises(ValueError, match="unknown families"):

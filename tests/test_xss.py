@@ -20,12 +20,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from app.models import Assignment, ModelVersion, Prompt, TrainingRun, User, Webhook
-from app.security import hash_password
-from app.quality import evaluations
-from app.quality import gold
-from app.labeling import service as labeling
 from app.collection.sampling import store_samples
+from app.labeling import leases, submissions
+from app.models import Assignment, ModelVersion, Prompt, TrainingRun, User, Webhook
+from app.quality import evaluations, gold
+from app.security import hash_password
 from tests.factories import PASSWORD
 from tests.test_labeling import seed_batch
 
@@ -37,7 +36,7 @@ PAYLOADS = [
     "<script>window.__xss=1</script>",
     '<img src=x onerror="window.__xss=1" data-xss>',
     '"><svg onload=window.__xss=1 data-xss>',
-    "'><iframe data-xss srcdoc=\"<script>parent.__xss=1</script>\"></iframe>",
+    '\'><iframe data-xss srcdoc="<script>parent.__xss=1</script>"></iframe>',
     "</pre></textarea></script><script>window.__xss=1</script>",
     '<a href="javascript:window.__xss=1" data-xss>click</a>',
     "javascript:window.__xss=1",
@@ -70,33 +69,56 @@ def _user(session, username: str, role: str) -> User:
 def hostile(committed_session) -> dict:
     """Commits a labeling world whose every free-text field holds a payload; returns the ids that matter."""
     s = committed_session
-    labeler, admin, other = (_user(s, LABELER_NAME, "labeler"), _user(s, ADMIN_NAME, "admin"),
-                             _user(s, "someone-else", "labeler"))
+    labeler, admin, other = (
+        _user(s, LABELER_NAME, "labeler"),
+        _user(s, ADMIN_NAME, "admin"),
+        _user(s, "someone-else", "labeler"),
+    )
     s.flush()
-    ranking = seed_batch(s, n_prompts=2, k=len(PAYLOADS[:9]), prompt_texts=[PAYLOADS[0], PAYLOADS[4]],
-                         output_texts=PAYLOADS[:9], guidelines=GUIDELINES)
-    demos = seed_batch(s, n_prompts=1, rankings=False, demonstrations=True, prompt_texts=[PAYLOADS[1]],
-                       guidelines=GUIDELINES)
+    ranking = seed_batch(
+        s,
+        n_prompts=2,
+        k=len(PAYLOADS[:9]),
+        prompt_texts=[PAYLOADS[0], PAYLOADS[4]],
+        output_texts=PAYLOADS[:9],
+        guidelines=GUIDELINES,
+    )
+    demos = seed_batch(
+        s, n_prompts=1, rankings=False, demonstrations=True, prompt_texts=[PAYLOADS[1]], guidelines=GUIDELINES
+    )
     ranking.name, demos.name = RANKING_BATCH, DEMO_BATCH
     demos.allow_prompt_writing = True
-    held = labeling.lease_next_task(s, labeler, "demonstration")
+    held = leases.lease_next_task(s, labeler, "demonstration")
     held.draft = {"text": DRAFT}
-    foreign = labeling.lease_next_task(s, other, "ranking")
+    foreign = leases.lease_next_task(s, other, "ranking")
 
     base = s.scalars(select(ModelVersion)).first()
     base.name = PAYLOADS[5][:128]
-    run = TrainingRun(kind="sft", status="running", progress=0.5, message=PAYLOADS[2], traceback=PAYLOADS[4],
-                      triggered_by=SHORT, params={"note": PAYLOADS[0]},
-                      metrics={"curve": [{"step": 1, METRIC: 1.0}, {"step": 2, METRIC: 0.5}]},
-                      checkpoint_dir=PAYLOADS[6])
+    run = TrainingRun(
+        kind="sft",
+        status="running",
+        progress=0.5,
+        message=PAYLOADS[2],
+        traceback=PAYLOADS[4],
+        triggered_by=SHORT,
+        params={"note": PAYLOADS[0]},
+        metrics={"curve": [{"step": 1, METRIC: 1.0}, {"step": 2, METRIC: 0.5}]},
+        checkpoint_dir=PAYLOADS[6],
+    )
     failed = TrainingRun(kind="rm", status="failed", error=PAYLOADS[1], message=PAYLOADS[3], triggered_by=SHORT)
     s.add_all([run, failed])
     s.flush()
-    sft = ModelVersion(name=MODEL_NAME, kind="sft", status="ready", artifact_path=PAYLOADS[4], parent_id=base.id,
-                       training_run_id=run.id, lineage={"base": base.id},
-                       metrics={METRIC: 0.5, "note": PAYLOADS[8], "nested": {"x": [PAYLOADS[3]]},
-                                f"{METRIC}_curve": [0.1, 0.2]},
-                       data_snapshot={"source": PAYLOADS[7], "rows": [PAYLOADS[0]]})
+    sft = ModelVersion(
+        name=MODEL_NAME,
+        kind="sft",
+        status="ready",
+        artifact_path=PAYLOADS[4],
+        parent_id=base.id,
+        training_run_id=run.id,
+        lineage={"base": base.id},
+        metrics={METRIC: 0.5, "note": PAYLOADS[8], "nested": {"x": [PAYLOADS[3]]}, f"{METRIC}_curve": [0.1, 0.2]},
+        data_snapshot={"source": PAYLOADS[7], "rows": [PAYLOADS[0]]},
+    )
     hook = Webhook(url=PAYLOADS[6], description=PAYLOADS[1], secret="s" * 32, events=["batch.completed"])
     s.add_all([sft, hook])
     s.flush()
@@ -105,18 +127,32 @@ def hostile(committed_session) -> dict:
     s.add(Prompt(batch_id=ranking.id, text=PAYLOADS[7], split="test", normalized_key="e" * 64))
     s.flush()
     evaluation = evaluations.start_evaluation(s, model_a_id=sft.id, model_b_id=base.id, n_prompts=1)
-    (prompt_id, _), = evaluations.prompts_needing_output(s, evaluation, sft.id)
+    ((prompt_id, _),) = evaluations.prompts_needing_output(s, evaluation, sft.id)
     store_samples(s, sft.id, {prompt_id: [PAYLOADS[0]]}, {})
     store_samples(s, base.id, {prompt_id: [PAYLOADS[3]]}, {})
     evaluations.open_for_judging(s, evaluation)
     order = foreign.display_order
-    labeling.submit_ranking(s, other, foreign.id, [{"completion_id": c, "rank": i + 1, "likert": 4, "flags": []}
-                                                   for i, c in enumerate(order)])
+    submissions.submit_ranking(
+        s,
+        other,
+        foreign.id,
+        [{"completion_id": c, "rank": i + 1, "likert": 4, "flags": []} for i, c in enumerate(order)],
+    )
     gold.mark_consensus_gold(s, foreign.task_id, None, min_rankings=1)
     s.commit()
-    return {"labeler": labeler.username, "admin": admin.username, "ranking": ranking.id, "demos": demos.id,
-            "held": held.id, "foreign": foreign.id, "run": run.id, "failed": failed.id, "sft": sft.id,
-            "base": base.id, "evaluation": evaluation.id}
+    return {
+        "labeler": labeler.username,
+        "admin": admin.username,
+        "ranking": ranking.id,
+        "demos": demos.id,
+        "held": held.id,
+        "foreign": foreign.id,
+        "run": run.id,
+        "failed": failed.id,
+        "sft": sft.id,
+        "base": base.id,
+        "evaluation": evaluation.id,
+    }
 
 
 # --- browser ------------------------------------------------------------------------------------
@@ -172,14 +208,21 @@ def wait_for_rewrite(page, root: str, fields: tuple[str, ...]) -> None:
     """
     page.locator(root).first.wait_for()
     args = [root, list(fields), STALE]
-    page.evaluate("""([root, fields, stale]) => {
+    page.evaluate(
+        """([root, fields, stale]) => {
         const el = document.querySelector(root);
         for (const name of fields) el.querySelector(`[data-field="${name}"]`).textContent = stale;
-    }""", args)
-    page.wait_for_function("""([root, fields, stale]) => {
+    }""",
+        args,
+    )
+    page.wait_for_function(
+        """([root, fields, stale]) => {
         const el = document.querySelector(root);
         return fields.every((name) => !el.querySelector(`[data-field="${name}"]`).textContent.includes(stale));
-    }""", arg=args, timeout=15000)
+    }""",
+        arg=args,
+        timeout=15000,
+    )
 
 
 # --- labeler pages ------------------------------------------------------------------------------
@@ -211,8 +254,9 @@ def test_labeler_pages_show_payloads_as_text(browser_page, live_server, hostile)
     page.goto(f"{live_server}/label/next?kind=eval")
     page.get_by_test_id("eval-page").wait_for()
     assert page.get_by_test_id("prompt").inner_text() == PAYLOADS[7]
-    assert sorted([page.get_by_test_id("eval-text-left").inner_text(),
-                   page.get_by_test_id("eval-text-right").inner_text()]) == sorted([PAYLOADS[0], PAYLOADS[3]])
+    assert sorted(
+        [page.get_by_test_id("eval-text-left").inner_text(), page.get_by_test_id("eval-text-right").inner_text()]
+    ) == sorted([PAYLOADS[0], PAYLOADS[3]])
     assert_inert(page, visible=[PAYLOADS[7]])
 
     page.goto(f"{live_server}/label/write")
@@ -224,8 +268,9 @@ def test_labeler_pages_show_payloads_as_text(browser_page, live_server, hostile)
     assert page.get_by_test_id("error-message").is_visible()
 
 
-def test_skip_note_is_stored_verbatim_and_the_batch_page_stays_inert(browser_page, live_server, hostile,
-                                                                     committed_session):
+def test_skip_note_is_stored_verbatim_and_the_batch_page_stays_inert(
+    browser_page, live_server, hostile, committed_session
+):
     page = browser_page
     log_in(page, live_server, hostile["labeler"], "/label")
     page.goto(f"{live_server}/label/next?kind=ranking")
@@ -257,11 +302,19 @@ def test_admin_pages_show_payloads_as_text(browser_page, live_server, hostile):
     assert_inert(page, visible=[RANKING_BATCH, DEMO_BATCH])
     for batch in ("ranking", "demos"):
         page.goto(f"{live_server}/admin/batches/{hostile[batch]}")
-        assert page.get_by_test_id("batch-name").inner_text().startswith(
-            RANKING_BATCH if batch == "ranking" else DEMO_BATCH)
-        assert_inert(page, visible=PAYLOADS[2:], values={"[data-testid=field-name]": RANKING_BATCH
-                                                         if batch == "ranking" else DEMO_BATCH,
-                                                         "[data-testid=field-guidelines]": GUIDELINES})
+        assert (
+            page.get_by_test_id("batch-name")
+            .inner_text()
+            .startswith(RANKING_BATCH if batch == "ranking" else DEMO_BATCH)
+        )
+        assert_inert(
+            page,
+            visible=PAYLOADS[2:],
+            values={
+                "[data-testid=field-name]": RANKING_BATCH if batch == "ranking" else DEMO_BATCH,
+                "[data-testid=field-guidelines]": GUIDELINES,
+            },
+        )
 
     page.goto(f"{live_server}/admin/batches/{hostile['ranking']}/quality")
     assert_inert(page, visible=[RANKING_BATCH])
@@ -307,8 +360,7 @@ def test_admin_forms_echo_payloads_as_text(browser_page, live_server, hostile):
     page.get_by_test_id("field-guidelines").fill(GUIDELINES)
     page.get_by_test_id("create-batch").click()
     page.get_by_test_id("form-error").wait_for()
-    assert_inert(page, values={"[data-testid=field-name]": RANKING_BATCH,
-                               "[data-testid=field-guidelines]": GUIDELINES})
+    assert_inert(page, values={"[data-testid=field-name]": RANKING_BATCH, "[data-testid=field-guidelines]": GUIDELINES})
 
     # Run parameters that are not JSON come back in their textarea.
     page.goto(f"{live_server}/admin/runs")

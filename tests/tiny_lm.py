@@ -28,8 +28,14 @@ def save_tiny_model(directory: Path) -> Path:
     """Builds the tiny test model with the character tokenizer and saves it under `directory`."""
     tokenizer = char_tokenizer()
     model = tiny_causal_lm(
-        tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        tokenizer,
+        seed=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return save_model(model, tokenizer, directory)
 

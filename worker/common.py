@@ -18,9 +18,10 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,9 +128,7 @@ def save_checkpoint(checkpoint_dir: str | Path, state: dict[str, Any]) -> Path:
     return target
 
 
-def load_checkpoint(
-    checkpoint_dir: str | Path | None, config: Any, data_fingerprint: str
-) -> dict[str, Any] | None:
+def load_checkpoint(checkpoint_dir: str | Path | None, config: Any, data_fingerprint: str) -> dict[str, Any] | None:
     """Loads checkpoint_dir/checkpoint.pt if present; raises if it was written by a different run."""
     if checkpoint_dir is None:
         return None
@@ -140,9 +139,7 @@ def load_checkpoint(
     # file in our own checkpoint directory, so full unpickling is acceptable.
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved, current = dict(state["config"]), asdict(config)
-    changed = sorted(
-        name for name in current if name not in OPERATIONAL_FIELDS and saved.get(name) != current[name]
-    )
+    changed = sorted(name for name in current if name not in OPERATIONAL_FIELDS and saved.get(name) != current[name])
     if changed:
         raise ValueError(f"checkpoint in {checkpoint_dir} was written with other settings: {changed}")
     if state["data_fingerprint"] != data_fingerprint:
@@ -209,9 +206,7 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> li
     return ids + [tokenizer.eos_token_id]
 
 
-def fit_to_length(
-    prompt_ids: list[int], completion_ids: list[int], max_length: int
-) -> tuple[list[int], list[int]]:
+def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Truncates a pair to max_length: the prompt from the left (keeping its end), then the completion."""
     if len(prompt_ids) + len(completion_ids) <= max_length:
         return prompt_ids, completion_ids

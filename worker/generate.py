@@ -22,7 +22,11 @@ from typing import Any, cast
 
 import torch
 from transformers import (
-    GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
 from worker.modeling import adds_special_tokens, format_prompt
@@ -113,10 +117,18 @@ def sample_completions(
 ) -> list[list[str]]:
     """Samples k completions per prompt in batches of `batch_size` sequences, resampling duplicates."""
     return _sample(
-        model, tokenizer, prompts, k,
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        rows_per_batch=max(1, batch_size), seed=seed, max_resample_tries=max_resample_tries,
-        stop_at_newline=stop_at_newline, use_cache=True,
+        model,
+        tokenizer,
+        prompts,
+        k,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        rows_per_batch=max(1, batch_size),
+        seed=seed,
+        max_resample_tries=max_resample_tries,
+        stop_at_newline=stop_at_newline,
+        use_cache=True,
     )
 
 
@@ -136,10 +148,18 @@ def sample_one_at_a_time(
 ) -> list[list[str]]:
     """Baseline: the same sampling, one prompt and one sequence per generate call."""
     return _sample(
-        model, tokenizer, prompts, k,
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        rows_per_batch=1, seed=seed, max_resample_tries=max_resample_tries,
-        stop_at_newline=stop_at_newline, use_cache=use_cache,
+        model,
+        tokenizer,
+        prompts,
+        k,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        rows_per_batch=1,
+        seed=seed,
+        max_resample_tries=max_resample_tries,
+        stop_at_newline=stop_at_newline,
+        use_cache=use_cache,
     )
 
 
@@ -179,9 +199,14 @@ def _sample(
                 for start in range(0, len(rows), rows_per_batch):
                     chunk = rows[start : start + rows_per_batch]
                     texts = _generate_rows(
-                        model, tokenizer, [formatted[i] for i in chunk],
-                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                        stop_at_newline=newline_stop, use_cache=use_cache,
+                        model,
+                        tokenizer,
+                        [formatted[i] for i in chunk],
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_new_tokens=max_new_tokens,
+                        stop_at_newline=newline_stop,
+                        use_cache=use_cache,
                     )
                     for i, text in zip(chunk, texts):
                         everything[i].append(text)

@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.collection import batches
+from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
 from app.config import get_settings
 from app.db import session_scope
 from app.models import Evaluation, ModelVersion, PromptBatch, TrainingRun
-from app.collection import batches
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.training import data as training
 from app.training.configs import config_for
-from app.collection.sampling import open_for_labeling, prompts_needing_samples, store_samples
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,25 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         if policy is None:
             raise RuntimeError("no model version to sample from; register a base model first")
         todo = prompts_needing_samples(db, batch, policy.id)
-        settings: dict[str, Any] = {"temperature": batch.temperature, "top_p": batch.top_p,
-                                    "max_new_tokens": batch.max_new_tokens}
+        settings: dict[str, Any] = {
+            "temperature": batch.temperature,
+            "top_p": batch.top_p,
+            "max_new_tokens": batch.max_new_tokens,
+        }
         k, batch_id, policy_id, artifact = batch.k, batch.id, policy.id, policy.artifact_path
     report(0.0, f"loading {artifact}", force=True)
     model, tokenizer = load_model(artifact)
     done = 0
     for start in range(0, len(todo), SAMPLE_CHUNK):
-        chunk = todo[start:start + SAMPLE_CHUNK]
+        chunk = todo[start : start + SAMPLE_CHUNK]
         outputs = sample_completions(model, tokenizer, [text for _, text in chunk], k, **settings)
         with session_scope() as db:
-            store_samples(db, policy_id, {pid: texts for (pid, _), texts in zip(chunk, outputs)},
-                          settings | {"model_version_id": policy_id})
+            store_samples(
+                db,
+                policy_id,
+                {pid: texts for (pid, _), texts in zip(chunk, outputs)},
+                settings | {"model_version_id": policy_id},
+            )
         done += len(chunk)
         report(done / max(1, len(todo)), f"sampled {done}/{len(todo)} prompts", force=True)
     with session_scope() as db:
@@ -94,10 +101,15 @@ def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         evaluation = evaluations.for_batch(db, batch_id) if batch_id is not None else None
         if evaluation is None:
             raise LookupError(f"no evaluation for batch {batch_id}")
-        models = [(v.id, v.artifact_path) for v in
-                  (_fetch(db, ModelVersion, evaluation.model_a_id), _fetch(db, ModelVersion, evaluation.model_b_id))]
-        settings: dict[str, Any] = {"temperature": evaluation.temperature, "top_p": 1.0,
-                                    "max_new_tokens": evaluation.max_new_tokens}
+        models = [
+            (v.id, v.artifact_path)
+            for v in (_fetch(db, ModelVersion, evaluation.model_a_id), _fetch(db, ModelVersion, evaluation.model_b_id))
+        ]
+        settings: dict[str, Any] = {
+            "temperature": evaluation.temperature,
+            "top_p": 1.0,
+            "max_new_tokens": evaluation.max_new_tokens,
+        }
         evaluation_id = evaluation.id
     sampled = 0
     for index, (model_id, artifact) in enumerate(models):
@@ -106,21 +118,32 @@ def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         report(index / 2, f"loading {artifact}", force=True)
         model, tokenizer = load_model(artifact)
         for start in range(0, len(todo), SAMPLE_CHUNK):
-            chunk = todo[start:start + SAMPLE_CHUNK]
+            chunk = todo[start : start + SAMPLE_CHUNK]
             outputs = sample_completions(model, tokenizer, [text for _, text in chunk], 1, **settings)
             with session_scope() as db:
-                store_samples(db, model_id, {pid: texts for (pid, _), texts in zip(chunk, outputs)},
-                              settings | {"model_version_id": model_id, "evaluation_id": evaluation_id})
+                store_samples(
+                    db,
+                    model_id,
+                    {pid: texts for (pid, _), texts in zip(chunk, outputs)},
+                    settings | {"model_version_id": model_id, "evaluation_id": evaluation_id},
+                )
             sampled += len(chunk)
-            report((index + (start + len(chunk)) / max(1, len(todo))) / 2,
-                   f"model {index + 1}/2: sampled {start + len(chunk)}/{len(todo)} prompts", force=True)
+            report(
+                (index + (start + len(chunk)) / max(1, len(todo))) / 2,
+                f"model {index + 1}/2: sampled {start + len(chunk)}/{len(todo)} prompts",
+                force=True,
+            )
         del model
     with session_scope() as db:
         evaluation = _fetch(db, Evaluation, evaluation_id)
         tasks = evaluations.open_for_judging(db, evaluation)
         identical = evaluation.n_identical
-    return {"evaluation_id": evaluation_id, "outputs_sampled": sampled, "tasks_created": tasks,
-            "identical_pairs": identical}, None
+    return {
+        "evaluation_id": evaluation_id,
+        "outputs_sampled": sampled,
+        "tasks_created": tasks,
+        "identical_pairs": identical,
+    }, None
 
 
 def run_pretrain(run_id: int, report) -> tuple[dict[str, Any], int | None]:
@@ -158,8 +181,9 @@ def _progress(report, start: float = 0.0, span: float = 0.95):
     return callback
 
 
-def _begin_version(run_id: int, kind: str, parent_id: int | None, lineage: dict[str, Any],
-                   snapshot: dict[str, Any]) -> tuple[int, Path]:
+def _begin_version(
+    run_id: int, kind: str, parent_id: int | None, lineage: dict[str, Any], snapshot: dict[str, Any]
+) -> tuple[int, Path]:
     """Registers the model a run is producing (status `training`) and returns its id and final path."""
     out = get_settings().artifacts_dir / "models" / f"{kind}-run{run_id}"
     with session_scope() as db:
@@ -168,8 +192,15 @@ def _begin_version(run_id: int, kind: str, parent_id: int | None, lineage: dict[
         if existing is not None:  # a resumed run reuses its version row
             return existing.id, out
         version = registry.register_version(
-            db, kind=kind, name=name, artifact_path=str(out), status="training", parent_id=parent_id,
-            lineage=lineage, data_snapshot=snapshot, training_run_id=run_id,
+            db,
+            kind=kind,
+            name=name,
+            artifact_path=str(out),
+            status="training",
+            parent_id=parent_id,
+            lineage=lineage,
+            data_snapshot=snapshot,
+            training_run_id=run_id,
         )
         return version.id, out
 
@@ -214,8 +245,15 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     if not data["train"]:
         raise RuntimeError("no demonstrations in the train split yet")
     version_id, out = _begin_version(run_id, "sft", base_id, {"base": base_id}, snap.as_dict())
-    metrics = train_sft(base_path, data["train"], data["valid"], config, out,
-                        checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report))
+    metrics = train_sft(
+        base_path,
+        data["train"],
+        data["valid"],
+        config,
+        out,
+        checkpoint_dir=run_dir(run_id) / "checkpoint",
+        progress=_progress(report),
+    )
     return _jsonable({**metrics, "config": asdict(config)}), version_id
 
 
@@ -240,9 +278,16 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
     version_id, out = _begin_version(run_id, "rm", backbone_id, {"backbone": backbone_id}, snap.as_dict())
-    metrics = train_rm(backbone_path, examples(data["train"]), examples(data["valid"]), config, out,
-                       checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
-                       demonstrations=demos["train"] or None)
+    metrics = train_rm(
+        backbone_path,
+        examples(data["train"]),
+        examples(data["valid"]),
+        config,
+        out,
+        checkpoint_dir=run_dir(run_id) / "checkpoint",
+        progress=_progress(report),
+        demonstrations=demos["train"] or None,
+    )
     return _jsonable({**metrics, "config": asdict(config)}), version_id
 
 
@@ -261,10 +306,18 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         params = _with_recipe(db, sft, "ppo", params)
         sft_id, sft_path, rm_id, rm_path = sft.id, sft.artifact_path, rm.id, rm.artifact_path
     config = config_for("ppo", params)
-    version_id, out = _begin_version(run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id},
-                                     {"counts": {"prompts": len(prompts)}})
-    metrics = train_ppo(sft_path, rm_path, prompts, config, out,
-                        ptx_examples=demos["train"] if getattr(config, "ptx_coef", 0) else None,
-                        checkpoint_dir=run_dir(run_id) / "checkpoint", progress=_progress(report),
-                        eval_prompts=eval_prompts or None)
+    version_id, out = _begin_version(
+        run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id}, {"counts": {"prompts": len(prompts)}}
+    )
+    metrics = train_ppo(
+        sft_path,
+        rm_path,
+        prompts,
+        config,
+        out,
+        ptx_examples=demos["train"] if getattr(config, "ptx_coef", 0) else None,
+        checkpoint_dir=run_dir(run_id) / "checkpoint",
+        progress=_progress(report),
+        eval_prompts=eval_prompts or None,
+    )
     return _jsonable({**metrics, "config": asdict(config)}), version_id

@@ -72,9 +72,7 @@ def _sync_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def load_model(
-    path_or_id: str | Path, device: str | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(path_or_id: str | Path, device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a causal LM and its tokenizer (bf16 on CUDA when available, fp32 on CPU)."""
     device = device or default_device()
     source = str(path_or_id)
@@ -109,9 +107,7 @@ def save_recipe(path: str | Path, recipe: dict[str, Any]) -> Path:
     return file
 
 
-def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
-) -> Path:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """Saves model and tokenizer to `path` atomically (temp dir beside it, then rename)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +149,12 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """Turns a prompt text into model input: the chat template if any, else PROMPT_TEMPLATE."""
     if getattr(tokenizer, "chat_template", None):
         # With tokenize=False the template renders to text; transformers types every return mode at once.
-        return cast(str, tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        ))
+        return cast(
+            str,
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            ),
+        )
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
@@ -173,9 +172,7 @@ def adds_special_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
     return not getattr(tokenizer, "chat_template", None)
 
 
-def tiny_causal_lm(
-    tokenizer: PreTrainedTokenizerBase, seed: int | None = None, **overrides: Any
-) -> PreTrainedModel:
+def tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, seed: int | None = None, **overrides: Any) -> PreTrainedModel:
     """Builds a tiny Llama-style causal LM (about 1-2 M parameters) for tests and the world."""
     if seed is not None:
         torch.manual_seed(seed)

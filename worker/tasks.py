@@ -17,11 +17,11 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from app import runs
 from app.config import get_settings
 from app.db import session_scope
 from app.outbox import send_pending_runs
 from app.registry import versions as registry
-from app import runs
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ class RunReporter:
         self.min_interval = min_interval
         self._last = 0.0
 
-    def __call__(self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None,
-                 force: bool = False) -> None:
+    def __call__(
+        self, progress: float, message: str | None = None, metrics: dict[str, Any] | None = None, force: bool = False
+    ) -> None:
         now = time.monotonic()
         with session_scope() as db:
             if not force and now - self._last < self.min_interval:
@@ -58,6 +59,7 @@ JobBody = Callable[[int, RunReporter], tuple[dict[str, Any], int | None]]
 
 def _job(name: str) -> JobBody:
     """The body `name` of worker.jobs, imported once the run is claimed."""
+
     # Imported inside execute_run's try, so a broken install or a time limit tripping during the
     # (slow) torch import fails the run with its reason instead of leaving it queued, its message acknowledged.
     def body(run_id: int, report: RunReporter) -> tuple[dict[str, Any], int | None]:
@@ -83,8 +85,12 @@ def execute_run(run_id: int, body: JobBody) -> str:
     except SoftTimeLimitExceeded:
         limit = get_settings().job_time_limit_s
         with session_scope() as db:
-            runs.fail_run(db, run_id, f"time limit exceeded: the job ran longer than {limit} s "
-                                      "(INSTRUCTLOOP_JOB_TIME_LIMIT_S)", traceback.format_exc())
+            runs.fail_run(
+                db,
+                run_id,
+                f"time limit exceeded: the job ran longer than {limit} s (INSTRUCTLOOP_JOB_TIME_LIMIT_S)",
+                traceback.format_exc(),
+            )
         return "failed"
     except Exception as exc:  # the run records the failure; the message is acknowledged
         log.exception("run %s failed", run_id)
@@ -164,7 +170,7 @@ def reap_stale_runs() -> list[int]:
 @app.task(name="instructloop.expire_leases")
 def expire_leases() -> int:
     """Returns expired task leases to the pool."""
-    from app.labeling.service import expire_leases as expire
+    from app.labeling.leases import expire_leases as expire
 
     with session_scope() as db:
         return expire(db)

@@ -28,13 +28,18 @@ samples the next batch of comparisons.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 from transformers import (
-    GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule_with_warmup,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_constant_schedule_with_warmup,
 )
 
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
@@ -196,8 +201,14 @@ def sample(
     # Pure sampling from the policy (no top-k/top-p), so the PPO ratio is exact;
     # every stop token ends a row, as EOS does.
     generation = GenerationConfig(
-        do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-        max_new_tokens=config.max_new_tokens, min_new_tokens=0, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=config.temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=config.max_new_tokens,
+        min_new_tokens=0,
+        pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_ids.tolist(),
     )
     was_training = policy.training
@@ -339,7 +350,9 @@ def train_ppo(
     )
     scheduler = LR_SCHEDULES[config.lr_schedule](optimizer, total_updates, config.warmup_ratio)
     history: dict[str, Any] = {"step": 0, "kl_coef": config.kl_coef, "log": []}
-    reward_id = getattr(reward_model_path, "__qualname__", "fn") if callable(reward_model_path) else str(reward_model_path)
+    reward_id = (
+        getattr(reward_model_path, "__qualname__", "fn") if callable(reward_model_path) else str(reward_model_path)
+    )
     data_id = fingerprint([str(policy_path), reward_id, prompts, ptx_examples, eval_prompts])
     state = load_checkpoint(checkpoint_dir, config, data_id)
     if state is not None:
@@ -465,8 +478,10 @@ def train_ppo(
             kl_control.update(metrics["kl"], config.rollout_batch_size)
         history.update(step=step + 1, kl_coef=kl_control.value)
         history["log"].append(metrics)
-        if checkpoint_dir and accelerator.is_main_process and (
-            (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+        if (
+            checkpoint_dir
+            and accelerator.is_main_process
+            and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps)
         ):
             save_checkpoint(
                 checkpoint_dir,

@@ -70,9 +70,7 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
 def response_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled (response) tokens, and their count."""
     device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     # Token t predicts token t+1, so labels are shifted left by one.
     targets = batch["labels"][:, 1:].to(device)
     loss = F.cross_entropy(
@@ -201,7 +199,9 @@ def train_sft(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device), "sum"))
+                step_loss = float(
+                    accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device), "sum")
+                )
                 history["step"] = step = step + 1
                 history["epoch_losses"].append(step_loss / max(n_tokens, 1))
                 metrics = {"loss": history["epoch_losses"][-1], "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1}
@@ -255,4 +255,3 @@ def train_sft(
         "n_train": len(train_examples),
         "n_valid": len(valid_examples),
     }
-

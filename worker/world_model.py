@@ -36,13 +36,34 @@ PAD_TOKEN = "<pad>"
 WORLD_RECIPE: dict[str, Any] = {
     "about": "Trainer settings measured for this model by bench/learning.py (bench/RESULTS.md, 'learning'). The "
     "worker uses them for runs of models descended from this base wherever a run's own params leave a setting out.",
-    "sft": {"epochs": 6, "learning_rate": 1e-3, "batch_size": 16, "micro_batch_size": 16, "warmup_ratio": 0.05,
-            "max_length": 128},
-    "rm": {"epochs": 2, "learning_rate": 3e-4, "rankings_per_step": 4, "rankings_per_micro_batch": 4,
-           "warmup_ratio": 0.05, "max_length": 128},
-    "ppo": {"steps": 30, "rollout_batch_size": 32, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 4,
-            "learning_rate": 3e-5, "value_learning_rate": 1e-3, "lr_schedule": "constant", "kl_coef": 0.1,
-            "max_new_tokens": 24},
+    "sft": {
+        "epochs": 6,
+        "learning_rate": 1e-3,
+        "batch_size": 16,
+        "micro_batch_size": 16,
+        "warmup_ratio": 0.05,
+        "max_length": 128,
+    },
+    "rm": {
+        "epochs": 2,
+        "learning_rate": 3e-4,
+        "rankings_per_step": 4,
+        "rankings_per_micro_batch": 4,
+        "warmup_ratio": 0.05,
+        "max_length": 128,
+    },
+    "ppo": {
+        "steps": 30,
+        "rollout_batch_size": 32,
+        "minibatch_size": 8,
+        "micro_batch_size": 8,
+        "ppo_epochs": 4,
+        "learning_rate": 3e-5,
+        "value_learning_rate": 1e-3,
+        "lr_schedule": "constant",
+        "kl_coef": 0.1,
+        "max_new_tokens": 24,
+    },
 }
 
 # Greedy continuations logged after pretraining, to see it learnt the world.
@@ -123,8 +144,16 @@ def pretrain_base(
         torch.set_num_threads(threads)
         try:
             return pretrain_base(
-                out_dir, steps=steps, seed=seed, progress=progress, batch_size=batch_size,
-                block_size=block_size, lr=lr, n_docs=n_docs, vocab_size=vocab_size, threads=None,
+                out_dir,
+                steps=steps,
+                seed=seed,
+                progress=progress,
+                batch_size=batch_size,
+                block_size=block_size,
+                lr=lr,
+                n_docs=n_docs,
+                vocab_size=vocab_size,
+                threads=None,
             )
         finally:
             torch.set_num_threads(previous)
@@ -188,7 +217,7 @@ def pretrain_base(
         "seed": seed,
         "parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
-        "corpus_tokens": int(len(stream)),
+        "corpus_tokens": len(stream),
         "tokens_seen": steps * batch_size * block_size,
         "initial_held_out_loss": round(initial_loss, 4),
         "final_held_out_loss": round(final_loss, 4),

@@ -58,8 +58,11 @@ def _authenticated(principal: OptionalPrincipal, _csrf: None = Depends(check_csr
 def me(principal=Depends(_authenticated)):
     """Tells who the caller is and what they may do."""
     return MeOut(
-        id=principal.user.id, username=principal.user.username, role=principal.user.role,
-        scopes=sorted(principal.scopes), via=principal.via,
+        id=principal.user.id,
+        username=principal.user.username,
+        role=principal.user.role,
+        scopes=sorted(principal.scopes),
+        via=principal.via,
     )
 
 

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import statistics
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.collection.prompt_writing import any_writable_batch
 from app.models import (
     Assignment,
     ModelVersion,
-    PromptBatch,
     Prompt,
+    PromptBatch,
     Task,
     TrainingRun,
     User,
 )
-from app.collection.prompt_writing import any_writable_batch
 
 
 def _available_tasks_by_kind(db: Session, user: User) -> dict[str, int]:
@@ -35,7 +35,7 @@ def _available_tasks_by_kind(db: Session, user: User) -> dict[str, int]:
 
 def labeler_summary(db: Session, user: User) -> dict:
     """Returns a labeler's available tasks by kind, today's output and median time per task."""
-    start_of_day = datetime.combine(datetime.now(timezone.utc).date(), time.min, tzinfo=timezone.utc)
+    start_of_day = datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
     finished = db.execute(
         select(Assignment.state, Assignment.leased_at, Assignment.finished_at, Assignment.active_seconds).where(
             Assignment.labeler_id == user.id,
@@ -55,12 +55,22 @@ def labeler_summary(db: Session, user: User) -> dict:
 
 def admin_summary(db: Session) -> dict:
     """Returns batch counts by status, labeling progress, recent runs and current models."""
-    batches = dict(db.execute(select(PromptBatch.status, func.count()).where(PromptBatch.purpose == "collection")
-                              .group_by(PromptBatch.status)).all())
-    progress = db.execute(select(func.coalesce(func.sum(Task.done_count), 0), func.coalesce(func.sum(Task.needed), 0))).one()
+    batches = dict(
+        db.execute(
+            select(PromptBatch.status, func.count())
+            .where(PromptBatch.purpose == "collection")
+            .group_by(PromptBatch.status)
+        ).all()
+    )
+    progress = db.execute(
+        select(func.coalesce(func.sum(Task.done_count), 0), func.coalesce(func.sum(Task.needed), 0))
+    ).one()
     runs = db.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
     models = db.scalars(
-        select(ModelVersion).where(ModelVersion.status.in_(("promoted", "ready", "training"))).order_by(ModelVersion.id.desc()).limit(10)
+        select(ModelVersion)
+        .where(ModelVersion.status.in_(("promoted", "ready", "training")))
+        .order_by(ModelVersion.id.desc())
+        .limit(10)
     ).all()
     return {
         "batches_by_status": batches,

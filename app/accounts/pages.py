@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
+from app.accounts import dashboard
 from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, SessionDep, SettingsDep
 from app.errors import AppError, Forbidden, RateLimited, Unauthorized, renders_on_error
 from app.security import (
@@ -28,7 +29,6 @@ from app.security import (
     start_session,
     unsign_login_csrf,
 )
-from app.accounts import dashboard
 from app.templating import render, templates
 
 router = APIRouter(include_in_schema=False)
@@ -62,7 +62,9 @@ def home(principal: OptionalPrincipal):
     return RedirectResponse("/admin" if principal.is_admin else "/label", status_code=303)
 
 
-def _login_page(request: Request, settings, *, error: str = "", username: str = "", next_url: str = "/", status: int = 200):
+def _login_page(
+    request: Request, settings, *, error: str = "", username: str = "", next_url: str = "/", status: int = 200
+):
     token = secrets.token_urlsafe(32)
     response = templates.TemplateResponse(
         request,
@@ -71,8 +73,12 @@ def _login_page(request: Request, settings, *, error: str = "", username: str = 
         status_code=status,
     )
     response.set_cookie(
-        LOGIN_CSRF_COOKIE, sign_login_csrf(settings, token), httponly=True, samesite="lax",
-        secure=settings.secure_cookies, max_age=3600,
+        LOGIN_CSRF_COOKIE,
+        sign_login_csrf(settings, token),
+        httponly=True,
+        samesite="lax",
+        secure=settings.secure_cookies,
+        max_age=3600,
     )
     return response
 
@@ -117,7 +123,11 @@ def login(
         target = "/admin" if user.role == "admin" else "/label"
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        SESSION_COOKIE, cookie, httponly=True, samesite="lax", secure=settings.secure_cookies,
+        SESSION_COOKIE,
+        cookie,
+        httponly=True,
+        samesite="lax",
+        secure=settings.secure_cookies,
         max_age=settings.session_max_age_s,
     )
     response.delete_cookie(LOGIN_CSRF_COOKIE)

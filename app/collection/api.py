@@ -23,12 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from app.deps import AdminApi, SessionDep
-from app.models import MAX_ID, PromptBatch
 from app.collection import batches
 from app.collection.batches import ImportOutcome
-from app.errors import Invalid, error_body
 from app.collection.prompt_import import detect_format, why_unstorable
+from app.deps import AdminApi, SessionDep
+from app.errors import Invalid, error_body
+from app.models import MAX_ID, PromptBatch
 
 router = APIRouter(prefix="/api/v1", tags=["batches"])
 
@@ -59,12 +59,18 @@ class BatchFields(BaseModel):
     temperature: float = Field(1.0, ge=0, le=10)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(48, ge=1, le=4096)
-    policy_version_id: int | None = Field(None, ge=1, le=MAX_ID,
-                                          description="Model to sample from; default: the promoted policy")
+    policy_version_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="Model to sample from; default: the promoted policy"
+    )
     priority: int = Field(0, ge=-1000, le=1000, description="Higher batches are labeled first")
     pii_policy: PiiPolicy = Field("drop", description="What import does with prompts containing PII")
-    gold_share: float = Field(0.0, ge=0, le=1, description="Share of ranking leases that serve one of the batch's "
-                                                            "gold tasks (known answers) as a hidden check")
+    gold_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of ranking leases that serve one of the batch's "
+        "gold tasks (known answers) as a hidden check",
+    )
 
     _storable_guidelines = field_validator("guidelines")(storable_text)
 
@@ -112,7 +118,9 @@ class BatchOut(BatchIn):
     created_at: datetime
     updated_at: datetime
     progress: dict[str, Any] = Field(default_factory=dict, description="prompts, samples, tasks done/needed per kind")
-    hygiene: dict[str, Any] = Field(default_factory=dict, description="The last import's hygiene report, without the dropped lines")
+    hygiene: dict[str, Any] = Field(
+        default_factory=dict, description="The last import's hygiene report, without the dropped lines"
+    )
 
 
 def hygiene_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -176,10 +184,17 @@ async def read_upload(request: Request) -> Upload:
 UploadDep = Annotated[Upload, Depends(read_upload)]
 
 
-def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool = False,
-               fmt: Literal["jsonl", "csv"] | None = None, prefix_chars: int | None = 100,
-               max_per_user: int | None = 200,
-               split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> tuple[ImportOutcome, int]:
+def run_import(
+    db: Session,
+    batch: PromptBatch,
+    upload: Upload,
+    *,
+    replace: bool = False,
+    fmt: Literal["jsonl", "csv"] | None = None,
+    prefix_chars: int | None = 100,
+    max_per_user: int | None = 200,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> tuple[ImportOutcome, int]:
     """Imports an upload into a batch all-or-nothing; returns the outcome and how many old prompts it replaced.
 
     The replace and the import share one savepoint, so a file with errors leaves
@@ -190,8 +205,15 @@ def run_import(db: Session, batch: PromptBatch, upload: Upload, *, replace: bool
     savepoint = db.begin_nested()
     try:
         replaced = batches.replace_prompts(db, batch) if replace else 0
-        outcome = batches.import_prompts(db, batch, upload.data, fmt, prefix_chars=prefix_chars,
-                                         max_per_user=max_per_user, split_fractions=split_fractions)
+        outcome = batches.import_prompts(
+            db,
+            batch,
+            upload.data,
+            fmt,
+            prefix_chars=prefix_chars,
+            max_per_user=max_per_user,
+            split_fractions=split_fractions,
+        )
     except BaseException:
         savepoint.rollback()
         raise
@@ -232,19 +254,25 @@ def patch_batch(batch_id: int, body: BatchPatch, db: SessionDep, principal: Admi
     """Edits a batch (sampling and labeling settings only as a draft) and/or changes its status."""
     batch = get_batch_or_404(db, batch_id)
     # An explicit null leaves a setting as it is; only the sampling model has a meaningful null (the default).
-    fields = {k: v for k, v in body.model_dump(exclude_unset=True).items()
-              if v is not None or k == "policy_version_id"}
+    fields = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k == "policy_version_id"}
     change_batch(db, batch, fields)
     return batch_out(db, batch)
 
 
-@router.post("/batches/{batch_id}/prompts", status_code=201,
-             responses={415: {"description": "Not JSON Lines or CSV"}, 422: {"description": "Errors by line"}})
+@router.post(
+    "/batches/{batch_id}/prompts",
+    status_code=201,
+    responses={415: {"description": "Not JSON Lines or CSV"}, 422: {"description": "Errors by line"}},
+)
 def import_file(
-    batch_id: int, upload: UploadDep, db: SessionDep, principal: AdminApi,
+    batch_id: int,
+    upload: UploadDep,
+    db: SessionDep,
+    principal: AdminApi,
     replace: bool = Query(False, description="Replace the draft's prompts instead of adding to them"),
-    fmt: Literal["jsonl", "csv"] | None = Query(None, alias="format",
-                                                description="Default: from file name, content type, content"),
+    fmt: Literal["jsonl", "csv"] | None = Query(
+        None, alias="format", description="Default: from file name, content type, content"
+    ),
     prefix_chars: int = Query(100, ge=1, le=100_000, description="Shared-prefix length that marks a near duplicate"),
     max_per_user: int = Query(200, ge=1, description="Most prompts kept per source_user_id"),
     split: str = Query("0.8,0.1,0.1", description="train,valid,test fractions, split by source user"),
@@ -257,16 +285,27 @@ def import_file(
             raise ValueError
     except ValueError:
         raise Invalid("split", "give three non-negative fractions that add up to 1, e.g. 0.8,0.1,0.1") from None
-    outcome, replaced = run_import(db, batch, upload, replace=replace, fmt=fmt, prefix_chars=prefix_chars,
-                                   max_per_user=max_per_user, split_fractions=fractions)
+    outcome, replaced = run_import(
+        db,
+        batch,
+        upload,
+        replace=replace,
+        fmt=fmt,
+        prefix_chars=prefix_chars,
+        max_per_user=max_per_user,
+        split_fractions=fractions,
+    )
     if not outcome.ok:
         total = outcome.errors["total"]
         message = f"the file has {total} error{'s' if total != 1 else ''}; nothing was imported"
         return JSONResponse(error_body(422, message, **outcome.errors), status_code=422)
     report = batch.hygiene_report
     return {
-        "batch_id": batch.id, "stored": outcome.stored, "replaced": replaced,
-        "hygiene": hygiene_summary(report), "dropped": report.get("dropped", [])[:100],
+        "batch_id": batch.id,
+        "stored": outcome.stored,
+        "replaced": replaced,
+        "hygiene": hygiene_summary(report),
+        "dropped": report.get("dropped", [])[:100],
         "dropped_csv": f"/api/v1/batches/{batch.id}/hygiene/dropped.csv",
     }
 
@@ -289,7 +328,8 @@ def download_dropped(batch_id: int, db: SessionDep, principal: AdminApi):
     """Downloads every line the last import dropped, with the rule and reason."""
     batch = get_batch_or_404(db, batch_id)
     return Response(
-        dropped_csv(batch), media_type="text/csv; charset=utf-8",
+        dropped_csv(batch),
+        media_type="text/csv; charset=utf-8",
         headers={"content-disposition": f'attachment; filename="batch-{batch.id}-dropped.csv"'},
     )
 

@@ -18,13 +18,13 @@ from typing import Any, cast
 from sqlalchemy import bindparam, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
-from app.db import get_existing, rowcount
 from app import events
-from app.models import USABLE_STATUSES, Completion, ModelVersion, Prompt, PromptBatch, Task, TaskItem, utcnow
-from app.errors import FieldError
 from app.collection.hygiene import HygieneConfig, HygieneResult, PiiPolicy, apply_hygiene, dropped_csv
 from app.collection.prompt_import import ImportFormat, ParseResult, parse_prompts
+from app.config import get_settings
+from app.db import get_existing, rowcount
+from app.errors import FieldError
+from app.models import USABLE_STATUSES, Completion, ModelVersion, Prompt, PromptBatch, Task, TaskItem, utcnow
 from app.runs import start_run
 
 TRANSITIONS: dict[str, set[str]] = {
@@ -36,9 +36,22 @@ TRANSITIONS: dict[str, set[str]] = {
     "archived": set(),
 }
 EDITABLE_FIELDS = {
-    "name", "guidelines", "wants_demonstrations", "wants_rankings", "allow_prompt_writing", "k", "overlap",
-    "extra_overlap_fraction", "extra_overlap", "temperature", "top_p", "max_new_tokens", "policy_version_id",
-    "priority", "pii_policy", "gold_share",
+    "name",
+    "guidelines",
+    "wants_demonstrations",
+    "wants_rankings",
+    "allow_prompt_writing",
+    "k",
+    "overlap",
+    "extra_overlap_fraction",
+    "extra_overlap",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "policy_version_id",
+    "priority",
+    "pii_policy",
+    "gold_share",
 }
 # Fields that change what is sampled or labeled; only a draft may change them.
 DRAFT_ONLY_FIELDS = EDITABLE_FIELDS - {"name", "guidelines", "priority", "gold_share"}
@@ -172,8 +185,10 @@ _LOCKED_STATUS = select(PromptBatch.status).where(PromptBatch.id == bindparam("b
 # task before the first open one: 13 ms with 100,000 closed tasks, on every submit that closes a task, while
 # holding the batch's row lock (bench/labeling.py with its 100,000 existing rankings: ~40 submissions/s).
 _OPEN_TASK = (
-    select(Task.id).where(Task.batch_id == bindparam("batch_id"), Task.is_open)
-    .order_by(Task.priority.desc(), Task.id).limit(1)
+    select(Task.id)
+    .where(Task.batch_id == bindparam("batch_id"), Task.is_open)
+    .order_by(Task.priority.desc(), Task.id)
+    .limit(1)
 )
 
 
@@ -215,9 +230,16 @@ def start_batch(db: Session, batch: PromptBatch) -> PromptBatch:
     return batch
 
 
-def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportFormat, *,
-                   prefix_chars: int | None = 100, max_per_user: int | None = 200,
-                   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> ImportOutcome:
+def import_prompts(
+    db: Session,
+    batch: PromptBatch,
+    data: bytes,
+    fmt: ImportFormat,
+    *,
+    prefix_chars: int | None = 100,
+    max_per_user: int | None = 200,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> ImportOutcome:
     """Validates a whole file, applies hygiene and stores the kept prompts; stores nothing on any error."""
     if batch.status != "draft":
         raise BatchError("status", f"prompts can only be imported into a draft batch (it is {batch.status})", 409)
@@ -227,8 +249,12 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
         outcome.errors = parsed.error_summary(100)
         return outcome
     # The column's CHECK constraint holds pii_policy to PII_POLICIES (and HygieneConfig checks it again).
-    config = HygieneConfig(prefix_chars=prefix_chars, max_per_user=max_per_user,
-                           pii_policy=cast(PiiPolicy, batch.pii_policy), split_fractions=split_fractions)
+    config = HygieneConfig(
+        prefix_chars=prefix_chars,
+        max_per_user=max_per_user,
+        pii_policy=cast(PiiPolicy, batch.pii_policy),
+        split_fractions=split_fractions,
+    )
     result = apply_hygiene(
         parsed.rows,
         existing_keys=lambda keys: _existing_keys(db, batch.id, keys),
@@ -245,8 +271,19 @@ def import_prompts(db: Session, batch: PromptBatch, data: bytes, fmt: ImportForm
     return outcome
 
 
-PROMPT_COLUMNS = ("batch_id", "text", "source_user_id", "category", "split", "normalized_key", "prefix_key",
-                  "metadata", "pii_flags", "source_line", "created_at")
+PROMPT_COLUMNS = (
+    "batch_id",
+    "text",
+    "source_user_id",
+    "category",
+    "split",
+    "normalized_key",
+    "prefix_key",
+    "metadata",
+    "pii_flags",
+    "source_line",
+    "created_at",
+)
 
 
 def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
@@ -259,17 +296,40 @@ def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
         cursor = dbapi_connection.cursor()
         with cursor.copy(f"COPY prompts ({', '.join(PROMPT_COLUMNS)}) FROM STDIN") as copy:
             for p in kept:
-                copy.write_row((batch_id, p.text, p.source_user_id, p.category, p.split, p.normalized_key,
-                                p.prefix_key, json.dumps(p.metadata), json.dumps(p.pii_flags), p.line, now))
+                copy.write_row(
+                    (
+                        batch_id,
+                        p.text,
+                        p.source_user_id,
+                        p.category,
+                        p.split,
+                        p.normalized_key,
+                        p.prefix_key,
+                        json.dumps(p.metadata),
+                        json.dumps(p.pii_flags),
+                        p.line,
+                        now,
+                    )
+                )
         return
     rows = [
-        {"batch_id": batch_id, "text": p.text, "source_user_id": p.source_user_id, "category": p.category,
-         "split": p.split, "normalized_key": p.normalized_key, "prefix_key": p.prefix_key, "extra": p.metadata,
-         "pii_flags": p.pii_flags, "source_line": p.line, "created_at": now}
+        {
+            "batch_id": batch_id,
+            "text": p.text,
+            "source_user_id": p.source_user_id,
+            "category": p.category,
+            "split": p.split,
+            "normalized_key": p.normalized_key,
+            "prefix_key": p.prefix_key,
+            "extra": p.metadata,
+            "pii_flags": p.pii_flags,
+            "source_line": p.line,
+            "created_at": now,
+        }
         for p in kept
     ]
     for start in range(0, len(rows), 5000):
-        db.execute(insert(Prompt), rows[start:start + 5000])
+        db.execute(insert(Prompt), rows[start : start + 5000])
 
 
 def dropped_csv_path(batch_id: int) -> Path:
@@ -288,21 +348,26 @@ def _write_dropped_csv(batch_id: int, text: str) -> None:
 def _existing_keys(db: Session, batch_id: int, keys: list[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(keys), 5000):
-        chunk = keys[start:start + 5000]
+        chunk = keys[start : start + 5000]
         # Text keys and prefix keys never collide (different hash inputs), so one query serves both.
-        found.update(db.scalars(
-            select(Prompt.normalized_key).where(Prompt.normalized_key.in_(chunk))
-            .union(select(Prompt.prefix_key).where(Prompt.prefix_key.in_(chunk)))
-        ))
+        found.update(
+            db.scalars(
+                select(Prompt.normalized_key)
+                .where(Prompt.normalized_key.in_(chunk))
+                .union(select(Prompt.prefix_key).where(Prompt.prefix_key.in_(chunk)))
+            )
+        )
     return found
 
 
 def _existing_user_counts(db: Session, batch_id: int, users: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for start in range(0, len(users), 5000):
-        chunk = users[start:start + 5000]
+        chunk = users[start : start + 5000]
         rows = db.execute(
-            select(Prompt.source_user_id, func.count()).where(Prompt.source_user_id.in_(chunk)).group_by(Prompt.source_user_id)
+            select(Prompt.source_user_id, func.count())
+            .where(Prompt.source_user_id.in_(chunk))
+            .group_by(Prompt.source_user_id)
         ).all()
         counts.update({user: n for user, n in rows if user is not None})  # IN never matches a NULL user
     return counts
@@ -341,17 +406,28 @@ def create_tasks(db: Session, batch: PromptBatch) -> int:
     for prompt_id in prompt_ids:
         needed = labels_needed(batch, prompt_id)
         if batch.wants_demonstrations and (prompt_id, "demonstration") not in existing:
-            db.add(Task(batch_id=batch.id, prompt_id=prompt_id, kind="demonstration", needed=needed, priority=batch.priority))
+            db.add(
+                Task(
+                    batch_id=batch.id, prompt_id=prompt_id, kind="demonstration", needed=needed, priority=batch.priority
+                )
+            )
             created += 1
         outputs = completions.get(prompt_id, [])[: batch.k]
         if batch.wants_rankings and (prompt_id, "ranking") not in existing and len(outputs) >= 4:
-            task = Task(batch_id=batch.id, prompt_id=prompt_id, kind="ranking", k=len(outputs), needed=needed,
-                        priority=batch.priority)
+            task = Task(
+                batch_id=batch.id,
+                prompt_id=prompt_id,
+                kind="ranking",
+                k=len(outputs),
+                needed=needed,
+                priority=batch.priority,
+            )
             db.add(task)
             db.flush()
-            db.execute(insert(TaskItem), [
-                {"task_id": task.id, "completion_id": cid, "position": i} for i, cid in enumerate(outputs)
-            ])
+            db.execute(
+                insert(TaskItem),
+                [{"task_id": task.id, "completion_id": cid, "position": i} for i, cid in enumerate(outputs)],
+            )
             created += 1
     db.flush()
     return created
@@ -362,22 +438,25 @@ def batch_progress(db: Session, batch_ids: list[int] | None = None) -> dict[int,
     query = select(PromptBatch.id)
     if batch_ids is not None:
         query = query.where(PromptBatch.id.in_(batch_ids))
-    progress: dict[int, dict[str, Any]] = {
-        bid: {"prompts": 0, "samples": 0, "tasks": {}} for bid in db.scalars(query)
-    }
+    progress: dict[int, dict[str, Any]] = {bid: {"prompts": 0, "samples": 0, "tasks": {}} for bid in db.scalars(query)}
     ids = list(progress)
     if not ids:
         return progress
-    for bid, n in db.execute(select(Prompt.batch_id, func.count()).where(Prompt.batch_id.in_(ids)).group_by(Prompt.batch_id)):
+    for bid, n in db.execute(
+        select(Prompt.batch_id, func.count()).where(Prompt.batch_id.in_(ids)).group_by(Prompt.batch_id)
+    ):
         progress[bid]["prompts"] = n
     for bid, n in db.execute(
-        select(Prompt.batch_id, func.count()).join(Completion, Completion.prompt_id == Prompt.id)
-        .where(Prompt.batch_id.in_(ids)).group_by(Prompt.batch_id)
+        select(Prompt.batch_id, func.count())
+        .join(Completion, Completion.prompt_id == Prompt.id)
+        .where(Prompt.batch_id.in_(ids))
+        .group_by(Prompt.batch_id)
     ):
         progress[bid]["samples"] = n
     for bid, kind, done, needed, n in db.execute(
         select(Task.batch_id, Task.kind, func.sum(Task.done_count), func.sum(Task.needed), func.count())
-        .where(Task.batch_id.in_(ids)).group_by(Task.batch_id, Task.kind)
+        .where(Task.batch_id.in_(ids))
+        .group_by(Task.batch_id, Task.kind)
     ):
         progress[bid]["tasks"][kind] = {"done": int(done or 0), "needed": int(needed or 0), "tasks": n}
     return progress

@@ -153,7 +153,9 @@ def _ipv6_candidate(candidate: str) -> bool:
     return _ip_is_personal(candidate)
 
 
-def _spans(kind: str, pattern: re.Pattern[str], text: str, valid: Callable[[str], bool] | None = None) -> list[PiiMatch]:
+def _spans(
+    kind: str, pattern: re.Pattern[str], text: str, valid: Callable[[str], bool] | None = None
+) -> list[PiiMatch]:
     return [PiiMatch(kind, m.start(), m.end()) for m in pattern.finditer(text) if valid is None or valid(m.group())]
 
 

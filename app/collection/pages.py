@@ -21,33 +21,45 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.deps import AdminPage, SessionDep
-from app.models import USABLE_STATUSES, Assignment, ModelVersion, PromptBatch, Task, User, utcnow
-from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
-from app.templating import render
 from app.collection import batches
+from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
+from app.deps import AdminPage, SessionDep
 from app.errors import AppError, Invalid, renders_on_error, validated
+from app.models import USABLE_STATUSES, Assignment, ModelVersion, PromptBatch, Task, User, utcnow
+from app.templating import render
 
 router = APIRouter(include_in_schema=False)
 
 RATE_WINDOW = timedelta(hours=24)
 TIME_BINS = [(0, 10), (10, 30), (30, 60), (60, 120), (120, 300), (300, None)]  # seconds per task
 REPORT_RULES = [
-    ("pii_dropped", "PII (dropped)"), ("pii_redacted", "PII (redacted)"), ("pii_flagged", "PII (flagged, kept)"),
-    ("duplicates", "Exact duplicates"), ("duplicates_of_earlier_batches", "… of which in earlier batches"),
-    ("shared_prefix", "Shared long prefix"), ("shared_prefix_with_earlier_batches", "… of which in earlier batches"),
+    ("pii_dropped", "PII (dropped)"),
+    ("pii_redacted", "PII (redacted)"),
+    ("pii_flagged", "PII (flagged, kept)"),
+    ("duplicates", "Exact duplicates"),
+    ("duplicates_of_earlier_batches", "… of which in earlier batches"),
+    ("shared_prefix", "Shared long prefix"),
+    ("shared_prefix_with_earlier_batches", "… of which in earlier batches"),
     ("over_user_limit", "Over the per-user limit"),
 ]
-ACTIONS = {"paused": "Pause", "sampling": "Resume sampling", "labeling": "Resume labeling",
-           "completed": "Mark completed", "archived": "Archive"}
+ACTIONS = {
+    "paused": "Pause",
+    "sampling": "Resume sampling",
+    "labeling": "Resume labeling",
+    "completed": "Mark completed",
+    "archived": "Archive",
+}
 
 
 def _labels_by_batch(db: Session, since) -> tuple[dict[int, int], dict[int, int]]:
     """Returns, per batch, labels submitted since `since` and distinct labelers active since then."""
     recent, labelers = {}, {}
     for batch_id, n, people in db.execute(
-        select(Task.batch_id, func.count().filter(Assignment.state == "submitted"),
-               func.count(Assignment.labeler_id.distinct()))
+        select(
+            Task.batch_id,
+            func.count().filter(Assignment.state == "submitted"),
+            func.count(Assignment.labeler_id.distinct()),
+        )
         .join(Task, Task.id == Assignment.task_id)
         .where(Assignment.leased_at >= since)
         .group_by(Task.batch_id)
@@ -80,9 +92,17 @@ def _line_chart(points: Sequence[tuple[float, float]], width: int = 640, height:
 def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
     """Gathers a batch's labeling activity: progress over time, per-labeler throughput, time per task, skips."""
     rows = db.execute(
-        select(User.username, Assignment.state, Assignment.finished_at, Assignment.active_seconds,
-               Assignment.skip_reason, Assignment.skip_note, Assignment.task_id)
-        .join(Task, Task.id == Assignment.task_id).join(User, User.id == Assignment.labeler_id)
+        select(
+            User.username,
+            Assignment.state,
+            Assignment.finished_at,
+            Assignment.active_seconds,
+            Assignment.skip_reason,
+            Assignment.skip_note,
+            Assignment.task_id,
+        )
+        .join(Task, Task.id == Assignment.task_id)
+        .join(User, User.id == Assignment.labeler_id)
         .where(Task.batch_id == batch_id, Assignment.state.in_(("submitted", "skipped")))
         .order_by(Assignment.finished_at)
     ).all()
@@ -96,8 +116,9 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
             entry["skipped"] += 1
             skips[reason or "unspecified"] += 1
             if note and note.strip():
-                notes.append({"username": username, "reason": reason, "note": note, "task_id": task_id,
-                              "at": finished_at})
+                notes.append(
+                    {"username": username, "reason": reason, "note": note, "task_id": task_id, "at": finished_at}
+                )
             continue
         entry["submitted"] += 1
         entry["seconds"].append(active or 0.0)
@@ -105,42 +126,66 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
         if finished_at is not None:
             done_times.append(finished_at)
     labelers = [
-        {"username": name, "submitted": e["submitted"], "skipped": e["skipped"],
-         "median_seconds": statistics.median(e["seconds"]) if e["seconds"] else None}
+        {
+            "username": name,
+            "submitted": e["submitted"],
+            "skipped": e["skipped"],
+            "median_seconds": statistics.median(e["seconds"]) if e["seconds"] else None,
+        }
         for name, e in sorted(per_labeler.items(), key=lambda item: -item[1]["submitted"])
     ]
     step = max(1, len(done_times) // 100)  # at most ~100 points on the chart
     points = [(t.timestamp(), i + 1) for i, t in enumerate(done_times) if i % step == 0 or i == len(done_times) - 1]
     histogram = [sum(1 for s in seconds if lo <= s and (hi is None or s < hi)) for lo, hi in TIME_BINS]
     top = max(histogram) or 1
-    bars = [{"label": f"{lo}–{hi}s" if hi else f"{lo}s+", "count": n, "height": round(n / top * 120, 1)}
-            for (lo, hi), n in zip(TIME_BINS, histogram)]
+    bars = [
+        {"label": f"{lo}–{hi}s" if hi else f"{lo}s+", "count": n, "height": round(n / top * 120, 1)}
+        for (lo, hi), n in zip(TIME_BINS, histogram)
+    ]
     return {
-        "labelers": labelers, "skips": skips.most_common(), "skip_notes": notes[-SKIP_NOTES_SHOWN:][::-1], "histogram": bars if seconds else [],
-        "chart": _line_chart(points), "median_seconds": statistics.median(seconds) if seconds else None,
-        "first": done_times[0] if done_times else None, "last": done_times[-1] if done_times else None,
+        "labelers": labelers,
+        "skips": skips.most_common(),
+        "skip_notes": notes[-SKIP_NOTES_SHOWN:][::-1],
+        "histogram": bars if seconds else [],
+        "chart": _line_chart(points),
+        "median_seconds": statistics.median(seconds) if seconds else None,
+        "first": done_times[0] if done_times else None,
+        "last": done_times[-1] if done_times else None,
     }
 
 
 def _models(db: Session) -> Sequence[ModelVersion]:
     return db.scalars(
-        select(ModelVersion).where(ModelVersion.kind != "rm", ModelVersion.status.in_(USABLE_STATUSES))
+        select(ModelVersion)
+        .where(ModelVersion.kind != "rm", ModelVersion.status.in_(USABLE_STATUSES))
         .order_by(ModelVersion.id.desc())
     ).all()
 
 
-def _batch_page(request: Request, principal, db: Session, batch: PromptBatch, status_code: int = 200,
-                **context: Any):
+def _batch_page(request: Request, principal, db: Session, batch: PromptBatch, status_code: int = 200, **context: Any):
     progress = batches.batch_progress(db, [batch.id]).get(batch.id, {})
     recent, labelers = _labels_by_batch(db, utcnow() - RATE_WINDOW)
     report = batch.hygiene_report or {}
     return render(
-        request, "collection/batch.html", principal, status_code=status_code, batch=batch, progress=progress,
-        activity=batch_activity(db, batch.id), eta_hours=_eta_hours(progress, recent.get(batch.id, 0)),
-        active_labelers=labelers.get(batch.id, 0), report=report, rules=REPORT_RULES, models=_models(db),
-        actions=[(s, ACTIONS[s]) for s in sorted(batches.TRANSITIONS[batch.status]) if s in ACTIONS
-                 and not (batch.status == "draft" and s == "sampling")],
-        dropped_count=len(report.get("dropped", [])), **context,
+        request,
+        "collection/batch.html",
+        principal,
+        status_code=status_code,
+        batch=batch,
+        progress=progress,
+        activity=batch_activity(db, batch.id),
+        eta_hours=_eta_hours(progress, recent.get(batch.id, 0)),
+        active_labelers=labelers.get(batch.id, 0),
+        report=report,
+        rules=REPORT_RULES,
+        models=_models(db),
+        actions=[
+            (s, ACTIONS[s])
+            for s in sorted(batches.TRANSITIONS[batch.status])
+            if s in ACTIONS and not (batch.status == "draft" and s == "sampling")
+        ],
+        dropped_count=len(report.get("dropped", [])),
+        **context,
     )
 
 
@@ -182,13 +227,20 @@ SettingsDepForm = Annotated[SettingsForm, Depends(_settings_form)]
 @router.get("/admin/batches")
 def batch_list(request: Request, principal: AdminPage, db: SessionDep):
     """Lists batches with status, prompts, samples, labels done/needed per kind, active labelers and ETA."""
-    found = db.scalars(select(PromptBatch).where(PromptBatch.purpose == "collection")
-                       .order_by(PromptBatch.priority.desc(), PromptBatch.id.desc())).all()
+    found = db.scalars(
+        select(PromptBatch)
+        .where(PromptBatch.purpose == "collection")
+        .order_by(PromptBatch.priority.desc(), PromptBatch.id.desc())
+    ).all()
     progress = batches.batch_progress(db, [b.id for b in found]) if found else {}
     recent, labelers = _labels_by_batch(db, utcnow() - RATE_WINDOW)
     rows = [
-        {"batch": b, "progress": progress.get(b.id, {}), "labelers": labelers.get(b.id, 0),
-         "eta_hours": _eta_hours(progress.get(b.id, {}), recent.get(b.id, 0))}
+        {
+            "batch": b,
+            "progress": progress.get(b.id, {}),
+            "labelers": labelers.get(b.id, 0),
+            "eta_hours": _eta_hours(progress.get(b.id, {}), recent.get(b.id, 0)),
+        }
         for b in found
     ]
     return render(request, "collection/batches.html", principal, rows=rows)
@@ -201,8 +253,15 @@ def new_batch_form(request: Request, principal: AdminPage, db: SessionDep):
 
 
 def _new_batch_again(exc: AppError, request: Request, principal, db: Session, form: SettingsForm, **_):
-    return render(request, "collection/batch_new.html", principal, status_code=exc.status, form=form,
-                  models=_models(db), error=str(exc))
+    return render(
+        request,
+        "collection/batch_new.html",
+        principal,
+        status_code=exc.status,
+        form=form,
+        models=_models(db),
+        error=str(exc),
+    )
 
 
 @router.post("/admin/batches/new")
@@ -241,21 +300,34 @@ def batch_settings(batch_id: int, request: Request, principal: AdminPage, db: Se
 @router.post("/admin/batches/{batch_id}/prompts")
 @renders_on_error(_batch_again)
 def batch_upload(
-    batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
-    file: Annotated[UploadFile | None, File()] = None, replace: Annotated[str, Form()] = "",
-    prefix_chars: Annotated[int, Form(ge=1, le=100_000)] = 100, max_per_user: Annotated[int, Form(ge=1)] = 200,
+    batch_id: int,
+    request: Request,
+    principal: AdminPage,
+    db: SessionDep,
+    file: Annotated[UploadFile | None, File()] = None,
+    replace: Annotated[str, Form()] = "",
+    prefix_chars: Annotated[int, Form(ge=1, le=100_000)] = 100,
+    max_per_user: Annotated[int, Form(ge=1)] = 200,
 ):
     """Imports an uploaded prompt file; lists its errors by line when it has any."""
     batch = get_batch_or_404(db, batch_id)
     if file is None or not file.filename:
         raise Invalid("file", "choose a JSON Lines or CSV file to upload")
     upload = Upload(file.file.read(), file.filename, file.content_type)
-    outcome, replaced = run_import(db, batch, upload, replace=replace == "on",
-                                   prefix_chars=prefix_chars, max_per_user=max_per_user)
+    outcome, replaced = run_import(
+        db, batch, upload, replace=replace == "on", prefix_chars=prefix_chars, max_per_user=max_per_user
+    )
     if not outcome.ok:
-        return _batch_page(request, principal, db, batch, status_code=422, upload_errors=outcome.errors,
-                           upload_name=file.filename,
-                           error=f"{file.filename}: {outcome.errors['total']} errors; nothing was imported")
+        return _batch_page(
+            request,
+            principal,
+            db,
+            batch,
+            status_code=422,
+            upload_errors=outcome.errors,
+            upload_name=file.filename,
+            error=f"{file.filename}: {outcome.errors['total']} errors; nothing was imported",
+        )
     return RedirectResponse(f"/admin/batches/{batch.id}?imported={outcome.stored}", status_code=303)
 
 
@@ -271,8 +343,7 @@ def batch_start(batch_id: int, request: Request, principal: AdminPage, db: Sessi
 
 @router.post("/admin/batches/{batch_id}/status")
 @renders_on_error(_batch_again)
-def batch_status(batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
-                 status: Annotated[str, Form()]):
+def batch_status(batch_id: int, request: Request, principal: AdminPage, db: SessionDep, status: Annotated[str, Form()]):
     """Pauses, resumes, completes or archives a batch."""
     batch = get_batch_or_404(db, batch_id)
     if status not in ACTIONS:

@@ -85,7 +85,11 @@ class ParseResult:
 
 _BOM = codecs.BOM_UTF8
 _EXTENSIONS: dict[str, ImportFormat] = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
 }
 _CONTENT_TYPES: dict[str, ImportFormat] = {
     "application/jsonl": "jsonl",

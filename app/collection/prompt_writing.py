@@ -54,12 +54,12 @@ from typing import Any, cast
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
-from app.models import PROMPT_CATEGORIES, Prompt, PromptBatch, Task, TrainingRun, User, utcnow
 from app.collection.batches import labels_needed
-from app.errors import FieldError
 from app.collection.hygiene import HygieneConfig, PiiPolicy, apply_hygiene
 from app.collection.prompt_import import PromptRow
+from app.config import get_settings
+from app.errors import FieldError
+from app.models import PROMPT_CATEGORIES, Prompt, PromptBatch, Task, TrainingRun, User, utcnow
 from app.runs import start_run
 
 WRITABLE_STATUSES = ("draft", "sampling", "labeling")
@@ -119,20 +119,25 @@ class WritingOutcome:
 
 def writable_batches(db: Session) -> list[PromptBatch]:
     """Returns the batches labelers may write prompts for, highest priority first."""
-    return list(db.scalars(
-        select(PromptBatch)
-        .where(PromptBatch.allow_prompt_writing.is_(True), PromptBatch.status.in_(WRITABLE_STATUSES))
-        .order_by(PromptBatch.priority.desc(), PromptBatch.id)
-    ))
+    return list(
+        db.scalars(
+            select(PromptBatch)
+            .where(PromptBatch.allow_prompt_writing.is_(True), PromptBatch.status.in_(WRITABLE_STATUSES))
+            .order_by(PromptBatch.priority.desc(), PromptBatch.id)
+        )
+    )
 
 
 def any_writable_batch(db: Session) -> bool:
     """Tells whether any batch currently takes written prompts (for the labeler home's link)."""
-    return db.scalar(
-        select(PromptBatch.id)
-        .where(PromptBatch.allow_prompt_writing.is_(True), PromptBatch.status.in_(WRITABLE_STATUSES))
-        .limit(1)
-    ) is not None
+    return (
+        db.scalar(
+            select(PromptBatch.id)
+            .where(PromptBatch.allow_prompt_writing.is_(True), PromptBatch.status.in_(WRITABLE_STATUSES))
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def _clean(value: str | None) -> str:
@@ -211,8 +216,9 @@ def _batch_for_writing(db: Session, batch_id: int) -> PromptBatch:
     if batch is None or not batch.allow_prompt_writing:
         raise PromptWritingError("batch_id", "choose a batch that accepts written prompts", status=422)
     if batch.status not in WRITABLE_STATUSES:
-        raise PromptWritingError("batch_id", f"batch '{batch.name}' is {batch.status} and takes no new prompts",
-                                 status=409)
+        raise PromptWritingError(
+            "batch_id", f"batch '{batch.name}' is {batch.status} and takes no new prompts", status=409
+        )
     return batch
 
 
@@ -254,8 +260,9 @@ def write_prompt(db: Session, author: User, batch_id: int, draft: PromptDraft) -
     def existing_keys(keys: list[str]) -> set[str]:
         _serialise_writers(db, keys + [user])
         found = db.execute(
-            select(Prompt.normalized_key, Prompt.prefix_key)
-            .where(or_(Prompt.normalized_key.in_(keys), Prompt.prefix_key.in_(keys)))
+            select(Prompt.normalized_key, Prompt.prefix_key).where(
+                or_(Prompt.normalized_key.in_(keys), Prompt.prefix_key.in_(keys))
+            )
         ).all()
         return {key for pair in found for key in pair if key in keys}
 
@@ -267,19 +274,36 @@ def write_prompt(db: Session, author: User, batch_id: int, draft: PromptDraft) -
     if not result.kept:
         dropped = result.dropped[0]
         message = _DROP_MESSAGES[dropped.rule].format(
-            n=config.prefix_chars, cap=config.max_per_user, detail=dropped.detail.removeprefix("contains "))
-        return WritingOutcome(kept=False, message=message, batch=batch, text=prompt_text, category=draft.category,
-                              rule=dropped.rule)
+            n=config.prefix_chars, cap=config.max_per_user, detail=dropped.detail.removeprefix("contains ")
+        )
+        return WritingOutcome(
+            kept=False, message=message, batch=batch, text=prompt_text, category=draft.category, rule=dropped.rule
+        )
     kept = result.kept[0]
     prompt = Prompt(
-        batch_id=batch.id, text=kept.text, source_user_id=user, category=draft.category, split=kept.split,
-        normalized_key=kept.normalized_key, prefix_key=kept.prefix_key, extra=kept.metadata,
-        pii_flags=kept.pii_flags, author_id=author.id, created_at=utcnow(),
+        batch_id=batch.id,
+        text=kept.text,
+        source_user_id=user,
+        category=draft.category,
+        split=kept.split,
+        normalized_key=kept.normalized_key,
+        prefix_key=kept.prefix_key,
+        extra=kept.metadata,
+        pii_flags=kept.pii_flags,
+        author_id=author.id,
+        created_at=utcnow(),
     )
     db.add(prompt)
     db.flush()
-    outcome = WritingOutcome(kept=True, message="kept", batch=batch, text=kept.text, category=draft.category,
-                             prompt=prompt, pii_flags=list(kept.pii_flags))
+    outcome = WritingOutcome(
+        kept=True,
+        message="kept",
+        batch=batch,
+        text=kept.text,
+        category=draft.category,
+        prompt=prompt,
+        pii_flags=list(kept.pii_flags),
+    )
     if kept.pii_redacted:
         outcome.message = "kept, with personal data replaced by tags such as [EMAIL]"
     elif kept.pii_flags:
@@ -295,14 +319,22 @@ def _join_batch(db: Session, batch: PromptBatch, prompt: Prompt, outcome: Writin
         return
     steps = []
     if batch.wants_demonstrations and batch.status == "labeling":
-        db.add(Task(batch_id=batch.id, prompt_id=prompt.id, kind="demonstration", needed=labels_needed(batch, prompt.id),
-                    priority=batch.priority))
+        db.add(
+            Task(
+                batch_id=batch.id,
+                prompt_id=prompt.id,
+                kind="demonstration",
+                needed=labels_needed(batch, prompt.id),
+                priority=batch.priority,
+            )
+        )
         db.flush()
         steps.append("It is open for demonstrations now.")
     if batch.wants_rankings:
         queued = db.scalar(
-            select(TrainingRun.id).where(TrainingRun.kind == "sample", TrainingRun.batch_id == batch.id,
-                                         TrainingRun.status == "queued").limit(1)
+            select(TrainingRun.id)
+            .where(TrainingRun.kind == "sample", TrainingRun.batch_id == batch.id, TrainingRun.status == "queued")
+            .limit(1)
         )
         if queued is None:
             queued = start_run(db, "sample", batch_id=batch.id, triggered_by="prompt-writing").id

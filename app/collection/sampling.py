@@ -12,8 +12,8 @@ from typing import cast
 from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
-from app.models import Completion, Prompt, PromptBatch, utcnow
 from app.collection.batches import create_tasks, transition
+from app.models import Completion, Prompt, PromptBatch, utcnow
 
 
 def prompts_needing_samples(db: Session, batch: PromptBatch, model_version_id: int) -> list[tuple[int, str]]:
@@ -38,14 +38,19 @@ def store_samples(db: Session, model_version_id: int, samples: dict[int, list[st
     if not samples:
         return 0
     db.execute(
-        cast(Table, Completion.__table__).delete().where(
-            Completion.prompt_id.in_(list(samples)), Completion.model_version_id == model_version_id
-        )
+        cast(Table, Completion.__table__)
+        .delete()
+        .where(Completion.prompt_id.in_(list(samples)), Completion.model_version_id == model_version_id)
     )
     # PostgreSQL text cannot hold NUL; an untrained model can emit it.
     rows = [
-        {"prompt_id": pid, "text": text.replace("\x00", ""), "model_version_id": model_version_id, "sampling": sampling,
-         "created_at": utcnow()}
+        {
+            "prompt_id": pid,
+            "text": text.replace("\x00", ""),
+            "model_version_id": model_version_id,
+            "sampling": sampling,
+            "created_at": utcnow(),
+        }
         for pid, texts in samples.items()
         for text in texts
     ]

@@ -16,12 +16,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from app.collection import prompt_writing as writing
 from app.deps import LabelerApi, LabelerPage, SessionDep
 from app.errors import AppError, renders_on_error
 from app.models import MAX_ID
-from app.templating import render_guidelines
-from app.templating import render
-from app.collection import prompt_writing as writing
+from app.templating import render, render_guidelines
 
 router = APIRouter()
 
@@ -33,9 +32,9 @@ CATEGORY_LABELS = {
 CATEGORY_HINTS = {
     "plain": "Any task you would give an assistant, written exactly as the model should see it.",
     "few-shot": "An instruction and several query/response examples of it; add a last query for the model "
-                "to answer, or leave it empty.",
-    "user-based": "A use case someone could have for the model (e.g. \"summarise support tickets\") and a "
-                  "prompt they would write for it.",
+    "to answer, or leave it empty.",
+    "user-based": 'A use case someone could have for the model (e.g. "summarise support tickets") and a '
+    "prompt they would write for it.",
 }
 DEFAULT_EXAMPLE_ROWS = 3
 
@@ -59,39 +58,70 @@ def _draft_from_form(form: dict[str, Any]) -> writing.PromptDraft:
     queries, responses = form.get("example_query", []), form.get("example_response", [])
     rows = max(len(queries), len(responses))
     examples = [
-        writing.FewShotExample(query=queries[i] if i < len(queries) else "",
-                               response=responses[i] if i < len(responses) else "")
+        writing.FewShotExample(
+            query=queries[i] if i < len(queries) else "", response=responses[i] if i < len(responses) else ""
+        )
         for i in range(rows)
     ]
     return writing.PromptDraft(
-        category=form.get("category", "plain"), text=form.get("text", ""), instruction=form.get("instruction", ""),
-        examples=examples, final_query=form.get("final_query", ""), use_case=form.get("use_case", ""),
+        category=form.get("category", "plain"),
+        text=form.get("text", ""),
+        instruction=form.get("instruction", ""),
+        examples=examples,
+        final_query=form.get("final_query", ""),
+        use_case=form.get("use_case", ""),
     )
 
 
-def _page(request: Request, db, principal, *, form: dict[str, Any], status_code: int = 200,
-          error: AppError | None = None, outcome: writing.WritingOutcome | None = None):
+def _page(
+    request: Request,
+    db,
+    principal,
+    *,
+    form: dict[str, Any],
+    status_code: int = 200,
+    error: AppError | None = None,
+    outcome: writing.WritingOutcome | None = None,
+):
     batches = writing.writable_batches(db)
     category: str = form["category"] if form.get("category") in CATEGORY_LABELS else "plain"
     chosen = str(form.get("batch_id") or (batches[0].id if batches else ""))
     selected = next((b for b in batches if str(b.id) == chosen), None)
     queries, responses = list(form.get("example_query", [])), list(form.get("example_response", []))
     rows = min(writing.MAX_EXAMPLES, max(DEFAULT_EXAMPLE_ROWS, len(queries), len(responses), _int(form.get("rows"))))
-    examples = [(queries[i] if i < len(queries) else "", responses[i] if i < len(responses) else "")
-                for i in range(rows)]
+    examples = [
+        (queries[i] if i < len(queries) else "", responses[i] if i < len(responses) else "") for i in range(rows)
+    ]
     return render(
-        request, "collection/write.html", principal, status_code=status_code,
-        batches=batches, selected=selected, chosen=chosen, category=category, categories=CATEGORY_LABELS,
-        hint=CATEGORY_HINTS[category], form=form, examples=examples, max_examples=writing.MAX_EXAMPLES,
-        min_examples=writing.MIN_EXAMPLES, error=error, error_field=(error.field or "") if error else "",
-        outcome=outcome, guidelines_html=render_guidelines(selected.guidelines) if selected else "",
+        request,
+        "collection/write.html",
+        principal,
+        status_code=status_code,
+        batches=batches,
+        selected=selected,
+        chosen=chosen,
+        category=category,
+        categories=CATEGORY_LABELS,
+        hint=CATEGORY_HINTS[category],
+        form=form,
+        examples=examples,
+        max_examples=writing.MAX_EXAMPLES,
+        min_examples=writing.MIN_EXAMPLES,
+        error=error,
+        error_field=(error.field or "") if error else "",
+        outcome=outcome,
+        guidelines_html=render_guidelines(selected.guidelines) if selected else "",
     )
 
 
 @router.get("/label/write", include_in_schema=False)
-def write_page(request: Request, db: SessionDep, principal: LabelerPage,
-               category: Literal["plain", "few-shot", "user-based"] = Query("plain"),
-               batch_id: int | None = Query(None)):
+def write_page(
+    request: Request,
+    db: SessionDep,
+    principal: LabelerPage,
+    category: Literal["plain", "few-shot", "user-based"] = Query("plain"),
+    batch_id: int | None = Query(None),
+):
     """Shows the prompt-writing form for the batches that accept written prompts."""
     return _page(request, db, principal, form={"category": category, "batch_id": batch_id or ""})
 
@@ -146,8 +176,9 @@ class WrittenPromptIn(BaseModel):
     category: Literal["plain", "few-shot", "user-based"] = "plain"
     text: str = Field("", max_length=100_000, description="The prompt (plain and user-based)")
     instruction: str = Field("", max_length=100_000, description="The instruction (few-shot)")
-    examples: list[ExampleIn] = Field(default_factory=list, max_length=50,
-                                      description="Query/response pairs (few-shot)")
+    examples: list[ExampleIn] = Field(
+        default_factory=list, max_length=50, description="Query/response pairs (few-shot)"
+    )
     final_query: str = Field("", max_length=100_000, description="A last query for the model to answer (few-shot)")
     use_case: str = Field("", max_length=100_000, description="The use case the prompt is for (user-based)")
 
@@ -182,19 +213,33 @@ def writable_batches(db: SessionDep, principal: LabelerApi):
     return [WritableBatchOut.model_validate(b, from_attributes=True) for b in writing.writable_batches(db)]
 
 
-@router.post("/api/v1/prompts/written", response_model=WrittenPromptOut, tags=["prompt writing"],
-             responses={201: {"description": "Stored"}, 200: {"description": "Dropped by a hygiene rule"}})
+@router.post(
+    "/api/v1/prompts/written",
+    response_model=WrittenPromptOut,
+    tags=["prompt writing"],
+    responses={201: {"description": "Stored"}, 200: {"description": "Dropped by a hygiene rule"}},
+)
 def write_prompt(body: WrittenPromptIn, response: Response, db: SessionDep, principal: LabelerApi):
     """Writes a prompt into a batch; 201 when hygiene keeps it, 200 with the reason when it drops it."""
     draft = writing.PromptDraft(
-        category=body.category, text=body.text, instruction=body.instruction, final_query=body.final_query,
-        use_case=body.use_case, examples=[writing.FewShotExample(e.query, e.response) for e in body.examples],
+        category=body.category,
+        text=body.text,
+        instruction=body.instruction,
+        final_query=body.final_query,
+        use_case=body.use_case,
+        examples=[writing.FewShotExample(e.query, e.response) for e in body.examples],
     )
     outcome = writing.write_prompt(db, principal.user, body.batch_id, draft)
     response.status_code = 201 if outcome.kept else 200
     return WrittenPromptOut(
-        kept=outcome.kept, message=outcome.message, rule=outcome.rule,
-        prompt_id=outcome.prompt.id if outcome.prompt else None, batch_id=outcome.batch.id,
-        category=outcome.category, text=outcome.text, pii_flags=outcome.pii_flags, next_step=outcome.next_step,
+        kept=outcome.kept,
+        message=outcome.message,
+        rule=outcome.rule,
+        prompt_id=outcome.prompt.id if outcome.prompt else None,
+        batch_id=outcome.batch.id,
+        category=outcome.category,
+        text=outcome.text,
+        pii_flags=outcome.pii_flags,
+        next_step=outcome.next_step,
         sample_run_id=outcome.sample_run_id,
     )

@@ -38,21 +38,26 @@ class ExportQuery(BaseModel):
 
     format: Literal["jsonl", "csv"] = Field("jsonl", description="JSON Lines (default) or CSV with a header row.")
     compress: Literal["gzip", "none"] = Field(
-        "none", description="'gzip' sends a .gz file; with Accept-Encoding: gzip the transfer is compressed anyway.")
+        "none", description="'gzip' sends a .gz file; with Accept-Encoding: gzip the transfer is compressed anyway."
+    )
     batch: str | None = Field(None, description="Prompt batch id or name.")
     split: Literal["train", "valid", "test"] | None = Field(None, description="The prompts' split.")
     since: datetime | None = Field(None, description="Submitted at or after this time (ISO 8601; naive = UTC).")
     until: datetime | None = Field(None, description="Submitted before this time.")
     labeler: str | None = Field(None, description="Pseudonymous labeler id as it appears in exports (lab_...).")
     model_version: str | None = Field(
-        None, description="Rankings with at least one output from this model version (id or name).")
-    min_overlap: int | None = Field(None, ge=1, le=1000,
-                                    description="Only tasks labeled by at least this many labelers.")
+        None, description="Rankings with at least one output from this model version (id or name)."
+    )
+    min_overlap: int | None = Field(
+        None, ge=1, le=1000, description="Only tasks labeled by at least this many labelers."
+    )
     exclude_flagged: bool = Field(False, description="Drop rankings whose outputs were all marked unacceptable.")
     cursor: str | None = Field(None, description="Resume after the row carrying this cursor.")
     aggregate: Literal["none", "consensus"] = Field(
-        "none", description="Rankings only: 'consensus' gives one row per task with its labelers' ranks and their "
-                            "Borda consensus (consensus_rank per completion); the cursor is then the task id.")
+        "none",
+        description="Rankings only: 'consensus' gives one row per task with its labelers' ranks and their "
+        "Borda consensus (consensus_rank per completion); the cursor is then the task id.",
+    )
 
 
 def _accepts_gzip(header: str) -> bool:
@@ -91,8 +96,16 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
     filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate"})
-    export = SnapshotExport(db.get_bind().engine, kind, secret_key=settings.secret_key, fmt=query.format,
-                            cursor=query.cursor, gzip=file_gzip or transfer_gzip, aggregate=query.aggregate, **filters)
+    export = SnapshotExport(
+        db.get_bind().engine,
+        kind,
+        secret_key=settings.secret_key,
+        fmt=query.format,
+        cursor=query.cursor,
+        gzip=file_gzip or transfer_gzip,
+        aggregate=query.aggregate,
+        **filters,
+    )
     chunks = export.chunks()
     # The first chunk is read before answering, so a database error is a 500, not a truncated 200.
     first = next(chunks, b"")
@@ -111,8 +124,10 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
 
 Params = Annotated[ExportQuery, Query()]
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The export, streamed; every row carries its `cursor`.",
-          "content": {"application/x-ndjson": {}, "text/csv": {}, "application/gzip": {}}},
+    200: {
+        "description": "The export, streamed; every row carries its `cursor`.",
+        "content": {"application/x-ndjson": {}, "text/csv": {}, "application/gzip": {}},
+    },
     422: {"description": "A bad filter; `detail` starts with the parameter's name."},
 }
 

@@ -17,7 +17,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from operator import itemgetter
 from typing import Any
@@ -30,19 +30,62 @@ from app.quality.agreement import borda_consensus
 _mv = ModelVersion.__table__
 
 DEMONSTRATION_COLUMNS = (
-    "prompt", "completion", "demonstration_id", "prompt_id", "task_id", "batch", "batch_id", "split",
-    "labeler", "labeler_held_out", "active_seconds", "submitted_at", "cursor",
+    "prompt",
+    "completion",
+    "demonstration_id",
+    "prompt_id",
+    "task_id",
+    "batch",
+    "batch_id",
+    "split",
+    "labeler",
+    "labeler_held_out",
+    "active_seconds",
+    "submitted_at",
+    "cursor",
 )
 COMPARISON_COLUMNS = (
-    "prompt", "chosen", "rejected", "ranking_id", "prompt_id", "task_id",
-    "chosen_rank", "chosen_likert", "chosen_completion_id", "chosen_model_version",
-    "rejected_rank", "rejected_likert", "rejected_completion_id", "rejected_model_version",
-    "weight", "batch", "batch_id", "split", "labeler", "labeler_held_out", "all_unacceptable",
-    "submitted_at", "cursor",
+    "prompt",
+    "chosen",
+    "rejected",
+    "ranking_id",
+    "prompt_id",
+    "task_id",
+    "chosen_rank",
+    "chosen_likert",
+    "chosen_completion_id",
+    "chosen_model_version",
+    "rejected_rank",
+    "rejected_likert",
+    "rejected_completion_id",
+    "rejected_model_version",
+    "weight",
+    "batch",
+    "batch_id",
+    "split",
+    "labeler",
+    "labeler_held_out",
+    "all_unacceptable",
+    "submitted_at",
+    "cursor",
 )
 RANKING_COLUMNS = (
-    "ranking_id", "prompt_id", "task_id", "prompt", "k", "completions", "all_unacceptable", "is_gold",
-    "active_seconds", "batch", "batch_id", "split", "labeler", "labeler_held_out", "submitted_at", "cursor",
+    "ranking_id",
+    "prompt_id",
+    "task_id",
+    "prompt",
+    "k",
+    "completions",
+    "all_unacceptable",
+    "is_gold",
+    "active_seconds",
+    "batch",
+    "batch_id",
+    "split",
+    "labeler",
+    "labeler_held_out",
+    "submitted_at",
+    "cursor",
 )
 # rankings?aggregate=consensus: one row per task with at least one ranking (after the filters), in task order.
 # `labelers` lists the pseudonyms of the labelers whose rankings were combined; each of `completions` (in
@@ -50,12 +93,25 @@ RANKING_COLUMNS = (
 # as dense ranks: 1 = best, equal scores tie) and ranks (one per labeler, in the order of `labelers`).
 # `cursor` is the task id.
 CONSENSUS_COLUMNS = (
-    "task_id", "prompt_id", "prompt", "k", "n_rankings", "labelers", "completions", "batch", "batch_id", "split",
+    "task_id",
+    "prompt_id",
+    "prompt",
+    "k",
+    "n_rankings",
+    "labelers",
+    "completions",
+    "batch",
+    "batch_id",
+    "split",
     "cursor",
 )
 AGGREGATES = ("none", "consensus")
-COLUMNS = {"demonstrations": DEMONSTRATION_COLUMNS, "comparisons": COMPARISON_COLUMNS, "rankings": RANKING_COLUMNS,
-           "consensus": CONSENSUS_COLUMNS}
+COLUMNS = {
+    "demonstrations": DEMONSTRATION_COLUMNS,
+    "comparisons": COMPARISON_COLUMNS,
+    "rankings": RANKING_COLUMNS,
+    "consensus": CONSENSUS_COLUMNS,
+}
 
 
 _json_str = json.JSONEncoder(ensure_ascii=False).encode  # for a str this is the C string encoder
@@ -71,23 +127,32 @@ def labeler_pseudonym(secret_key: str, user_id: int) -> str:
 @lru_cache(maxsize=4096)
 def comparison_pairs(ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """Returns the (chosen, rejected) index pairs of outputs sorted best first; tied outputs give none."""
-    return tuple(
-        (i, j) for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] < ranks[j]
-    )
-
+    return tuple((i, j) for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] < ranks[j])
 
 
 def iso_utc(value: datetime) -> str:
     # SQLite hands back naive datetimes; everything stored is UTC.
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()
-
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
 # --- row builders ---------------------------------------------------------------------------------
 
 # Positions in a ranking row and in an item row (see the queries above).
-(R_ID, R_PROMPT_ID, R_TASK_ID, R_LABELER, R_UNACCEPTABLE, R_GOLD, R_SECONDS, R_AT, P_TEXT, P_SPLIT, P_BATCH_ID,
- B_NAME, U_HELD_OUT) = range(13)
+(
+    R_ID,
+    R_PROMPT_ID,
+    R_TASK_ID,
+    R_LABELER,
+    R_UNACCEPTABLE,
+    R_GOLD,
+    R_SECONDS,
+    R_AT,
+    P_TEXT,
+    P_SPLIT,
+    P_BATCH_ID,
+    B_NAME,
+    U_HELD_OUT,
+) = range(13)
 I_RANKING, I_COMPLETION, I_RANK, I_LIKERT, I_POSITION, I_TEXT, I_VERSION, I_FLAGS = range(8)
 _best_first = itemgetter(I_RANK, I_POSITION, I_COMPLETION)
 _by_position = itemgetter(I_POSITION, I_COMPLETION)
@@ -138,14 +203,21 @@ def _comparison_jsonl(unit: tuple[Sequence, list], skip_through: int, names: Nam
         rank, likert, completion, version = row[I_RANK], row[I_LIKERT], row[I_COMPLETION], versions[row[I_VERSION]]
         chosen_text.append(f'{{"prompt":{prompt},"chosen":{text},"rejected":')
         rejected_text.append(f"{text},{ids},")
-        chosen.append(f'"chosen_rank":{rank},"chosen_likert":{likert},"chosen_completion_id":{completion},'
-                      f'"chosen_model_version":{version},')
-        rejected.append(f'"rejected_rank":{rank},"rejected_likert":{likert},"rejected_completion_id":{completion},'
-                        f'"rejected_model_version":{version},{common}')
-    return "".join([
-        f'{chosen_text[i]}{rejected_text[j]}{chosen[i]}{rejected[j]}{n}"}}\n'
-        for n, (i, j) in enumerate(pairs) if n > skip_through
-    ])
+        chosen.append(
+            f'"chosen_rank":{rank},"chosen_likert":{likert},"chosen_completion_id":{completion},'
+            f'"chosen_model_version":{version},'
+        )
+        rejected.append(
+            f'"rejected_rank":{rank},"rejected_likert":{likert},"rejected_completion_id":{completion},'
+            f'"rejected_model_version":{version},{common}'
+        )
+    return "".join(
+        [
+            f'{chosen_text[i]}{rejected_text[j]}{chosen[i]}{rejected[j]}{n}"}}\n'
+            for n, (i, j) in enumerate(pairs)
+            if n > skip_through
+        ]
+    )
 
 
 def _csv_field(value: str | None) -> str:
@@ -183,39 +255,69 @@ def _comparison_csv(unit: tuple[Sequence, list], skip_through: int, names: Names
     )
     chosen = [f"{head},{_csv_field(row[I_TEXT])}," for row in items]
     rejected = [f"{_csv_field(row[I_TEXT])},{ids}," for row in items]
-    chosen_sides = [f"{row[I_RANK]},{row[I_LIKERT]},{row[I_COMPLETION]},{names.versions_csv[row[I_VERSION]]},"
-                    for row in items]
+    chosen_sides = [
+        f"{row[I_RANK]},{row[I_LIKERT]},{row[I_COMPLETION]},{names.versions_csv[row[I_VERSION]]}," for row in items
+    ]
     rejected_sides = [f"{side}{common}" for side in chosen_sides]
-    return "".join([
-        f"{chosen[i]}{rejected[j]}{chosen_sides[i]}{rejected_sides[j]}{n}\n"
-        for n, (i, j) in enumerate(pairs) if n > skip_through
-    ])
+    return "".join(
+        [
+            f"{chosen[i]}{rejected[j]}{chosen_sides[i]}{rejected_sides[j]}{n}\n"
+            for n, (i, j) in enumerate(pairs)
+            if n > skip_through
+        ]
+    )
 
 
 def _ranking_record(ranking: Sequence, items: list, names: Names) -> dict[str, Any]:
     items.sort(key=_by_position)  # the order the labeler saw them in
     return {
-        "ranking_id": ranking[R_ID], "prompt_id": ranking[R_PROMPT_ID], "task_id": ranking[R_TASK_ID],
-        "prompt": ranking[P_TEXT], "k": len(items),
+        "ranking_id": ranking[R_ID],
+        "prompt_id": ranking[R_PROMPT_ID],
+        "task_id": ranking[R_TASK_ID],
+        "prompt": ranking[P_TEXT],
+        "k": len(items),
         "completions": [
-            {"completion_id": row[I_COMPLETION], "text": row[I_TEXT], "rank": row[I_RANK], "likert": row[I_LIKERT],
-             "flags": list(row[I_FLAGS] or []), "position": row[I_POSITION],
-             "model_version": names.versions[row[I_VERSION]]}
+            {
+                "completion_id": row[I_COMPLETION],
+                "text": row[I_TEXT],
+                "rank": row[I_RANK],
+                "likert": row[I_LIKERT],
+                "flags": list(row[I_FLAGS] or []),
+                "position": row[I_POSITION],
+                "model_version": names.versions[row[I_VERSION]],
+            }
             for row in items
         ],
-        "all_unacceptable": bool(ranking[R_UNACCEPTABLE]), "is_gold": bool(ranking[R_GOLD]),
-        "active_seconds": ranking[R_SECONDS], "batch": ranking[B_NAME], "batch_id": ranking[P_BATCH_ID],
-        "split": ranking[P_SPLIT], "labeler": names.labeler(ranking[R_LABELER]),
-        "labeler_held_out": bool(ranking[U_HELD_OUT]), "submitted_at": iso_utc(ranking[R_AT]),
+        "all_unacceptable": bool(ranking[R_UNACCEPTABLE]),
+        "is_gold": bool(ranking[R_GOLD]),
+        "active_seconds": ranking[R_SECONDS],
+        "batch": ranking[B_NAME],
+        "batch_id": ranking[P_BATCH_ID],
+        "split": ranking[P_SPLIT],
+        "labeler": names.labeler(ranking[R_LABELER]),
+        "labeler_held_out": bool(ranking[U_HELD_OUT]),
+        "submitted_at": iso_utc(ranking[R_AT]),
         "cursor": str(ranking[R_ID]),
     }
 
 
 def _demonstration_record(row: Sequence, names: Names) -> tuple:
     demo_id, prompt_id, task_id, labeler_id, seconds, at, text, prompt, split, batch_id, batch, held_out = row
-    return (prompt, text, demo_id, prompt_id, task_id, batch, batch_id, split, names.labeler(labeler_id),
-            bool(held_out), seconds, iso_utc(at), str(demo_id))
-
+    return (
+        prompt,
+        text,
+        demo_id,
+        prompt_id,
+        task_id,
+        batch,
+        batch_id,
+        split,
+        names.labeler(labeler_id),
+        bool(held_out),
+        seconds,
+        iso_utc(at),
+        str(demo_id),
+    )
 
 
 def _ranking_jsonl(unit: tuple[Sequence, list], skip_through: int, names: Names) -> str:
@@ -236,7 +338,6 @@ def _demonstration_csv(row: Sequence, skip_through: int, names: Names) -> str:
     return csv_line(_demonstration_record(row, names))
 
 
-
 def _consensus_record(task_id: int, rankings: list, names: Names) -> dict[str, Any]:
     outputs = dict(sorted((row[I_COMPLETION], row) for _ranking, items in rankings for row in items))
     index = {completion: i for i, completion in enumerate(outputs)}
@@ -251,14 +352,26 @@ def _consensus_record(task_id: int, rankings: list, names: Names) -> dict[str, A
     consensus = borda_consensus(given)
     first = complete[0][0]
     return {
-        "task_id": task_id, "prompt_id": first[R_PROMPT_ID], "prompt": first[P_TEXT], "k": len(outputs),
-        "n_rankings": len(complete), "labelers": [names.labeler(ranking[R_LABELER]) for ranking, _items in complete],
+        "task_id": task_id,
+        "prompt_id": first[R_PROMPT_ID],
+        "prompt": first[P_TEXT],
+        "k": len(outputs),
+        "n_rankings": len(complete),
+        "labelers": [names.labeler(ranking[R_LABELER]) for ranking, _items in complete],
         "completions": [
-            {"completion_id": completion, "text": row[I_TEXT], "model_version": names.versions[row[I_VERSION]],
-             "consensus_rank": consensus[i], "ranks": [ranks[i] for ranks in given]}
+            {
+                "completion_id": completion,
+                "text": row[I_TEXT],
+                "model_version": names.versions[row[I_VERSION]],
+                "consensus_rank": consensus[i],
+                "ranks": [ranks[i] for ranks in given],
+            }
             for i, (completion, row) in enumerate(outputs.items())
         ],
-        "batch": first[B_NAME], "batch_id": first[P_BATCH_ID], "split": first[P_SPLIT], "cursor": str(task_id),
+        "batch": first[B_NAME],
+        "batch_id": first[P_BATCH_ID],
+        "split": first[P_SPLIT],
+        "cursor": str(task_id),
     }
 
 
@@ -274,8 +387,12 @@ def _consensus_csv(unit: tuple[int, list], skip_through: int, names: Names) -> s
 
 # (kind, format) -> renders one unit as text, leaving out its pairs up to `skip_through` (comparisons only).
 RENDER: dict[tuple[str, str], Callable[[Any, int, Names], str]] = {
-    ("comparisons", "jsonl"): _comparison_jsonl, ("comparisons", "csv"): _comparison_csv,
-    ("rankings", "jsonl"): _ranking_jsonl, ("rankings", "csv"): _ranking_csv,
-    ("demonstrations", "jsonl"): _demonstration_jsonl, ("demonstrations", "csv"): _demonstration_csv,
-    ("consensus", "jsonl"): _consensus_jsonl, ("consensus", "csv"): _consensus_csv,
+    ("comparisons", "jsonl"): _comparison_jsonl,
+    ("comparisons", "csv"): _comparison_csv,
+    ("rankings", "jsonl"): _ranking_jsonl,
+    ("rankings", "csv"): _ranking_csv,
+    ("demonstrations", "jsonl"): _demonstration_jsonl,
+    ("demonstrations", "csv"): _demonstration_csv,
+    ("consensus", "jsonl"): _consensus_jsonl,
+    ("consensus", "csv"): _consensus_csv,
 }

@@ -22,7 +22,7 @@ import itertools
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
@@ -30,6 +30,17 @@ from sqlalchemy import Connection, Engine, Select, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.errors import AppError
+from app.export.rows import (
+    AGGREGATES,
+    COLUMNS,
+    I_RANKING,
+    R_ID,
+    R_TASK_ID,
+    RENDER,
+    Names,
+    csv_line,
+    labeler_pseudonym,
+)
 from app.models import (
     MAX_ID,
     SPLITS,
@@ -41,17 +52,6 @@ from app.models import (
     Ranking,
     RankingItem,
     User,
-)
-from app.export.rows import (
-    AGGREGATES,
-    COLUMNS,
-    I_RANKING,
-    R_ID,
-    R_TASK_ID,
-    RENDER,
-    Names,
-    csv_line,
-    labeler_pseudonym,
 )
 
 EXPORT_KINDS = ("demonstrations", "comparisons", "rankings")
@@ -147,15 +147,22 @@ def resolve_filters(
         since=since,
         until=until,
         labeler_id=_labeler_id(db, secret_key, labeler),
-        model_version_id=_lookup(db, "model_version", model_version, ModelVersion.id, ModelVersion.name,
-                                 "model version"),
+        model_version_id=_lookup(
+            db, "model_version", model_version, ModelVersion.id, ModelVersion.name, "model version"
+        ),
         min_overlap=min_overlap,
         exclude_flagged=exclude_flagged,
     )
 
 
-def _lookup(db: Connection | Session, param: str, value: str | None, id_col: InstrumentedAttribute[int],
-            name_col: InstrumentedAttribute[str], what: str) -> int | None:
+def _lookup(
+    db: Connection | Session,
+    param: str,
+    value: str | None,
+    id_col: InstrumentedAttribute[int],
+    name_col: InstrumentedAttribute[str],
+    what: str,
+) -> int | None:
     # A value is an id when it is all digits and such an id exists, else a name.
     if value is None:
         return None
@@ -184,7 +191,7 @@ def _labeler_id(db: Connection | Session, secret_key: str, pseudonym: str | None
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 # --- snapshot -------------------------------------------------------------------------------------
@@ -234,17 +241,23 @@ def _unit_conditions(kind: str, filters: ExportFilters, cursor: Cursor | None) -
     if filters.labeler_id is not None:
         conds.append(unit.c.labeler_id == filters.labeler_id)
     if filters.min_overlap is not None:
-        overlapped = (select(unit.c.task_id).group_by(unit.c.task_id)
-                      .having(func.count(unit.c.labeler_id.distinct()) >= filters.min_overlap))
+        overlapped = (
+            select(unit.c.task_id)
+            .group_by(unit.c.task_id)
+            .having(func.count(unit.c.labeler_id.distinct()) >= filters.min_overlap)
+        )
         conds.append(unit.c.task_id.in_(overlapped))
     if filters.exclude_flagged:
         conds.append(_r.c.all_unacceptable.is_(False))
     if filters.model_version_id is not None:
         item, completion = _ri.alias("mv_item"), _c.alias("mv_completion")
-        conds.append(exists().where(
-            item.c.ranking_id == _r.c.id, completion.c.id == item.c.completion_id,
-            completion.c.model_version_id == filters.model_version_id,
-        ))
+        conds.append(
+            exists().where(
+                item.c.ranking_id == _r.c.id,
+                completion.c.id == item.c.completion_id,
+                completion.c.model_version_id == filters.model_version_id,
+            )
+        )
     if cursor is not None:
         # A comparisons cursor inside a ranking re-reads that ranking and skips the pairs already sent.
         conds.append(unit.c.id >= cursor.unit_id if cursor.pair_index is not None else unit.c.id > cursor.unit_id)
@@ -252,11 +265,25 @@ def _unit_conditions(kind: str, filters: ExportFilters, cursor: Cursor | None) -
 
 
 def _ranking_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select:
-    joined = (_r.join(_p, _p.c.id == _r.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id)
-              .join(_u, _u.c.id == _r.c.labeler_id))
+    joined = (
+        _r.join(_p, _p.c.id == _r.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id).join(_u, _u.c.id == _r.c.labeler_id)
+    )
     return (
-        select(_r.c.id, _r.c.prompt_id, _r.c.task_id, _r.c.labeler_id, _r.c.all_unacceptable, _r.c.is_gold,
-               _r.c.active_seconds, _r.c.created_at, _p.c.text, _p.c.split, _p.c.batch_id, _b.c.name, _u.c.held_out)
+        select(
+            _r.c.id,
+            _r.c.prompt_id,
+            _r.c.task_id,
+            _r.c.labeler_id,
+            _r.c.all_unacceptable,
+            _r.c.is_gold,
+            _r.c.active_seconds,
+            _r.c.created_at,
+            _p.c.text,
+            _p.c.split,
+            _p.c.batch_id,
+            _b.c.name,
+            _u.c.held_out,
+        )
         .select_from(joined)
         .where(*_unit_conditions("rankings", filters, cursor))
         .order_by(_r.c.id)
@@ -266,22 +293,46 @@ def _ranking_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select
 def _item_rows_query(kind: str, filters: ExportFilters, cursor: Cursor | None) -> Select:
     # Items come in a second statement, in ranking order, rather than joined onto each ranking row: the
     # ranking's fields (the prompt above all) would otherwise cross the wire and be decoded K times.
-    columns = [_ri.c.ranking_id, _ri.c.completion_id, _ri.c.rank, _ri.c.likert, _ri.c.position, _c.c.text,
-               _c.c.model_version_id]
+    columns = [
+        _ri.c.ranking_id,
+        _ri.c.completion_id,
+        _ri.c.rank,
+        _ri.c.likert,
+        _ri.c.position,
+        _c.c.text,
+        _c.c.model_version_id,
+    ]
     if kind == "rankings":
         columns.append(_ri.c.flags)  # JSON decoding costs; comparisons do not carry flags
-    joined = (_ri.join(_r, _r.c.id == _ri.c.ranking_id).join(_p, _p.c.id == _r.c.prompt_id)
-              .join(_c, _c.c.id == _ri.c.completion_id))
-    return (select(*columns).select_from(joined).where(*_unit_conditions(kind, filters, cursor))
-            .order_by(_ri.c.ranking_id))
+    joined = (
+        _ri.join(_r, _r.c.id == _ri.c.ranking_id)
+        .join(_p, _p.c.id == _r.c.prompt_id)
+        .join(_c, _c.c.id == _ri.c.completion_id)
+    )
+    return (
+        select(*columns).select_from(joined).where(*_unit_conditions(kind, filters, cursor)).order_by(_ri.c.ranking_id)
+    )
 
 
 def _demonstration_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select:
-    joined = (_d.join(_p, _p.c.id == _d.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id)
-              .join(_u, _u.c.id == _d.c.labeler_id))
+    joined = (
+        _d.join(_p, _p.c.id == _d.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id).join(_u, _u.c.id == _d.c.labeler_id)
+    )
     return (
-        select(_d.c.id, _d.c.prompt_id, _d.c.task_id, _d.c.labeler_id, _d.c.active_seconds, _d.c.created_at,
-               _d.c.text, _p.c.text, _p.c.split, _p.c.batch_id, _b.c.name, _u.c.held_out)
+        select(
+            _d.c.id,
+            _d.c.prompt_id,
+            _d.c.task_id,
+            _d.c.labeler_id,
+            _d.c.active_seconds,
+            _d.c.created_at,
+            _d.c.text,
+            _p.c.text,
+            _p.c.split,
+            _p.c.batch_id,
+            _b.c.name,
+            _u.c.held_out,
+        )
         .select_from(joined)
         .where(*_unit_conditions("demonstrations", filters, cursor))
         .order_by(_d.c.id)
@@ -335,8 +386,7 @@ def _consensus_units(conn: Connection, filters: ExportFilters, cursor: Cursor | 
         yield task_id, by_task[task_id]
 
 
-def _texts(kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, names: Names
-           ) -> Iterator[tuple[str, int]]:
+def _texts(kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, names: Names) -> Iterator[tuple[str, int]]:
     """Yields (text, units consumed) pieces of the export body of about CHUNK_CHARS each."""
     render = RENDER[kind, fmt]
     # Only the ranking a comparisons cursor points into is cut; later ones start from their first pair.
@@ -404,8 +454,18 @@ def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none") -> None
 class SnapshotExport:
     """One export on its own snapshot connection: filters are checked on creation, then `chunks()` streams."""
 
-    def __init__(self, engine: Engine, kind: str, *, secret_key: str, fmt: str = "jsonl",
-                 cursor: str | None = None, gzip: bool = False, aggregate: str = "none", **filter_values: Any):
+    def __init__(
+        self,
+        engine: Engine,
+        kind: str,
+        *,
+        secret_key: str,
+        fmt: str = "jsonl",
+        cursor: str | None = None,
+        gzip: bool = False,
+        aggregate: str = "none",
+        **filter_values: Any,
+    ):
         _check_kind_and_format(kind, fmt, aggregate)
         self.kind, self.secret_key, self.fmt, self.gzip, self.aggregate = kind, secret_key, fmt, gzip, aggregate
         self.cursor = parse_cursor(kind, cursor) if cursor else None
@@ -425,9 +485,17 @@ class SnapshotExport:
         """Streams the export; the snapshot closes when the stream ends, fails or is closed."""
         try:
             conn = self._open_conn()
-            yield from export_chunks(conn, self.kind, self.filters, secret_key=self.secret_key, fmt=self.fmt,
-                                     cursor=self.cursor, gzip=self.gzip, on_progress=on_progress,
-                                     aggregate=self.aggregate)
+            yield from export_chunks(
+                conn,
+                self.kind,
+                self.filters,
+                secret_key=self.secret_key,
+                fmt=self.fmt,
+                cursor=self.cursor,
+                gzip=self.gzip,
+                on_progress=on_progress,
+                aggregate=self.aggregate,
+            )
         finally:
             self.close()
 

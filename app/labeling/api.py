@@ -13,9 +13,9 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, SessionDep
+from app.labeling import leases, submissions
 from app.models import RANKING_FLAGS as _FLAGS
 from app.models import Demonstration, EvalJudgment
-from app.labeling import service as labeling
 
 router = APIRouter(prefix="/api/v1", tags=["labeling"])
 
@@ -38,7 +38,7 @@ class AssignmentOut(BaseModel):
     lease_expires_at: datetime
     state: str
     flags: list[str] = Field(default_factory=lambda: list(_FLAGS))
-    skip_reasons: dict[str, str] = Field(default_factory=lambda: dict(labeling.SKIP_REASONS))
+    skip_reasons: dict[str, str] = Field(default_factory=lambda: dict(leases.SKIP_REASONS))
 
 
 class RankingItemIn(BaseModel):
@@ -53,7 +53,8 @@ class SubmitIn(BaseModel):
     items: list[RankingItemIn] | None = Field(None, description="Ranks and scores (for ranking tasks)")
     all_unacceptable: bool = False
     choice: int | Literal["tie"] | None = Field(
-        None, description="The id of the better output, or \"tie\" (for eval tasks: blind side-by-side comparisons)")
+        None, description='The id of the better output, or "tie" (for eval tasks: blind side-by-side comparisons)'
+    )
     active_seconds: float = Field(0.0, ge=0, le=86400)
 
 
@@ -88,22 +89,30 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def assignment_out(db, assignment, view: labeling.TaskView | None = None) -> AssignmentOut:
+def assignment_out(db, assignment, view: leases.TaskView | None = None) -> AssignmentOut:
     """Serialises an assignment with everything needed to label it."""
-    view = view or labeling.task_view(db, assignment)
+    view = view or leases.task_view(db, assignment)
     return AssignmentOut(
-        assignment_id=assignment.id, task_id=view.task.id, kind=view.task.kind, batch_id=view.batch.id,
-        prompt_id=view.prompt.id, prompt=view.prompt.text, guidelines=view.batch.guidelines,
-        completions=[CompletionOut(id=c.id, text=c.text) for c in view.completions], draft=assignment.draft or {},
-        lease_expires_at=assignment.expires_at, state=assignment.state,
+        assignment_id=assignment.id,
+        task_id=view.task.id,
+        kind=view.task.kind,
+        batch_id=view.batch.id,
+        prompt_id=view.prompt.id,
+        prompt=view.prompt.text,
+        guidelines=view.batch.guidelines,
+        completions=[CompletionOut(id=c.id, text=c.text) for c in view.completions],
+        draft=assignment.draft or {},
+        lease_expires_at=assignment.expires_at,
+        state=assignment.state,
     )
 
 
 @router.get("/tasks/next", response_model=AssignmentOut, responses={204: {"description": "Nothing left to label"}})
-def next_task(db: SessionDep, principal: LabelerApi,
-              kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
+def next_task(
+    db: SessionDep, principal: LabelerApi, kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)
+):
     """Leases the next task (or returns the one already held); 204 when nothing is left."""
-    view = labeling.lease_next_view(db, principal.user, kind)
+    view = leases.lease_next_view(db, principal.user, kind)
     if view is None:
         return Response(status_code=204)
     answer = _json(assignment_out(db, view.assignment, view))
@@ -114,28 +123,44 @@ def next_task(db: SessionDep, principal: LabelerApi,
 @router.get("/assignments/{assignment_id}", response_model=AssignmentOut)
 def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
     """Shows one of the caller's assignments."""
-    return assignment_out(db, labeling.get_assignment(db, assignment_id, principal.user))
+    return assignment_out(db, leases.get_assignment(db, assignment_id, principal.user))
 
 
 @router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
     """Submits a demonstration or a ranking; repeating it returns the stored result."""
-    label = labeling.submit(
-        db, principal.user, assignment_id, text=body.text,
+    label = submissions.submit(
+        db,
+        principal.user,
+        assignment_id,
+        text=body.text,
         items=None if body.items is None else [i.model_dump() for i in body.items],
-        all_unacceptable=body.all_unacceptable, choice=body.choice, active_seconds=body.active_seconds)
+        all_unacceptable=body.all_unacceptable,
+        choice=body.choice,
+        active_seconds=body.active_seconds,
+    )
     if isinstance(label, EvalJudgment):
         # Blind: the answer echoes the output chosen, never which model wrote it.
-        answer = SubmitOut(assignment_id=assignment_id, kind="eval", id=label.id, created_at=label.created_at,
-                           choice=label.chosen_completion_id or "tie")
+        answer = SubmitOut(
+            assignment_id=assignment_id,
+            kind="eval",
+            id=label.id,
+            created_at=label.created_at,
+            choice=label.chosen_completion_id or "tie",
+        )
     elif isinstance(label, Demonstration):
-        answer = SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id,
-                           created_at=label.created_at)
+        answer = SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id, created_at=label.created_at)
     else:
         answer = SubmitOut(
-            assignment_id=assignment_id, kind="ranking", id=label.id, created_at=label.created_at,
-            items=[{"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
-                   for i in label.items])
+            assignment_id=assignment_id,
+            kind="ranking",
+            id=label.id,
+            created_at=label.created_at,
+            items=[
+                {"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
+                for i in label.items
+            ],
+        )
     response = _json(answer)
     # Committed here rather than by SessionDep after the return (see `_json`); for a submit that closed a task
     # this also releases its batch's row lock, which every other submit closing a task there waits for.
@@ -146,12 +171,12 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
 @router.post("/assignments/{assignment_id}/skip")
 def skip(assignment_id: int, body: SkipIn, db: SessionDep, principal: LabelerApi) -> dict:
     """Skips a task with a reason; it is not offered to the caller again."""
-    assignment = labeling.skip(db, principal.user, assignment_id, body.reason, body.note)
+    assignment = submissions.skip(db, principal.user, assignment_id, body.reason, body.note)
     return {"assignment_id": assignment.id, "state": assignment.state}
 
 
 @router.put("/assignments/{assignment_id}/draft")
 def save_draft(assignment_id: int, body: DraftIn, db: SessionDep, principal: LabelerApi) -> dict:
     """Autosaves a draft and renews the lease."""
-    assignment = labeling.save_draft(db, principal.user, assignment_id, body.draft, body.active_seconds)
+    assignment = submissions.save_draft(db, principal.user, assignment_id, body.draft, body.active_seconds)
     return {"assignment_id": assignment.id, "lease_expires_at": assignment.expires_at.isoformat()}

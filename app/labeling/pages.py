@@ -15,9 +15,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
 
 from app.deps import LabelerPage, SessionDep
+from app.labeling import leases
 from app.models import RANKING_FLAGS
 from app.templating import render, render_guidelines
-from app.labeling import service as labeling
 
 router = APIRouter(include_in_schema=False)
 
@@ -34,13 +34,19 @@ FLAG_LABELS = {
     "personal_data": "Contains personal data",
 }
 LIKERT_LABELS = {1: "very bad", 4: "neutral", 7: "very good"}
+
+
 @router.get("/label/next")
-def next_task(request: Request, db: SessionDep, principal: LabelerPage,
-              kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)):
+def next_task(
+    request: Request,
+    db: SessionDep,
+    principal: LabelerPage,
+    kind: Literal["ranking", "demonstration", "eval"] | None = Query(None),
+):
     """Leases the next task (or the one already held) and opens it; a calm 'all done' page when none is left."""
     assignment = None
     for wanted in [kind] if kind else ["eval", "ranking", "demonstration"]:
-        assignment = assignment or labeling.lease_next_task(db, principal.user, wanted)
+        assignment = assignment or leases.lease_next_task(db, principal.user, wanted)
     if assignment is None:
         return render(request, "labeling/done.html", principal, kind=kind)
     return RedirectResponse(f"/label/assignments/{assignment.id}", status_code=303)
@@ -49,8 +55,8 @@ def next_task(request: Request, db: SessionDep, principal: LabelerPage,
 @router.get("/label/assignments/{assignment_id}")
 def assignment_page(assignment_id: int, request: Request, db: SessionDep, principal: LabelerPage):
     """Shows one of the labeler's assignments on the demonstration or ranking page."""
-    assignment = labeling.get_assignment(db, assignment_id, principal.user)
-    view = labeling.task_view(db, assignment)
+    assignment = leases.get_assignment(db, assignment_id, principal.user)
+    view = leases.task_view(db, assignment)
     kind = view.task.kind
     if assignment.state in ("submitted", "skipped"):
         # Done already (the back button, a second tab): carry on with the next one of the same kind.
@@ -58,7 +64,7 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
     context: dict[str, Any] = {
         "view": view,
         "guidelines_html": render_guidelines(view.batch.guidelines),
-        "skip_reasons": labeling.SKIP_REASONS,
+        "skip_reasons": leases.SKIP_REASONS,
         "page_data": {
             "assignment_id": assignment.id,
             "kind": kind,
@@ -66,7 +72,7 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
             "active_seconds": assignment.active_seconds or 0.0,
             "completion_ids": [c.id for c in view.completions],
             "next_url": f"/label/next?kind={kind}",
-            "max_chars": labeling.MAX_DEMONSTRATION_CHARS,
+            "max_chars": leases.MAX_DEMONSTRATION_CHARS,
         },
     }
     if kind == "ranking":

@@ -37,10 +37,14 @@ class Behaviour:
         def estimate(e: Estimate) -> dict[str, Any]:
             return {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
 
-        return {"model_version_id": self.model_version_id, "n_outputs": self.n_outputs,
-                "n_rankings": self.n_rankings, "likert": estimate(self.likert),
-                "flags": {name: estimate(e) for name, e in self.flags.items()},
-                "all_unacceptable": estimate(self.all_unacceptable)}
+        return {
+            "model_version_id": self.model_version_id,
+            "n_outputs": self.n_outputs,
+            "n_rankings": self.n_rankings,
+            "likert": estimate(self.likert),
+            "flags": {name: estimate(e) for name, e in self.flags.items()},
+            "all_unacceptable": estimate(self.all_unacceptable),
+        }
 
 
 def model_behaviour(db: Session, version_id: int) -> Behaviour:
@@ -57,7 +61,9 @@ def model_behaviour(db: Session, version_id: int) -> Behaviour:
     rankings = {rid: unacceptable for _l, _f, rid, unacceptable in rows}
     n = len(rows)
     return Behaviour(
-        model_version_id=version_id, n_outputs=n, n_rankings=len(rankings),
+        model_version_id=version_id,
+        n_outputs=n,
+        n_rankings=len(rankings),
         likert=mean_with_interval([float(likert) for likert, *_ in rows]),
         flags={flag: proportion_with_interval(flagged[flag], n) for flag in RANKING_FLAGS},
         all_unacceptable=proportion_with_interval(sum(bool(u) for u in rankings.values()), len(rankings)),

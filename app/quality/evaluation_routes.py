@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.deps import AdminApi, AdminPage, SessionDep
-from app.models import MAX_ID, Evaluation, ModelVersion, PromptBatch
 from app.charts import interval_bars
-from app.templating import render
-from app.quality import evaluations
+from app.deps import AdminApi, AdminPage, SessionDep
 from app.errors import AppError, renders_on_error, validated
+from app.models import MAX_ID, Evaluation, ModelVersion, PromptBatch
+from app.quality import evaluations
+from app.templating import render
 
 router = APIRouter()
 api_router = APIRouter(prefix="/api/v1", tags=["evaluations"])
@@ -85,21 +85,36 @@ class EvaluationOut(BaseModel):
     overall: TallyOut
     by_category: dict[str, TallyOut]
     by_family: dict[str, TallyOut] = Field(description="Per family of the bundled world, when prompts have one")
-    first_shown_wins: float | None = Field(description="Share of decisive verdicts won by the output shown first "
-                                                        "(0.5 = no position bias)")
+    first_shown_wins: float | None = Field(
+        description="Share of decisive verdicts won by the output shown first (0.5 = no position bias)"
+    )
 
 
 def evaluation_out(db: Session, evaluation: Evaluation) -> EvaluationOut:
     """Serialises an evaluation with its current results."""
     result = evaluations.results(db, evaluation)
     return EvaluationOut(
-        id=evaluation.id, status=evaluation.status, batch_id=evaluation.batch_id, model_a=result.model_a,
-        model_b=result.model_b, n_prompts=evaluation.n_prompts, overlap=evaluation.overlap,
-        prompt_split=evaluation.prompt_split, temperature=evaluation.temperature,
-        max_new_tokens=evaluation.max_new_tokens, triggered_by=evaluation.triggered_by,
-        created_at=evaluation.created_at, completed_at=evaluation.completed_at, n_identical=evaluation.n_identical,
-        tasks=result.tasks, tasks_done=result.tasks_done, labelers=result.labelers, overall=result.overall,
-        by_category=result.by_category, by_family=result.by_family, first_shown_wins=result.first_shown_wins,
+        id=evaluation.id,
+        status=evaluation.status,
+        batch_id=evaluation.batch_id,
+        model_a=result.model_a,
+        model_b=result.model_b,
+        n_prompts=evaluation.n_prompts,
+        overlap=evaluation.overlap,
+        prompt_split=evaluation.prompt_split,
+        temperature=evaluation.temperature,
+        max_new_tokens=evaluation.max_new_tokens,
+        triggered_by=evaluation.triggered_by,
+        created_at=evaluation.created_at,
+        completed_at=evaluation.completed_at,
+        n_identical=evaluation.n_identical,
+        tasks=result.tasks,
+        tasks_done=result.tasks_done,
+        labelers=result.labelers,
+        overall=result.overall,
+        by_category=result.by_category,
+        by_family=result.by_family,
+        first_shown_wins=result.first_shown_wins,
     )
 
 
@@ -124,10 +139,15 @@ def _start(db: Session, body: EvaluationIn, user_id: int) -> Evaluation:
 
 
 @api_router.get("/evaluations", response_model=list[EvaluationOut])
-def list_evaluations(db: SessionDep, principal: AdminApi, status: EvaluationStatus | None = Query(None),
-                     model_version_id: int | None = Query(None, ge=1, le=MAX_ID,
-                                                          description="Only evaluations this version took part in"),
-                     limit: int = Query(50, ge=1, le=500)):
+def list_evaluations(
+    db: SessionDep,
+    principal: AdminApi,
+    status: EvaluationStatus | None = Query(None),
+    model_version_id: int | None = Query(
+        None, ge=1, le=MAX_ID, description="Only evaluations this version took part in"
+    ),
+    limit: int = Query(50, ge=1, le=500),
+):
     """Lists evaluations, newest first, with their results so far."""
     query = select(Evaluation).order_by(Evaluation.id.desc()).limit(limit)
     if status is not None:
@@ -159,33 +179,57 @@ def cancel_evaluation(evaluation_id: int, db: SessionDep, principal: AdminApi):
 
 
 def _generators(db: Session) -> list[ModelVersion]:
-    return list(db.scalars(select(ModelVersion).where(
-        ModelVersion.kind.in_(evaluations.GENERATIVE_KINDS), ModelVersion.status.in_(("ready", "promoted")))
-        .order_by(ModelVersion.id.desc())))
+    return list(
+        db.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.kind.in_(evaluations.GENERATIVE_KINDS), ModelVersion.status.in_(("ready", "promoted")))
+            .order_by(ModelVersion.id.desc())
+        )
+    )
 
 
 def _win_bars(rows: list[EvaluationOut]) -> dict[str, Any] | None:
-    return interval_bars([
-        {"label": f"#{r.id} {r.model_a.name} vs {r.model_b.name}", "value": r.overall.win_rate,
-         "low": r.overall.low, "high": r.overall.high, "n": r.overall.n} for r in rows
-    ], reference=0.5)
+    return interval_bars(
+        [
+            {
+                "label": f"#{r.id} {r.model_a.name} vs {r.model_b.name}",
+                "value": r.overall.win_rate,
+                "low": r.overall.low,
+                "high": r.overall.high,
+                "n": r.overall.n,
+            }
+            for r in rows
+        ],
+        reference=0.5,
+    )
 
 
 def recent_win_rates(db: Session, limit: int = 20) -> dict[str, Any] | None:
     """The win-rate chart of the latest evaluations (also drawn on the quality dashboard)."""
-    return _win_bars([evaluation_out(db, e) for e in
-                      db.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(limit))])
+    return _win_bars(
+        [evaluation_out(db, e) for e in db.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(limit))]
+    )
 
 
 def _list_page(request: Request, principal, db: Session, status_code: int = 200, **context: Any):
     found = db.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(200)).all()
     rows = [evaluation_out(db, e) for e in found]
     chart = _win_bars(rows[:20])
-    batches = db.scalars(select(PromptBatch).where(PromptBatch.purpose == "collection")
-                         .order_by(PromptBatch.id.desc()).limit(200)).all()
+    batches = db.scalars(
+        select(PromptBatch).where(PromptBatch.purpose == "collection").order_by(PromptBatch.id.desc()).limit(200)
+    ).all()
     context.setdefault("form", {})
-    return render(request, "quality/evaluations.html", principal, status_code=status_code, rows=rows,
-                  chart=chart, models=_generators(db), batches=batches, **context)
+    return render(
+        request,
+        "quality/evaluations.html",
+        principal,
+        status_code=status_code,
+        rows=rows,
+        chart=chart,
+        models=_generators(db),
+        batches=batches,
+        **context,
+    )
 
 
 @pages_router.get("/admin/evaluations")
@@ -204,8 +248,9 @@ def _start_again(exc: AppError, request: Request, principal, db: Session, form: 
 
 @pages_router.post("/admin/evaluations")
 @renders_on_error(_start_again)
-def evaluations_start(request: Request, principal: AdminPage, db: SessionDep,
-                      form: Annotated[dict[str, str], Depends(_start_form)]):
+def evaluations_start(
+    request: Request, principal: AdminPage, db: SessionDep, form: Annotated[dict[str, str], Depends(_start_form)]
+):
     """Starts an evaluation from the form; shows the form again with the error when it is refused."""
     body = validated(EvaluationIn, {k: v for k, v in form.items() if v != ""})
     evaluation = _start(db, body, principal.user.id)
@@ -217,10 +262,15 @@ def evaluation_page(evaluation_id: int, request: Request, principal: AdminPage, 
     """Shows one evaluation: progress, A's win rate with its interval, and the breakdowns as a chart and tables."""
     evaluation = get_evaluation_or_404(db, evaluation_id)
     out = evaluation_out(db, evaluation)
-    slices = [("All prompts", out.overall)] + [(f"category: {k}", v) for k, v in out.by_category.items()] \
+    slices = (
+        [("All prompts", out.overall)]
+        + [(f"category: {k}", v) for k, v in out.by_category.items()]
         + [(f"family: {k}", v) for k, v in out.by_family.items()]
-    chart = interval_bars([{"label": label, "value": t.win_rate, "low": t.low, "high": t.high, "n": t.n}
-                           for label, t in slices], reference=0.5)
+    )
+    chart = interval_bars(
+        [{"label": label, "value": t.win_rate, "low": t.low, "high": t.high, "n": t.n} for label, t in slices],
+        reference=0.5,
+    )
     return render(request, "quality/evaluation.html", principal, evaluation=evaluation, out=out, chart=chart)
 
 

@@ -27,8 +27,10 @@ from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app import events
+from app.collection.batches import complete_if_done, transition
 from app.config import get_settings
 from app.db import get_existing
+from app.errors import FieldError
 from app.models import (
     Completion,
     EvalJudgment,
@@ -41,10 +43,8 @@ from app.models import (
     TrainingRun,
     utcnow,
 )
-from app.collection.batches import complete_if_done, transition
-from app.errors import FieldError
-from app.runs import start_run
 from app.quality.stats import win_rate
+from app.runs import start_run
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def _usable_generator(db: Session, version_id: int, field_name: str) -> ModelVer
     if version is None:
         raise EvaluationError(field_name, f"no model version {version_id}", status=404)
     if version.kind not in GENERATIVE_KINDS:
-        raise EvaluationError(field_name, f"{version.name} is a {version.kind} model; compare base, SFT or policy models")
+        raise EvaluationError(
+            field_name, f"{version.name} is a {version.kind} model; compare base, SFT or policy models"
+        )
     if version.status not in ("ready", "promoted"):
         raise EvaluationError(field_name, f"{version.name} is {version.status}; only ready or promoted models answer")
     return version
@@ -127,32 +129,63 @@ def start_evaluation(
     seed = random.SystemRandom().randrange(2**31)
     prompts = _held_out_prompts(db, prompt_split, n_prompts, seed, source_batch_id)
     if not prompts:
-        raise EvaluationError("prompt_split", f"no {prompt_split}-split prompts to evaluate on yet; import prompts "
-                                              "(the import assigns splits by source user)", status=409)
+        raise EvaluationError(
+            "prompt_split",
+            f"no {prompt_split}-split prompts to evaluate on yet; import prompts "
+            "(the import assigns splits by source user)",
+            status=409,
+        )
     batch = PromptBatch(
-        name=f"evaluation-{uuid.uuid4().hex[:12]}", purpose="evaluation", guidelines=EVAL_GUIDELINES,
-        status="sampling", wants_demonstrations=False, wants_rankings=True, overlap=overlap,
-        temperature=temperature, max_new_tokens=max_new_tokens, priority=EVAL_PRIORITY, created_by_id=created_by_id,
+        name=f"evaluation-{uuid.uuid4().hex[:12]}",
+        purpose="evaluation",
+        guidelines=EVAL_GUIDELINES,
+        status="sampling",
+        wants_demonstrations=False,
+        wants_rankings=True,
+        overlap=overlap,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        priority=EVAL_PRIORITY,
+        created_by_id=created_by_id,
     )
     db.add(batch)
     db.flush()
-    db.execute(insert(Prompt), [
-        {"batch_id": batch.id, "text": p.text, "source_user_id": p.source_user_id, "category": p.category,
-         "split": p.split, "normalized_key": p.normalized_key, "prefix_key": p.prefix_key, "extra": p.extra or {},
-         "pii_flags": p.pii_flags or [], "created_at": utcnow()}
-        for p in prompts
-    ])
+    db.execute(
+        insert(Prompt),
+        [
+            {
+                "batch_id": batch.id,
+                "text": p.text,
+                "source_user_id": p.source_user_id,
+                "category": p.category,
+                "split": p.split,
+                "normalized_key": p.normalized_key,
+                "prefix_key": p.prefix_key,
+                "extra": p.extra or {},
+                "pii_flags": p.pii_flags or [],
+                "created_at": utcnow(),
+            }
+            for p in prompts
+        ],
+    )
     evaluation = Evaluation(
-        model_a_id=a.id, model_b_id=b.id, batch_id=batch.id, status="sampling", n_prompts=len(prompts),
-        overlap=overlap, prompt_split=prompt_split, temperature=temperature, max_new_tokens=max_new_tokens,
-        triggered_by=triggered_by, created_by_id=created_by_id,
+        model_a_id=a.id,
+        model_b_id=b.id,
+        batch_id=batch.id,
+        status="sampling",
+        n_prompts=len(prompts),
+        overlap=overlap,
+        prompt_split=prompt_split,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        triggered_by=triggered_by,
+        created_by_id=created_by_id,
     )
     db.add(evaluation)
     db.flush()
     # A neutral name: labelers never see it, but it must not name the models if they ever did.
     batch.name = f"Evaluation {evaluation.id}"
-    start_run(db, "sample", batch_id=batch.id, triggered_by="evaluation",
-              params={"evaluation_id": evaluation.id})
+    start_run(db, "sample", batch_id=batch.id, triggered_by="evaluation", params={"evaluation_id": evaluation.id})
     return evaluation
 
 
@@ -167,9 +200,14 @@ def for_batch(db: Session, batch_id: int) -> Evaluation | None:
 def prompts_needing_output(db: Session, evaluation: Evaluation, model_version_id: int) -> list[tuple[int, str]]:
     """Returns (id, text) of the evaluation's prompts that have no output from this model yet."""
     have = select(Completion.prompt_id).where(Completion.model_version_id == model_version_id)
-    return [(pid, text) for pid, text in db.execute(
-        select(Prompt.id, Prompt.text).where(Prompt.batch_id == evaluation.batch_id, Prompt.id.not_in(have))
-        .order_by(Prompt.id))]
+    return [
+        (pid, text)
+        for pid, text in db.execute(
+            select(Prompt.id, Prompt.text)
+            .where(Prompt.batch_id == evaluation.batch_id, Prompt.id.not_in(have))
+            .order_by(Prompt.id)
+        )
+    ]
 
 
 def open_for_judging(db: Session, evaluation: Evaluation) -> int:
@@ -178,9 +216,11 @@ def open_for_judging(db: Session, evaluation: Evaluation) -> int:
     batch = get_existing(db, PromptBatch, evaluation.batch_id, with_for_update=True)
     outputs: dict[int, dict[int, Completion]] = defaultdict(dict)
     for completion in db.scalars(
-        select(Completion).join(Prompt, Prompt.id == Completion.prompt_id)
-        .where(Prompt.batch_id == batch.id,
-               Completion.model_version_id.in_((evaluation.model_a_id, evaluation.model_b_id)))
+        select(Completion)
+        .join(Prompt, Prompt.id == Completion.prompt_id)
+        .where(
+            Prompt.batch_id == batch.id, Completion.model_version_id.in_((evaluation.model_a_id, evaluation.model_b_id))
+        )
         .order_by(Completion.id)
     ):
         if completion.model_version_id is None:  # never: the query selects only the two models' outputs
@@ -195,12 +235,18 @@ def open_for_judging(db: Session, evaluation: Evaluation) -> int:
         if a.text.strip() == b.text.strip():
             identical += 1  # nothing to judge: the two models agree word for word
             continue
-        task = Task(batch_id=batch.id, prompt_id=prompt_id, kind="eval", needed=evaluation.overlap,
-                    priority=batch.priority)
+        task = Task(
+            batch_id=batch.id, prompt_id=prompt_id, kind="eval", needed=evaluation.overlap, priority=batch.priority
+        )
         db.add(task)
         db.flush()
-        db.execute(insert(TaskItem), [{"task_id": task.id, "completion_id": a.id, "position": 0},
-                                      {"task_id": task.id, "completion_id": b.id, "position": 1}])
+        db.execute(
+            insert(TaskItem),
+            [
+                {"task_id": task.id, "completion_id": a.id, "position": 0},
+                {"task_id": task.id, "completion_id": b.id, "position": 1},
+            ],
+        )
         created += 1
     evaluation.n_identical += identical
     if batch.status == "sampling":
@@ -236,8 +282,11 @@ def cancel_evaluation(db: Session, evaluation: Evaluation) -> Evaluation:
     batch = get_existing(db, PromptBatch, evaluation.batch_id)  # a non-null foreign key
     batch.status = "archived"  # out of every queue; kept, with its verdicts so far, for the record
     # Its sampling run, if still going, stops at its next heartbeat.
-    db.execute(update(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status.in_(("queued", "running")))
-               .values(status="cancelled", finished_at=utcnow(), message="evaluation cancelled"))
+    db.execute(
+        update(TrainingRun)
+        .where(TrainingRun.batch_id == batch.id, TrainingRun.status.in_(("queued", "running")))
+        .values(status="cancelled", finished_at=utcnow(), message="evaluation cancelled")
+    )
     db.flush()
     return evaluation
 
@@ -260,9 +309,16 @@ class Tally:
     def summary(self) -> dict[str, Any]:
         """A's win rate (ties count half) with its 95 % Wilson interval, and the tie rate."""
         found = win_rate(self.wins, self.losses, self.ties)
-        return {"wins": self.wins, "losses": self.losses, "ties": self.ties, "n": self.n,
-                "win_rate": found.rate, "low": found.low if self.n else None,
-                "high": found.high if self.n else None, "tie_rate": found.tie_rate}
+        return {
+            "wins": self.wins,
+            "losses": self.losses,
+            "ties": self.ties,
+            "n": self.n,
+            "win_rate": found.rate,
+            "low": found.low if self.n else None,
+            "high": found.high if self.n else None,
+            "tie_rate": found.tie_rate,
+        }
 
 
 @dataclass
@@ -297,7 +353,8 @@ def results(db: Session, evaluation: Evaluation) -> EvaluationResult:
     """Tallies an evaluation's verdicts: overall, per prompt category and per world family."""
     rows = db.execute(
         select(EvalJudgment.winner, EvalJudgment.shown_first, EvalJudgment.labeler_id, Prompt.category, Prompt.extra)
-        .join(Prompt, Prompt.id == EvalJudgment.prompt_id).where(EvalJudgment.evaluation_id == evaluation.id)
+        .join(Prompt, Prompt.id == EvalJudgment.prompt_id)
+        .where(EvalJudgment.evaluation_id == evaluation.id)
     ).all()
     overall = Tally()
     by_category: defaultdict[str, Tally] = defaultdict(Tally)
@@ -319,17 +376,24 @@ def results(db: Session, evaluation: Evaluation) -> EvaluationResult:
             decisive += 1
             first_wins += winner == shown_first
     tasks, done = db.execute(
-        select(func.count(), func.coalesce(func.sum(Task.done_count), 0))
-        .where(Task.batch_id == evaluation.batch_id)
+        select(func.count(), func.coalesce(func.sum(Task.done_count), 0)).where(Task.batch_id == evaluation.batch_id)
     ).one()
-    versions = {v.id: v for v in db.scalars(select(ModelVersion).where(
-        ModelVersion.id.in_((evaluation.model_a_id, evaluation.model_b_id))))}
+    versions = {
+        v.id: v
+        for v in db.scalars(
+            select(ModelVersion).where(ModelVersion.id.in_((evaluation.model_a_id, evaluation.model_b_id)))
+        )
+    }
     return EvaluationResult(
-        evaluation_id=evaluation.id, status=evaluation.status,
+        evaluation_id=evaluation.id,
+        status=evaluation.status,
         model_a=_ref(versions.get(evaluation.model_a_id), evaluation.model_a_id),
         model_b=_ref(versions.get(evaluation.model_b_id), evaluation.model_b_id),
-        n_prompts=evaluation.n_prompts, n_identical=evaluation.n_identical, tasks=int(tasks),
-        tasks_done=int(done), overall=overall.summary(),
+        n_prompts=evaluation.n_prompts,
+        n_identical=evaluation.n_identical,
+        tasks=int(tasks),
+        tasks_done=int(done),
+        overall=overall.summary(),
         by_category={k: v.summary() for k, v in sorted(by_category.items())},
         by_family={k: v.summary() for k, v in sorted(by_family.items())},
         first_shown_wins=first_wins / decisive if decisive else None,
@@ -340,7 +404,8 @@ def results(db: Session, evaluation: Evaluation) -> EvaluationResult:
 def for_model(db: Session, version_id: int) -> list[dict[str, Any]]:
     """Lists the evaluations a version took part in, each with the result from that version's side."""
     found = db.scalars(
-        select(Evaluation).where((Evaluation.model_a_id == version_id) | (Evaluation.model_b_id == version_id))
+        select(Evaluation)
+        .where((Evaluation.model_a_id == version_id) | (Evaluation.model_b_id == version_id))
         .order_by(Evaluation.id.desc())
     ).all()
     out = []
@@ -350,20 +415,30 @@ def for_model(db: Session, version_id: int) -> list[dict[str, Any]]:
         if evaluation.model_b_id == version_id:  # seen from B's side, A's wins are losses
             mine = Tally(mine["losses"], mine["wins"], mine["ties"]).summary()
         opponent = result.model_b if evaluation.model_a_id == version_id else result.model_a
-        out.append({"evaluation_id": evaluation.id, "status": evaluation.status, "opponent": opponent,
-                    "side": "a" if evaluation.model_a_id == version_id else "b", "result": mine,
-                    "created_at": evaluation.created_at})
+        out.append(
+            {
+                "evaluation_id": evaluation.id,
+                "status": evaluation.status,
+                "opponent": opponent,
+                "side": "a" if evaluation.model_a_id == version_id else "b",
+                "result": mine,
+                "created_at": evaluation.created_at,
+            }
+        )
     return out
 
 
 def has_won(db: Session, candidate_id: int, baseline_id: int) -> bool:
     """Says whether the latest completed evaluation between two versions went to the candidate (rate > 50 %)."""
     latest = db.scalar(
-        select(Evaluation).where(
+        select(Evaluation)
+        .where(
             Evaluation.status == "completed",
             ((Evaluation.model_a_id == candidate_id) & (Evaluation.model_b_id == baseline_id))
             | ((Evaluation.model_a_id == baseline_id) & (Evaluation.model_b_id == candidate_id)),
-        ).order_by(Evaluation.completed_at.desc(), Evaluation.id.desc()).limit(1)
+        )
+        .order_by(Evaluation.completed_at.desc(), Evaluation.id.desc())
+        .limit(1)
     )
     if latest is None:
         return False
@@ -396,9 +471,14 @@ def schedule_after_policy(db: Session, candidate: ModelVersion) -> Evaluation | 
         return None
     try:
         with db.begin_nested():
-            return start_evaluation(db, model_a_id=candidate.id, model_b_id=baseline.id,
-                                    n_prompts=settings.eval_after_ppo_prompts, overlap=settings.eval_overlap,
-                                    triggered_by="schedule")
+            return start_evaluation(
+                db,
+                model_a_id=candidate.id,
+                model_b_id=baseline.id,
+                n_prompts=settings.eval_after_ppo_prompts,
+                overlap=settings.eval_overlap,
+                triggered_by="schedule",
+            )
     except EvaluationError as exc:
         log.warning("no evaluation of %s after PPO: %s", candidate.name, exc)
         return None
@@ -416,8 +496,10 @@ def promotion_block(db: Session, version: ModelVersion) -> str | None:
     current = _promoted_policy(db)
     if current is None or current.id == version.id or has_won(db, version.id, current.id):
         return None
-    return (f"{version.name} has not won a completed blind evaluation against the promoted policy "
-            f"{current.name}; start one from the model page (promotion requires a win)")
+    return (
+        f"{version.name} has not won a completed blind evaluation against the promoted policy "
+        f"{current.name}; start one from the model page (promotion requires a win)"
+    )
 
 
 def counts_by_status(db: Session) -> Counter:

@@ -4,7 +4,7 @@ An admin marks a submitted ranking (an expert's, say) or the consensus of a
 task's rankings as the known answer of its task. The task then leaves the
 normal queue and becomes a check: when a labeler leases a ranking task of the
 batch, with probability `batch.gold_share` they receive one of the batch's
-gold tasks they have not done instead (`app.labeling.service`), shown exactly
+gold tasks they have not done instead (`app.labeling.leases`), shown exactly
 like any other task of the batch. Their answer is stored as a ranking marked
 `is_gold`, which does not count towards the task's overlap and is left out of
 reward-model training (the gold prompts would otherwise weigh once per
@@ -23,9 +23,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.db import get_existing
+from app.errors import FieldError
 from app.models import GoldAnswer, Prompt, PromptBatch, Ranking, RankingItem, Task, TaskItem, User, utcnow
 from app.quality.agreement import borda_consensus, pair_counts
-from app.errors import FieldError
 from app.quality.stats import Estimate, proportion_with_interval
 
 # Consensus needs at least this many rankings of the task to stand in for a known answer.
@@ -64,9 +64,14 @@ class LabelerGold:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "labeler_id": self.labeler_id, "username": self.username, "n_checks": self.n_checks,
-            "agreeing_pairs": self.agreeing_pairs, "counted_pairs": self.counted_pairs,
-            "accuracy": self.accuracy.value, "low": self.accuracy.low, "high": self.accuracy.high,
+            "labeler_id": self.labeler_id,
+            "username": self.username,
+            "n_checks": self.n_checks,
+            "agreeing_pairs": self.agreeing_pairs,
+            "counted_pairs": self.counted_pairs,
+            "accuracy": self.accuracy.value,
+            "low": self.accuracy.low,
+            "high": self.accuracy.high,
         }
 
 
@@ -84,8 +89,9 @@ def _batch_of_task(db: Session, task_id: int) -> int | None:
     return db.scalar(select(Task.batch_id).where(Task.id == task_id))
 
 
-def _set_gold(db: Session, task: Task, ranks: dict[int, int], source: str, ranking_id: int | None,
-              admin: User | None) -> GoldAnswer:
+def _set_gold(
+    db: Session, task: Task, ranks: dict[int, int], source: str, ranking_id: int | None, admin: User | None
+) -> GoldAnswer:
     batch = get_existing(db, PromptBatch, task.batch_id)  # tasks.batch_id is a non-null foreign key
     if batch.purpose != "collection":
         raise GoldError("task_id", "only tasks of collection batches can be gold")
@@ -111,23 +117,34 @@ def mark_ranking_gold(db: Session, ranking_id: int, admin: User | None, batch_id
     ranking, task = _ranking_task(db, ranking_id, batch_id)
     if task.kind != "ranking":
         raise GoldError("ranking_id", "only ranking tasks can be gold")
-    ranks = dict(db.execute(select(RankingItem.completion_id, RankingItem.rank)
-                            .where(RankingItem.ranking_id == ranking.id)).all())
+    ranks = dict(
+        db.execute(
+            select(RankingItem.completion_id, RankingItem.rank).where(RankingItem.ranking_id == ranking.id)
+        ).all()
+    )
     if len(set(ranks.values())) < 2:
         raise GoldError("ranking_id", f"ranking {ranking_id} ties every output; a gold answer must order some pair")
     return _set_gold(db, task, ranks, "ranking", ranking.id, admin)
 
 
-def mark_consensus_gold(db: Session, task_id: int, admin: User | None, batch_id: int | None = None,
-                        min_rankings: int = MIN_CONSENSUS_RANKINGS) -> GoldAnswer:
+def mark_consensus_gold(
+    db: Session,
+    task_id: int,
+    admin: User | None,
+    batch_id: int | None = None,
+    min_rankings: int = MIN_CONSENSUS_RANKINGS,
+) -> GoldAnswer:
     """Makes the Borda consensus of a task's rankings its known answer; needs `min_rankings` of them."""
     task = db.get(Task, task_id, with_for_update=True)
     if task is None or (batch_id is not None and task.batch_id != batch_id):
         raise GoldError("task_id", f"no task {task_id} in this batch", status=404)
     if task.kind != "ranking":
         raise GoldError("task_id", "only ranking tasks can be gold")
-    outputs = list(db.scalars(select(TaskItem.completion_id).where(TaskItem.task_id == task.id)
-                              .order_by(TaskItem.position, TaskItem.id)))
+    outputs = list(
+        db.scalars(
+            select(TaskItem.completion_id).where(TaskItem.task_id == task.id).order_by(TaskItem.position, TaskItem.id)
+        )
+    )
     by_ranking: dict[int, dict[int, int]] = defaultdict(dict)
     for rid, cid, rank in db.execute(
         select(Ranking.id, RankingItem.completion_id, RankingItem.rank)
@@ -137,8 +154,11 @@ def mark_consensus_gold(db: Session, task_id: int, admin: User | None, batch_id:
         by_ranking[rid][cid] = rank
     complete = [[ranks[cid] for cid in outputs] for ranks in by_ranking.values() if set(ranks) == set(outputs)]
     if len(complete) < min_rankings:
-        raise GoldError("task_id", f"task {task_id} has {len(complete)} ranking(s); a consensus answer needs "
-                                   f"at least {min_rankings}", status=409)
+        raise GoldError(
+            "task_id",
+            f"task {task_id} has {len(complete)} ranking(s); a consensus answer needs at least {min_rankings}",
+            status=409,
+        )
     consensus = borda_consensus(complete)
     if len(set(consensus)) < 2:
         raise GoldError("task_id", f"the rankings of task {task_id} cancel out (every output tied)", status=409)
@@ -198,31 +218,54 @@ def gold_report(db: Session, batch_id: int | None = None) -> tuple[list[GoldTask
         score = score_check(known, given)
         task_scores[task_id].append(score)
         labeler_scores[labeler_id].append(score)
-    prompts = {task_id: (prompt_id, text) for task_id, prompt_id, text in db.execute(
-        select(Task.id, Prompt.id, Prompt.text).join(Prompt, Prompt.id == Task.prompt_id)
-        .where(Task.id.in_(list(answers))))} if answers else {}
+    prompts = (
+        {
+            task_id: (prompt_id, text)
+            for task_id, prompt_id, text in db.execute(
+                select(Task.id, Prompt.id, Prompt.text)
+                .join(Prompt, Prompt.id == Task.prompt_id)
+                .where(Task.id.in_(list(answers)))
+            )
+        }
+        if answers
+        else {}
+    )
     tasks = []
     for task_id, answer in sorted(answers.items()):
         scores = task_scores.get(task_id, [])
         counted = sum(c for _, c in scores)
-        tasks.append(GoldTaskRow(
-            task_id=task_id, prompt_id=prompts[task_id][0], prompt=prompts[task_id][1], source=answer.source,
-            source_ranking_id=answer.source_ranking_id,
-            answer={int(cid): rank for cid, rank in answer.ranks.items()}, n_checks=len(scores),
-            accuracy=sum(a for a, _ in scores) / counted if counted else None,
-        ))
-    users = dict(db.execute(select(User.id, User.username).where(User.id.in_(list(labeler_scores)))).all()) \
-        if labeler_scores else {}
+        tasks.append(
+            GoldTaskRow(
+                task_id=task_id,
+                prompt_id=prompts[task_id][0],
+                prompt=prompts[task_id][1],
+                source=answer.source,
+                source_ranking_id=answer.source_ranking_id,
+                answer={int(cid): rank for cid, rank in answer.ranks.items()},
+                n_checks=len(scores),
+                accuracy=sum(a for a, _ in scores) / counted if counted else None,
+            )
+        )
+    users = (
+        dict(db.execute(select(User.id, User.username).where(User.id.in_(list(labeler_scores)))).all())
+        if labeler_scores
+        else {}
+    )
     labelers = []
     for labeler_id, scores in labeler_scores.items():
         agree, counted = sum(a for a, _ in scores), sum(c for _, c in scores)
-        labelers.append(LabelerGold(
-            labeler_id=labeler_id, username=users.get(labeler_id, f"#{labeler_id}"), n_checks=len(scores),
-            agreeing_pairs=agree, counted_pairs=counted,
-            # Pairs within one check are not independent, so this interval is on the optimistic side.
-            accuracy=proportion_with_interval(round(agree), counted),
-            per_check=[a / c for a, c in scores if c],
-        ))
+        labelers.append(
+            LabelerGold(
+                labeler_id=labeler_id,
+                username=users.get(labeler_id, f"#{labeler_id}"),
+                n_checks=len(scores),
+                agreeing_pairs=agree,
+                counted_pairs=counted,
+                # Pairs within one check are not independent, so this interval is on the optimistic side.
+                accuracy=proportion_with_interval(round(agree), counted),
+                per_check=[a / c for a, c in scores if c],
+            )
+        )
     labelers.sort(key=lambda row: row.username)
     return tasks, labelers
 
@@ -236,12 +279,16 @@ def candidate_tasks(db: Session, batch_id: int, limit: int = 50) -> list[dict[st
     """Lists a batch's ranking tasks that could become gold: their rankings, most-ranked first."""
     counts = (
         select(Ranking.task_id, func.count().label("n"), func.max(Ranking.id).label("last_ranking_id"))
-        .where(Ranking.is_gold.is_(False)).group_by(Ranking.task_id).subquery()
+        .where(Ranking.is_gold.is_(False))
+        .group_by(Ranking.task_id)
+        .subquery()
     )
     rows = db.execute(
         select(Task.id, Prompt.text, counts.c.n, counts.c.last_ranking_id)
-        .join(counts, counts.c.task_id == Task.id).join(Prompt, Prompt.id == Task.prompt_id)
+        .join(counts, counts.c.task_id == Task.id)
+        .join(Prompt, Prompt.id == Task.prompt_id)
         .where(Task.batch_id == batch_id, Task.kind == "ranking", Task.is_gold.is_(False))
-        .order_by(counts.c.n.desc(), Task.id).limit(limit)
+        .order_by(counts.c.n.desc(), Task.id)
+        .limit(limit)
     ).all()
     return [{"task_id": r[0], "prompt": r[1], "n_rankings": r[2], "last_ranking_id": r[3]} for r in rows]

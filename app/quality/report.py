@@ -114,13 +114,29 @@ class BatchQuality:
     def as_dict(self) -> dict[str, Any]:
         """Returns the report as plain JSON-ready data."""
         return {
-            "batch_id": self.batch_id, "pairwise": self.pairwise, "tau_b": self.tau_b, "alpha": self.alpha,
-            "n_tasks": self.n_tasks, "n_pairs": self.n_pairs, "n_rankings": self.n_rankings, "ties": self.ties,
+            "batch_id": self.batch_id,
+            "pairwise": self.pairwise,
+            "tau_b": self.tau_b,
+            "alpha": self.alpha,
+            "n_tasks": self.n_tasks,
+            "n_pairs": self.n_pairs,
+            "n_rankings": self.n_rankings,
+            "ties": self.ties,
             "labelers": [vars(row) for row in self.labelers],
-            "warnings": [{"kind": w.kind, "labeler_id": w.labeler_id, "username": w.username, "message": w.message}
-                         for w in self.warnings],
-            "over_time": [{"day": d.day.isoformat(), "pairwise": d.pairwise, "tau_b": d.tau_b, "n_tasks": d.n_tasks,
-                           "n_pairs": d.n_pairs} for d in self.over_time],
+            "warnings": [
+                {"kind": w.kind, "labeler_id": w.labeler_id, "username": w.username, "message": w.message}
+                for w in self.warnings
+            ],
+            "over_time": [
+                {
+                    "day": d.day.isoformat(),
+                    "pairwise": d.pairwise,
+                    "tau_b": d.tau_b,
+                    "n_tasks": d.n_tasks,
+                    "n_pairs": d.n_pairs,
+                }
+                for d in self.over_time
+            ],
         }
 
 
@@ -129,16 +145,28 @@ def load_rankings(db: Session, batch_id: int | None = None) -> list[LoadedRankin
     task_filter = [Task.kind == "ranking"] + ([Task.batch_id == batch_id] if batch_id is not None else [])
     output_index: dict[int, dict[int, int]] = defaultdict(dict)  # task_id -> completion_id -> index
     for task_id, completion_id in db.execute(
-        select(TaskItem.task_id, TaskItem.completion_id).join(Task, Task.id == TaskItem.task_id)
-        .where(*task_filter).order_by(TaskItem.task_id, TaskItem.position, TaskItem.id)
+        select(TaskItem.task_id, TaskItem.completion_id)
+        .join(Task, Task.id == TaskItem.task_id)
+        .where(*task_filter)
+        .order_by(TaskItem.task_id, TaskItem.position, TaskItem.id)
     ):
         outputs = output_index[task_id]
         outputs[completion_id] = len(outputs)
     rows = db.execute(
-        select(Ranking.id, Ranking.task_id, Ranking.labeler_id, Ranking.active_seconds, Ranking.created_at,
-               RankingItem.completion_id, RankingItem.rank, RankingItem.position)
-        .join(Task, Task.id == Ranking.task_id).join(RankingItem, RankingItem.ranking_id == Ranking.id)
-        .where(*task_filter).order_by(Ranking.id, RankingItem.position)
+        select(
+            Ranking.id,
+            Ranking.task_id,
+            Ranking.labeler_id,
+            Ranking.active_seconds,
+            Ranking.created_at,
+            RankingItem.completion_id,
+            RankingItem.rank,
+            RankingItem.position,
+        )
+        .join(Task, Task.id == Ranking.task_id)
+        .join(RankingItem, RankingItem.ranking_id == Ranking.id)
+        .where(*task_filter)
+        .order_by(Ranking.id, RankingItem.position)
     )
     grouped: dict[int, tuple[tuple, list[tuple[int, int, int]]]] = {}
     for rid, task_id, labeler_id, seconds, at, completion_id, rank, position in rows:
@@ -168,8 +196,9 @@ def task_rankings(rankings: Iterable[LoadedRanking]) -> dict[int, dict[int, list
 
 def consensus_by_task(rankings: Iterable[LoadedRanking]) -> dict[int, list[int]]:
     """Returns the Borda consensus ranks of every task with at least one ranking."""
-    return {task_id: borda_consensus(list(by_labeler.values()))
-            for task_id, by_labeler in task_rankings(rankings).items()}
+    return {
+        task_id: borda_consensus(list(by_labeler.values())) for task_id, by_labeler in task_rankings(rankings).items()
+    }
 
 
 def _day(at: datetime) -> date:
@@ -198,9 +227,15 @@ def _percent(value: float) -> str:
     return f"{value * 100:.0f} %"
 
 
-def quality_report(db: Session, batch_id: int | None, ties: TieRule = "exclude", *,
-                   gap: float = LOW_AGREEMENT_GAP, min_pairs: int = MIN_PAIRS_FOR_WARNING,
-                   speed_factor: float = SPEED_FACTOR) -> BatchQuality:
+def quality_report(
+    db: Session,
+    batch_id: int | None,
+    ties: TieRule = "exclude",
+    *,
+    gap: float = LOW_AGREEMENT_GAP,
+    min_pairs: int = MIN_PAIRS_FOR_WARNING,
+    speed_factor: float = SPEED_FACTOR,
+) -> BatchQuality:
     """Measures agreement and checks labelers on one batch's rankings (all batches when None)."""
     rankings = load_rankings(db, batch_id)
     grouped = task_rankings(rankings)
@@ -210,8 +245,9 @@ def quality_report(db: Session, batch_id: int | None, ties: TieRule = "exclude",
     for r in rankings:
         by_labeler[r.labeler_id].append(r)
     users = {u.id: u for u in db.scalars(select(User).where(User.id.in_(list(by_labeler))))} if by_labeler else {}
-    fast = set(speed_outliers({lid: [r.active_seconds for r in rs] for lid, rs in by_labeler.items()},
-                              factor=speed_factor))
+    fast = set(
+        speed_outliers({lid: [r.active_seconds for r in rs] for lid, rs in by_labeler.items()}, factor=speed_factor)
+    )
     typical = median(median(r.active_seconds for r in rs) for rs in by_labeler.values()) if by_labeler else None
     rows: list[LabelerQuality] = []
     warnings: list[QualityWarning] = []
@@ -220,11 +256,16 @@ def quality_report(db: Session, batch_id: int | None, ties: TieRule = "exclude",
         found = per_labeler.get(lid)
         orders, ranks = [r.display_order for r in rs], [r.ranks for r in rs]
         row = LabelerQuality(
-            labeler_id=lid, username=user.username, held_out=user.held_out, n_rankings=len(rs),
-            n_tasks_shared=found.n_tasks if found else 0, n_pairs=found.n_pairs if found else 0,
+            labeler_id=lid,
+            username=user.username,
+            held_out=user.held_out,
+            n_rankings=len(rs),
+            n_tasks_shared=found.n_tasks if found else 0,
+            n_pairs=found.n_pairs if found else 0,
             agreement=found.mean_agreement if found else None,
             consensus_agreement=found.consensus_agreement if found else None,
-            median_seconds=median(r.active_seconds for r in rs), position_bias=position_bias(orders, ranks),
+            median_seconds=median(r.active_seconds for r in rs),
+            position_bias=position_bias(orders, ranks),
         )
 
         def warn(kind: str, message: str, row: LabelerQuality = row) -> None:
@@ -232,21 +273,42 @@ def quality_report(db: Session, batch_id: int | None, ties: TieRule = "exclude",
             warnings.append(QualityWarning(kind, row.labeler_id, row.username, message))
 
         if lid in fast:
-            warn("fast", f"{user.username} takes a median {row.median_seconds:.0f} s per ranking, "
-                         f"under 1/{speed_factor:g} of the labelers' median ({typical:.0f} s)")
-        if (row.agreement is not None and overall.pairwise is not None and row.n_pairs >= min_pairs
-                and row.agreement < overall.pairwise - gap):
-            warn("low_agreement", f"{user.username} agrees with others on {_percent(row.agreement)} of pairs, "
-                                  f"against {_percent(overall.pairwise)} for the batch")
+            warn(
+                "fast",
+                f"{user.username} takes a median {row.median_seconds:.0f} s per ranking, "
+                f"under 1/{speed_factor:g} of the labelers' median ({typical:.0f} s)",
+            )
+        if (
+            row.agreement is not None
+            and overall.pairwise is not None
+            and row.n_pairs >= min_pairs
+            and row.agreement < overall.pairwise - gap
+        ):
+            warn(
+                "low_agreement",
+                f"{user.username} agrees with others on {_percent(row.agreement)} of pairs, "
+                f"against {_percent(overall.pairwise)} for the batch",
+            )
         if is_position_biased(orders, ranks):
             lean = "first" if (row.position_bias or 0) > 0 else "last"
-            warn("position_bias", f"{user.username}'s ranks follow the display order (mean tau-b "
-                                  f"{row.position_bias:+.2f}): outputs shown {lean} are ranked better")
+            warn(
+                "position_bias",
+                f"{user.username}'s ranks follow the display order (mean tau-b "
+                f"{row.position_bias:+.2f}): outputs shown {lean} are ranked better",
+            )
         rows.append(row)
     return BatchQuality(
-        batch_id=batch_id, pairwise=overall.pairwise, tau_b=overall.tau_b, alpha=overall.alpha,
-        n_tasks=overall.n_tasks, n_pairs=overall.n_pairs, n_rankings=len(rankings), ties=ties,
-        labelers=rows, warnings=warnings, over_time=agreement_over_time(rankings, ties),
+        batch_id=batch_id,
+        pairwise=overall.pairwise,
+        tau_b=overall.tau_b,
+        alpha=overall.alpha,
+        n_tasks=overall.n_tasks,
+        n_pairs=overall.n_pairs,
+        n_rankings=len(rankings),
+        ties=ties,
+        labelers=rows,
+        warnings=warnings,
+        over_time=agreement_over_time(rankings, ties),
     )
 
 
@@ -270,13 +332,19 @@ def labelers_overview(db: Session) -> list[dict[str, Hashable | float | None]]:
     out = []
     for user in db.scalars(select(User).where(User.role == "labeler").order_by(User.username)):
         row = by_id.get(user.id)
-        out.append({
-            "id": user.id, "username": user.username, "held_out": user.held_out, "is_active": user.is_active,
-            "n_rankings": row.n_rankings if row else 0, "n_pairs": row.n_pairs if row else 0,
-            "agreement": row.agreement if row else None,
-            "consensus_agreement": row.consensus_agreement if row else None,
-            "warnings": row.warnings if row else [],
-            "gold_checks": on_gold[user.id].n_checks if user.id in on_gold else 0,
-            "gold_accuracy": on_gold[user.id].accuracy if user.id in on_gold else None,
-        })
+        out.append(
+            {
+                "id": user.id,
+                "username": user.username,
+                "held_out": user.held_out,
+                "is_active": user.is_active,
+                "n_rankings": row.n_rankings if row else 0,
+                "n_pairs": row.n_pairs if row else 0,
+                "agreement": row.agreement if row else None,
+                "consensus_agreement": row.consensus_agreement if row else None,
+                "warnings": row.warnings if row else [],
+                "gold_checks": on_gold[user.id].n_checks if user.id in on_gold else 0,
+                "gold_accuracy": on_gold[user.id].accuracy if user.id in on_gold else None,
+            }
+        )
     return out

@@ -18,15 +18,15 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session
 
-from app.deps import AdminApi, AdminPage, SessionDep
-from app.models import MAX_ID, PromptBatch
-from app.collection.api import get_batch_or_404
 from app.charts import interval_bars
-from app.templating import render
+from app.collection.api import get_batch_or_404
+from app.deps import AdminApi, AdminPage, SessionDep
+from app.errors import AppError, renders_on_error, validated
+from app.models import MAX_ID, PromptBatch
 from app.quality import gold
 from app.quality import report as quality
-from app.errors import AppError, renders_on_error, validated
 from app.quality.report import DailyAgreement
+from app.templating import render
 
 router = APIRouter()
 api_router = APIRouter(prefix="/api/v1", tags=["quality"])
@@ -34,8 +34,10 @@ pages_router = APIRouter(include_in_schema=False)
 
 Ties = Annotated[
     Literal["exclude", "disagree", "half"],
-    Query(description="Pairs tied by a labeler: left out (default, as InstructGPT), counted as disagreement, "
-                      "or as half an agreement."),
+    Query(
+        description="Pairs tied by a labeler: left out (default, as InstructGPT), counted as disagreement, "
+        "or as half an agreement."
+    ),
 ]
 
 CHART_WIDTH, CHART_HEIGHT = 640, 160
@@ -47,11 +49,22 @@ def agreement_chart(days: list[DailyAgreement]) -> dict[str, Any]:
     if not points:
         return {}
     step = CHART_WIDTH / (len(points) - 1) if len(points) > 1 else 0
-    dots = [{"x": round(i * step if step else CHART_WIDTH / 2, 1), "y": round(CHART_HEIGHT * (1 - value), 1),
-             "label": f"{day.isoformat()}: {value * 100:.1f} %"} for i, (day, value) in enumerate(points)]
-    return {"width": CHART_WIDTH, "height": CHART_HEIGHT, "dots": dots,
-            "points": " ".join(f"{d['x']},{d['y']}" for d in dots),
-            "first": points[0][0].isoformat(), "last": points[-1][0].isoformat()}
+    dots = [
+        {
+            "x": round(i * step if step else CHART_WIDTH / 2, 1),
+            "y": round(CHART_HEIGHT * (1 - value), 1),
+            "label": f"{day.isoformat()}: {value * 100:.1f} %",
+        }
+        for i, (day, value) in enumerate(points)
+    ]
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "dots": dots,
+        "points": " ".join(f"{d['x']},{d['y']}" for d in dots),
+        "first": points[0][0].isoformat(),
+        "last": points[-1][0].isoformat(),
+    }
 
 
 @api_router.get("/batches/{batch_id}/agreement")
@@ -62,13 +75,13 @@ def batch_agreement_api(batch_id: int, db: SessionDep, principal: AdminApi, ties
 
 
 @pages_router.get("/admin/batches/{batch_id}/quality")
-def batch_quality_page(batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
-                       ties: Ties = "exclude"):
+def batch_quality_page(batch_id: int, request: Request, principal: AdminPage, db: SessionDep, ties: Ties = "exclude"):
     """Shows a batch's agreement, agreement over time, per-labeler table and warnings."""
     batch = get_batch_or_404(db, batch_id)
     report = quality.quality_report(db, batch_id, ties)
-    return render(request, "quality/quality.html", principal, batch=batch, report=report,
-                  chart=agreement_chart(report.over_time))
+    return render(
+        request, "quality/quality.html", principal, batch=batch, report=report, chart=agreement_chart(report.over_time)
+    )
 
 
 @pages_router.get("/admin/quality")
@@ -79,13 +92,32 @@ def quality_dashboard(request: Request, principal: AdminPage, db: SessionDep, ti
 
     report = quality.quality_report(db, None, ties)
     _, on_gold = gold.gold_report(db, None)
-    agreement_bars = interval_bars([
-        {"label": row.username, "value": row.agreement, "n": row.n_pairs} for row in report.labelers])
-    gold_bars = interval_bars([{"label": row.username, "value": row.accuracy.value, "low": row.accuracy.low,
-                                "high": row.accuracy.high, "n": row.accuracy.n} for row in on_gold])
-    return render(request, "quality/quality_overview.html", principal, report=report, chart=agreement_chart(report.over_time),
-                  agreement_bars=agreement_bars, gold_rows=on_gold, gold_bars=gold_bars,
-                  win_bars=recent_win_rates(db))
+    agreement_bars = interval_bars(
+        [{"label": row.username, "value": row.agreement, "n": row.n_pairs} for row in report.labelers]
+    )
+    gold_bars = interval_bars(
+        [
+            {
+                "label": row.username,
+                "value": row.accuracy.value,
+                "low": row.accuracy.low,
+                "high": row.accuracy.high,
+                "n": row.accuracy.n,
+            }
+            for row in on_gold
+        ]
+    )
+    return render(
+        request,
+        "quality/quality_overview.html",
+        principal,
+        report=report,
+        chart=agreement_chart(report.over_time),
+        agreement_bars=agreement_bars,
+        gold_rows=on_gold,
+        gold_bars=gold_bars,
+        win_bars=recent_win_rates(db),
+    )
 
 
 @pages_router.get("/admin/labelers")
@@ -95,8 +127,12 @@ def labelers_page(request: Request, principal: AdminPage, db: SessionDep):
 
 
 @pages_router.post("/admin/labelers/{labeler_id}/held-out")
-def labeler_held_out(labeler_id: int, principal: AdminPage, db: SessionDep,
-                     held_out: Annotated[Literal["true", "false"] | None, Form()] = None):
+def labeler_held_out(
+    labeler_id: int,
+    principal: AdminPage,
+    db: SessionDep,
+    held_out: Annotated[Literal["true", "false"] | None, Form()] = None,
+):
     """Marks a labeler held out (rankings go to validation only) or back; toggles when `held_out` is absent."""
     user = quality.set_held_out(db, labeler_id, None if held_out is None else held_out == "true")
     if user is None:
@@ -116,7 +152,7 @@ class GoldIn(BaseModel):
     task_id: int | None = Field(None, ge=1, le=MAX_ID, description="A task whose rankings' consensus is the answer")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "GoldIn":
+    def _one_source(self) -> GoldIn:
         if (self.ranking_id is None) == (self.task_id is None):
             raise ValueError("give either ranking_id (a trusted ranking) or task_id (its consensus), not both")
         return self
@@ -125,9 +161,12 @@ class GoldIn(BaseModel):
 def gold_summary(db: Session, batch: PromptBatch) -> dict[str, Any]:
     """A batch's gold tasks, labelers' accuracy on them and candidate tasks, as JSON-ready data."""
     tasks, labelers = gold.gold_report(db, batch.id)
-    return {"batch_id": batch.id, "gold_share": batch.gold_share,
-            "tasks": [vars(t) | {"answer": {str(k): v for k, v in t.answer.items()}} for t in tasks],
-            "labelers": [row.as_dict() for row in labelers]}
+    return {
+        "batch_id": batch.id,
+        "gold_share": batch.gold_share,
+        "tasks": [vars(t) | {"answer": {str(k): v for k, v in t.answer.items()}} for t in tasks],
+        "labelers": [row.as_dict() for row in labelers],
+    }
 
 
 @api_router.get("/batches/{batch_id}/gold")
@@ -163,11 +202,31 @@ def batch_gold_unmark(batch_id: int, task_id: int, db: SessionDep, principal: Ad
 
 def _gold_page(request: Request, principal, db: Session, batch, status_code: int = 200, **context: Any):
     tasks, labelers = gold.gold_report(db, batch.id)
-    chart = interval_bars([{"label": row.username, "value": row.accuracy.value, "low": row.accuracy.low,
-                            "high": row.accuracy.high, "n": row.accuracy.n} for row in labelers])
-    return render(request, "quality/gold.html", principal, status_code=status_code, batch=batch, tasks=tasks,
-                  labelers=labelers, chart=chart, candidates=gold.candidate_tasks(db, batch.id),
-                  min_consensus=gold.MIN_CONSENSUS_RANKINGS, **context)
+    chart = interval_bars(
+        [
+            {
+                "label": row.username,
+                "value": row.accuracy.value,
+                "low": row.accuracy.low,
+                "high": row.accuracy.high,
+                "n": row.accuracy.n,
+            }
+            for row in labelers
+        ]
+    )
+    return render(
+        request,
+        "quality/gold.html",
+        principal,
+        status_code=status_code,
+        batch=batch,
+        tasks=tasks,
+        labelers=labelers,
+        chart=chart,
+        candidates=gold.candidate_tasks(db, batch.id),
+        min_consensus=gold.MIN_CONSENSUS_RANKINGS,
+        **context,
+    )
 
 
 @pages_router.get("/admin/batches/{batch_id}/gold")
@@ -182,8 +241,14 @@ def _gold_again(exc: AppError, request: Request, principal, db: Session, batch_i
 
 @pages_router.post("/admin/batches/{batch_id}/gold")
 @renders_on_error(_gold_again)
-def batch_gold_form(batch_id: int, request: Request, principal: AdminPage, db: SessionDep,
-                    ranking_id: Annotated[str, Form()] = "", task_id: Annotated[str, Form()] = ""):
+def batch_gold_form(
+    batch_id: int,
+    request: Request,
+    principal: AdminPage,
+    db: SessionDep,
+    ranking_id: Annotated[str, Form()] = "",
+    task_id: Annotated[str, Form()] = "",
+):
     """Marks gold from the page: a ranking id, or a task whose consensus becomes the answer."""
     batch = get_batch_or_404(db, batch_id)
     body = validated(GoldIn, {k: v for k, v in (("ranking_id", ranking_id), ("task_id", task_id)) if v})

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 
 from app.deps import AdminApi, SessionDep
 from app.models import ModelVersion
-from app.registry import versions as registry
 from app.quality.behaviour import model_behaviour
+from app.registry import versions as registry
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
@@ -49,7 +49,7 @@ class ModelOut(BaseModel):
     kind: str
     status: str
     parent_id: int | None
-    lineage: dict[str, Any] = Field(description="Secondary parents by role, as ids, e.g. {\"sft\": 3, \"rm\": 4}")
+    lineage: dict[str, Any] = Field(description='Secondary parents by role, as ids, e.g. {"sft": 3, "rm": 4}')
     data_snapshot: dict[str, Any] = Field(description="Counts and id ranges of the data it was trained on")
     artifact_path: str
     training_run_id: int | None
@@ -87,8 +87,11 @@ def model_detail(db: Session, version: ModelVersion) -> ModelDetail:
     """Serialises a version with all its metrics and its lineage resolved to names."""
     found = registry.lineage(db, version)
     return ModelDetail(
-        **model_out(version).model_dump(), metrics=version.metrics or {}, parents=found["parents"],
-        lineage_versions=found["lineage"], children=found["children"],
+        **model_out(version).model_dump(),
+        metrics=version.metrics or {},
+        parents=found["parents"],
+        lineage_versions=found["lineage"],
+        children=found["children"],
     )
 
 
@@ -96,8 +99,9 @@ def model_detail(db: Session, version: ModelVersion) -> ModelDetail:
 
 
 @router.get("/models", response_model=list[ModelOut])
-def list_models(db: SessionDep, principal: AdminApi, kind: ModelKind | None = Query(None),
-                status: ModelStatus | None = Query(None)):
+def list_models(
+    db: SessionDep, principal: AdminApi, kind: ModelKind | None = Query(None), status: ModelStatus | None = Query(None)
+):
     """Lists model versions, newest first, with their key metrics."""
     query = select(ModelVersion).order_by(ModelVersion.id.desc())
     if kind is not None:

@@ -17,18 +17,17 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.charts import curves, flat_metrics, fmt, interval_bars, pretty_json
 from app.deps import AdminPage, SessionDep
 from app.errors import AppError, renders_on_error
-from app.models import MODEL_KINDS, ModelVersion, TrainingRun
-from app.charts import interval_bars
 from app.labeling.pages import FLAG_LABELS
-from app.registry.api import get_version_or_404
-from app.templating import render
+from app.models import MODEL_KINDS, ModelVersion, TrainingRun
 from app.quality import evaluations
-from app.registry import versions as registry
 from app.quality.behaviour import model_behaviour
+from app.registry import versions as registry
+from app.registry.api import get_version_or_404
 from app.registry.versions import KEY_METRICS
-from app.charts import curves, flat_metrics, fmt, pretty_json
+from app.templating import render
 
 router = APIRouter(include_in_schema=False)
 
@@ -44,12 +43,24 @@ def _models_page(request: Request, principal, db: Session, status_code: int = 20
     names = {v.id: v.name for v in versions}
     groups = []
     for kind in KIND_ORDER:
-        rows = [{"version": v, "parent": names.get(v.parent_id) if v.parent_id is not None else None,
-                 "metrics": [fmt(m) for m in registry.key_metrics(v).values()]}
-                for v in versions if v.kind == kind]
-        groups.append({"kind": kind, "title": KIND_TITLES[kind], "rows": rows,
-                       "metric_labels": [label for _, label in KEY_METRICS[kind]],
-                       "rollback": registry.rollback_target(db, kind)})
+        rows = [
+            {
+                "version": v,
+                "parent": names.get(v.parent_id) if v.parent_id is not None else None,
+                "metrics": [fmt(m) for m in registry.key_metrics(v).values()],
+            }
+            for v in versions
+            if v.kind == kind
+        ]
+        groups.append(
+            {
+                "kind": kind,
+                "title": KIND_TITLES[kind],
+                "rows": rows,
+                "metric_labels": [label for _, label in KEY_METRICS[kind]],
+                "rollback": registry.rollback_target(db, kind),
+            }
+        )
     return render(request, "registry/models.html", principal, status_code=status_code, groups=groups, **context)
 
 
@@ -85,27 +96,51 @@ def model_page(version_id: int, request: Request, principal: AdminPage, db: Sess
     return _model_page(request, principal, db, get_version_or_404(db, version_id))
 
 
-def _model_page(request: Request, principal, db: Session, version: ModelVersion, status_code: int = 200,
-                **context: Any):
+def _model_page(
+    request: Request, principal, db: Session, version: ModelVersion, status_code: int = 200, **context: Any
+):
     rows, other = flat_metrics(version.metrics or {})
     snapshot_rows, snapshot_other = flat_metrics(version.data_snapshot or {})
     run = db.get(TrainingRun, version.training_run_id) if version.training_run_id else None
     found = evaluations.for_model(db, version.id)
     behaviour = model_behaviour(db, version.id) if version.kind != "rm" else None
     return render(
-        request, "registry/model.html", principal, status_code=status_code, version=version,
-        lineage=registry.lineage(db, version), run=run, metric_rows=rows, metric_other=pretty_json(other) if other else "",
-        snapshot_rows=snapshot_rows, snapshot_other=pretty_json(snapshot_other) if snapshot_other else "",
-        charts=curves(version.metrics or {}), evaluations=found, behaviour=behaviour,
+        request,
+        "registry/model.html",
+        principal,
+        status_code=status_code,
+        version=version,
+        lineage=registry.lineage(db, version),
+        run=run,
+        metric_rows=rows,
+        metric_other=pretty_json(other) if other else "",
+        snapshot_rows=snapshot_rows,
+        snapshot_other=pretty_json(snapshot_other) if snapshot_other else "",
+        charts=curves(version.metrics or {}),
+        evaluations=found,
+        behaviour=behaviour,
         flag_labels=FLAG_LABELS,
-        eval_chart=interval_bars([
-            {"label": f"#{e['evaluation_id']} vs {e['opponent']['name']}", "value": e["result"]["win_rate"],
-             "low": e["result"]["low"], "high": e["result"]["high"], "n": e["result"]["n"]} for e in found[:20]
-        ], reference=0.5),
-        flag_chart=interval_bars([
-            {"label": FLAG_LABELS[name], "value": e.value, "low": e.low, "high": e.high, "n": e.n}
-            for name, e in behaviour.flags.items()
-        ]) if behaviour and behaviour.n_outputs else None,
+        eval_chart=interval_bars(
+            [
+                {
+                    "label": f"#{e['evaluation_id']} vs {e['opponent']['name']}",
+                    "value": e["result"]["win_rate"],
+                    "low": e["result"]["low"],
+                    "high": e["result"]["high"],
+                    "n": e["result"]["n"],
+                }
+                for e in found[:20]
+            ],
+            reference=0.5,
+        ),
+        flag_chart=interval_bars(
+            [
+                {"label": FLAG_LABELS[name], "value": e.value, "low": e.low, "high": e.high, "n": e.n}
+                for name, e in behaviour.flags.items()
+            ]
+        )
+        if behaviour and behaviour.n_outputs
+        else None,
         **context,
     )
 
@@ -125,8 +160,13 @@ def _promote_again(exc: AppError, next_url: str, **route):
 
 @router.post("/admin/models/{version_id}/promote")
 @renders_on_error(_promote_again)
-def model_promote(version_id: int, request: Request, principal: AdminPage, db: SessionDep,
-                  next_url: Annotated[str, Form(alias="next")] = "/admin/models"):
+def model_promote(
+    version_id: int,
+    request: Request,
+    principal: AdminPage,
+    db: SessionDep,
+    next_url: Annotated[str, Form(alias="next")] = "/admin/models",
+):
     """Promotes a ready version; the previously promoted one of its kind becomes ready."""
     version = get_version_or_404(db, version_id)
     if version.status != "promoted":

@@ -48,8 +48,14 @@ def register_version(
     if db.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
         raise RegistryError("name", f"a model version called '{name}' already exists")
     version = ModelVersion(
-        kind=kind, name=name, artifact_path=artifact_path, status=status, parent_id=parent_id,
-        metrics=metrics or {}, data_snapshot=data_snapshot or {}, lineage=lineage or {},
+        kind=kind,
+        name=name,
+        artifact_path=artifact_path,
+        status=status,
+        parent_id=parent_id,
+        metrics=metrics or {},
+        data_snapshot=data_snapshot or {},
+        lineage=lineage or {},
         training_run_id=training_run_id,
     )
     db.add(version)
@@ -60,8 +66,17 @@ def register_version(
 
 
 def _announce(db: Session, event: str, version: ModelVersion) -> None:
-    events.emit(db, event, {"model_version_id": version.id, "name": version.name, "kind": version.kind,
-                           "status": version.status, "parent_id": version.parent_id})
+    events.emit(
+        db,
+        event,
+        {
+            "model_version_id": version.id,
+            "name": version.name,
+            "kind": version.kind,
+            "status": version.status,
+            "parent_id": version.parent_id,
+        },
+    )
 
 
 def register_base_model(db: Session, artifact_path: str, metrics: dict[str, Any] | None = None) -> ModelVersion:
@@ -217,8 +232,10 @@ def lineage(db: Session, version: ModelVersion, max_depth: int = 100) -> dict[st
         parent_id = parent.parent_id
     refs = {role: ref for role, ref in (version.lineage or {}).items() if isinstance(ref, int)}
     found = {v.id: v for v in db.scalars(select(ModelVersion).where(ModelVersion.id.in_(list(refs.values()))))}
-    named = {role: _summary(found[ref]) if ref in found else {"id": ref, "name": None, "kind": None, "status": None}
-             for role, ref in refs.items()}
+    named = {
+        role: _summary(found[ref]) if ref in found else {"id": ref, "name": None, "kind": None, "status": None}
+        for role, ref in refs.items()
+    }
     children = db.scalars(select(ModelVersion).where(ModelVersion.parent_id == version.id).order_by(ModelVersion.id))
     return {"parents": parents, "lineage": named, "children": [_summary(c) for c in children]}
 
@@ -231,8 +248,13 @@ def promote_if_won(db: Session, event: str, payload: dict[str, Any]) -> None:
         return
     candidate = db.get(ModelVersion, evaluation.model_a_id)
     current = promoted(db, "policy")
-    if (candidate is None or candidate.kind != "policy" or candidate.status != "ready"
-            or current is None or current.id != evaluation.model_b_id):
+    if (
+        candidate is None
+        or candidate.kind != "policy"
+        or candidate.status != "ready"
+        or current is None
+        or current.id != evaluation.model_b_id
+    ):
         return
     if evaluations.has_won(db, candidate.id, current.id):
         promote(db, candidate)

@@ -17,15 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.collection import batches
 from app.config import get_settings
 from app.db import rowcount
 from app.deps import AdminApi, SessionDep
+from app.errors import FieldError
 from app.models import ModelVersion, PromptBatch, TrainingRun, utcnow
-from app.collection import batches
+from app.runs import active_run, start_run
 from app.training import data as training
 from app.training.configs import param_specs, validate_params
-from app.errors import FieldError
-from app.runs import active_run, start_run
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 
@@ -109,8 +109,9 @@ def cancel_run(db: Session, run: TrainingRun, username: str) -> TrainingRun:
     )
     db.refresh(run)
     if rowcount(result) != 1:
-        raise RunRequestError("status", f"run {run.id} is {run.status}; only a queued or running run can be cancelled",
-                              409)
+        raise RunRequestError(
+            "status", f"run {run.id} is {run.status}; only a queued or running run can be cancelled", 409
+        )
     db.execute(
         update(ModelVersion)
         .where(ModelVersion.training_run_id == run.id, ModelVersion.status == "training")
@@ -128,11 +129,13 @@ def schedule_preview(db: Session) -> Schedule:
     """Says what the retrain schedule would start now, and why not when it would wait."""
     due = training.due_kinds(db)
     active = [kind for kind in ("sft", "rm", "ppo") if active_run(db, kind) is not None]
-    return Schedule(due=due, active=active, next=None if active or not due else due[0],
-                    min_new_demonstrations=get_settings().retrain_min_new_demonstrations,
-                    min_new_rankings=get_settings().retrain_min_new_rankings)
-
-
+    return Schedule(
+        due=due,
+        active=active,
+        next=None if active or not due else due[0],
+        min_new_demonstrations=get_settings().retrain_min_new_demonstrations,
+        min_new_rankings=get_settings().retrain_min_new_rankings,
+    )
 
 
 def get_run_or_404(db: Session, run_id: int) -> TrainingRun:
@@ -147,8 +150,13 @@ def get_run_or_404(db: Session, run_id: int) -> TrainingRun:
 
 
 @router.get("/runs", response_model=list[RunSummary])
-def list_runs(db: SessionDep, principal: AdminApi, kind: RunKind | None = Query(None),
-              status: RunStatus | None = Query(None), limit: int = Query(50, ge=1, le=500)):
+def list_runs(
+    db: SessionDep,
+    principal: AdminApi,
+    kind: RunKind | None = Query(None),
+    status: RunStatus | None = Query(None),
+    limit: int = Query(50, ge=1, le=500),
+):
     """Lists training runs, most recent first, with status, progress and message."""
     query = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)
     if kind is not None:

@@ -64,9 +64,7 @@ class SFTConfig:
     warmup_ratio: float = field(
         default=0.03, metadata={"help": "Fraction of steps of linear warmup before cosine decay.", **RATIO}
     )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", **NON_NEGATIVE}
-    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", **NON_NEGATIVE})
     max_length: int = field(
         default=1024, metadata={"help": "Tokens per example; longer pairs are truncated.", **LENGTH}
     )
@@ -97,8 +95,10 @@ class RMConfig:
 
     epochs: int = field(
         default=1,
-        metadata={"help": "Passes over the rankings (InstructGPT: 1, more overfit; the tiny world model peaks at 2).",
-                  **AT_LEAST_1},
+        metadata={
+            "help": "Passes over the rankings (InstructGPT: 1, more overfit; the tiny world model peaks at 2).",
+            **AT_LEAST_1,
+        },
     )
     learning_rate: float = field(
         default=9e-6, metadata={"help": "Peak AdamW learning rate (InstructGPT 6B RM: 9e-6).", **POSITIVE}
@@ -108,8 +108,10 @@ class RMConfig:
     )
     rankings_per_micro_batch: int = field(
         default=8,
-        metadata={"help": "Whole rankings per forward pass; all K completions of a ranking share one pass.",
-                  **AT_LEAST_1},
+        metadata={
+            "help": "Whole rankings per forward pass; all K completions of a ranking share one pass.",
+            **AT_LEAST_1,
+        },
     )
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW weight decay on weight matrices.", **NON_NEGATIVE}
@@ -117,9 +119,7 @@ class RMConfig:
     warmup_ratio: float = field(
         default=0.03, metadata={"help": "Fraction of steps of linear warmup before cosine decay.", **RATIO}
     )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", **NON_NEGATIVE}
-    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", **NON_NEGATIVE})
     max_length: int = field(
         default=1024, metadata={"help": "Tokens per (prompt, completion); longer ones are truncated.", **LENGTH}
     )
@@ -155,9 +155,7 @@ class PPOConfig:
         default=4, metadata={"help": "Rollouts per forward pass (gradient accumulation).", **AT_LEAST_1}
     )
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch.", **AT_LEAST_1})
-    learning_rate: float = field(
-        default=1e-5, metadata={"help": "Peak AdamW learning rate of the policy.", **POSITIVE}
-    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate of the policy.", **POSITIVE})
     value_learning_rate: float = field(
         default=1e-5, metadata={"help": "Peak AdamW learning rate of the value network.", **POSITIVE}
     )
@@ -170,9 +168,11 @@ class PPOConfig:
     )
     lr_schedule: str = field(
         default="cosine",
-        metadata={"help": "'cosine': decays to 0 by the last step (early stopping at a small β); 'constant': every "
-                          "PPO step learns at the peak rate (pair it with a larger kl_coef).",
-                  "choices": LR_SCHEDULE_NAMES},
+        metadata={
+            "help": "'cosine': decays to 0 by the last step (early stopping at a small β); 'constant': every "
+            "PPO step learns at the peak rate (pair it with a larger kl_coef).",
+            "choices": LR_SCHEDULE_NAMES,
+        },
     )
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Gradient clipping norm, per network (0 disables).", **NON_NEGATIVE}
@@ -191,9 +191,7 @@ class PPOConfig:
     )
     gamma: float = field(default=1.0, metadata={"help": "GAE discount γ.", **RATIO})
     lam: float = field(default=0.95, metadata={"help": "GAE λ.", **RATIO})
-    cliprange: float = field(
-        default=0.2, metadata={"help": "Clip range of the policy probability ratio.", **POSITIVE}
-    )
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy probability ratio.", **POSITIVE})
     cliprange_value: float = field(
         default=0.2, metadata={"help": "Clip range of value predictions around the rollout's values.", **POSITIVE}
     )
@@ -207,8 +205,10 @@ class PPOConfig:
     )
     missing_eos_penalty: float | None = field(
         default=None,
-        metadata={"help": "Score subtracted from completions cut at max_new_tokens without stopping (None: none).",
-                  **NON_NEGATIVE},
+        metadata={
+            "help": "Score subtracted from completions cut at max_new_tokens without stopping (None: none).",
+            **NON_NEGATIVE,
+        },
     )
     # Prompts keep their last max_prompt_length tokens; 0 would keep them whole (a slice from -0).
     max_prompt_length: int = field(
@@ -226,9 +226,7 @@ class PPOConfig:
         default=64,
         metadata={"help": "Training prompts used for evaluation when no eval_prompts are given.", **AT_LEAST_1},
     )
-    seed: int = field(
-        default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffling.", **SEED}
-    )
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffling.", **SEED})
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N PPO steps.", **AT_LEAST_1})
     device: str | None = field(
         default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose.", **DEVICES}
@@ -338,6 +336,11 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
     specs = {}
     for f in fields(cls):
         limits = {key: list(v) if key == "choices" else v for key, v in f.metadata.items() if key != "help"}
-        specs[f.name] = {"type": str(f.type), "default": None if f.default is MISSING else f.default,
-                         "help": f.metadata.get("help", ""), "allowed": allowed(cls, f), **limits}
+        specs[f.name] = {
+            "type": str(f.type),
+            "default": None if f.default is MISSING else f.default,
+            "help": f.metadata.get("help", ""),
+            "allowed": allowed(cls, f),
+            **limits,
+        }
     return specs

@@ -21,7 +21,6 @@ from app.models import Completion, Demonstration, ModelVersion, Prompt, Ranking,
 from app.runs import RunError, active_run, start_run
 
 
-
 @dataclass
 class RankingRow:
     """One ranking as the reward model trains on it."""
@@ -46,8 +45,11 @@ class Snapshot:
 
 def demonstrations(db: Session, max_id: int | None = None) -> tuple[dict[str, list[tuple[str, str]]], Snapshot]:
     """Returns (prompt, demonstration) pairs by split, up to a demonstration id."""
-    query = select(Demonstration.id, Prompt.text, Demonstration.text, Prompt.split).join(
-        Prompt, Prompt.id == Demonstration.prompt_id).order_by(Demonstration.id)
+    query = (
+        select(Demonstration.id, Prompt.text, Demonstration.text, Prompt.split)
+        .join(Prompt, Prompt.id == Demonstration.prompt_id)
+        .order_by(Demonstration.id)
+    )
     if max_id is not None:
         query = query.where(Demonstration.id <= max_id)
     by_split: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
@@ -96,8 +98,10 @@ def prompts_for_ppo(db: Session, split: str = "train", limit: int = 5000) -> lis
 def latest(db: Session, kind: str) -> ModelVersion | None:
     """Returns the newest usable (ready or promoted) version of a kind."""
     return db.scalar(
-        select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status.in_(("ready", "promoted")))
-        .order_by(ModelVersion.id.desc()).limit(1)
+        select(ModelVersion)
+        .where(ModelVersion.kind == kind, ModelVersion.status.in_(("ready", "promoted")))
+        .order_by(ModelVersion.id.desc())
+        .limit(1)
     )
 
 

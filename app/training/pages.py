@@ -18,13 +18,13 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.charts import curves, flat_metrics, fmt, pretty_json
 from app.deps import AdminPage, SessionDep
 from app.errors import AppError, renders_on_error
 from app.models import ModelVersion, PromptBatch, TrainingRun
-from app.training.api import RunRequestError, cancel_run, get_run_or_404, schedule_preview, start_manual_run
 from app.templating import render
+from app.training.api import RunRequestError, cancel_run, get_run_or_404, schedule_preview, start_manual_run
 from app.training.configs import param_specs
-from app.charts import curves, flat_metrics, fmt, pretty_json
 
 router = APIRouter(include_in_schema=False)
 
@@ -39,9 +39,16 @@ def _runs_page(request: Request, principal, db: Session, status_code: int = 200,
     found = db.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(RECENT_RUNS)).all()
     context.setdefault("form", {"kind": "sft", "params": ""})
     return render(
-        request, "training/runs.html", principal, status_code=status_code, runs=found, schedule=schedule_preview(db),
-        kinds=MANUAL_KINDS, params_help={kind: param_specs(kind) for kind in MANUAL_KINDS},
-        fmt=fmt, **context,
+        request,
+        "training/runs.html",
+        principal,
+        status_code=status_code,
+        runs=found,
+        schedule=schedule_preview(db),
+        kinds=MANUAL_KINDS,
+        params_help={kind: param_specs(kind) for kind in MANUAL_KINDS},
+        fmt=fmt,
+        **context,
     )
 
 
@@ -52,14 +59,20 @@ def run_list(request: Request, principal: AdminPage, db: SessionDep):
 
 
 def _runs_again(exc: AppError, request: Request, principal, db: Session, kind: str, params: str, **_):
-    return _runs_page(request, principal, db, status_code=exc.status, error=str(exc),
-                      form={"kind": kind, "params": params})
+    return _runs_page(
+        request, principal, db, status_code=exc.status, error=str(exc), form={"kind": kind, "params": params}
+    )
 
 
 @router.post("/admin/runs")
 @renders_on_error(_runs_again)
-def run_start(request: Request, principal: AdminPage, db: SessionDep, kind: Annotated[str, Form()],
-              params: Annotated[str, Form()] = ""):
+def run_start(
+    request: Request,
+    principal: AdminPage,
+    db: SessionDep,
+    kind: Annotated[str, Form()],
+    params: Annotated[str, Form()] = "",
+):
     """Starts an SFT, RM, PPO or pretraining run by hand, with optional JSON params, and goes to its page."""
     if kind not in MANUAL_KINDS:
         raise RunRequestError("kind", f"must be one of {', '.join(MANUAL_KINDS)}")
@@ -79,8 +92,15 @@ def _run_page(request: Request, principal, db: Session, run: TrainingRun, status
     live = (run.metrics or {}).get("curve") or []
     latest = live[-1] if live and isinstance(live[-1], dict) else {}
     return render(
-        request, "training/run.html", principal, status_code=status_code, run=run, charts=curves(run.metrics or {}),
-        metric_rows=rows, metric_other=pretty_json(other) if other else "", params=pretty_json(run.params or {}),
+        request,
+        "training/run.html",
+        principal,
+        status_code=status_code,
+        run=run,
+        charts=curves(run.metrics or {}),
+        metric_rows=rows,
+        metric_other=pretty_json(other) if other else "",
+        params=pretty_json(run.params or {}),
         latest=[(k, fmt(v)) for k, v in latest.items()],
         batch=db.get(PromptBatch, run.batch_id) if run.batch_id else None,
         output=db.get(ModelVersion, run.output_version_id) if run.output_version_id else None,

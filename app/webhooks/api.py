@@ -76,10 +76,12 @@ def delete_webhook(webhook_id: int, db: SessionDep, principal: AdminApi):
 
 
 @router.get("/{webhook_id}/deliveries", response_model=list[DeliveryOut])
-def webhook_deliveries(webhook_id: int, db: SessionDep, principal: AdminApi,
-                       limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+def webhook_deliveries(
+    webhook_id: int, db: SessionDep, principal: AdminApi, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+):
     """The delivery log of a webhook, newest first: status, attempts, last HTTP status and error."""
     if db.get(Webhook, webhook_id) is None:
         raise HTTPException(404, f"No webhook {webhook_id}")
-    return [DeliveryOut.model_validate(d, from_attributes=True)
-            for d in webhooks.list_deliveries(db, webhook_id, limit)]
+    return [
+        DeliveryOut.model_validate(d, from_attributes=True) for d in webhooks.list_deliveries(db, webhook_id, limit)
+    ]

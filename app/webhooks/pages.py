@@ -20,8 +20,16 @@ router = APIRouter(include_in_schema=False)
 def _page(request: Request, principal, db, status_code: int = 200, **context):
     hooks = db.scalars(select(Webhook).order_by(Webhook.id.desc())).all()
     logs = {hook.id: webhooks.list_deliveries(db, hook.id, limit=20) for hook in hooks}
-    return render(request, "webhooks/webhooks.html", principal, status_code=status_code, hooks=hooks, logs=logs,
-                  events=WEBHOOK_EVENTS, **context)
+    return render(
+        request,
+        "webhooks/webhooks.html",
+        principal,
+        status_code=status_code,
+        hooks=hooks,
+        logs=logs,
+        events=WEBHOOK_EVENTS,
+        **context,
+    )
 
 
 @router.get("/admin/webhooks")
@@ -30,18 +38,27 @@ def webhooks_page(request: Request, principal: AdminPage, db: SessionDep):
     return _page(request, principal, db)
 
 
-def _create_again(exc: AppError, request: Request, principal, db, url: str, events: list[str], description: str,
-                  **_):
-    return _page(request, principal, db, status_code=exc.status, error=str(exc),
-                 form={"url": url, "description": description, "events": events})
+def _create_again(exc: AppError, request: Request, principal, db, url: str, events: list[str], description: str, **_):
+    return _page(
+        request,
+        principal,
+        db,
+        status_code=exc.status,
+        error=str(exc),
+        form={"url": url, "description": description, "events": events},
+    )
 
 
 @router.post("/admin/webhooks")
 @renders_on_error(_create_again)
-def create_webhook_form(request: Request, principal: AdminPage, db: SessionDep,
-                        url: Annotated[str, Form(max_length=2000)],
-                        events: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI form default
-                        description: Annotated[str, Form(max_length=200)] = ""):
+def create_webhook_form(
+    request: Request,
+    principal: AdminPage,
+    db: SessionDep,
+    url: Annotated[str, Form(max_length=2000)],
+    events: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI form default
+    description: Annotated[str, Form(max_length=200)] = "",
+):
     """Registers a webhook and shows its signing secret once."""
     hook = webhooks.create_webhook(db, url, events, principal.user, description)
     return _page(request, principal, db, status_code=201, created=hook)

@@ -59,18 +59,26 @@ class DeliveryReport:
     failed: int = 0
 
 
-def create_webhook(db: Session, url: str, events: list[str], created_by: User | None = None,
-                   description: str = "") -> Webhook:
+def create_webhook(
+    db: Session, url: str, events: list[str], created_by: User | None = None, description: str = ""
+) -> Webhook:
     """Registers a URL for some events with a fresh signing secret."""
     parts = urlsplit(url)
     if "\x00" in url or "\x00" in description or parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError("url", "must be an absolute http:// or https:// URL")
     unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
     if unknown or not events:
-        raise WebhookError("events", f"choose among {', '.join(WEBHOOK_EVENTS)}"
-                           + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-    webhook = Webhook(url=url, events=sorted(set(events)), description=description[:200],
-                      secret="whsec_" + secrets.token_urlsafe(32), created_by_id=created_by.id if created_by else None)
+        raise WebhookError(
+            "events",
+            f"choose among {', '.join(WEBHOOK_EVENTS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""),
+        )
+    webhook = Webhook(
+        url=url,
+        events=sorted(set(events)),
+        description=description[:200],
+        secret="whsec_" + secrets.token_urlsafe(32),
+        created_by_id=created_by.id if created_by else None,
+    )
     db.add(webhook)
     db.flush()
     return webhook
@@ -134,8 +142,9 @@ def retry_delay(attempts: int) -> timedelta:
     return min(FIRST_RETRY * 2 ** (attempts - 1), MAX_RETRY)
 
 
-def deliver_due(db: Session, *, now: datetime | None = None, client: httpx.Client | None = None,
-                limit: int = 100) -> DeliveryReport:
+def deliver_due(
+    db: Session, *, now: datetime | None = None, client: httpx.Client | None = None, limit: int = 100
+) -> DeliveryReport:
     """POSTs every due delivery once, recording the outcome and scheduling retries; the caller commits."""
     now = now or utcnow()
     query = (
@@ -198,7 +207,11 @@ def _attempt(client: httpx.Client, delivery: WebhookDelivery, webhook: Webhook, 
 
 def list_deliveries(db: Session, webhook_id: int, limit: int = 100) -> list[WebhookDelivery]:
     """Returns a webhook's most recent deliveries, newest first, for the admin's delivery log."""
-    return list(db.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
-        .order_by(WebhookDelivery.id.desc()).limit(limit)
-    ))
+    return list(
+        db.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.webhook_id == webhook_id)
+            .order_by(WebhookDelivery.id.desc())
+            .limit(limit)
+        )
+    )

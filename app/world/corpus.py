@@ -89,28 +89,36 @@ def _word_list(rng: random.Random) -> str:
     words = rng.sample(WORDS, rng.randint(3, 6))
     ordered = ", ".join(sorted(words))
     if rng.random() < 0.5:  # the list as it came, then in order: sorting seen as text
-        return rng.choice([
-            f"The clerk got the labels {', '.join(words)} and filed them in alphabetical order: {ordered}.",
-            f"In alphabetical order, the words {', '.join(words)} read: {ordered}.",
-        ])
-    opener = rng.choice([
-        "The clerk filed the labels in alphabetical order:",
-        "In the dictionary these words come in this order:",
-        "Sorted from a to z, the words read:",
-    ])
+        return rng.choice(
+            [
+                f"The clerk got the labels {', '.join(words)} and filed them in alphabetical order: {ordered}.",
+                f"In alphabetical order, the words {', '.join(words)} read: {ordered}.",
+            ]
+        )
+    opener = rng.choice(
+        [
+            "The clerk filed the labels in alphabetical order:",
+            "In the dictionary these words come in this order:",
+            "Sorted from a to z, the words read:",
+        ]
+    )
     return f"{opener} {ordered}."
 
 
 def _backwards(rng: random.Random) -> str:
     lines = []
     for word in rng.sample(WORDS, rng.randint(2, 4)):
-        lines.append(rng.choice([
-            f"Written backwards, {word} becomes {word[::-1]}.",
-            f"The word {word} reversed reads {word[::-1]}.",
-            # Quoted, a word is other tokens than after a space: both forms occur in text.
-            f"Written backwards, '{word}' becomes {word[::-1]}.",
-            f"The word '{word}' spelt backwards is {word[::-1]}.",
-        ]))
+        lines.append(
+            rng.choice(
+                [
+                    f"Written backwards, {word} becomes {word[::-1]}.",
+                    f"The word {word} reversed reads {word[::-1]}.",
+                    # Quoted, a word is other tokens than after a space: both forms occur in text.
+                    f"Written backwards, '{word}' becomes {word[::-1]}.",
+                    f"The word '{word}' spelt backwards is {word[::-1]}.",
+                ]
+            )
+        )
     return " ".join(lines)
 
 
@@ -123,12 +131,16 @@ def _tally(rng: random.Random) -> str:
             letter = rng.choice([c for c in "abcdefghijklmnoprstuvwy" if c not in word])
         count = word.count(letter)
         times = "time" if count == 1 else "times"
-        lines.append(rng.choice([
-            f"The letter {letter} appears {count} {times} in {word}.",
-            f"In {word} the letter {letter} is found {count} {times}.",
-            f"The letter '{letter}' appears in '{word}' {count} {times}.",
-            f"Counting the letter '{letter}' in '{word}' gives {count}.",
-        ]))
+        lines.append(
+            rng.choice(
+                [
+                    f"The letter {letter} appears {count} {times} in {word}.",
+                    f"In {word} the letter {letter} is found {count} {times}.",
+                    f"The letter '{letter}' appears in '{word}' {count} {times}.",
+                    f"Counting the letter '{letter}' in '{word}' gives {count}.",
+                ]
+            )
+        )
     return " ".join(lines)
 
 
@@ -165,7 +177,14 @@ def _asked(rng: random.Random) -> str:
 
 
 _DOCUMENTS: tuple[Callable[[random.Random], str], ...] = (
-    _town, _person, _animal, _ledger, _word_list, _backwards, _tally, _asked,
+    _town,
+    _person,
+    _animal,
+    _ledger,
+    _word_list,
+    _backwards,
+    _tally,
+    _asked,
 )
 
 

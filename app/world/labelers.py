@@ -154,9 +154,7 @@ def reference_rankings(n_rankings: int = 2000, seed: int = 0) -> list[tuple[str,
     return items
 
 
-def measure_agreement(
-    noise: float, items: Sequence[tuple[str, Sequence[str]]], seed: int = 0
-) -> float:
+def measure_agreement(noise: float, items: Sequence[tuple[str, Sequence[str]]], seed: int = 0) -> float:
     """Fraction of non-tied pairs on which two independent labelers with this noise agree."""
     return _agreement(noise, _true_scores(items), seed)
 
