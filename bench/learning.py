@@ -44,8 +44,16 @@ def log(message: str) -> None:
 
 def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """One full loop (SFT → rankings → RM → PPO) for one seed; returns its figures."""
-    return run_loop(seed, sizes, workdir, base=args.base, kl_coef=args.kl_coef, demo_error_rate=args.demo_error_rate,
-                    max_new_tokens=args.max_new_tokens, log=log)
+    return run_loop(
+        seed,
+        sizes,
+        workdir,
+        base=args.base,
+        kl_coef=args.kl_coef,
+        demo_error_rate=args.demo_error_rate,
+        max_new_tokens=args.max_new_tokens,
+        log=log,
+    )
 
 
 def main() -> None:
@@ -53,22 +61,39 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds, each a full loop")
     parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here (FIRST..FIRST+N-1)")
     sizes_group = parser.add_mutually_exclusive_group()
-    sizes_group.add_argument("--quick", action="store_true",
-                             help="one seed, tiny sizes (well under 2 min): a smoke run")
-    sizes_group.add_argument("--small", action="store_true",
-                             help="the sizes of tests/test_learning.py (~2 min per seed), to measure its seed spread")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: on a shared 2-core machine 2 threads are often ~10x slower here)")
+    sizes_group.add_argument(
+        "--quick", action="store_true", help="one seed, tiny sizes (well under 2 min): a smoke run"
+    )
+    sizes_group.add_argument(
+        "--small",
+        action="store_true",
+        help="the sizes of tests/test_learning.py (~2 min per seed), to measure its seed spread",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared 2-core machine 2 threads are often ~10x slower here)",
+    )
     parser.add_argument("--base", default=str(ROOT / "models" / "world-base"), help="base model path")
-    parser.add_argument("--kl-coef", type=float, default=PPO["kl_coef"],
-                        help="PPO's KL coefficient β (0.02, InstructGPT's, lets PPO overfit this small reward model)")
+    parser.add_argument(
+        "--kl-coef",
+        type=float,
+        default=PPO["kl_coef"],
+        help="PPO's KL coefficient β (0.02, InstructGPT's, lets PPO overfit this small reward model)",
+    )
     parser.add_argument("--demo-error-rate", type=float, default=0.2, help="simulated demonstrators' error rate")
     parser.add_argument("--keep", default=None, help="keep each seed's SFT, RM and policy under this folder")
-    parser.add_argument("--max-new-tokens", type=int, default=PPO["max_new_tokens"],
-                        help="longest completion, in tokens")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=PPO["max_new_tokens"], help="longest completion, in tokens"
+    )
     for name, value in FULL.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                            help=f"override (full run: {value}, --small: {SMALL[name]}, --quick: {QUICK[name]})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(value),
+            default=None,
+            help=f"override (full run: {value}, --small: {SMALL[name]}, --quick: {QUICK[name]})",
+        )
     args = parser.parse_args()
 
     import torch

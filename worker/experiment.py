@@ -32,24 +32,52 @@ RECIPE = json.loads((BASE_MODEL / "training_recipe.json").read_text())
 SFT, RM, PPO = RECIPE["sft"], RECIPE["rm"], RECIPE["ppo"]
 # Sizes of the benchmark's full run; every one can be overridden on its command line.
 FULL = dict(
-    demos=600, sft_valid=60, sft_epochs=SFT["epochs"], sft_lr=SFT["learning_rate"],
-    rm_prompts=900, rm_valid_prompts=200, rm_epochs=RM["epochs"], rm_lr=RM["learning_rate"],
+    demos=600,
+    sft_valid=60,
+    sft_epochs=SFT["epochs"],
+    sft_lr=SFT["learning_rate"],
+    rm_prompts=900,
+    rm_valid_prompts=200,
+    rm_epochs=RM["epochs"],
+    rm_lr=RM["learning_rate"],
     rm_batch=RM["rankings_per_step"],
-    ppo_steps=PPO["steps"], ppo_batch=PPO["rollout_batch_size"], ppo_lr=PPO["learning_rate"],
-    ppo_value_lr=PPO["value_learning_rate"], ppo_epochs=PPO["ppo_epochs"], ppo_lr_schedule=PPO["lr_schedule"],
+    ppo_steps=PPO["steps"],
+    ppo_batch=PPO["rollout_batch_size"],
+    ppo_lr=PPO["learning_rate"],
+    ppo_value_lr=PPO["value_learning_rate"],
+    ppo_epochs=PPO["ppo_epochs"],
+    ppo_lr_schedule=PPO["lr_schedule"],
     test_prompts=200,
 )
 # A smoke run (well under a minute): too small for PPO to learn anything, only that every stage runs.
 QUICK = dict(
-    demos=120, sft_valid=20, sft_epochs=4, sft_lr=1e-3,
-    rm_prompts=80, rm_valid_prompts=40, rm_epochs=2, rm_lr=3e-4, rm_batch=4,
-    ppo_steps=6, ppo_batch=16, ppo_lr=3e-5, ppo_value_lr=1e-3, ppo_epochs=2, ppo_lr_schedule="constant",
+    demos=120,
+    sft_valid=20,
+    sft_epochs=4,
+    sft_lr=1e-3,
+    rm_prompts=80,
+    rm_valid_prompts=40,
+    rm_epochs=2,
+    rm_lr=3e-4,
+    rm_batch=4,
+    ppo_steps=6,
+    ppo_batch=16,
+    ppo_lr=3e-5,
+    ppo_value_lr=1e-3,
+    ppo_epochs=2,
+    ppo_lr_schedule="constant",
     test_prompts=60,
 )
 # The learning test's loop: the shipped recipe with fewer demonstrations, rankings and PPO steps, sized to
 # about two minutes on one core; its seed spread is in bench/RESULTS.md ("learning test").
 SMALL = dict(
-    FULL, demos=400, sft_valid=40, rm_prompts=500, rm_valid_prompts=60, ppo_steps=16, test_prompts=100,
+    FULL,
+    demos=400,
+    sft_valid=40,
+    rm_prompts=500,
+    rm_valid_prompts=60,
+    ppo_steps=16,
+    test_prompts=100,
 )
 N_LABELERS = 5
 TEST_SEED = 424242  # the test prompts are the same for every seed, so seeds differ only in training
@@ -75,16 +103,34 @@ def greedy_eval(model_path: str | Path, prompts: list[Any], max_new_tokens: int,
 
     model, tokenizer = load_model(model_path, device="cpu")
     texts = [p.text for p in prompts]
-    answers = [row[0] for row in sample_completions(
-        model, tokenizer, texts, 1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=64,
-        max_resample_tries=0,
-    )]
+    answers = [
+        row[0]
+        for row in sample_completions(
+            model,
+            tokenizer,
+            texts,
+            1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            batch_size=64,
+            max_resample_tries=0,
+        )
+    ]
     scores = true_scores(texts, answers)
     sampled_score = None
     if sampled:
         # A second view: the true score of samples at temperature 1, the distribution PPO optimises.
-        samples = sample_completions(model, tokenizer, texts, 2, temperature=1.0, max_new_tokens=max_new_tokens,
-                                     batch_size=96, seed=0, max_resample_tries=0)
+        samples = sample_completions(
+            model,
+            tokenizer,
+            texts,
+            2,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+            batch_size=96,
+            seed=0,
+            max_resample_tries=0,
+        )
         sampled_score = mean(true_scores([t for t in texts for _ in range(2)], [c for row in samples for c in row]))
     by_family: dict[str, list[float]] = defaultdict(list)
     for prompt, value in zip(prompts, scores):
@@ -159,14 +205,26 @@ def run_loop(
     sft_valid = [(p.text, demonstrator.demonstrate(p)) for p in sft_valid_prompts]
     sft_dir = workdir / "sft"
     sft = train_sft(
-        base, demos, sft_valid,
-        SFTConfig(**{**SFT, "epochs": sizes["sft_epochs"], "learning_rate": sizes["sft_lr"],
-                     "early_stopping_patience": None, "seed": seed, "device": "cpu"}),
+        base,
+        demos,
+        sft_valid,
+        SFTConfig(
+            **{
+                **SFT,
+                "epochs": sizes["sft_epochs"],
+                "learning_rate": sizes["sft_lr"],
+                "early_stopping_patience": None,
+                "seed": seed,
+                "device": "cpu",
+            }
+        ),
         sft_dir,
     )
     timings["sft_s"] = time.perf_counter() - t
-    log(f"[seed {seed}] SFT: valid loss {sft['initial_valid_loss']:.3f} -> {sft['valid_loss']:.3f} "
-        f"(best epoch {sft['best_epoch']}) in {timings['sft_s']:.0f}s")
+    log(
+        f"[seed {seed}] SFT: valid loss {sft['initial_valid_loss']:.3f} -> {sft['valid_loss']:.3f} "
+        f"(best epoch {sft['best_epoch']}) in {timings['sft_s']:.0f}s"
+    )
 
     # ---- 2. K = 4..6 samples per prompt from SFT, ranked by simulated labelers
     t = time.perf_counter()
@@ -181,8 +239,16 @@ def run_loop(
         completions: dict[int, list[str]] = {}
         for k in sorted(set(ks)):
             idx = [i for i, ki in enumerate(ks) if ki == k]
-            rows = sample_completions(model, tokenizer, [prompts[i].text for i in idx], k, temperature=1.0,
-                                      max_new_tokens=max_new_tokens, batch_size=96, seed=sample_seed + k)
+            rows = sample_completions(
+                model,
+                tokenizer,
+                [prompts[i].text for i in idx],
+                k,
+                temperature=1.0,
+                max_new_tokens=max_new_tokens,
+                batch_size=96,
+                seed=sample_seed + k,
+            )
             completions.update(zip(idx, rows))
         rankings, others = [], []
         for i, prompt in enumerate(prompts):
@@ -201,47 +267,78 @@ def run_loop(
     ceiling, _ = noise_ceiling([r for r in rm_valid if r.n_pairs])
     sampled_true = mean([s for r in rm_train for s in true_scores([r.prompt] * len(r.completions), r.completions)])
     timings["rank_s"] = time.perf_counter() - t
-    log(f"[seed {seed}] rankings: {len(rm_train)} train, {len(rm_valid)} held-out; labeler agreement "
-        f"{agree / max(total, 1):.3f}; true score of SFT samples (T=1) {sampled_true:.3f}; in {timings['rank_s']:.0f}s")
+    log(
+        f"[seed {seed}] rankings: {len(rm_train)} train, {len(rm_valid)} held-out; labeler agreement "
+        f"{agree / max(total, 1):.3f}; true score of SFT samples (T=1) {sampled_true:.3f}; in {timings['rank_s']:.0f}s"
+    )
 
     # ---- 3. reward model from the SFT model
     t = time.perf_counter()
     rm_dir = workdir / "rm"
     rm = train_rm(
-        sft_dir, rm_train, rm_valid,
-        RMConfig(**{**RM, "epochs": sizes["rm_epochs"], "learning_rate": sizes["rm_lr"],
-                    "rankings_per_step": sizes["rm_batch"], "rankings_per_micro_batch": sizes["rm_batch"],
-                    "seed": seed, "device": "cpu"}),
-        rm_dir, demonstrations=demos,
+        sft_dir,
+        rm_train,
+        rm_valid,
+        RMConfig(
+            **{
+                **RM,
+                "epochs": sizes["rm_epochs"],
+                "learning_rate": sizes["rm_lr"],
+                "rankings_per_step": sizes["rm_batch"],
+                "rankings_per_micro_batch": sizes["rm_batch"],
+                "seed": seed,
+                "device": "cpu",
+            }
+        ),
+        rm_dir,
+        demonstrations=demos,
     )
     timings["rm_s"] = time.perf_counter() - t
-    log(f"[seed {seed}] RM: held-out accuracy {rm['initial_valid_accuracy']:.3f} -> {rm['valid_accuracy']:.3f} "
-        f"(ceiling {ceiling:.3f}) in {timings['rm_s']:.0f}s")
+    log(
+        f"[seed {seed}] RM: held-out accuracy {rm['initial_valid_accuracy']:.3f} -> {rm['valid_accuracy']:.3f} "
+        f"(ceiling {ceiling:.3f}) in {timings['rm_s']:.0f}s"
+    )
 
     # ---- 4. PPO against the reward model
     t = time.perf_counter()
     ppo_dir = workdir / "policy"
     ppo_prompts = [p.text for p in demo_prompts + rm_prompts]
-    ppo_config = PPOConfig(**{
-        **PPO, "steps": sizes["ppo_steps"], "rollout_batch_size": sizes["ppo_batch"],
-        "minibatch_size": sizes["ppo_batch"] // 4, "micro_batch_size": sizes["ppo_batch"] // 4,
-        "ppo_epochs": sizes["ppo_epochs"], "learning_rate": sizes["ppo_lr"],
-        "value_learning_rate": sizes["ppo_value_lr"], "lr_schedule": sizes["ppo_lr_schedule"],
-        "kl_coef": kl_coef, "max_new_tokens": max_new_tokens,
-        "eval_batch_size": 64, "seed": seed, "checkpoint_every": 10_000, "device": "cpu",
-    })
+    ppo_config = PPOConfig(
+        **{
+            **PPO,
+            "steps": sizes["ppo_steps"],
+            "rollout_batch_size": sizes["ppo_batch"],
+            "minibatch_size": sizes["ppo_batch"] // 4,
+            "micro_batch_size": sizes["ppo_batch"] // 4,
+            "ppo_epochs": sizes["ppo_epochs"],
+            "learning_rate": sizes["ppo_lr"],
+            "value_learning_rate": sizes["ppo_value_lr"],
+            "lr_schedule": sizes["ppo_lr_schedule"],
+            "kl_coef": kl_coef,
+            "max_new_tokens": max_new_tokens,
+            "eval_batch_size": 64,
+            "seed": seed,
+            "checkpoint_every": 10_000,
+            "device": "cpu",
+        }
+    )
 
     def ppo_progress(step: int, total: int, metrics: dict[str, float]) -> None:
         if step % max(1, total // 8) == 0 or step == total:
-            log(f"[seed {seed}]   PPO {step}/{total}: RM reward {metrics['reward']:+.3f} KL {metrics['kl']:.3f} "
+            log(
+                f"[seed {seed}]   PPO {step}/{total}: RM reward {metrics['reward']:+.3f} KL {metrics['kl']:.3f} "
                 f"clip {metrics.get('clipfrac', 0):.3f} value loss {metrics.get('value_loss', 0):.3f} "
-                f"entropy {metrics.get('entropy', 0):.3f}")
+                f"entropy {metrics.get('entropy', 0):.3f}"
+            )
 
-    ppo = train_ppo(sft_dir, rm_dir, ppo_prompts, ppo_config, ppo_dir,
-                    eval_prompts=[p.text for p in test], progress=ppo_progress)
+    ppo = train_ppo(
+        sft_dir, rm_dir, ppo_prompts, ppo_config, ppo_dir, eval_prompts=[p.text for p in test], progress=ppo_progress
+    )
     timings["ppo_s"] = time.perf_counter() - t
-    log(f"[seed {seed}] PPO: RM reward on test {ppo['eval_initial']['reward']:+.3f} -> {ppo['eval']['reward']:+.3f}, "
-        f"KL to SFT {ppo['eval']['kl']:.3f} in {timings['ppo_s']:.0f}s")
+    log(
+        f"[seed {seed}] PPO: RM reward on test {ppo['eval_initial']['reward']:+.3f} -> {ppo['eval']['reward']:+.3f}, "
+        f"KL to SFT {ppo['eval']['kl']:.3f} in {timings['ppo_s']:.0f}s"
+    )
 
     # ---- 5. the true score of base, SFT and PPO on the test prompts (greedy, same settings)
     t = time.perf_counter()
@@ -249,24 +346,36 @@ def run_loop(
     if key not in _BASE_EVALUATIONS:  # the same base model and test prompts for every seed: evaluate once
         _BASE_EVALUATIONS[key] = greedy_eval(base, test, max_new_tokens, sampled_view)
     evaluations = {"base": _BASE_EVALUATIONS[key]}
-    evaluations.update({name: greedy_eval(path, test, max_new_tokens, sampled_view)
-                        for name, path in (("sft", sft_dir), ("ppo", ppo_dir))})
+    evaluations.update(
+        {
+            name: greedy_eval(path, test, max_new_tokens, sampled_view)
+            for name, path in (("sft", sft_dir), ("ppo", ppo_dir))
+        }
+    )
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     # CPU seconds of this process: on a shared machine the wall time grows with the load, this hardly does.
     timings["cpu_s"] = time.process_time() - cpu_started
-    log(f"[seed {seed}] true score (greedy, test): base {evaluations['base']['true_score']:.3f}, "
+    log(
+        f"[seed {seed}] true score (greedy, test): base {evaluations['base']['true_score']:.3f}, "
         f"SFT {evaluations['sft']['true_score']:.3f}, PPO {evaluations['ppo']['true_score']:.3f}"
-        + (f" (T=1 samples: SFT {evaluations['sft']['sampled_true_score']:.3f}, "
-           f"PPO {evaluations['ppo']['sampled_true_score']:.3f})" if sampled_view else "")
-        + f"; seed total {timings['total_s']:.0f}s ({timings['cpu_s']:.0f}s CPU)")
+        + (
+            f" (T=1 samples: SFT {evaluations['sft']['sampled_true_score']:.3f}, "
+            f"PPO {evaluations['ppo']['sampled_true_score']:.3f})"
+            if sampled_view
+            else ""
+        )
+        + f"; seed total {timings['total_s']:.0f}s ({timings['cpu_s']:.0f}s CPU)"
+    )
     return {
         "seed": seed,
         "base_true": evaluations["base"]["true_score"],
         "sft_true": evaluations["sft"]["true_score"],
         "ppo_true": evaluations["ppo"]["true_score"],
-        "sampled_true": {name: None if e["sampled_true_score"] is None else round(e["sampled_true_score"], 4)
-                         for name, e in evaluations.items()},
+        "sampled_true": {
+            name: None if e["sampled_true_score"] is None else round(e["sampled_true_score"], 4)
+            for name, e in evaluations.items()
+        },
         "by_family": {name: e["by_family"] for name, e in evaluations.items()},
         "answer_words": {name: round(e["words"], 3) for name, e in evaluations.items()},
         "examples": {name: e["examples"] for name, e in evaluations.items()},
