@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -252,26 +253,28 @@ def start_celery_worker(env: dict[str, str] | None = None, log_path: Path | None
     """Starts a real Celery worker process on both queues and waits until it answers a ping."""
     from app.outbox import sender
 
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "worker",
-            "--queues",
-            "gpu,default",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "info",
-        ],
-        cwd=ROOT,
-        env=env or dict(os.environ),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The worker inherits its own copy of the log file's descriptor, so ours is closed once it has started.
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(log_path, "ab")) if log_path else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "worker",
+                "--queues",
+                "gpu,default",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "info",
+            ],
+            cwd=ROOT,
+            env=env or dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -338,7 +341,6 @@ def _factories(request):
         from tests.factories import bind_factories
 
         bind_factories(request.getfixturevalue("db"))
-    yield
 
 
 @pytest.fixture

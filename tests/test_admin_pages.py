@@ -1,4 +1,7 @@
-"""The admin's batch pages: create, upload (errors by line, then the hygiene report), start, dashboards; one in Chromium."""
+"""The admin's batch pages: create, upload (errors by line, then the hygiene report), start, dashboards.
+
+One test drives them in Chromium.
+"""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def test_session_cookie_flags_and_rotation(client, db):
             data={"username": user.username, "password": PASSWORD, "csrf_token": _csrf(form.text)},
             follow_redirects=False,
         )
-        session_part = [c for c in response.headers.get_list("set-cookie") if c.startswith(SESSION_COOKIE)][0]
+        session_part = next(c for c in response.headers.get_list("set-cookie") if c.startswith(SESSION_COOKIE))
         assert "HttpOnly" in session_part and "SameSite=lax" in session_part
         cookies.append(client.cookies.get(SESSION_COOKIE))
         assert cookies[-1] and session_part.startswith(f"{SESSION_COOKIE}={cookies[-1]};")

@@ -144,7 +144,7 @@ def test_every_limit_is_enforced_at_its_edge(kind):
 
 
 @pytest.mark.parametrize(
-    "kind, params, field, says",
+    ("kind", "params", "field", "says"),
     [
         ("sft", {"lerning_rate": 0.1}, "params.lerning_rate", "sft has no such setting; known: epochs, learning_rate"),
         ("sft", {"epochs": "2"}, "params.epochs", 'must be an integer >= 1, got "2"'),
@@ -177,7 +177,7 @@ def test_validation_names_the_field_and_what_it_accepts(kind, params, field, say
 def test_the_worker_drops_settings_it_does_not_know_but_not_bad_values():
     # Params stored by an older version may name settings since removed; their values are still checked.
     assert config_for("rm", {"epochs": 2, "colour": "red"}) == RMConfig(epochs=2)
-    with pytest.raises(FieldError, match="params.epochs: must be an integer >= 1"):
+    with pytest.raises(FieldError, match=r"params\.epochs: must be an integer >= 1"):
         config_for("rm", {"epochs": 0, "colour": "red"})
 
 

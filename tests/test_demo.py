@@ -33,21 +33,22 @@ def demo(tmp_path_factory):
         INSTRUCTLOOP_BROKER_URL="",
         INSTRUCTLOOP_ENVIRONMENT="demo",
     )
-    log = open(data_dir / "demo.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "demo", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The demo process keeps its own copy of the log file's descriptor; ours is closed once it has started.
+    with open(data_dir / "demo.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "demo", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/healthz", timeout=90, proc=proc)
-    except Exception:
+    except Exception as err:
         proc.kill()
-        raise AssertionError((data_dir / "demo.log").read_text()[-3000:])
+        raise AssertionError((data_dir / "demo.log").read_text()[-3000:]) from err
     credentials = json.loads((data_dir / "demo-credentials.json").read_text())
     yield {"url": url, "proc": proc, "credentials": credentials, "data_dir": data_dir}
     if proc.poll() is None:

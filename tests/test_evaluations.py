@@ -326,7 +326,7 @@ def test_flag_rates_and_mean_likert_per_model_version(db):
     batch = seed_batch(db, n_prompts=2, k=4)
     model_id = db.scalar(select(Completion.model_version_id).join(Prompt).where(Prompt.batch_id == batch.id))
     labeler = UserFactory()
-    for task in tasks_of(db, batch):
+    for _task in tasks_of(db, batch):
         assignment = leases.lease_next_task(db, labeler, "ranking")
         order = assignment.display_order
         items = [

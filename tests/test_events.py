@@ -21,9 +21,9 @@ def test_every_reaction_of_the_loop_is_subscribed():
 
 
 def test_an_unknown_event_or_a_missing_payload_key_is_refused(db):
-    with pytest.raises(ValueError, match="unknown event 'batch.finished'"):
+    with pytest.raises(ValueError, match=r"unknown event 'batch\.finished'"):
         events.emit(db, "batch.finished", {"batch_id": 1})
-    with pytest.raises(ValueError, match="batch.completed needs name"):
+    with pytest.raises(ValueError, match=r"batch\.completed needs name"):
         events.emit(db, "batch.completed", {"batch_id": 1})
     with pytest.raises(ValueError, match="unknown event"):
         events.on("batch.finished")

@@ -398,7 +398,7 @@ def test_each_filter_selects_exactly_its_rankings(db, world):
 
 
 def test_filters_on_demonstrations(db, world):
-    alice, bob, _ = world["users"]
+    alice, _bob, _ = world["users"]
     demos = world["demos"]
     rows = run_export(db, "demonstrations")
     assert [r["completion"] for r in rows] == ["drow", "olleh"]
@@ -416,7 +416,7 @@ def test_filters_on_demonstrations(db, world):
 
 
 @pytest.mark.parametrize(
-    "kind, filters, param",
+    ("kind", "filters", "param"),
     [
         ("rankings", {"batch": "no-such-batch"}, "batch"),
         ("rankings", {"batch": "999999"}, "batch"),
@@ -493,7 +493,7 @@ def test_csv_has_the_header_and_the_same_rows_as_jsonl(db, world):
         rows = run_export(db, kind)
         assert tuple(table[0]) == columns
         assert len(table) == len(rows) + 1
-        by_column = [dict(zip(columns, line)) for line in table[1:]]
+        by_column = [dict(zip(columns, line, strict=True)) for line in table[1:]]
         assert [r["cursor"] for r in by_column] == [r["cursor"] for r in rows]
         assert [r["prompt"] for r in by_column] == [r["prompt"] for r in rows]
         if kind == "comparisons":
@@ -505,7 +505,7 @@ def test_csv_has_the_header_and_the_same_rows_as_jsonl(db, world):
 
 
 @pytest.mark.parametrize(
-    "text, kind", [("12:x", "comparisons"), ("12:3", "rankings"), ("abc", "rankings"), ("-1", "demonstrations")]
+    ("text", "kind"), [("12:x", "comparisons"), ("12:3", "rankings"), ("abc", "rankings"), ("-1", "demonstrations")]
 )
 def test_bad_cursor_is_refused(text, kind):
     with pytest.raises(export_service.ExportError) as err:
@@ -559,7 +559,7 @@ def test_http_export_streams_the_service_rows(client, db):
 
 
 @pytest.mark.parametrize(
-    "query, param",
+    ("query", "param"),
     [
         ("split=holdout", "split"),
         ("since=yesterday", "since"),

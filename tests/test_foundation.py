@@ -74,13 +74,17 @@ def test_constraints_make_bad_states_impossible(db, backend):
     from app.models import PromptBatch, Task
     from tests.factories import BatchFactory, PromptFactory
 
-    with pytest.raises(IntegrityError), db.begin_nested():
-        db.add(PromptBatch(name="bad-k", k=12))
-        db.flush()
+    def insert(row: object) -> None:
+        # A savepoint, so the refused row is rolled back and the test's session stays usable.
+        with db.begin_nested():
+            db.add(row)
+            db.flush()
+
+    with pytest.raises(IntegrityError):
+        insert(PromptBatch(name="bad-k", k=12))
     prompt = PromptFactory(batch=BatchFactory())
-    with pytest.raises(IntegrityError), db.begin_nested():
-        db.add(Task(batch_id=prompt.batch_id, prompt_id=prompt.id, kind="ranking", k=3, needed=1))
-        db.flush()
+    with pytest.raises(IntegrityError):
+        insert(Task(batch_id=prompt.batch_id, prompt_id=prompt.id, kind="ranking", k=3, needed=1))
 
 
 def test_web_process_never_imports_torch_or_the_worker():
@@ -129,21 +133,21 @@ def test_compose_services_run_real_cli_commands():
 def test_create_user_and_token_from_the_cli(committed):
     env_cmd = [sys.executable, "-m", "app.cli"]
     created = subprocess.run(
-        env_cmd + ["create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
+        [*env_cmd, "create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert created.returncode == 0, created.stderr
     dup = subprocess.run(
-        env_cmd + ["create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
+        [*env_cmd, "create-user", "cli-admin", "--role", "admin", "--password", "long-enough-pw"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert dup.returncode == 2 and "already exists" in dup.stderr
     token = subprocess.run(
-        env_cmd + ["create-token", "--user", "cli-admin", "--scopes", "export:read,admin"],
+        [*env_cmd, "create-token", "--user", "cli-admin", "--scopes", "export:read,admin"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -152,7 +156,7 @@ def test_create_user_and_token_from_the_cli(committed):
     raw = token.stdout.strip().splitlines()[-1]
     assert raw.startswith("il_") and len(raw) > 40
     bad = subprocess.run(
-        env_cmd + ["create-token", "--user", "cli-admin", "--scopes", "root"], cwd=ROOT, capture_output=True, text=True
+        [*env_cmd, "create-token", "--user", "cli-admin", "--scopes", "root"], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "unknown root" in bad.stderr
 

@@ -28,7 +28,7 @@ def seeded_draw():
 
 
 def by_output(db, task: Task, ranks: list[int]) -> dict[int, int]:
-    return dict(zip(task_outputs(db, task), ranks))
+    return dict(zip(task_outputs(db, task), ranks, strict=True))
 
 
 # --- scoring against a known answer ----------------------------------------------------------------
@@ -46,7 +46,7 @@ def by_output(db, task: Task, ranks: list[int]) -> dict[int, int]:
 )
 def test_a_check_is_scored_by_pairs_ordered_like_the_answer(given, expected):
     answer = {10: 1, 11: 2, 12: 3, 13: 4}
-    assert gold.score_check(answer, dict(zip([10, 11, 12, 13], given))) == expected
+    assert gold.score_check(answer, dict(zip([10, 11, 12, 13], given, strict=True))) == expected
 
 
 def test_the_answer_own_ties_leave_pairs_out():
@@ -141,7 +141,7 @@ def test_with_a_full_gold_share_a_labeler_gets_each_gold_task_once_then_ordinary
             db,
             labeler,
             assignment.id,
-            [{"completion_id": c, "rank": s, "likert": 4, "flags": []} for c, s in zip(outputs, slots)],
+            [{"completion_id": c, "rank": s, "likert": 4, "flags": []} for c, s in zip(outputs, slots, strict=True)],
         )
     assert set(served[:2]) == {tasks[0].id, tasks[1].id}  # gold first, each once
     assert set(served[2:]) == {tasks[2].id, tasks[3].id}  # then the ordinary tasks
@@ -186,7 +186,7 @@ def test_gold_checks_are_left_out_of_reward_model_training(db, seeded_draw):
     answer = rank(db, UserFactory(), first, [1, 2, 3, 4])
     gold.mark_ranking_gold(db, answer.id, None, batch.id)
     rank(db, UserFactory(), first, [2, 1, 3, 4])  # a gold check (the lease draws gold)
-    data, snapshot = training.rankings(db)
+    data, _snapshot = training.rankings(db)
     ids = [row.ranking_id for split in data.values() for row in split]
     assert answer.id in ids and len(ids) == 1
 

@@ -361,7 +361,7 @@ def test_assign_split_follows_the_fractions():
 
 @pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.8, 0.3, 0.1), (1.1, -0.1, 0.0)])
 def test_bad_fractions_are_refused(fractions):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="split fractions must be three non-negative numbers summing to 1"):
         assign_split("x", fractions)
 
 
@@ -459,9 +459,14 @@ def test_kept_prompts_carry_their_fields():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"prefix_chars": 0}, {"max_per_user": 0}, {"pii_policy": "erase"}, {"split_fractions": (0.5, 0.5, 0.5)}],
+    ("kwargs", "message"),
+    [
+        ({"prefix_chars": 0}, "prefix_chars must be at least 1"),
+        ({"max_per_user": 0}, "max_per_user must be at least 1"),
+        ({"pii_policy": "erase"}, "pii_policy must be one of drop, redact, flag"),
+        ({"split_fractions": (0.5, 0.5, 0.5)}, "split fractions must be three non-negative numbers summing to 1"),
+    ],
 )
-def test_bad_config_is_refused(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         HygieneConfig(**kwargs)

@@ -110,7 +110,7 @@ def test_a_duplicate_message_does_nothing_twice(committed_session, celery_worker
     log_path = celery_worker.log_path
     consumed = f"Task instructloop.sample_batch[{message.id}] succeeded"
     line = wait_until(
-        lambda: next((l for l in log_path.read_text(errors="replace").splitlines() if consumed in l), None),
+        lambda: next((line for line in log_path.read_text(errors="replace").splitlines() if consumed in line), None),
         timeout=120,
         message="the worker consuming the duplicate message",
     )

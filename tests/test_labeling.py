@@ -43,7 +43,7 @@ def seed_batch(
     output_texts: list[str] | None = None,
     guidelines: str = "Rank by **correctness**.",
 ) -> PromptBatch:
-    """Creates a batch in `labeling` with prompts, K model outputs each and its tasks (used by the browser tests too)."""
+    """Creates a batch in `labeling` with prompts, K model outputs each and its tasks; the browser tests use it too."""
     tag = uuid.uuid4().hex[:8]
     model = ModelVersion(name=f"base-{tag}", kind="base", status="ready", artifact_path="/nonexistent")
     batch = PromptBatch(
@@ -84,7 +84,10 @@ def tasks_of(db, batch: PromptBatch, kind: str = "ranking") -> list[Task]:
 def items_for(assignment: Assignment, slots: list[int] | None = None, likert: int = 4) -> list[dict]:
     order = assignment.display_order
     slots = slots or list(range(1, len(order) + 1))
-    return [{"completion_id": cid, "rank": slot, "likert": likert, "flags": []} for cid, slot in zip(order, slots)]
+    return [
+        {"completion_id": cid, "rank": slot, "likert": likert, "flags": []}
+        for cid, slot in zip(order, slots, strict=True)
+    ]
 
 
 def expire(db, assignment: Assignment) -> None:
@@ -253,7 +256,9 @@ def test_ties_are_stored_as_dense_ranks_with_display_positions(db):
         .where(RankingItem.ranking_id == ranking.id)
         .order_by(RankingItem.position)
     ).all()
-    assert [(cid, rank, pos) for cid, rank, pos in rows] == list(zip(lease.display_order, [1, 2, 2, 3, 3], range(5)))
+    assert [(cid, rank, pos) for cid, rank, pos in rows] == list(
+        zip(lease.display_order, [1, 2, 2, 3, 3], range(5), strict=True)
+    )
 
 
 def test_draft_is_saved_and_renews_the_lease(db):
@@ -283,7 +288,9 @@ def test_api_flow_next_draft_submit_repeat_and_204(client, login, db):
     assert client.get(url).json()["draft"] == {"likert": {"1": 3}}
     ids = [c["id"] for c in task["completions"]]
     body = {
-        "items": [{"completion_id": cid, "rank": slot, "likert": 5} for cid, slot in zip(ids, [1, 2, 2, 4])],
+        "items": [
+            {"completion_id": cid, "rank": slot, "likert": 5} for cid, slot in zip(ids, [1, 2, 2, 4], strict=True)
+        ],
         "active_seconds": 30,
     }
     first = client.post(url + "/submit", json=body, headers=headers)
@@ -295,7 +302,7 @@ def test_api_flow_next_draft_submit_repeat_and_204(client, login, db):
 
 
 @pytest.mark.parametrize(
-    "change, field",
+    ("change", "field"),
     [
         (lambda items: items[2].update(likert=9), "items[2].likert"),
         (lambda items: items[1].update(rank=0), "items[1].rank"),

@@ -41,7 +41,7 @@ def seed(with_tokens: bool) -> tuple[list[int], list[str]]:
 def items(order: list[int], labeler_index: int) -> list[dict]:
     # Each labeler ranks differently (and with a tie) so rankings are not all alike.
     slots = [1 + (labeler_index + i) % (K - 1) for i in range(len(order))]
-    return [{"completion_id": cid, "rank": slot, "likert": slot + 1} for cid, slot in zip(order, slots)]
+    return [{"completion_id": cid, "rank": slot, "likert": slot + 1} for cid, slot in zip(order, slots, strict=True)]
 
 
 def check_the_books(submitted: list[tuple[int, int, int]]) -> None:
@@ -111,7 +111,7 @@ def test_32_labelers_through_the_http_api_never_share_a_slot(committed, live_ser
                 url = f"/api/v1/assignments/{task['assignment_id']}/submit"
                 # A double click: the same submit twice at once must store one ranking and answer both alike.
                 with ThreadPoolExecutor(2) as pair:
-                    answers = list(pair.map(lambda _: client.post(url, json=body), range(2)))
+                    answers = list(pair.map(lambda _, url=url, body=body: client.post(url, json=body), range(2)))
                 assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
                 assert answers[0].json()["id"] == answers[1].json()["id"]
                 done.append((answers[0].json()["id"], task["task_id"], user_ids[i]))

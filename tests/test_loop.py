@@ -85,7 +85,7 @@ def test_import_sample_label_train_resample(committed_session, celery_worker):
                 likert = judges[user.id].likert(view.prompt.text, texts)
                 items = [
                     {"completion_id": c.id, "rank": r, "likert": s, "flags": []}
-                    for c, r, s in zip(view.completions, ranks, likert)
+                    for c, r, s in zip(view.completions, ranks, likert, strict=True)
                 ]
                 submissions.submit_ranking(db, user, assignment.id, items, active_seconds=rng.uniform(10, 60))
             submitted[view.task.kind] += 1

@@ -23,7 +23,13 @@ from worker.modeling import (
 from worker.world_model import pretrain_base, train_tokenizer
 
 PROMPTS = ["What is 17 + 25?", "Reverse the word 'lantern'.", "Who is the mayor of Brindle?"]
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +155,7 @@ def test_pretrain_base_learns_the_world(tmp_path):
     metrics = pretrain_base(tmp_path / "world", steps=40, seed=0, progress=False, n_docs=1000, batch_size=8)
     json.dumps(metrics)  # metrics are plain data the CLI can print
     assert metrics["final_held_out_loss"] < metrics["initial_held_out_loss"] - 1.0
-    model, tok = load_model(metrics["path"], device="cpu")
+    model, _tok = load_model(metrics["path"], device="cpu")
     assert model.num_parameters() == metrics["parameters"]
     from worker.modeling import RECIPE_FILE
     from worker.world_model import WORLD_RECIPE

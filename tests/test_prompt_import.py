@@ -344,5 +344,5 @@ def test_detect_format_refuses_binary_files():
 
 
 def test_unknown_format_is_a_programming_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown import format 'xml'; expected 'jsonl' or 'csv'"):
         parse_prompts(b"text\na\n", "xml")  # type: ignore[arg-type]

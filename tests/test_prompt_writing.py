@@ -78,7 +78,7 @@ def test_few_shot_parts_are_assembled_in_the_documented_format():
 
 
 @pytest.mark.parametrize(
-    "draft, field",
+    ("draft", "field"),
     [
         (Draft(category="plain", text="  \n "), "text"),
         (Draft(category="poem", text="hi"), "category"),
@@ -179,7 +179,7 @@ def test_the_batch_prefix_rule_and_per_user_cap_come_from_its_import(db):
 
 
 @pytest.mark.parametrize(
-    "policy, kept, stored_text, message",
+    ("policy", "kept", "stored_text", "message"),
     [
         ("drop", False, None, "dropped: it contains personal data (email), which this batch does not accept"),
         (

@@ -59,7 +59,7 @@ def rank(
     if shown is not None:
         assignment.display_order = [outputs[i] for i in shown]
         db.flush()
-    items = [{"completion_id": cid, "rank": r, "likert": 4, "flags": []} for cid, r in zip(outputs, ranks)]
+    items = [{"completion_id": cid, "rank": r, "likert": 4, "flags": []} for cid, r in zip(outputs, ranks, strict=True)]
     return submissions.submit_ranking(db, labeler, assignment.id, items, active_seconds=seconds)
 
 
@@ -140,7 +140,7 @@ def test_agreement_over_time_counts_a_task_on_the_day_it_completed(db):
     batch = seed_batch(db, n_prompts=2, k=4, overlap=2)
     a, b = UserFactory(), UserFactory()
     rank_all(db, batch, {a: [[1, 2, 3, 4], [1, 2, 3, 4]], b: [[1, 2, 3, 4], [4, 3, 2, 1]]})
-    first, second = tasks_of(db, batch)
+    first, _second = tasks_of(db, batch)
     day_ago = utcnow() - timedelta(days=1)
     for ranking in db.scalars(select(Ranking).where(Ranking.task_id == first.id)):
         ranking.created_at = day_ago
@@ -179,7 +179,7 @@ def test_a_labeler_who_ranks_by_display_order_is_flagged(db):
     content = [[1, 2, 3, 4], [2, 1, 4, 3], [3, 4, 1, 2], [1, 3, 2, 4], [4, 1, 2, 3], [2, 3, 4, 1]]
     shows = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1], [0, 2, 1, 3], [3, 1, 2, 0]]
     tasks = tasks_of(db, batch)
-    for task, ranks, shown in zip(tasks, content, shows):
+    for task, ranks, shown in zip(tasks, content, shows, strict=True):
         # a and b judge content; whatever they were shown balances out over the tasks.
         rank(db, a, task, ranks, shown=shown)
         rank(db, b, task, ranks, shown=list(reversed(shown)))
@@ -294,7 +294,7 @@ def _bulk_rankings(
         insert(Completion).returning(Completion.id, sort_by_parameter_order=True),
         [
             {"prompt_id": pid, "text": text, "model_version_id": model.id}
-            for pid, (_prompt, outputs) in zip(prompt_ids, items)
+            for pid, (_prompt, outputs) in zip(prompt_ids, items, strict=True)
             for text in outputs
         ],
     ).all()
@@ -310,7 +310,7 @@ def _bulk_rankings(
                 "done_count": 2,
                 "is_open": False,
             }
-            for pid, (_prompt, outputs) in zip(prompt_ids, items)
+            for pid, (_prompt, outputs) in zip(prompt_ids, items, strict=True)
         ],
     ).all()
     outputs_of, start = [], 0
@@ -321,13 +321,13 @@ def _bulk_rankings(
         insert(TaskItem),
         [
             {"task_id": tid, "completion_id": cid, "position": i}
-            for tid, cids in zip(task_ids, outputs_of)
+            for tid, cids in zip(task_ids, outputs_of, strict=True)
             for i, cid in enumerate(cids)
         ],
     )
     assignments, given = [], []
     now = utcnow()
-    for tid, pid, (prompt, outputs), cids in zip(task_ids, prompt_ids, items, outputs_of):
+    for tid, pid, (prompt, outputs), cids in zip(task_ids, prompt_ids, items, outputs_of, strict=True):
         for user, sim in rng.sample(labelers, 2):
             shown = rng.sample(range(len(cids)), len(cids))
             ranks = sim.rank(prompt, outputs)
@@ -359,7 +359,7 @@ def _bulk_rankings(
                 "active_seconds": 30.0,
                 "created_at": now,
             }
-            for aid, (tid, pid, uid, _cids, _ranks, _shown) in zip(assignment_ids, assignments)
+            for aid, (tid, pid, uid, _cids, _ranks, _shown) in zip(assignment_ids, assignments, strict=True)
         ],
     ).all()
     db.execute(
@@ -373,7 +373,7 @@ def _bulk_rankings(
                 "flags": [],
                 "position": shown.index(i),
             }
-            for rid, (_tid, _pid, _uid, cids, ranks, shown) in zip(ranking_ids, assignments)
+            for rid, (_tid, _pid, _uid, cids, ranks, shown) in zip(ranking_ids, assignments, strict=True)
             for i in range(len(ranks))
         ],
     )
@@ -394,7 +394,7 @@ def test_simulated_labelers_of_known_noise_measure_their_configured_agreement(db
     assert report.n_rankings == 2000 and report.n_tasks == 1000
     # Computed straight from the ranks the simulated labelers gave, without the database.
     agree = counted = 0
-    for first, second in zip(given[::2], given[1::2]):
+    for first, second in zip(given[::2], given[1::2], strict=True):
         share = pairwise_agreement(first, second)
         pairs = sum(
             1
@@ -424,7 +424,7 @@ def test_rankings_export_with_consensus_gives_one_row_per_task(client, db):
 
     batch = seed_batch(db, n_prompts=3, k=4, overlap=3)
     a, b, c = UserFactory(), UserFactory(), UserFactory()
-    first, second, third = tasks_of(db, batch)
+    first, second, _third = tasks_of(db, batch)
     for labeler, ranks in ((a, [1, 2, 3, 4]), (b, [1, 2, 3, 4]), (c, [4, 3, 2, 1])):
         rank(db, labeler, first, ranks)
     rank(db, a, second, [2, 2, 1, 3])  # one ranking: the consensus is that ranking

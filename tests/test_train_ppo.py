@@ -168,7 +168,7 @@ def test_learning_rate_stays_at_its_peak_under_the_constant_schedule_and_decays_
             config,
             tmp_path / schedule,
             eval_prompts=PROMPTS[:1],
-            progress=lambda step, total, m: logged.append(m),
+            progress=lambda step, total, m, logged=logged: logged.append(m),
         )
         lrs[schedule] = [m["lr"] for m in logged]
     # PPO's rollouts are new at every step: the last step must still learn.
@@ -254,7 +254,7 @@ def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path
         device="cpu",
     )
     ptx = [("Write one", "a a"), ("", "plain text about the world")]
-    kwargs = dict(ptx_examples=ptx, eval_prompts=PROMPTS[:4])
+    kwargs = {"ptx_examples": ptx, "eval_prompts": PROMPTS[:4]}
     full = train_ppo(policy_path, count_a, PROMPTS, config, tmp_path / "full", **kwargs)
 
     def kill_at_step_3(step: int, total: int, metrics: dict) -> None:

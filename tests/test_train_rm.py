@@ -72,7 +72,7 @@ def test_kway_loss_matches_hand_computed_pairs_with_ties() -> None:
     assert expected == pytest.approx(0.2857883, abs=1e-7)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     explicit = torch.stack(
-        [-F.logsigmoid(scores[w] - scores[l]) for w in range(4) for l in range(4) if ranks[w] < ranks[l]]
+        [-F.logsigmoid(scores[w] - scores[lo]) for w in range(4) for lo in range(4) if ranks[w] < ranks[lo]]
     ).mean()
     assert loss.item() == pytest.approx(explicit.item(), abs=1e-7)
     loss.backward()

@@ -226,7 +226,7 @@ def test_sft_without_demonstrations_fails_with_its_reason_and_announces_it(
 
 
 @pytest.mark.parametrize(
-    "damage, reason",
+    ("damage", "reason"),
     [
         ("deleted", "does not exist"),
         ("emptied", "holds no saved model (no config.json)"),

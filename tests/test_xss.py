@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from app.collection.sampling import store_samples
 from app.labeling import leases, submissions
-from app.models import Assignment, ModelVersion, Prompt, TrainingRun, User, Webhook
+from app.models import Assignment, ModelVersion, Prompt, Task, TrainingRun, User, Webhook
 from app.quality import evaluations, gold
 from app.security import hash_password
 from tests.factories import PASSWORD
@@ -228,7 +228,7 @@ def wait_for_rewrite(page, root: str, fields: tuple[str, ...]) -> None:
 # --- labeler pages ------------------------------------------------------------------------------
 
 
-def test_labeler_pages_show_payloads_as_text(browser_page, live_server, hostile):
+def test_labeler_pages_show_payloads_as_text(browser_page, live_server, hostile, committed_session):
     page = browser_page
     log_in(page, live_server, hostile["labeler"], "/label")
     assert_inert(page, visible=[f"Hello, {LABELER_NAME}"])
@@ -245,11 +245,17 @@ def test_labeler_pages_show_payloads_as_text(browser_page, live_server, hostile)
 
     page.goto(f"{live_server}/label/next?kind=ranking")
     page.get_by_test_id("ranking-page").wait_for()
-    ranking_id = int(page.url.rsplit("/", 1)[1])
+    assignment_id = int(page.url.rsplit("/", 1)[1])
     shown = page.get_by_test_id("output-text").all_inner_texts()
     assert sorted(shown) == sorted(PAYLOADS[:9])
     assert page.get_by_test_id("prompt").inner_text() in (PAYLOADS[0], PAYLOADS[4])
     assert_inert(page, visible=[RANKING_BATCH])
+    # The page shows the labeler's own new lease on the hostile ranking batch, not someone else's assignment.
+    committed_session.rollback()  # see what the server committed
+    leased = committed_session.get(Assignment, assignment_id)
+    labeler_id = committed_session.scalar(select(User.id).where(User.username == hostile["labeler"]))
+    assert (leased.labeler_id, leased.state) == (labeler_id, "leased") and leased.id != hostile["foreign"]
+    assert committed_session.get(Task, leased.task_id).batch_id == hostile["ranking"]
 
     page.goto(f"{live_server}/label/next?kind=eval")
     page.get_by_test_id("eval-page").wait_for()

@@ -15,7 +15,7 @@ from worker.modeling import save_model, tiny_causal_lm
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over ASCII letters, digits and punctuation."""
     chars = list(string.ascii_letters + string.digits + " .,:;!?'-\n")
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + chars)}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
