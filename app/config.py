@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SECRET_KEY = "change-me-instructloop-local-only"
+DEFAULT_SECRET_KEY = "change-me-instructloop-local-only"  # noqa: S105  a placeholder that production refuses
 
 
 class Settings(BaseSettings):

@@ -26,7 +26,7 @@ from app.models import ROLES, TOKEN_SCOPES, ApiToken, LoginFailure, User, UserSe
 
 SESSION_COOKIE = "il_session"
 LOGIN_CSRF_COOKIE = "il_login_csrf"
-TOKEN_PREFIX = "il_"
+TOKEN_PREFIX = "il_"  # noqa: S105  the public prefix that marks a token, not a secret
 
 # What each role may do; a token's scopes are cut down to its owner's role.
 ROLE_SCOPES: dict[str, frozenset[str]] = {

@@ -11,6 +11,7 @@ only on 127.0.0.1 and cleans up what it started, by process id.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -40,7 +41,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(round(q / 100 * len(ordered) + 0.5))))
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return round(ordered[rank - 1], 2)
 
 
@@ -213,13 +214,14 @@ class PrivateRedis:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> PrivateRedis:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child keeps its own copy of the log's descriptor; ours is closed once it is started.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_until(self.answers, timeout=15, interval=0.1, message=f"redis-server on port {self.port}")
         return self
 
@@ -260,26 +262,26 @@ def start_server(
     environment = dict(
         os.environ, INSTRUCTLOOP_DATABASE_URL=url, INSTRUCTLOOP_DATA_DIR=str(data_dir), INSTRUCTLOOP_ENVIRONMENT="local"
     ) | (env or {})
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        start_new_session=True,
-    )
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -308,10 +310,8 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     else:
-        try:  # the leader is gone; children it left behind are still ours
+        with contextlib.suppress(ProcessLookupError):  # the leader is gone; children it left behind are still ours
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def child_pids(proc: subprocess.Popen) -> list[int]:
@@ -337,25 +337,26 @@ def start_celery_worker(env: dict[str, str], log_path: Path, broker_url: str, wa
     """Starts a real Celery worker (both queues, one job at a time); with `wait`, returns once it answers a ping."""
     from celery import Celery
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "worker",
-            "--queues",
-            "gpu,default",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "info",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=open(log_path, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "worker",
+                "--queues",
+                "gpu,default",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "info",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     if not wait:
         return proc
     pinger = Celery("instructloop-bench-ping", broker=broker_url)

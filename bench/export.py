@@ -112,7 +112,7 @@ def load(url: str, small_rows: int, large_rows: int, seed: int) -> dict:
     ids = {"prompt": 0, "completion": 0, "item": 0}
     prompts, completions, tasks, assignments, rankings, items = [], [], [], [], [], []
     pairs_per_batch = []
-    for batch_id, target in zip(batch_ids, (small_rows, large_rows)):
+    for batch_id, target in zip(batch_ids, (small_rows, large_rows), strict=True):
         pairs = 0
         while pairs < target:
             ids["prompt"] += 1

@@ -210,7 +210,7 @@ def main() -> int:
                 watcher.stop.set()
                 watcher.join()
             stop_server(worker)
-        status, progress, attempts, versions, metrics = watcher.snapshot()
+        status, _progress, attempts, versions, metrics = watcher.snapshot()
         from sqlalchemy import create_engine
 
         engine = create_engine(stack.url)

@@ -85,14 +85,15 @@ def main() -> int:
     ) as stack:
         env = dict(os.environ, **stack.env)
         worker = start_celery_worker(env, stack.dir / "worker.log", stack.redis.url)
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "beat"],
-            cwd=ROOT,
-            env=env,
-            stdout=open(stack.dir / "beat.log", "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(stack.dir / "beat.log", "ab") as beat_log:
+            beat = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "beat"],
+                cwd=ROOT,
+                env=env,
+                stdout=beat_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
 
             async def outage_with_a_job() -> dict:

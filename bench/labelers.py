@@ -449,7 +449,7 @@ class Labeler:
             body = {
                 "items": [
                     {"completion_id": c["id"], "rank": r, "likert": lk, "flags": []}
-                    for c, r, lk in zip(task["completions"], ranks, likerts)
+                    for c, r, lk in zip(task["completions"], ranks, likerts, strict=True)
                 ],
                 "active_seconds": think,
             }

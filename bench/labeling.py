@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -185,7 +185,7 @@ def load(url: str, rankings: int, open_tasks: int, clients: int) -> tuple[dict, 
             timings[table] = round(time.perf_counter() - t0, 2)
         for table in TABLES_WITH_IDS:
             conn.exec_driver_sql(
-                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"  # noqa: S608  constant names
             )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         t0 = time.perf_counter()
@@ -375,7 +375,7 @@ def ranking_items(completion_ids: list[int], n: int) -> list[dict]:
             "likert": 8 - min(7, slot + 1),
             "flags": ["hallucination"] if slot == 5 else [],
         }
-        for cid, slot in zip(completion_ids, slots)
+        for cid, slot in zip(completion_ids, slots, strict=True)
     ]
 
 
@@ -511,10 +511,8 @@ class CpuMeter:
             )
         backends = []
         for pid in pids:
-            try:
+            with suppress(psutil.Error):
                 backends.append(psutil.Process(pid))
-            except psutil.Error:
-                pass
         return [root, *root.children(recursive=True)], backends
 
     def snapshot(self) -> dict[int, float] | None:
@@ -527,7 +525,7 @@ class CpuMeter:
             for proc in procs:
                 try:
                     cpu = proc.cpu_times()
-                except Exception:  # exited meanwhile
+                except Exception:  # noqa: S112  a process that exited meanwhile is skipped
                     continue
                 times[(kind, proc.pid)] = cpu.user + cpu.system
         return times

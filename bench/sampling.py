@@ -40,14 +40,14 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     prompts = [p.text for p in generate_prompts(args.prompts, seed=5)]
     # No newline stop and no resampling: both paths generate exactly the same number of tokens.
-    common = dict(
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=args.max_new_tokens,
-        seed=0,
-        max_resample_tries=0,
-        stop_at_newline=False,
-    )
+    common = {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": 0,
+        "max_resample_tries": 0,
+        "stop_at_newline": False,
+    }
 
     def tokens(outputs: list[list[str]]) -> int:
         return sum(len(tokenizer(t, add_special_tokens=False).input_ids) for row in outputs for t in row)

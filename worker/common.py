@@ -169,7 +169,7 @@ def cosine_schedule(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over warmup_ratio of the steps, then cosine decay to zero."""
-    warmup = int(round(warmup_ratio * total_steps))
+    warmup = round(warmup_ratio * total_steps)
     return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
 
 
@@ -203,7 +203,7 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> li
     if eos and text.endswith(eos):
         text = text[: -len(eos)]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+    return [*ids, tokenizer.eos_token_id]
 
 
 def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:

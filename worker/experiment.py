@@ -31,43 +31,43 @@ BASE_MODEL = ROOT / "models" / "world-base"
 RECIPE = json.loads((BASE_MODEL / "training_recipe.json").read_text())
 SFT, RM, PPO = RECIPE["sft"], RECIPE["rm"], RECIPE["ppo"]
 # Sizes of the benchmark's full run; every one can be overridden on its command line.
-FULL = dict(
-    demos=600,
-    sft_valid=60,
-    sft_epochs=SFT["epochs"],
-    sft_lr=SFT["learning_rate"],
-    rm_prompts=900,
-    rm_valid_prompts=200,
-    rm_epochs=RM["epochs"],
-    rm_lr=RM["learning_rate"],
-    rm_batch=RM["rankings_per_step"],
-    ppo_steps=PPO["steps"],
-    ppo_batch=PPO["rollout_batch_size"],
-    ppo_lr=PPO["learning_rate"],
-    ppo_value_lr=PPO["value_learning_rate"],
-    ppo_epochs=PPO["ppo_epochs"],
-    ppo_lr_schedule=PPO["lr_schedule"],
-    test_prompts=200,
-)
+FULL = {
+    "demos": 600,
+    "sft_valid": 60,
+    "sft_epochs": SFT["epochs"],
+    "sft_lr": SFT["learning_rate"],
+    "rm_prompts": 900,
+    "rm_valid_prompts": 200,
+    "rm_epochs": RM["epochs"],
+    "rm_lr": RM["learning_rate"],
+    "rm_batch": RM["rankings_per_step"],
+    "ppo_steps": PPO["steps"],
+    "ppo_batch": PPO["rollout_batch_size"],
+    "ppo_lr": PPO["learning_rate"],
+    "ppo_value_lr": PPO["value_learning_rate"],
+    "ppo_epochs": PPO["ppo_epochs"],
+    "ppo_lr_schedule": PPO["lr_schedule"],
+    "test_prompts": 200,
+}
 # A smoke run (well under a minute): too small for PPO to learn anything, only that every stage runs.
-QUICK = dict(
-    demos=120,
-    sft_valid=20,
-    sft_epochs=4,
-    sft_lr=1e-3,
-    rm_prompts=80,
-    rm_valid_prompts=40,
-    rm_epochs=2,
-    rm_lr=3e-4,
-    rm_batch=4,
-    ppo_steps=6,
-    ppo_batch=16,
-    ppo_lr=3e-5,
-    ppo_value_lr=1e-3,
-    ppo_epochs=2,
-    ppo_lr_schedule="constant",
-    test_prompts=60,
-)
+QUICK = {
+    "demos": 120,
+    "sft_valid": 20,
+    "sft_epochs": 4,
+    "sft_lr": 1e-3,
+    "rm_prompts": 80,
+    "rm_valid_prompts": 40,
+    "rm_epochs": 2,
+    "rm_lr": 3e-4,
+    "rm_batch": 4,
+    "ppo_steps": 6,
+    "ppo_batch": 16,
+    "ppo_lr": 3e-5,
+    "ppo_value_lr": 1e-3,
+    "ppo_epochs": 2,
+    "ppo_lr_schedule": "constant",
+    "test_prompts": 60,
+}
 # The learning test's loop: the shipped recipe with fewer demonstrations, rankings and PPO steps, sized to
 # about two minutes on one core; its seed spread is in bench/RESULTS.md ("learning test").
 SMALL = dict(
@@ -93,7 +93,7 @@ def true_scores(prompts: list[str], completions: list[str]) -> list[float]:
     """The world's true score of each completion."""
     from app.world import score
 
-    return [score(p, c) for p, c in zip(prompts, completions)]
+    return [score(p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
 def greedy_eval(model_path: str | Path, prompts: list[Any], max_new_tokens: int, sampled: bool = True) -> dict:
@@ -133,14 +133,14 @@ def greedy_eval(model_path: str | Path, prompts: list[Any], max_new_tokens: int,
         )
         sampled_score = mean(true_scores([t for t in texts for _ in range(2)], [c for row in samples for c in row]))
     by_family: dict[str, list[float]] = defaultdict(list)
-    for prompt, value in zip(prompts, scores):
+    for prompt, value in zip(prompts, scores, strict=True):
         by_family[prompt.family].append(value)
     return {
         "true_score": mean(scores),
         "sampled_true_score": sampled_score,
         "by_family": {f: round(mean(v), 4) for f, v in sorted(by_family.items())},
         "words": mean([len(a.split()) for a in answers]),
-        "examples": [[t, a] for t, a in list(zip(texts, answers))[:6]],
+        "examples": [[t, a] for t, a in list(zip(texts, answers, strict=True))[:6]],
     }
 
 
@@ -249,7 +249,7 @@ def run_loop(
                 batch_size=96,
                 seed=sample_seed + k,
             )
-            completions.update(zip(idx, rows))
+            completions.update(zip(idx, rows, strict=True))
         rankings, others = [], []
         for i, prompt in enumerate(prompts):
             name = f"labeler-{i % N_LABELERS}"
@@ -261,7 +261,7 @@ def run_loop(
     rm_train, _ = rankings_for(rm_prompts, 10_000 * seed + 1)
     rm_valid, second = rankings_for(rm_valid_prompts, 10_000 * seed + 2)
     agree = total = 0
-    for ranking, other in zip(rm_valid, second):
+    for ranking, other in zip(rm_valid, second, strict=True):
         a, n = pairwise_agreement(ranking.ranks, other)
         agree, total = agree + a, total + n
     ceiling, _ = noise_ceiling([r for r in rm_valid if r.n_pairs])

@@ -208,7 +208,7 @@ def _sample(
                         stop_at_newline=newline_stop,
                         use_cache=use_cache,
                     )
-                    for i, text in zip(chunk, texts):
+                    for i, text in zip(chunk, texts, strict=True):
                         everything[i].append(text)
                         # Empty completions are resampled like duplicates: a
                         # blank option is nothing a labeler can rank.

@@ -80,7 +80,7 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
             store_samples(
                 db,
                 policy_id,
-                {pid: texts for (pid, _), texts in zip(chunk, outputs)},
+                {pid: texts for (pid, _), texts in zip(chunk, outputs, strict=True)},
                 settings | {"model_version_id": policy_id},
             )
         done += len(chunk)
@@ -124,7 +124,7 @@ def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
                 store_samples(
                     db,
                     model_id,
-                    {pid: texts for (pid, _), texts in zip(chunk, outputs)},
+                    {pid: texts for (pid, _), texts in zip(chunk, outputs, strict=True)},
                     settings | {"model_version_id": model_id, "evaluation_id": evaluation_id},
                 )
             sampled += len(chunk)

@@ -176,19 +176,19 @@ def tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, seed: int | None = None, 
     """Builds a tiny Llama-style causal LM (about 1-2 M parameters) for tests and the world."""
     if seed is not None:
         torch.manual_seed(seed)
-    settings: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     settings.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**settings))
     _sync_special_ids(model, tokenizer)

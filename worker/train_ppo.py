@@ -75,7 +75,7 @@ def constant_schedule(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over warmup_ratio of the steps, then the peak rate to the end."""
-    return get_constant_schedule_with_warmup(optimizer, int(round(warmup_ratio * total_steps)))
+    return get_constant_schedule_with_warmup(optimizer, round(warmup_ratio * total_steps))
 
 
 # PPO's data is new at every step (fresh rollouts of the current policy), so a
@@ -223,7 +223,7 @@ def sample(
     # decode of one row of ids gives one text; transformers types the batch form alongside.
     texts = [
         cast(str, tokenizer.decode(row[: int(n)], skip_special_tokens=True)).split("\n", 1)[0].strip()
-        for row, n in zip(responses.tolist(), keep.sum(1).tolist())
+        for row, n in zip(responses.tolist(), keep.sum(1).tolist(), strict=True)
     ]
     return Rollout(
         prompts=prompts,
@@ -301,7 +301,7 @@ def ptx_example(
     """An SFT example; with an empty prompt, plain pretraining text trained on every token."""
     if prompt:
         return build_example(tokenizer, prompt, completion, max_length)
-    ids = tokenizer(completion, add_special_tokens=True)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+    ids = [*tokenizer(completion, add_special_tokens=True)["input_ids"][: max_length - 1], tokenizer.eos_token_id]
     return {"input_ids": ids, "labels": list(ids)}
 
 

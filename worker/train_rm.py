@@ -21,6 +21,7 @@ import math
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
@@ -188,7 +189,7 @@ def ranking_losses(
     scores = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
     loss = scores.sum() * 0.0
     correct, pairs = 0.0, 0
-    for ranking, span in zip(rankings, spans):
+    for ranking, span in zip(rankings, spans, strict=True):
         loss = loss + kway_loss(scores[span], ranking.ranks, config.score_l2)
         ok, n = pair_outcomes(scores[span].detach(), ranking.ranks)
         correct, pairs = correct + ok, pairs + n
@@ -241,8 +242,8 @@ def score_completions(
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         sequences = [
-            sum(encode_pair(tokenizer, p, c, rm.max_length), [])
-            for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size])
+            list(chain(*encode_pair(tokenizer, p, c, rm.max_length)))
+            for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
         ]
         input_ids, attention_mask = pad_right(sequences, tokenizer.pad_token_id)
         scores += rm(input_ids.to(device), attention_mask.to(device)).float().tolist()

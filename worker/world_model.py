@@ -27,8 +27,8 @@ from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerFa
 from app.world.corpus import corpus
 from worker.modeling import count_parameters, prepare_tokenizer, save_model, save_recipe, tiny_causal_lm
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<|endoftext|>"  # noqa: S105  a vocabulary token, not a password
+PAD_TOKEN = "<pad>"  # noqa: S105  a vocabulary token, not a password
 
 # The trainer settings measured for this model by bench/learning.py (bench/RESULTS.md, "learning"), saved
 # beside it. The worker applies them to runs descended from it where a run's params leave a setting out: the
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     kwargs = {"steps": args.steps} if args.steps else {}
-    print(json.dumps(pretrain_base(args.out_dir, seed=args.seed, **kwargs), indent=1))
+    print(json.dumps(pretrain_base(args.out_dir, seed=args.seed, **kwargs), indent=1))  # noqa: T201  command-line output
 
 
 if __name__ == "__main__":

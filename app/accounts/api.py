@@ -8,12 +8,13 @@ browser, the session cookie plus the X-CSRF-Token header on writes.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from app.deps import OptionalPrincipal, SessionDep, check_csrf
+from app.deps import OptionalPrincipal, Principal, SessionDep, check_csrf
 from app.models import ApiToken
 from app.security import create_api_token, parse_scopes, revoke_api_token
 
@@ -48,14 +49,17 @@ class NewTokenOut(TokenOut):
     token: str = Field(description="The secret; shown only in this response")
 
 
-def _authenticated(principal: OptionalPrincipal, _csrf: None = Depends(check_csrf)):
+def _authenticated(principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]) -> Principal:
     if principal is None:
         raise HTTPException(401, "Authentication required", headers={"WWW-Authenticate": "Bearer"})
     return principal
 
 
+Authenticated = Annotated[Principal, Depends(_authenticated)]
+
+
 @router.get("/me", response_model=MeOut, tags=["account"])
-def me(principal=Depends(_authenticated)):
+def me(principal: Authenticated):
     """Tells who the caller is and what they may do."""
     return MeOut(
         id=principal.user.id,
@@ -67,14 +71,14 @@ def me(principal=Depends(_authenticated)):
 
 
 @router.get("/tokens", response_model=list[TokenOut], tags=["account"])
-def list_tokens(db: SessionDep, principal=Depends(_authenticated)):
+def list_tokens(db: SessionDep, principal: Authenticated):
     """Lists the caller's API tokens (never their secrets)."""
     rows = db.scalars(select(ApiToken).where(ApiToken.user_id == principal.user.id).order_by(ApiToken.id)).all()
     return [TokenOut.model_validate(row, from_attributes=True) for row in rows]
 
 
 @router.post("/tokens", response_model=NewTokenOut, status_code=201, tags=["account"])
-def create_token(body: TokenIn, db: SessionDep, principal=Depends(_authenticated)):
+def create_token(body: TokenIn, db: SessionDep, principal: Authenticated):
     """Creates an API token for the caller; the secret is shown once."""
     if principal.via != "session":
         raise HTTPException(403, "Create tokens from a browser session or the CLI, not with another token")
@@ -83,7 +87,7 @@ def create_token(body: TokenIn, db: SessionDep, principal=Depends(_authenticated
 
 
 @router.delete("/tokens/{token_id}", status_code=204, tags=["account"])
-def delete_token(token_id: int, db: SessionDep, principal=Depends(_authenticated)):
+def delete_token(token_id: int, db: SessionDep, principal: Authenticated):
     """Revokes one of the caller's tokens (admins may revoke anyone's)."""
     owner = None if principal.is_admin else principal.user
     if not revoke_api_token(db, token_id, owner):

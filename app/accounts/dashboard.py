@@ -29,7 +29,7 @@ def _available_tasks_by_kind(db: Session, user: User) -> dict[str, int]:
         .group_by(Task.kind)
     ).all()
     counts = {"demonstration": 0, "ranking": 0, "eval": 0}
-    counts.update({kind: n for kind, n in rows})
+    counts.update(dict(rows))
     return counts
 
 

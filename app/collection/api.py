@@ -233,7 +233,7 @@ def create_batch(body: BatchIn, db: SessionDep, principal: AdminApi):
 
 
 @router.get("/batches", response_model=list[BatchOut])
-def list_batches(db: SessionDep, principal: AdminApi, status: BatchStatus | None = Query(None)):
+def list_batches(db: SessionDep, principal: AdminApi, status: Annotated[BatchStatus | None, Query()] = None):
     """Lists collection batches, newest first, with status and progress (evaluations: /api/v1/evaluations)."""
     query = select(PromptBatch).where(PromptBatch.purpose == "collection").order_by(PromptBatch.id.desc())
     if status is not None:
@@ -269,13 +269,16 @@ def import_file(
     upload: UploadDep,
     db: SessionDep,
     principal: AdminApi,
-    replace: bool = Query(False, description="Replace the draft's prompts instead of adding to them"),
-    fmt: Literal["jsonl", "csv"] | None = Query(
-        None, alias="format", description="Default: from file name, content type, content"
-    ),
-    prefix_chars: int = Query(100, ge=1, le=100_000, description="Shared-prefix length that marks a near duplicate"),
-    max_per_user: int = Query(200, ge=1, description="Most prompts kept per source_user_id"),
-    split: str = Query("0.8,0.1,0.1", description="train,valid,test fractions, split by source user"),
+    replace: Annotated[bool, Query(description="Replace the draft's prompts instead of adding to them")] = False,
+    fmt: Annotated[
+        Literal["jsonl", "csv"] | None,
+        Query(alias="format", description="Default: from file name, content type, content"),
+    ] = None,
+    prefix_chars: Annotated[
+        int, Query(ge=1, le=100_000, description="Shared-prefix length that marks a near duplicate")
+    ] = 100,
+    max_per_user: Annotated[int, Query(ge=1, description="Most prompts kept per source_user_id")] = 200,
+    split: Annotated[str, Query(description="train,valid,test fractions, split by source user")] = "0.8,0.1,0.1",
 ):
     """Imports JSON Lines or CSV prompts all-or-nothing; answers the hygiene report, or every error by line."""
     batch = get_batch_or_404(db, batch_id)

@@ -140,7 +140,7 @@ def batch_activity(db: Session, batch_id: int) -> dict[str, Any]:
     top = max(histogram) or 1
     bars = [
         {"label": f"{lo}–{hi}s" if hi else f"{lo}s+", "count": n, "height": round(n / top * 120, 1)}
-        for (lo, hi), n in zip(TIME_BINS, histogram)
+        for (lo, hi), n in zip(TIME_BINS, histogram, strict=True)
     ]
     return {
         "labelers": labelers,
@@ -314,7 +314,7 @@ def batch_upload(
     if file is None or not file.filename:
         raise Invalid("file", "choose a JSON Lines or CSV file to upload")
     upload = Upload(file.file.read(), file.filename, file.content_type)
-    outcome, replaced = run_import(
+    outcome, _replaced = run_import(
         db, batch, upload, replace=replace == "on", prefix_chars=prefix_chars, max_per_user=max_per_user
     )
     if not outcome.ok:

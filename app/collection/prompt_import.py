@@ -328,11 +328,8 @@ def _parse_csv(data: bytes, max_text_chars: int) -> ParseResult:
     errors: list[ImportIssue] = []
     rows: list[PromptRow] = []
     lines = _decode_lines(data, errors)
-    if errors:
-        # Keep parsing so the other issues are reported too; the bad lines already have theirs.
-        text = data.decode("utf-8", errors="replace")
-    else:
-        text = "\n".join(line for line in lines if line is not None)
+    # On decoding errors keep parsing so the other issues are reported too; the bad lines already have theirs.
+    text = data.decode("utf-8", errors="replace") if errors else "\n".join(line for line in lines if line is not None)
     if not text.strip():
         return ParseResult([], errors or [ImportIssue(1, None, "file is empty")])
 

@@ -258,7 +258,7 @@ def write_prompt(db: Session, author: User, batch_id: int, draft: PromptDraft) -
     row = PromptRow(line=1, text=prompt_text, source_user_id=user, category=draft.category, metadata=metadata)
 
     def existing_keys(keys: list[str]) -> set[str]:
-        _serialise_writers(db, keys + [user])
+        _serialise_writers(db, [*keys, user])
         found = db.execute(
             select(Prompt.normalized_key, Prompt.prefix_key).where(
                 or_(Prompt.normalized_key.in_(keys), Prompt.prefix_key.in_(keys))

@@ -119,8 +119,8 @@ def write_page(
     request: Request,
     db: SessionDep,
     principal: LabelerPage,
-    category: Literal["plain", "few-shot", "user-based"] = Query("plain"),
-    batch_id: int | None = Query(None),
+    category: Annotated[Literal["plain", "few-shot", "user-based"], Query()] = "plain",
+    batch_id: Annotated[int | None, Query()] = None,
 ):
     """Shows the prompt-writing form for the batches that accept written prompts."""
     return _page(request, db, principal, form={"category": category, "batch_id": batch_id or ""})

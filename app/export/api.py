@@ -146,7 +146,7 @@ def export_comparisons(query: Params, request: Request, db: SessionDep, principa
 
 @export_router.get("/rankings", response_class=ExportResponse, responses=RESPONSES, status_code=200)
 def export_rankings(query: Params, request: Request, db: SessionDep, principal: ExportReader):
-    """Streams one row per ranking with all K outputs, ranks, Likert, flags and display order (or per task: consensus)."""
+    """Streams one row per ranking with all K outputs, ranks, Likert, flags, display order (or per task: consensus)."""
     return _export("rankings", query, request, db)
 
 

@@ -331,7 +331,7 @@ def _ranking_csv(unit: tuple[Sequence, list], skip_through: int, names: Names) -
 
 
 def _demonstration_jsonl(row: Sequence, skip_through: int, names: Names) -> str:
-    return _json_any(dict(zip(DEMONSTRATION_COLUMNS, _demonstration_record(row, names)))) + "\n"
+    return _json_any(dict(zip(DEMONSTRATION_COLUMNS, _demonstration_record(row, names), strict=True))) + "\n"
 
 
 def _demonstration_csv(row: Sequence, skip_through: int, names: Names) -> str:

@@ -7,7 +7,7 @@ token with the `label` scope. Errors name the field: `items[2].likert: ...`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
@@ -109,7 +109,9 @@ def assignment_out(db, assignment, view: leases.TaskView | None = None) -> Assig
 
 @router.get("/tasks/next", response_model=AssignmentOut, responses={204: {"description": "Nothing left to label"}})
 def next_task(
-    db: SessionDep, principal: LabelerApi, kind: Literal["ranking", "demonstration", "eval"] | None = Query(None)
+    db: SessionDep,
+    principal: LabelerApi,
+    kind: Annotated[Literal["ranking", "demonstration", "eval"] | None, Query()] = None,
 ):
     """Leases the next task (or returns the one already held); 204 when nothing is left."""
     view = leases.lease_next_view(db, principal.user, kind)

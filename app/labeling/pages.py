@@ -9,7 +9,7 @@ any script go through the same service calls.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
@@ -41,7 +41,7 @@ def next_task(
     request: Request,
     db: SessionDep,
     principal: LabelerPage,
-    kind: Literal["ranking", "demonstration", "eval"] | None = Query(None),
+    kind: Annotated[Literal["ranking", "demonstration", "eval"] | None, Query()] = None,
 ):
     """Leases the next task (or the one already held) and opens it; a calm 'all done' page when none is left."""
     assignment = None

@@ -142,11 +142,11 @@ def _start(db: Session, body: EvaluationIn, user_id: int) -> Evaluation:
 def list_evaluations(
     db: SessionDep,
     principal: AdminApi,
-    status: EvaluationStatus | None = Query(None),
-    model_version_id: int | None = Query(
-        None, ge=1, le=MAX_ID, description="Only evaluations this version took part in"
-    ),
-    limit: int = Query(50, ge=1, le=500),
+    status: Annotated[EvaluationStatus | None, Query()] = None,
+    model_version_id: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="Only evaluations this version took part in")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ):
     """Lists evaluations, newest first, with their results so far."""
     query = select(Evaluation).order_by(Evaluation.id.desc()).limit(limit)

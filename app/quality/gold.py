@@ -162,7 +162,7 @@ def mark_consensus_gold(
     consensus = borda_consensus(complete)
     if len(set(consensus)) < 2:
         raise GoldError("task_id", f"the rankings of task {task_id} cancel out (every output tied)", status=409)
-    return _set_gold(db, task, dict(zip(outputs, consensus)), "consensus", None, admin)
+    return _set_gold(db, task, dict(zip(outputs, consensus, strict=True)), "consensus", None, admin)
 
 
 def unmark_gold(db: Session, task_id: int, batch_id: int | None = None) -> Task:

@@ -11,7 +11,7 @@ or a token with the `admin` scope.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,7 +100,10 @@ def model_detail(db: Session, version: ModelVersion) -> ModelDetail:
 
 @router.get("/models", response_model=list[ModelOut])
 def list_models(
-    db: SessionDep, principal: AdminApi, kind: ModelKind | None = Query(None), status: ModelStatus | None = Query(None)
+    db: SessionDep,
+    principal: AdminApi,
+    kind: Annotated[ModelKind | None, Query()] = None,
+    status: Annotated[ModelStatus | None, Query()] = None,
 ):
     """Lists model versions, newest first, with their key metrics."""
     query = select(ModelVersion).order_by(ModelVersion.id.desc())
@@ -124,7 +127,7 @@ def model_behaviour_api(version_id: int, db: SessionDep, principal: AdminApi) ->
 
 
 @router.post("/models/rollback", response_model=ModelDetail)
-def rollback_model(db: SessionDep, principal: AdminApi, kind: ModelKind = Query(...)):
+def rollback_model(db: SessionDep, principal: AdminApi, kind: Annotated[ModelKind, Query()]):
     """Promotes the version of `kind` promoted before the current one; 409 when there is none."""
     return model_detail(db, registry.rollback(db, kind))
 

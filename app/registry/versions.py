@@ -127,9 +127,8 @@ def promote(db: Session, version: ModelVersion, *, gated: bool = True) -> ModelV
     """
     if version.status not in USABLE:
         raise RegistryError("status", f"only a ready model can be promoted; {version.name} is {version.status}")
-    if gated:
-        if (why := evaluations.promotion_block(db, version)) is not None:
-            raise RegistryError("status", why)
+    if gated and (why := evaluations.promotion_block(db, version)) is not None:
+        raise RegistryError("status", why)
     db.execute(
         update(ModelVersion)
         .where(ModelVersion.kind == version.kind, ModelVersion.status == "promoted", ModelVersion.id != version.id)

@@ -10,7 +10,7 @@ the schedule. The admin pages in `app.training.pages` share its helpers.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -153,9 +153,9 @@ def get_run_or_404(db: Session, run_id: int) -> TrainingRun:
 def list_runs(
     db: SessionDep,
     principal: AdminApi,
-    kind: RunKind | None = Query(None),
-    status: RunStatus | None = Query(None),
-    limit: int = Query(50, ge=1, le=500),
+    kind: Annotated[RunKind | None, Query()] = None,
+    status: Annotated[RunStatus | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ):
     """Lists training runs, most recent first, with status, progress and message."""
     query = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)
