@@ -89,11 +89,19 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def true_scores(prompts: list[str], completions: list[str]) -> list[float]:
-    """The world's true score of each completion."""
+def world_score(prompt: str, completion: str) -> float:
+    """The world's true score of a completion; every prompt of this experiment is a world prompt."""
     from app.world import score
 
-    return [score(p, c) for p, c in zip(prompts, completions, strict=True)]
+    found = score(prompt, completion)
+    if found is None:
+        raise ValueError(f"not a prompt of the bundled world: {prompt[:80]!r}")
+    return found
+
+
+def true_scores(prompts: list[str], completions: list[str]) -> list[float]:
+    """The world's true score of each completion."""
+    return [world_score(p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
 def greedy_eval(model_path: str | Path, prompts: list[Any], max_new_tokens: int, sampled: bool = True) -> dict:
@@ -146,11 +154,10 @@ def greedy_eval(model_path: str | Path, prompts: list[Any], max_new_tokens: int,
 
 def noise_ceiling(rankings: list[Any]) -> tuple[float, float]:
     """Accuracy of the true scorer itself on the labelers' non-tied held-out pairs, and the pair count."""
-    from app.world import score
 
     correct = pairs = 0.0
     for ranking in rankings:
-        truth = [score(ranking.prompt, c) for c in ranking.completions]
+        truth = [world_score(ranking.prompt, c) for c in ranking.completions]
         for i, ri in enumerate(ranking.ranks):
             for j, rj in enumerate(ranking.ranks):
                 if ri < rj:
