@@ -85,6 +85,14 @@ def emit(summary: dict[str, Any]) -> int:
     return 0 if summary.get("ok") else 1
 
 
+def wire_loop() -> None:
+    """Wires the stages' event handlers, as every process that calls the services in process must."""
+    sys.path.insert(0, str(ROOT))
+    from app import loop
+
+    loop.wire()
+
+
 # --- databases ------------------------------------------------------------------------------------
 
 

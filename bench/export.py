@@ -313,6 +313,9 @@ def in_process(url: str, batch: str) -> dict:
 
 def main() -> None:
     args = parse_args()
+    from app import loop
+
+    loop.wire()  # the services run in this process: wire the stages' reactions
     from alembic import command
     from sqlalchemy import create_engine, text
 

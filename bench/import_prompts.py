@@ -167,6 +167,9 @@ def run_import(url: str, path: Path, batch_name: str) -> dict:
 
 
 def main() -> None:
+    from app import loop
+
+    loop.wire()  # the services run in this process: wire the stages' reactions
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -67,6 +67,7 @@ from bench._common import (  # noqa: E402
     percentiles,
     start_server,
     stop_server,
+    wire_loop,
 )
 
 PASSWORD = "bench-labeler-password"
@@ -249,6 +250,8 @@ def seed(
 @dataclass
 class Behaviour:
     """How the simulated labelers act; every loop is bounded by `max_tasks` and the run's deadline."""
+
+    wire_loop()
 
     think_s: tuple[float, float] = (0.5, 4.0)
     p_skip: float = 0.05

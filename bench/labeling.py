@@ -673,6 +673,9 @@ def fmt(value: float | None) -> str:
 
 
 def main() -> None:
+    from app import loop
+
+    loop.wire()  # the services run in this process: wire the stages' reactions
     args = parse_args()
     name = f"instructloop_bench_labeling_{uuid.uuid4().hex[:8]}"
     data_dir = Path(tempfile.mkdtemp(prefix="instructloop-bench-labeling-"))

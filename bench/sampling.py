@@ -18,6 +18,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from app import loop
+
+    loop.wire()  # the services run in this process: wire the stages' reactions
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "world-base"), help="model path or hub id")
     parser.add_argument("--prompts", type=int, default=64, help="number of world prompts")
