@@ -185,6 +185,9 @@ def truncate_all(engine) -> None:
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    # Ids restart, and a run's checkpoints and models live under its id: a later test's run 1 must not find
+    # (and try to resume from) an earlier test's run 1.
+    shutil.rmtree(DATA_DIR / "artifacts", ignore_errors=True)
 
 
 @pytest.fixture
