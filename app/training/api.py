@@ -100,7 +100,7 @@ def start_manual_run(db: Session, kind: str, params: dict[str, Any], username: s
 
 
 def cancel_run(db: Session, run: TrainingRun, username: str) -> TrainingRun:
-    """Cancels a queued or running run; its worker stops at its next heartbeat, its model is marked failed."""
+    """Cancels a queued or running run; its worker stops at its next step, its model is marked failed."""
     # Conditional, so a run that finishes at this moment is not overwritten.
     result = db.execute(
         update(TrainingRun)
@@ -192,7 +192,7 @@ def create_run(body: RunIn, db: SessionDep, principal: AdminApi):
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut)
 def cancel(run_id: int, db: SessionDep, principal: AdminApi):
-    """Cancels a queued or running run (the worker stops at its next heartbeat); 409 when it has finished."""
+    """Cancels a queued or running run (the worker stops at its next step); 409 when it has finished."""
     run = get_run_or_404(db, run_id)
     cancel_run(db, run, principal.user.username)
     return run
