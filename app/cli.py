@@ -29,9 +29,26 @@ console = Console(stderr=True)
 
 @cli.command()
 def migrate() -> None:
-    """Apply database migrations (a one-off step before starting the web)."""
+    """Apply database migrations (a one-off step before starting the web); registers INSTRUCTLOOP_BASE_MODEL once."""
     run_migrations()
     console.print("[green]database is at the newest schema[/green]")
+    source = get_settings().base_model
+    if not source:
+        return
+    # Every deployment runs this step before its web starts (compose's `migrate` service), so the
+    # configured base model is registered here, once; a worker validates it and then promotes it.
+    from app.db import session_scope
+    from app.errors import AppError
+    from app.registry.versions import ensure_configured_base_model
+
+    try:
+        with session_scope() as db:
+            version, new = ensure_configured_base_model(db, source)
+            said = "registered" if new else "already registered as"
+            console.print(f"base model {source}: {said} version {version.id} ({version.name}, {version.status})")
+    except AppError as exc:
+        console.print(f"[red]error:[/red] INSTRUCTLOOP_BASE_MODEL: {exc}")
+        raise typer.Exit(2) from exc
 
 
 @cli.command()

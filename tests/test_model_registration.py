@@ -373,3 +373,31 @@ def test_models_the_worker_finds_unusable_end_failed_with_the_reason_never_promo
     )
     assert cli.returncode == 1 and "not a causal language model" in cli.stderr, (cli.stdout, cli.stderr)
     assert cli.stdout.split("\n")[1].endswith(" failed")
+
+
+def test_the_configured_base_model_is_registered_once_by_migrate(committed_session, tiny_models):
+    import os
+
+    env = {**os.environ, "INSTRUCTLOOP_BASE_MODEL": str(tiny_models["qwen2"])}
+    outs = [
+        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True)
+        for _ in range(2)
+    ]
+    assert [o.returncode for o in outs] == [0, 0], outs[0].stderr
+    said = [" ".join(o.stderr.split()) for o in outs]  # the console wraps long lines
+    versions = committed_session.scalars(select(ModelVersion)).all()
+    assert f"registered version {versions[0].id} (base-qwen2" in said[0]
+    assert f"already registered as version {versions[0].id} " in said[1]
+    assert [(v.kind, v.status, v.source, v.name) for v in versions] == [
+        ("base", "validating", str(tiny_models["qwen2"].resolve()), "base-qwen2")
+    ]
+    run = committed_session.get(TrainingRun, versions[0].training_run_id)
+    assert run.kind == "validate" and run.params["promote"] is True
+    bad = subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate"],
+        cwd=ROOT,
+        env={**env, "INSTRUCTLOOP_BASE_MODEL": "/no/such/model"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "does not exist" in " ".join(bad.stderr.split())

@@ -101,6 +101,37 @@ def register_base_model(db: Session, artifact_path: str, metrics: dict[str, Any]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _where(source: str) -> str:
+    """The absolute folder or the hub id a source names; 422 when it is neither."""
+    path = Path(source).expanduser()
+    looks_local = source.startswith(("/", ".", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise Invalid("source", f"{source} {what}")
+    if not looks_local and not HUB_ID.match(source):
+        raise Invalid("source", f"{source} is neither an existing folder nor a hub id like 'owner/name'")
+    return str(path.resolve()) if looks_local else source
+
+
+def ensure_configured_base_model(db: Session, source: str) -> tuple[ModelVersion, bool]:
+    """Registers and promotes the deployment's base model (INSTRUCTLOOP_BASE_MODEL) once; (version, whether new)."""
+    where = _where(source.strip())
+    existing = db.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.kind == "base", (ModelVersion.source == where) | (ModelVersion.artifact_path == where))
+        .order_by(ModelVersion.id)
+        .limit(1)
+    )
+    if existing is not None:
+        return existing, False
+    stem = re.sub(r"[^\w.-]+", "-", where.rstrip("/").rsplit("/", 1)[-1]).strip("-") or "model"
+    name, n = f"base-{stem}"[:120], 1
+    while db.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
+        n += 1
+        name = f"base-{stem}"[:120] + f"-{n}"
+    return register_model(db, where, name, kind="base", promote=True), True
+
+
 def register_model(
     db: Session,
     source: str,
@@ -121,17 +152,10 @@ def register_model(
         raise Invalid("name", "at most 128 characters")
     if kind not in MODEL_KINDS:
         raise Invalid("kind", f"must be one of {', '.join(MODEL_KINDS)}")
-    path = Path(source).expanduser()
-    looks_local = source.startswith(("/", ".", "~")) or path.exists()
-    if looks_local and not path.is_dir():
-        what = "is a file, not a model folder" if path.exists() else "does not exist"
-        raise Invalid("source", f"{source} {what}")
-    if not looks_local and not HUB_ID.match(source):
-        raise Invalid("source", f"{source} is neither an existing folder nor a hub id like 'owner/name'")
+    artifact = _where(source)
     # Checked here too (register_version checks again) so a duplicate name never queues a job.
     if db.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
         raise RegistryError("name", f"a model version called '{name}' already exists")
-    artifact = str(path.resolve()) if looks_local else source
     version = register_version(db, kind=kind, name=name, artifact_path=artifact, status="validating")
     version.source, version.revision = artifact, revision
     run = runs.start_run(
