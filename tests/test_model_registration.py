@@ -401,3 +401,35 @@ def test_the_configured_base_model_is_registered_once_by_migrate(committed_sessi
         text=True,
     )
     assert bad.returncode == 2 and "does not exist" in " ".join(bad.stderr.split())
+
+
+def test_the_admin_page_registers_through_the_same_path_and_shows_validation(client, db, login, tiny_models):
+    admin = AdminFactory()
+    csrf = login(admin.username)
+    form = {"csrf_token": csrf, "source": "/no/such/folder", "name": "page-model", "kind": "base"}
+    refused = client.post("/admin/models", data=form)
+    assert refused.status_code == 422 and "source: /no/such/folder does not exist" in refused.text
+    assert 'value="page-model"' in refused.text  # the form keeps what was typed
+    form["source"] = str(tiny_models["gpt2"])
+    done = client.post("/admin/models", data={**form, "promote": "true"}, follow_redirects=False)
+    assert done.status_code == 303, done.text
+    version = db.scalar(select(ModelVersion).where(ModelVersion.name == "page-model"))
+    assert done.headers["location"] == f"/admin/models/{version.id}" and version.status == "validating"
+    assert db.get(TrainingRun, version.training_run_id).params["promote"] is True
+    page = client.get(done.headers["location"]).text
+    assert 'data-testid="validation-progress"' in page and 'http-equiv="refresh"' in page
+    # What the worker leaves behind is shown: the reason of a failure, the facts of a success.
+    version.status, version.error = "failed", "ModelInvalid: BertForMaskedLM is not a causal language model"
+    db.flush()
+    page = client.get(done.headers["location"]).text
+    assert "BertForMaskedLM is not a causal language model" in page and 'http-equiv="refresh"' not in page
+    version.status, version.error, version.facts = (
+        "ready",
+        None,
+        {"architecture": "GPT2LMHeadModel", "parameters": 16352},
+    )
+    db.flush()
+    page = client.get(done.headers["location"]).text
+    assert 'data-testid="facts"' in page and "GPT2LMHeadModel" in page and "16352" in page
+    duplicate = client.post("/admin/models", data=form)
+    assert duplicate.status_code == 409 and "name: a model version called" in duplicate.text
