@@ -22,14 +22,33 @@ from app.db import ROOT, run_migrations
 cli = typer.Typer(help="InstructLoop: collect human feedback and retrain models on it.", no_args_is_help=True)
 world_cli = typer.Typer(help="The bundled world: a toy domain with checkable answers and a tiny model.")
 cli.add_typer(world_cli, name="world")
+models_cli = typer.Typer(help="Model versions: bring your own Hugging Face causal LM, list what is registered.")
+cli.add_typer(models_cli, name="models")
 console = Console(stderr=True)
 
 
 @cli.command()
 def migrate() -> None:
-    """Apply database migrations (a one-off step before starting the web)."""
+    """Apply database migrations (a one-off step before starting the web); registers INSTRUCTLOOP_BASE_MODEL once."""
     run_migrations()
     console.print("[green]database is at the newest schema[/green]")
+    source = get_settings().base_model
+    if not source:
+        return
+    # Every deployment runs this step before its web starts (compose's `migrate` service), so the
+    # configured base model is registered here, once; a worker validates it and then promotes it.
+    from app.db import session_scope
+    from app.errors import AppError
+    from app.registry.versions import ensure_configured_base_model
+
+    try:
+        with session_scope() as db:
+            version, new = ensure_configured_base_model(db, source)
+            said = "registered" if new else "already registered as"
+            console.print(f"base model {source}: {said} version {version.id} ({version.name}, {version.status})")
+    except AppError as exc:
+        console.print(f"[red]error:[/red] INSTRUCTLOOP_BASE_MODEL: {exc}")
+        raise typer.Exit(2) from exc
 
 
 @cli.command()
@@ -286,6 +305,66 @@ def import_prompts_cmd(
     except AppError as exc:  # the batch's, or the file's (binary: not JSON Lines or CSV)
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+@models_cli.command("register")
+def models_register(
+    source: Annotated[str, typer.Argument(help="A model folder (as the worker sees it) or a Hugging Face hub id.")],
+    name: Annotated[str, typer.Option(help="A unique name for the new version.")],
+    kind: Annotated[str, typer.Option(help="base, sft, rm or policy.")] = "base",
+    revision: Annotated[str | None, typer.Option(help="A hub branch, tag or commit.")] = None,
+    promote: Annotated[bool, typer.Option(help="Promote it once validation succeeds.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for the worker's validation; exit 1 when it fails.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 1800.0,
+) -> None:
+    """Register a model; a worker validates it (prints the version id and status)."""
+    import time
+
+    from app.db import session_scope
+    from app.errors import AppError
+    from app.models import ModelVersion
+    from app.registry.versions import register_model
+
+    try:
+        with session_scope() as db:
+            version = register_model(db, source, name, kind=kind, revision=revision, promote=promote)
+            version_id, status = version.id, version.status
+    except AppError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    print(f"{version_id} {status}")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while status == "validating" and time.monotonic() < deadline:
+        time.sleep(1.0)
+        with session_scope() as db:
+            found = db.get(ModelVersion, version_id)
+            status, error = (found.status, found.error) if found is not None else ("failed", "the version was deleted")
+    print(f"{version_id} {status}")
+    if status == "validating":
+        console.print(f"[red]error:[/red] still validating after {timeout:.0f} s; is a worker running?")
+        raise typer.Exit(1)
+    if status == "failed":
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1)
+
+
+@models_cli.command("list")
+def models_list() -> None:
+    """List model versions, newest first: id, name, kind, status, parameters, source."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import ModelVersion
+
+    with session_scope() as db:
+        rows = db.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
+        print("id\tname\tkind\tstatus\tparameters\tsource")
+        for v in rows:
+            params = (v.facts or {}).get("parameters") or (v.metrics or {}).get("parameters")
+            shown = params if params is not None else "-"
+            print(f"{v.id}\t{v.name}\t{v.kind}\t{v.status}\t{shown}\t{v.source or v.artifact_path}")
 
 
 def main() -> None:

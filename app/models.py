@@ -56,12 +56,12 @@ SPLITS = ("train", "valid", "test")
 TASK_KINDS = ("demonstration", "ranking", "eval")
 ASSIGNMENT_STATES = ("leased", "submitted", "skipped", "expired")
 MODEL_KINDS = ("base", "sft", "rm", "policy")
-MODEL_STATUSES = ("training", "ready", "failed", "promoted", "retired")
+MODEL_STATUSES = ("training", "validating", "ready", "failed", "promoted", "retired")
 # A version in one of these may sample, be trained from or be promoted.
 USABLE_STATUSES = ("ready", "promoted")
 GOLD_SOURCES = ("ranking", "consensus")
 EVALUATION_STATUSES = ("sampling", "labeling", "completed", "cancelled")
-RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo")
+RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo", "validate")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 RANKING_FLAGS = (
     "fails_instruction",
@@ -185,6 +185,11 @@ class ModelVersion(Base):
     training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id", use_alter=True))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None]
+    # A model brought from outside (issue 16): where it came from, what validation found, or why it failed.
+    source: Mapped[str | None] = mapped_column(Text)
+    revision: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class PromptBatch(Base):

@@ -34,6 +34,7 @@ RUN_TASKS = {
     "sft": "instructloop.train_sft",
     "rm": "instructloop.train_rm",
     "ppo": "instructloop.train_ppo",
+    "validate": "instructloop.validate_model",
 }
 LIGHT_TASKS = (
     "instructloop.ping",

@@ -167,8 +167,8 @@ def fail_run(db: Session, run_id: int, error: str, tb: str | None = None) -> Non
         )
     db.execute(
         update(ModelVersion)
-        .where(ModelVersion.training_run_id == run_id, ModelVersion.status == "training")
-        .values(status="failed")
+        .where(ModelVersion.training_run_id == run_id, ModelVersion.status.in_(("training", "validating")))
+        .values(status="failed", error=error[:4000])
     )
 
 

@@ -161,6 +161,25 @@ def run_pretrain(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         return metrics, version.id
 
 
+def run_validate(run_id: int, report) -> tuple[dict[str, Any], int | None]:
+    """Validates a registered model and stores its facts; the version becomes ready when the run succeeds."""
+    from worker.validate import validate_model
+
+    with session_scope() as db:
+        version = _fetch(db, ModelVersion, int(_params(run_id).get("version_id") or 0))
+        version_id, source, kind, revision = (
+            version.id,
+            version.source or version.artifact_path,
+            version.kind,
+            version.revision,
+        )
+    report(0.1, f"loading {source}", force=True)
+    facts = validate_model(source, kind, revision)
+    with session_scope() as db:
+        registry.record_facts(db, version_id, facts)
+    return {"parameters": facts["parameters"]}, version_id
+
+
 def version_artifact(version_id: int) -> str:
     """Returns where a model version's files are."""
     with session_scope() as db:

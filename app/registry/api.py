@@ -26,7 +26,7 @@ from app.registry import versions as registry
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
 ModelKind = Literal["base", "sft", "rm", "policy"]
-ModelStatus = Literal["training", "ready", "failed", "promoted", "retired"]
+ModelStatus = Literal["training", "validating", "ready", "failed", "promoted", "retired"]
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -56,6 +56,20 @@ class ModelOut(BaseModel):
     created_at: datetime
     promoted_at: datetime | None = Field(description="Its latest promotion; cleared when rolled back from")
     key_metrics: dict[str, Any] = Field(default_factory=dict, description="The metrics that compare this kind")
+    source: str | None = Field(None, description="The folder or hub id a registered model came from")
+    revision: str | None = None
+    error: str | None = Field(None, description="Why validation failed (status failed)")
+    facts: dict[str, Any] = Field(default_factory=dict, description="What validation found: architecture, size, ...")
+
+
+class ModelRegistration(BaseModel):
+    """A model to bring in: a local folder (as the worker sees it) or a Hugging Face hub id."""
+
+    source: str = Field(description="A local model folder or a hub id such as 'Qwen/Qwen2-0.5B'")
+    name: str = Field(description="A unique name for the new version")
+    kind: str = Field("base", description="base, sft, rm or policy")
+    revision: str | None = Field(None, description="A hub branch, tag or commit")
+    promote: bool = Field(False, description="Promote it once validation succeeds")
 
 
 class ModelDetail(ModelOut):
@@ -112,6 +126,15 @@ def list_models(
     if status is not None:
         query = query.where(ModelVersion.status == status)
     return [model_out(v) for v in db.scalars(query)]
+
+
+@router.post("/models", response_model=ModelDetail, status_code=202)
+def register_model(body: ModelRegistration, db: SessionDep, principal: AdminApi):
+    """Registers a model from a folder or hub id; 202 with the version `validating` while a worker checks it."""
+    version = registry.register_model(
+        db, body.source, body.name, kind=body.kind, revision=body.revision, promote=body.promote
+    )
+    return model_detail(db, version)
 
 
 @router.get("/models/{version_id}", response_model=ModelDetail)

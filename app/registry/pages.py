@@ -79,6 +79,28 @@ def _models_again(exc: AppError, request: Request, principal, db: Session, **_):
     return _models_page(request, principal, db, status_code=exc.status, error=str(exc))
 
 
+def _register_again(exc: AppError, request: Request, principal, db: Session, **form: Any):
+    return _models_page(request, principal, db, status_code=exc.status, error=str(exc), form=form)
+
+
+@router.post("/admin/models")
+@renders_on_error(_register_again)
+def model_register(
+    request: Request,
+    principal: AdminPage,
+    db: SessionDep,
+    source: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "",
+    kind: Annotated[str, Form()] = "base",
+    revision: Annotated[str, Form()] = "",
+    promote: Annotated[bool, Form()] = False,
+):
+    """Registers a model from a folder or hub id (the API's code path); its page shows the validation."""
+    with db.begin_nested():
+        version = registry.register_model(db, source, name, kind=kind, revision=revision or None, promote=promote)
+    return RedirectResponse(f"/admin/models/{version.id}", status_code=303)
+
+
 @router.post("/admin/models/rollback")
 @renders_on_error(_models_again)
 def model_rollback(request: Request, principal: AdminPage, db: SessionDep, kind: Annotated[str, Form()]):

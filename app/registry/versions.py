@@ -11,15 +11,17 @@ version; `lineage` answers where a version came from.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app import events
+from app import events, runs
 from app.config import get_settings
-from app.errors import AppError
-from app.models import USABLE_STATUSES, Evaluation, ModelVersion, utcnow
+from app.errors import AppError, Invalid
+from app.models import MODEL_KINDS, USABLE_STATUSES, Evaluation, ModelVersion, TrainingRun, utcnow
 from app.quality import evaluations
 
 USABLE = USABLE_STATUSES
@@ -95,13 +97,116 @@ def register_base_model(db: Session, artifact_path: str, metrics: dict[str, Any]
     return version
 
 
+# A hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'), as the Hugging Face Hub spells them.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _where(source: str) -> str:
+    """The absolute folder or the hub id a source names; 422 when it is neither."""
+    path = Path(source).expanduser()
+    looks_local = source.startswith(("/", ".", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise Invalid("source", f"{source} {what}")
+    if not looks_local and not HUB_ID.match(source):
+        raise Invalid("source", f"{source} is neither an existing folder nor a hub id like 'owner/name'")
+    return str(path.resolve()) if looks_local else source
+
+
+def ensure_configured_base_model(db: Session, source: str) -> tuple[ModelVersion, bool]:
+    """Registers and promotes the deployment's base model (INSTRUCTLOOP_BASE_MODEL) once; (version, whether new)."""
+    where = _where(source.strip())
+    existing = db.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.kind == "base", (ModelVersion.source == where) | (ModelVersion.artifact_path == where))
+        .order_by(ModelVersion.id)
+        .limit(1)
+    )
+    if existing is not None:
+        return existing, False
+    stem = re.sub(r"[^\w.-]+", "-", where.rstrip("/").rsplit("/", 1)[-1]).strip("-") or "model"
+    name, n = f"base-{stem}"[:120], 1
+    while db.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
+        n += 1
+        name = f"base-{stem}"[:120] + f"-{n}"
+    return register_model(db, where, name, kind="base", promote=True), True
+
+
+def register_model(
+    db: Session,
+    source: str,
+    name: str,
+    kind: str = "base",
+    revision: str | None = None,
+    promote: bool = False,
+) -> ModelVersion:
+    """Registers a model from a folder or hub id as `validating` and queues the worker job that validates it."""
+    source = (source or "").strip()
+    name = (name or "").strip()
+    revision = (revision or "").strip() or None
+    if not source:
+        raise Invalid("source", "give a local folder or a Hugging Face hub id")
+    if not name:
+        raise Invalid("name", "give the version a name")
+    if len(name) > 128:
+        raise Invalid("name", "at most 128 characters")
+    if kind not in MODEL_KINDS:
+        raise Invalid("kind", f"must be one of {', '.join(MODEL_KINDS)}")
+    artifact = _where(source)
+    # Checked here too (register_version checks again) so a duplicate name never queues a job.
+    if db.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
+        raise RegistryError("name", f"a model version called '{name}' already exists")
+    version = register_version(db, kind=kind, name=name, artifact_path=artifact, status="validating")
+    version.source, version.revision = artifact, revision
+    run = runs.start_run(
+        db,
+        "validate",
+        params={"version_id": version.id, "promote": bool(promote)},
+        triggered_by="registration",
+    )
+    version.training_run_id = run.id
+    db.flush()
+    return version
+
+
+def record_facts(db: Session, version_id: int, facts: dict[str, Any]) -> ModelVersion:
+    """Stores what validation found on a version (the worker calls this before the run finishes)."""
+    version = db.get(ModelVersion, version_id)
+    if version is None:
+        raise RegistryError("version_id", f"no model version {version_id}", status=404)
+    version.facts = facts
+    db.flush()
+    return version
+
+
+def _promotion_asked(db: Session, version: ModelVersion) -> bool:
+    run = db.get(TrainingRun, version.training_run_id) if version.training_run_id is not None else None
+    return run is not None and run.kind == "validate" and bool((run.params or {}).get("promote"))
+
+
 def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = None) -> ModelVersion:
-    """Records a finished model's metrics and makes it usable; the first of its kind is promoted."""
+    """Records a finished model's metrics and makes it usable; the first of its kind is promoted.
+
+    A registered model (validated, not trained) is also promoted when its registration asked for it.
+    """
     version = db.get(ModelVersion, version_id)
     if version is None:
         raise RegistryError("version_id", f"no model version {version_id}", status=404)
     if metrics is not None:
         version.metrics = metrics
+    if version.status == "validating":
+        version.status, version.error = "ready", None
+        db.flush()
+        _announce(db, "model_version.registered", version)
+        if promoted(db, version.kind) is None:
+            promote(db, version)
+        elif _promotion_asked(db, version):
+            try:
+                with db.begin_nested():
+                    promote(db, version)
+            except RegistryError as exc:  # e.g. the blind-evaluation gate: the version stays ready, and says why
+                version.facts = {**(version.facts or {}), "promotion_refused": exc.message}
+        return version
     if version.status == "training":
         version.status = "ready"
         db.flush()
