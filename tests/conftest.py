@@ -191,6 +191,23 @@ def truncate_all(engine) -> None:
 
 
 @pytest.fixture
+def admin(db):
+    """An admin user in the test's transaction."""
+    from tests.factories import AdminFactory
+
+    return AdminFactory()
+
+
+@pytest.fixture
+def auth(db, admin):
+    """Headers that authenticate as `admin` with an admin-scoped API token."""
+    from app.security import create_api_token
+
+    raw, _ = create_api_token(db, admin, ["admin"])
+    return {"authorization": f"Bearer {raw}"}
+
+
+@pytest.fixture
 def committed_session(committed):
     """A session that really commits, for data other processes must see."""
     from app.db import get_sessionmaker

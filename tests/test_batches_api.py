@@ -11,18 +11,7 @@ from sqlalchemy import func, select
 
 from app.models import Prompt, PromptBatch, Task, TrainingRun
 from app.security import create_api_token
-from tests.factories import AdminFactory, ModelVersionFactory, UserFactory
-
-
-@pytest.fixture
-def admin(db):
-    return AdminFactory()
-
-
-@pytest.fixture
-def auth(db, admin):
-    raw, _ = create_api_token(db, admin, ["admin"])
-    return {"authorization": f"Bearer {raw}"}
+from tests.factories import ModelVersionFactory, UserFactory
 
 
 def jsonl(*records) -> bytes:

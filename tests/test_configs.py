@@ -16,23 +16,10 @@ from sqlalchemy import func, select
 
 from app.errors import FieldError
 from app.models import TrainingRun
-from app.security import create_api_token
 from app.training.configs import CONFIGS, PPOConfig, RMConfig, SFTConfig, config_for, param_specs, validate_params
-from tests.factories import AdminFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = {"sft": "worker/train_sft.py", "rm": "worker/train_rm.py", "ppo": "worker/train_ppo.py"}
-
-
-@pytest.fixture
-def admin(db):
-    return AdminFactory()
-
-
-@pytest.fixture
-def auth(db, admin):
-    raw, _ = create_api_token(db, admin, ["admin"])
-    return {"authorization": f"Bearer {raw}"}
 
 
 # --- torch-free --------------------------------------------------------------------------------------------

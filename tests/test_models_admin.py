@@ -12,19 +12,8 @@ from sqlalchemy import func, select
 from app import runs as run_service
 from app.models import ModelVersion, TrainingRun, User, utcnow
 from app.security import create_api_token, hash_password
-from tests.factories import PASSWORD, AdminFactory, ModelVersionFactory, UserFactory
+from tests.factories import PASSWORD, ModelVersionFactory, UserFactory
 from tests.html_text import text
-
-
-@pytest.fixture
-def admin(db):
-    return AdminFactory()
-
-
-@pytest.fixture
-def auth(db, admin):
-    raw, _ = create_api_token(db, admin, ["admin"])
-    return {"authorization": f"Bearer {raw}"}
 
 
 @pytest.fixture

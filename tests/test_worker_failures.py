@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from app.models import Assignment, ModelVersion, TrainingRun, User, WebhookDelivery, utcnow
-from tests.conftest import DATA_DIR, REDIS_URL, ROOT, start_celery_worker, stop_process
+from tests.conftest import DATA_DIR, REDIS_URL, ROOT, start_celery_worker, stop_process, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real workers that train; the limit only catches a hang
 
@@ -39,14 +39,11 @@ def _tail(path: Path | None, lines: int = 40) -> str:
 
 def wait_for(predicate, *, timeout: float, what: str, logs: tuple[Path, ...] = (), interval: float = 0.25):
     """Polls until `predicate` returns something truthy; on timeout fails naming what did not happen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    tails = "\n".join(f"--- {p.name} ---\n{_tail(p)}" for p in logs)
-    pytest.fail(f"liveness: {what} did not happen within {timeout:.0f} s\n{tails}")
+    try:
+        return wait_until(predicate, timeout=timeout, interval=interval, message=what)
+    except TimeoutError:
+        tails = "\n".join(f"--- {p.name} ---\n{_tail(p)}" for p in logs)
+        pytest.fail(f"liveness: {what} did not happen within {timeout:.0f} s\n{tails}")
 
 
 def _run(db, run_id: int) -> TrainingRun:
