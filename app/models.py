@@ -28,10 +28,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -190,6 +191,11 @@ class ModelVersion(Base):
     revision: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
     facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+def promoted_version(db: Session, kind: str) -> ModelVersion | None:
+    """Returns the promoted version of a kind, if any (at most one: a partial unique index)."""
+    return db.scalar(select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status == "promoted"))
 
 
 class PromptBatch(Base):

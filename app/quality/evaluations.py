@@ -41,6 +41,7 @@ from app.models import (
     Task,
     TaskItem,
     TrainingRun,
+    promoted_version,
     utcnow,
 )
 from app.quality.stats import win_rate
@@ -453,7 +454,7 @@ def has_won(db: Session, candidate_id: int, baseline_id: int) -> bool:
 
 def baseline_for(db: Session, candidate: ModelVersion) -> ModelVersion | None:
     """Returns what a new policy should be compared with: the promoted policy, else the SFT it came from."""
-    current = _promoted_policy(db)
+    current = promoted_version(db, "policy")
     if current is not None and current.id != candidate.id:
         return current
     sft_id = (candidate.lineage or {}).get("sft") or candidate.parent_id
@@ -484,16 +485,11 @@ def schedule_after_policy(db: Session, candidate: ModelVersion) -> Evaluation | 
         return None
 
 
-def _promoted_policy(db: Session) -> ModelVersion | None:
-    # Read here rather than through the registry, which comes later in the walk and imports this module.
-    return db.scalar(select(ModelVersion).where(ModelVersion.kind == "policy", ModelVersion.status == "promoted"))
-
-
 def promotion_block(db: Session, version: ModelVersion) -> str | None:
     """Says why the promotion gate refuses to promote a policy now; None when it may be promoted."""
     if version.kind != "policy" or not get_settings().promotion_requires_eval_win:
         return None
-    current = _promoted_policy(db)
+    current = promoted_version(db, "policy")
     if current is None or current.id == version.id or has_won(db, version.id, current.id):
         return None
     return (

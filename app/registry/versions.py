@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session
 from app import events, runs
 from app.config import get_settings
 from app.errors import AppError, Invalid
-from app.models import MODEL_KINDS, USABLE_STATUSES, Evaluation, ModelVersion, TrainingRun, utcnow
+from app.models import MODEL_KINDS, USABLE_STATUSES, Evaluation, ModelVersion, TrainingRun, promoted_version, utcnow
 from app.quality import evaluations
 
-USABLE = USABLE_STATUSES
+# The registry's name for it; `promoted_version` lives with the table so earlier stages can ask too.
+promoted = promoted_version
 
 
 class RegistryError(AppError):
@@ -219,18 +220,13 @@ def mark_ready(db: Session, version_id: int, metrics: dict[str, Any] | None = No
     return version
 
 
-def promoted(db: Session, kind: str) -> ModelVersion | None:
-    """Returns the promoted version of a kind, if any."""
-    return db.scalar(select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.status == "promoted"))
-
-
 def promote(db: Session, version: ModelVersion, *, gated: bool = True) -> ModelVersion:
     """Makes a version the promoted one of its kind; the previous one goes back to `ready`.
 
     With `Settings.promotion_requires_eval_win`, a policy must first win a blind evaluation against the
     promoted one (`gated=False` skips that, for rollbacks to a version that was promoted before).
     """
-    if version.status not in USABLE:
+    if version.status not in USABLE_STATUSES:
         raise RegistryError("status", f"only a ready model can be promoted; {version.name} is {version.status}")
     if gated and (why := evaluations.promotion_block(db, version)) is not None:
         raise RegistryError("status", why)
