@@ -70,6 +70,16 @@ def _job(name: str) -> JobBody:
     return body
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether the soft time limit caused `exc`, also when it struck mid-query and surfaced as the database error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SoftTimeLimitExceeded):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def execute_run(run_id: int, body: JobBody) -> str:
     """Claims a run, runs its body and records the outcome; returns the final status."""
     with session_scope() as db:
@@ -82,20 +92,15 @@ def execute_run(run_id: int, body: JobBody) -> str:
     except RunCancelled as exc:
         log.warning("%s", exc)
         return "cancelled"
-    except SoftTimeLimitExceeded:
-        limit = get_settings().job_time_limit_s
-        with session_scope() as db:
-            runs.fail_run(
-                db,
-                run_id,
-                f"time limit exceeded: the job ran longer than {limit} s (INSTRUCTLOOP_JOB_TIME_LIMIT_S)",
-                traceback.format_exc(),
-            )
-        return "failed"
     except Exception as exc:  # the run records the failure; the message is acknowledged
-        log.exception("run %s failed", run_id)
+        if _timed_out(exc):
+            limit = get_settings().job_time_limit_s
+            error = f"time limit exceeded: the job ran longer than {limit} s (INSTRUCTLOOP_JOB_TIME_LIMIT_S)"
+        else:
+            log.exception("run %s failed", run_id)
+            error = f"{type(exc).__name__}: {exc}"
         with session_scope() as db:
-            runs.fail_run(db, run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            runs.fail_run(db, run_id, error, traceback.format_exc())
         return "failed"
     with session_scope() as db:
         # The run's success and its model's release are one transaction, and only if the run is still ours.
