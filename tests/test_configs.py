@@ -16,10 +16,25 @@ from sqlalchemy import func, select
 
 from app.errors import FieldError
 from app.models import TrainingRun
-from app.training.configs import CONFIGS, PPOConfig, RMConfig, SFTConfig, config_for, param_specs, validate_params
+from app.training.configs import (
+    CONFIGS,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    config_for,
+    ordered_fields,
+    param_specs,
+    validate_params,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = {"sft": "worker/train_sft.py", "rm": "worker/train_rm.py", "ppo": "worker/train_ppo.py"}
+# Where a trainer's settings are read besides its own module: the memory options, and PPO's four networks.
+HELPERS = {
+    "sft": ["worker/adapters.py"],
+    "rm": ["worker/adapters.py"],
+    "ppo": ["worker/adapters.py", "worker/ppo_models.py"],
+}
 
 
 # --- torch-free --------------------------------------------------------------------------------------------
@@ -54,7 +69,8 @@ def test_each_config_has_exactly_the_settings_its_trainer_reads(kind):
     trainer = importlib.import_module(TRAINERS[kind].removesuffix(".py").replace("/", "."))
     cls = CONFIGS[kind]
     assert getattr(trainer, cls.__name__) is cls  # re-exported: tests and bench import it from the trainer
-    assert {f.name for f in fields(cls)} == used_settings(TRAINERS[kind])
+    read = used_settings(TRAINERS[kind]).union(*(used_settings(path) for path in HELPERS[kind]))
+    assert {f.name for f in fields(cls)} == read
 
 
 def test_pretrain_settings_are_pretrain_base_arguments_and_ppo_schedules_its_schedules():
@@ -222,7 +238,7 @@ def test_params_listing_comes_from_the_dataclasses(client, db, auth):
     listed = client.get("/api/v1/runs/params", headers=auth).json()
     assert set(listed) == {"sft", "rm", "ppo", "pretrain"}
     for kind, specs in listed.items():
-        assert list(specs) == [f.name for f in fields(CONFIGS[kind])]
+        assert list(specs) == [f.name for f in ordered_fields(CONFIGS[kind])]  # own settings first
         assert specs == json.loads(json.dumps(param_specs(kind)))
     assert listed["rm"]["learning_rate"] == {
         "type": "float",

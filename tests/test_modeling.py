@@ -6,18 +6,21 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from app.training.configs import SFTConfig
 from app.world.corpus import corpus
 from tests.conftest import ROOT
 from worker import generate
+from worker.adapters import prepare_for_training
 from worker.generate import sample_completions, sample_one_at_a_time
 from worker.modeling import (
     PROMPT_TEMPLATE,
-    apply_lora,
     format_completion,
     format_prompt,
     load_model,
     save_model,
+    saved_format,
     tiny_causal_lm,
 )
 from worker.world_model import pretrain_base, train_tokenizer
@@ -129,9 +132,10 @@ def test_loaded_model_trains(saved):
 
 
 @pytest.mark.slow
-def test_lora_trains_adapters_only_and_saves_a_plain_model(saved, tmp_path):
+@pytest.mark.parametrize("adapter_only", [False, True], ids=["merged", "adapter"])
+def test_lora_trains_adapters_only_and_saves_a_model_that_loads(saved, tmp_path, adapter_only):
     model, tok = load_model(saved[0], device="cpu")
-    lora = apply_lora(model, r=4)
+    lora = prepare_for_training(model, SFTConfig(lora_r=4, lora_dropout=0.0))
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     for name, p in lora.named_parameters():
@@ -140,8 +144,12 @@ def test_lora_trains_adapters_only_and_saves_a_plain_model(saved, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = lora.eval()(ids).logits
-    path = save_model(lora, tok, tmp_path / "merged")
-    assert not (path / "adapter_config.json").exists()
+    path = save_model(lora, tok, tmp_path / "saved", adapter_only=adapter_only)
+    assert (path / "adapter_config.json").exists() is adapter_only
+    assert saved_format(path) == ("adapter" if adapter_only else "merged")
+    if not adapter_only:  # a merged version is a plain model: transformers loads it without peft
+        plain = AutoModelForCausalLM.from_pretrained(path)
+        assert not any("lora_" in n for n, _ in plain.named_parameters())
     merged, _ = load_model(path, device="cpu")
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, expected, atol=1e-4)

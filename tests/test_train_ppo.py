@@ -8,13 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.training.configs import RMConfig
 from tests.tiny_lm import char_tokenizer, one_torch_thread, save_tiny_model
+from worker.adapters import prepare_for_training
 from worker.modeling import load_model
+from worker.ppo_models import build_ppo_models
 from worker.train_ppo import (
     AdaptiveKLController,
     PPOConfig,
     gae,
-    initial_value_model,
     mask_after_stop,
     masked_whiten,
     sample,
@@ -203,20 +205,37 @@ def test_missing_eos_penalty_is_applied(policy_path: Path, tmp_path: Path) -> No
     assert logged[0]["reward"] == pytest.approx(-(1 - logged[0]["ended_fraction"]))
 
 
-def test_value_network_starts_from_the_reward_model(policy_path: Path, tmp_path: Path) -> None:
+def save_reward_model(policy_path: Path, out: Path, *, adapter: bool) -> Path:
+    """A reward model on the policy's body with a moved head and offset; with adapter, a LoRA adapter saved alone."""
     lm, tokenizer = load_model(policy_path, device="cpu")
     torch.manual_seed(1)
     rm = RewardModel.from_causal_lm(lm, max_length=64)
     rm.reward_offset = 0.7
-    rm.save(tmp_path / "rm", tokenizer)
-    rm, tokenizer = load_reward_model(tmp_path / "rm")
-    value = initial_value_model(tmp_path / "rm", policy_path, "cpu")
-    prompts, completions = ["Write one", "Write two"], ["abc", "a"]
-    rewards = score_completions(rm, tokenizer, prompts, completions)
-    values = score_completions(value, tokenizer, prompts, completions)
-    assert values == pytest.approx(rewards, abs=1e-6)  # value at the last token = normalised reward
-    assert any(abs(r) > 1e-3 for r in rewards)
+    if adapter:
+        rm.backbone = prepare_for_training(rm.backbone, RMConfig(lora_r=4, lora_dropout=0.0), task_type=None)
+        for name, param in rm.backbone.named_parameters():
+            if "lora_B" in name:  # B starts at zero: move it so the adapter changes the scores
+                torch.nn.init.normal_(param, std=0.3)
+    rm.save(out, tokenizer, adapter_base=str(policy_path) if adapter else None)
+    return out
 
+
+MEMORY_MODES = {
+    # name: (PPO settings, reward model saved as an adapter on the policy's base, frozen bases)
+    "full": ({}, False, 2),
+    "lora-separate-rm": ({"lora_r": 4, "gradient_checkpointing": True}, False, 2),
+    "lora-one-base": ({"lora_r": 4}, True, 1),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MEMORY_MODES))
+def test_value_network_starts_from_the_reward_model_and_reference_from_the_policy(
+    policy_path: Path, tmp_path: Path, mode: str
+) -> None:
+    settings, adapter, frozen_bases = MEMORY_MODES[mode]
+    rm_path = save_reward_model(policy_path, tmp_path / "rm", adapter=adapter)
+    rm, tokenizer = load_reward_model(rm_path)
+    assert (rm_path / "backbone" / "adapter_config.json").exists() is adapter
     config = PPOConfig(
         steps=1,
         rollout_batch_size=4,
@@ -225,17 +244,47 @@ def test_value_network_starts_from_the_reward_model(policy_path: Path, tmp_path:
         ppo_epochs=1,
         max_new_tokens=6,
         device="cpu",
+        **settings,
     )
-    result = train_ppo(policy_path, tmp_path / "rm", PROMPTS, config, tmp_path / "policy", eval_prompts=PROMPTS[:4])
+    models = build_ppo_models(policy_path, rm_path, config, "cpu")
+    assert models.frozen_bases == frozen_bases
+    prompts, completions = ["Write one", "Write two"], ["abc", "a"]
+    rewards = score_completions(rm, tokenizer, prompts, completions)
+    assert any(abs(r - 0.0) > 1e-3 for r in rewards)
+    # The scorer is the saved reward model, shared base or not; the value network starts as it (offset folded in).
+    assert models.scorer(prompts, completions) == pytest.approx(rewards, abs=1e-5)
+    models.value.train()
+    with models.value_scope():
+        values = score_completions(models.value, tokenizer, prompts, completions)
+    assert values == pytest.approx(rewards, abs=1e-5)
+    # The reference is the SFT policy: with LoRA, the same base with the (zero-initialised) adapter off.
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(models.reference(input_ids=ids).logits, models.policy(input_ids=ids).logits)
+    trained = sum(p.numel() for _, p in models.policy_params)
+    total = sum(p.numel() for p in models.policy.parameters())
+    assert (trained == total) is (mode == "full")
+
+    result = train_ppo(policy_path, rm_path, PROMPTS, config, tmp_path / "policy", eval_prompts=PROMPTS[:4])
     assert result["steps"] == 1 and result["n_eval_prompts"] == 4
+    assert result["frozen_bases"] == frozen_bases
     numbers = [result["eval"]["reward"], result["eval"]["kl"], *result["log"][0].values()]
     assert torch.isfinite(torch.tensor(numbers)).all()
+    assert result["log"][0]["value_loss"] > 0 and result["log"][0]["policy_loss"] != 0
+    # Merged or full, the saved policy is a plain model that changed in training.
+    saved, _ = load_model(tmp_path / "policy", device="cpu")
+    base, _ = load_model(policy_path, device="cpu")
+    assert not any("lora_" in n for n, _ in saved.named_parameters())
+    changed = [n for n, p in saved.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed and (mode == "full" or all("q_proj" in n or "v_proj" in n for n in changed)), changed
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", [{}, {"lora_r": 4, "lora_save": "adapter"}], ids=["full", "lora"])
+def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path, memory: dict) -> None:
     config = PPOConfig(
+        **memory,
         steps=4,
         rollout_batch_size=6,
         minibatch_size=4,
@@ -286,5 +335,6 @@ def test_killed_run_resumes_to_the_same_policy(policy_path: Path, tmp_path: Path
     assert steps == [3, 4]  # the step-2 checkpoint survived; step 3 is redone
     assert "ptx_loss" in full["log"][0] and full["kl_coef"] != config.kl_coef
     assert resumed == full
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    weights = "adapter_model.safetensors" if memory else "model.safetensors"  # LoRA: saved as the adapter alone
+    a, b = load_file(tmp_path / "full" / weights), load_file(tmp_path / "resumed" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -160,3 +160,39 @@ def test_reward_model_learns_a_separable_preference(base_model: Path, tmp_path: 
     assert sum(demo_scores) / len(demo_scores) == pytest.approx(0.0, abs=1e-4)
     good, bad = score_completions(rm, tokenizer, ["Say something 3"] * 2, ["milk good star", "milk salt star"])
     assert good > bad
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lora_reward_model_learns_and_saves_an_adapter_on_its_base(base_model: Path, tmp_path: Path) -> None:
+    train, valid = keyword_rankings(64, seed=2), keyword_rankings(40, seed=3)
+    config = RMConfig(
+        epochs=2,
+        learning_rate=1e-2,
+        rankings_per_step=8,
+        rankings_per_micro_batch=4,
+        warmup_ratio=0.1,
+        seed=0,
+        device="cpu",
+        lora_r=8,
+        lora_target_modules="all-linear",
+        lora_save="adapter",
+        gradient_checkpointing=True,
+    )
+    metrics = train_rm(base_model, train, valid, config, tmp_path / "rm")
+    assert metrics["valid_accuracy"] > 0.9
+    assert metrics["valid_accuracy"] > metrics["initial_valid_accuracy"] + 0.2
+    # Saved as the adapter alone, with the base it needs; it loads merged and scores as it did in training.
+    assert (tmp_path / "rm" / "backbone" / "adapter_config.json").exists()
+    assert not (tmp_path / "rm" / "backbone" / "model.safetensors").exists()
+    rm, tokenizer = load_reward_model(tmp_path / "rm")
+    assert not any("lora_" in n for n, _ in rm.named_parameters())
+    scores = [score_completions(rm, tokenizer, [r.prompt] * len(r.completions), r.completions) for r in valid]
+    correct = sum(
+        (a > b) + 0.5 * (a == b)
+        for r, s in zip(valid, scores, strict=True)
+        for i, a in enumerate(s)
+        for j, b in enumerate(s)
+        if r.ranks[i] < r.ranks[j]
+    )
+    assert correct / sum(r.n_pairs for r in valid) == pytest.approx(metrics["valid_accuracy"], abs=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import ROOT
 from tests.tiny_lm import char_tokenizer, one_torch_thread, save_tiny_model
 from worker.common import encode_completion, encode_prompt, make_accelerator
 from worker.train_sft import (
@@ -130,9 +131,17 @@ def test_early_stopping_keeps_the_best_epoch(base_model: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", [{}, {"lora_r": 4, "gradient_checkpointing": True}], ids=["full", "lora"])
+def test_killed_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path, memory: dict) -> None:
     config = SFTConfig(
-        epochs=2, learning_rate=3e-3, batch_size=4, micro_batch_size=2, seed=3, checkpoint_every=2, device="cpu"
+        epochs=2,
+        learning_rate=3e-3,
+        batch_size=4,
+        micro_batch_size=2,
+        seed=3,
+        checkpoint_every=2,
+        device="cpu",
+        **memory,
     )
     train, valid = demonstrations(12, 2), demonstrations(4, 3)
     full = train_sft(base_model, train, valid, config, tmp_path / "full")
@@ -178,6 +187,48 @@ def test_killed_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path
             tmp_path / "x",
             checkpoint_dir=tmp_path / "ckpt",
         )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_lora_sft_learns_keeps_the_best_epoch_and_saves_as_asked(tmp_path: Path, save: str) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from worker.modeling import load_model, saved_format
+
+    # A pretrained base: on random weights (frozen norms and embeddings) adapters can hardly move the logits.
+    base_model = ROOT / "models" / "world-base"
+    train = [(f"Repeat {w}", f"{w} {w}") for w in WORDS] * 2
+    valid = [(f"Repeat {w}", "QZ QZ") for w in WORDS]
+    config = SFTConfig(
+        epochs=12,
+        learning_rate=1e-2,
+        batch_size=4,
+        early_stopping_patience=2,
+        seed=0,
+        device="cpu",
+        lora_r=8,
+        lora_target_modules="all-linear",
+        lora_save=save,
+    )
+    metrics = train_sft(base_model, train, valid, config, tmp_path / "sft")
+    assert metrics["train_loss_curve"][-1] < 0.5 * metrics["train_loss_curve"][0]  # adapters alone learn
+    assert metrics["stopped_early"] and metrics["best_epoch"] == metrics["epochs_run"] - 2
+    assert saved_format(tmp_path / "sft") == save
+    if save == "merged":
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")  # no peft needed
+        assert not any("lora_" in n for n, _ in plain.named_parameters())
+    else:
+        adapted = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "sft")
+        assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) > 0
+    model, tokenizer = load_model(tmp_path / "sft", device="cpu")
+    examples = [build_example(tokenizer, p, c, 128) for p, c in valid]
+    # The saved adapter is the best epoch's, not the last one's.
+    assert validation_loss(model, examples, tokenizer.pad_token_id, 16) == pytest.approx(
+        metrics["valid_loss"], rel=1e-4
+    )
 
 
 def test_trainers_in_one_process_may_use_different_accelerator_settings() -> None:

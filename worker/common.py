@@ -19,7 +19,7 @@ import random
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,11 @@ def load_checkpoint(checkpoint_dir: str | Path | None, config: Any, data_fingerp
     # file in our own checkpoint directory, so full unpickling is acceptable.
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved, current = dict(state["config"]), asdict(config)
-    changed = sorted(name for name in current if name not in OPERATIONAL_FIELDS and saved.get(name) != current[name])
+    # A setting added since the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in fields(config)}
+    changed = sorted(
+        name for name in current if name not in OPERATIONAL_FIELDS and saved.get(name, defaults[name]) != current[name]
+    )
     if changed:
         raise ValueError(f"checkpoint in {checkpoint_dir} was written with other settings: {changed}")
     if state["data_fingerprint"] != data_fingerprint:

@@ -10,7 +10,6 @@ functions so that a model written by one stage loads unchanged in the next.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import uuid
@@ -27,12 +26,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from worker.adapters import is_peft, merged_state_dict
+
 # Plain template for tokenizers without a chat template. The world corpus never
 # contains "Answer:", so a base model pretrained on it does not know what to do
 # after this marker: it continues text, and SFT is what teaches it to answer.
 PROMPT_TEMPLATE = "{prompt}\n\nAnswer:"
 # Trainer settings measured for a base model, shipped beside its weights: {"sft": {...}, "rm": {...}, "ppo": {...}}.
 RECIPE_FILE = "training_recipe.json"
+# What peft writes beside a LoRA adapter saved alone.
+ADAPTER_CONFIG = "adapter_config.json"
 
 _Tokenizer = TypeVar("_Tokenizer", bound=PreTrainedTokenizerBase)
 
@@ -72,19 +75,32 @@ def _sync_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def load_model(path_or_id: str | Path, device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads a causal LM and its tokenizer (bf16 on CUDA when available, fp32 on CPU)."""
+def load_model(
+    path_or_id: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a causal LM and its tokenizer (bf16 on CUDA when available, fp32 on CPU, unless dtype says).
+
+    A folder holding a LoRA adapter saved alone (adapter_config.json) loads on its base, merged.
+    """
     device = device or default_device()
+    dtype = dtype or _dtype_for(device)
     source = str(path_or_id)
-    if Path(source).is_absolute() or source.startswith("."):
+    local = Path(source).is_absolute() or source.startswith(".")
+    if local:
         # transformers would take a missing folder for a malformed hub id, and an emptied one for a
         # tokenizer it cannot convert; say what is wrong with the folder instead.
         if not Path(source).is_dir():
             raise FileNotFoundError(f"model folder {source} does not exist")
-        if not (Path(source) / "config.json").is_file():
+        if not (Path(source) / "config.json").is_file() and not (Path(source) / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"model folder {source} holds no saved model (no config.json)")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(device))
+    if local and (Path(source) / ADAPTER_CONFIG).is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        adapted = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = cast(PreTrainedModel, adapted.merge_and_unload())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     # PreTrainedModel.to is wrapped with functools.wraps, which typeshed types as an unbound function.
     cast(torch.nn.Module, model).to(device)
     _sync_special_ids(model, tokenizer)
@@ -107,14 +123,28 @@ def save_recipe(path: str | Path, recipe: dict[str, Any]) -> Path:
     return file
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
-    """Saves model and tokenizer to `path` atomically (temp dir beside it, then rename)."""
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, *, adapter_only: bool = False
+) -> Path:
+    """Saves model and tokenizer to `path` atomically (temp dir beside it, then rename).
+
+    A LoRA model is saved merged (it loads with plain AutoModelForCausalLM.from_pretrained), or with
+    adapter_only as its active adapter alone, which peft (and load_model) loads on the base it names.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    to_save = _merged_copy(model) if _is_peft(model) else model
+    # Gradient checkpointing switches the KV cache off; the saved model generates with it.
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = True
     try:
-        to_save.save_pretrained(tmp, safe_serialization=True)
+        if is_peft(model) and adapter_only:
+            model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
+        elif is_peft(model):
+            base = cast(PreTrainedModel, cast(Any, model).get_base_model())
+            base.save_pretrained(tmp, state_dict=merged_state_dict(model), safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if target.exists():
             # os.replace cannot replace a non-empty directory, so move the old
@@ -128,21 +158,14 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        model.config.use_cache = use_cache
     return target
 
 
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is optional
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _merged_copy(model: Any) -> PreTrainedModel:
-    # A saved model version must load with plain AutoModelForCausalLM, so LoRA
-    # weights are merged into a copy; the training model keeps its adapters.
-    return copy.deepcopy(model).merge_and_unload()
+def saved_format(path: str | Path) -> str:
+    """'adapter' for a folder holding a LoRA adapter alone, else 'merged' (a plain model)."""
+    return "adapter" if (Path(path) / ADAPTER_CONFIG).is_file() else "merged"
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -193,27 +216,6 @@ def tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, seed: int | None = None, 
     model = LlamaForCausalLM(LlamaConfig(**settings))
     _sync_special_ids(model, tokenizer)
     return model
-
-
-def apply_lora(
-    model: PreTrainedModel,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    target_modules: list[str] | str | None = "all-linear",
-) -> PreTrainedModel:
-    """Wraps the model with LoRA adapters via peft; only the adapters stay trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        task_type="CAUSAL_LM",
-    )
-    # The PeftModel forwards every attribute it lacks to the wrapped model, so callers use it as one.
-    return cast(PreTrainedModel, get_peft_model(model, config))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -28,7 +28,6 @@ samples the next batch of comparisons.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -63,12 +62,10 @@ from worker.common import (
     shuffled_batches,
 )
 from worker.generate import newline_token_ids
-from worker.modeling import load_model, save_model
-from worker.train_rm import RewardModel, load_reward_model, score_completions
+from worker.modeling import save_model
+from worker.ppo_models import RewardFn, build_ppo_models
+from worker.train_rm import RewardModel
 from worker.train_sft import build_example, collate, response_loss_sum
-
-RewardFn = Callable[[list[str], list[str]], list[float]]
-"""reward_fn(prompts, completions) -> one score per completion (e.g. the bundled world's true scorer)."""
 
 
 def constant_schedule(
@@ -98,6 +95,16 @@ class AdaptiveKLController:
         """Moves β up when KL is above target, down when below, by at most 20% per horizon."""
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_rollouts / self.horizon
+
+
+def load_params(params: list[tuple[str, torch.nn.Parameter]], state: dict[str, torch.Tensor]) -> None:
+    """Copies a checkpoint's tensors into the trained parameters, by name."""
+    missing = [name for name, _ in params if name not in state]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} trained tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, param in params:
+            param.copy_(state[name])
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -235,36 +242,10 @@ def sample(
     )
 
 
-def make_scorer(reward: str | Path | RewardFn, device: torch.device | str) -> RewardFn:
-    """The rollout scorer: a saved reward model (frozen) or the given Python function."""
-    if callable(reward):
-        return reward
-    rm, rm_tokenizer = load_reward_model(reward, device)
-    rm.requires_grad_(False)
-    return lambda prompts, texts: score_completions(rm, rm_tokenizer, prompts, texts)
-
-
-def initial_value_model(
-    reward: str | Path | RewardFn, policy_path: str | Path, device: torch.device | str
-) -> RewardModel:
-    """The value network: a trainable copy of the reward model (InstructGPT), else the policy's body, zero head."""
-    if callable(reward):
-        value = RewardModel.from_causal_lm(load_model(policy_path, device=str(device))[0].float()).to(device)
-        torch.nn.init.zeros_(value.head.weight)
-        return value
-    value = RewardModel.load(reward, device)
-    # Values are read from the raw head: fold the normalisation offset into its
-    # bias so they start on the scale of the normalised reward.
-    with torch.no_grad():
-        value.head.bias.sub_(value.reward_offset)
-    value.reward_offset = 0.0
-    return value
-
-
 @torch.no_grad()
 def evaluate_policy(
     policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    reference: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     scorer: RewardFn,
     prompts: list[str],
@@ -329,12 +310,17 @@ def train_ppo(
     device = accelerator.device
     seed_everything(config.seed)
 
-    policy, tokenizer = load_model(policy_path, device=str(device))
-    reference, _ = load_model(policy_path, device=str(device))
-    policy.float()
-    reference.float().eval().requires_grad_(False)
-    scorer = make_scorer(reward_model_path, device)
-    value = initial_value_model(reward_model_path, policy_path, device)
+    # Four networks as full copies, or adapters on one or two frozen bases (worker/ppo_models.py).
+    models = build_ppo_models(policy_path, reward_model_path, config, device)
+    policy, reference, value, scorer, tokenizer = (
+        models.policy,
+        models.reference,
+        models.value,
+        models.scorer,
+        models.tokenizer,
+    )
+    policy_params = [p for _, p in models.policy_params]
+    value_params = [p for _, p in models.value_params]
     for model in (policy, value):
         disable_dropout(model)
         model.train()
@@ -345,8 +331,8 @@ def train_ppo(
     minibatches_per_step = math.ceil(config.rollout_batch_size / config.minibatch_size)
     total_updates = config.steps * config.ppo_epochs * minibatches_per_step
     optimizer = torch.optim.AdamW(
-        adamw(policy.named_parameters(), config.learning_rate, config.weight_decay)
-        + adamw(value.named_parameters(), config.value_learning_rate, config.weight_decay)
+        adamw(models.policy_params, config.learning_rate, config.weight_decay)
+        + adamw(models.value_params, config.value_learning_rate, config.weight_decay)
     )
     scheduler = LR_SCHEDULES[config.lr_schedule](optimizer, total_updates, config.warmup_ratio)
     history: dict[str, Any] = {"step": 0, "kl_coef": config.kl_coef, "log": []}
@@ -356,8 +342,8 @@ def train_ppo(
     data_id = fingerprint([str(policy_path), reward_id, prompts, ptx_examples, eval_prompts])
     state = load_checkpoint(checkpoint_dir, config, data_id)
     if state is not None:
-        policy.load_state_dict(state["policy"])
-        value.load_state_dict(state["value"])
+        load_params(models.policy_params, state["policy"])
+        load_params(models.value_params, state["value"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
@@ -423,20 +409,26 @@ def train_ppo(
                     args = (rollout.sequences[rows], rollout.mask[rows], rollout.prompt_length)
                     with accelerator.autocast():
                         logprobs, entropy = response_logprobs(policy_model, *args, config.temperature)
-                        values = response_values(value_model, *args)
                     ratio = torch.exp(logprobs - old_logprobs[rows])
                     pg_losses = torch.max(
                         -advantages[rows] * ratio,
                         -advantages[rows] * ratio.clamp(1 - config.cliprange, 1 + config.cliprange),
                     )
-                    clipped_values = old_values[rows] + (values - old_values[rows]).clamp(
-                        -config.cliprange_value, config.cliprange_value
-                    )
-                    vf_losses = 0.5 * torch.max((values - returns[rows]) ** 2, (clipped_values - returns[rows]) ** 2)
                     # Token sums over the minibatch's token count: accumulation = one big batch.
                     policy_loss = (pg_losses * m).sum() / n_tokens
-                    value_loss = (vf_losses * m).sum() / n_tokens
-                    accelerator.backward(policy_loss + value_loss)
+                    accelerator.backward(policy_loss)
+                    # The value network's own backward pass, in its adapter's scope (see worker/ppo_models.py).
+                    with models.value_scope():
+                        with accelerator.autocast():
+                            values = response_values(value_model, *args)
+                        clipped_values = old_values[rows] + (values - old_values[rows]).clamp(
+                            -config.cliprange_value, config.cliprange_value
+                        )
+                        vf_losses = 0.5 * torch.max(
+                            (values - returns[rows]) ** 2, (clipped_values - returns[rows]) ** 2
+                        )
+                        value_loss = (vf_losses * m).sum() / n_tokens
+                        accelerator.backward(value_loss)
                     stats["policy_loss"].append(policy_loss.item())
                     stats["value_loss"].append(value_loss.item())
                     with torch.no_grad():
@@ -453,8 +445,8 @@ def train_ppo(
                     stats["ptx_loss"].append(loss_sum.item() / max(count, 1))
                 if config.max_grad_norm > 0:
                     # Clipped per network: the value loss's scale must not throttle the policy.
-                    accelerator.clip_grad_norm_(policy_model.parameters(), config.max_grad_norm)
-                    accelerator.clip_grad_norm_(value_model.parameters(), config.max_grad_norm)
+                    accelerator.clip_grad_norm_(policy_params, config.max_grad_norm)
+                    accelerator.clip_grad_norm_(value_params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -486,8 +478,8 @@ def train_ppo(
             save_checkpoint(
                 checkpoint_dir,
                 {
-                    "policy": policy.state_dict(),
-                    "value": value.state_dict(),
+                    "policy": {n: p.detach() for n, p in models.policy_params},
+                    "value": {n: p.detach() for n, p in models.value_params},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
@@ -502,7 +494,7 @@ def train_ppo(
     final_eval = evaluate_policy(policy, reference, tokenizer, scorer, eval_prompts, config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(policy, tokenizer, out_dir)
+        save_model(policy, tokenizer, out_dir, adapter_only=config.lora_save == "adapter")
     return {
         "eval": final_eval,
         "eval_initial": history["eval_initial"],
@@ -513,4 +505,8 @@ def train_ppo(
         "steps": history["step"],
         "n_prompts": len(prompts),
         "n_eval_prompts": len(eval_prompts),
+        "trained_parameters": sum(p.numel() for p in policy_params),
+        "frozen_bases": models.frozen_bases,
+        # How the version is saved: "full" weights, a LoRA adapter "merged" into them, or the "adapter" alone.
+        "saved_as": config.lora_save if config.lora_r else "full",
     }

@@ -34,6 +34,15 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
 # it stays importable from here.
 from app.training.configs import RMConfig
+from worker.adapters import (
+    AdapterView,
+    is_peft,
+    load_trainable_state,
+    merged_state_dict,
+    prepare_for_training,
+    trainable_state,
+    weights_dtype,
+)
 from worker.common import (
     Progress,
     adamw,
@@ -81,7 +90,9 @@ class RankingExample:
 class RewardModel(nn.Module):
     """A transformer body with a scalar head read at the last real token; also PPO's value network."""
 
-    def __init__(self, backbone: PreTrainedModel, reward_offset: float = 0.0, max_length: int = 1024) -> None:
+    def __init__(
+        self, backbone: PreTrainedModel | AdapterView, reward_offset: float = 0.0, max_length: int = 1024
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.get_text_config().hidden_size
@@ -112,26 +123,49 @@ class RewardModel(nn.Module):
         last = (attention_mask * positions).argmax(-1)
         return scores.gather(1, last.unsqueeze(1)).squeeze(1) - self.reward_offset
 
-    def save(self, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-        """Writes backbone (save_pretrained), head weights and offset to `path` atomically."""
+    def save(
+        self, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, *, adapter_base: str | None = None
+    ) -> Path:
+        """Writes backbone (save_pretrained), head weights and offset to `path` atomically.
+
+        A LoRA backbone is saved merged, or, given adapter_base (the causal LM it was trained on), as the
+        adapter alone: PPO then runs the reward model as an adapter on that base instead of a second copy.
+        """
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        self.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+        backbone: Any = self.backbone
+        if is_peft(backbone) and adapter_base:
+            backbone.save_pretrained(tmp / "backbone")
+        elif is_peft(backbone):
+            body = backbone.get_base_model()
+            body.save_pretrained(tmp / "backbone", state_dict=merged_state_dict(backbone), safe_serialization=True)
+        else:
+            backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, tmp / HEAD_FILE)
-        meta = {"reward_offset": self.reward_offset, "max_length": self.max_length, "format": 1}
+        meta: dict[str, Any] = {"reward_offset": self.reward_offset, "max_length": self.max_length, "format": 1}
+        if is_peft(backbone) and adapter_base:
+            meta["adapter_base"] = adapter_base
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         return replace_directory(tmp, target)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> RewardModel:
-        """Loads a reward model written by save() (fp32)."""
+    def load(
+        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> RewardModel:
+        """Loads a reward model written by save() (fp32 unless dtype says; an adapter merged onto its base)."""
         path = Path(path)
         meta = json.loads((path / META_FILE).read_text())
-        backbone = AutoModel.from_pretrained(path / "backbone", dtype=torch.float32)
+        if meta.get("adapter_base"):
+            from peft import PeftModel
+
+            body = AutoModel.from_pretrained(meta["adapter_base"], dtype=dtype)
+            backbone = PeftModel.from_pretrained(body, str(path / "backbone")).merge_and_unload()
+        else:
+            backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype)
         model = cls(backbone, reward_offset=meta["reward_offset"], max_length=meta.get("max_length", 1024))
         model.head.load_state_dict(load_file(path / HEAD_FILE))
         return model.to(device or "cpu").eval()
@@ -271,9 +305,11 @@ def train_rm(
         raise ValueError("reward-model training needs at least one ranking with two different ranks")
     accelerator = make_accelerator(config.device, config.mixed_precision)
     seed_everything(config.seed)
-    lm, tokenizer = load_model(base_model_path, device=str(accelerator.device))
-    rm = RewardModel.from_causal_lm(lm.float(), max_length=config.max_length).to(accelerator.device)
+    lm, tokenizer = load_model(base_model_path, str(accelerator.device), weights_dtype(config, accelerator.device))
+    rm = RewardModel.from_causal_lm(lm, max_length=config.max_length).to(accelerator.device)
     del lm
+    # The memory options apply to the body; the scalar head always trains, in fp32.
+    rm.backbone = prepare_for_training(cast(PreTrainedModel, rm.backbone), config, task_type=None)
     disable_dropout(rm)
 
     steps_per_epoch = math.ceil(len(usable) / config.rankings_per_step)
@@ -286,7 +322,7 @@ def train_rm(
     )
     state = load_checkpoint(checkpoint_dir, config, data_id)
     if state is not None:
-        rm.load_state_dict(state["model"])
+        load_trainable_state(rm, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
@@ -336,7 +372,7 @@ def train_rm(
                 save_checkpoint(
                     checkpoint_dir,
                     {
-                        "model": rm.state_dict(),
+                        "model": trainable_state(rm),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "history": history,
@@ -363,7 +399,8 @@ def train_rm(
     final = history["valid_curve"][-1] if history["valid_curve"] else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        rm.save(out_dir, tokenizer)
+        adapter_base = str(base_model_path) if config.lora_r and config.lora_save == "adapter" else None
+        rm.save(out_dir, tokenizer, adapter_base=adapter_base)
     curve = history["train_loss_curve"]
     initial = history.get("initial_valid")
     return {
@@ -382,4 +419,6 @@ def train_rm(
         "n_train": len(usable),
         "n_train_all_ties": len(train) - len(usable),
         "n_valid": len(valid),
+        # How the version is saved: "full" weights, a LoRA adapter "merged" into them, or the "adapter" alone.
+        "saved_as": config.lora_save if config.lora_r else "full",
     }

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
 # it stays importable from here.
 from app.training.configs import SFTConfig
+from worker.adapters import load_trainable_state, prepare_for_training, trainable_state, weights_dtype
 from worker.common import (
     Progress,
     adamw,
@@ -118,8 +119,9 @@ def train_sft(
         raise ValueError("SFT needs at least one demonstration")
     accelerator = make_accelerator(config.device, config.mixed_precision)
     seed_everything(config.seed)
-    model, tokenizer = load_model(model_path, device=str(accelerator.device))
-    model.float()  # fp32 master weights; mixed precision, if any, is accelerate's autocast
+    # fp32 master weights unless the config says otherwise; mixed precision, if any, is accelerate's autocast.
+    model, tokenizer = load_model(model_path, str(accelerator.device), weights_dtype(config, accelerator.device))
+    model = prepare_for_training(model, config)
     pad_id = tokenizer.pad_token_id
 
     train_examples = [build_example(tokenizer, p, c, config.max_length) for p, c in train]
@@ -143,7 +145,7 @@ def train_sft(
     data_id = fingerprint([str(model_path), train, valid])
     state = load_checkpoint(checkpoint_dir, config, data_id)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
@@ -167,7 +169,7 @@ def train_sft(
             save_checkpoint(
                 checkpoint_dir,
                 {
-                    "model": unwrapped.state_dict(),
+                    "model": trainable_state(unwrapped),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
@@ -217,7 +219,8 @@ def train_sft(
                         if loss < history["best_valid_loss"]:
                             history.update(best_valid_loss=loss, best_epoch=epoch + 1, bad_epochs=0)
                             if accelerator.is_main_process:
-                                save_model(unwrapped, tokenizer, best_dir)
+                                # With LoRA the adapter alone: a few MB instead of the model.
+                                save_model(unwrapped, tokenizer, best_dir, adapter_only=bool(config.lora_r))
                         else:
                             history["bad_epochs"] += 1
                             patience = config.early_stopping_patience
@@ -234,9 +237,14 @@ def train_sft(
             final = unwrapped
             epochs_run = len(history["train_loss_curve"])
             if valid_examples and history["best_epoch"] != epochs_run:
-                # On CPU the reload is fp32, like the weights trained here.
-                final, _ = load_model(best_dir, device="cpu")
-            save_model(final, tokenizer, out_dir)
+                if config.lora_r:
+                    from peft import load_peft_weights, set_peft_model_state_dict
+
+                    set_peft_model_state_dict(unwrapped, load_peft_weights(str(best_dir), device="cpu"))
+                else:
+                    # On CPU the reload is fp32, like the weights trained here.
+                    final, _ = load_model(best_dir, device="cpu")
+            save_model(final, tokenizer, out_dir, adapter_only=config.lora_save == "adapter")
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -254,4 +262,6 @@ def train_sft(
         "steps": history["step"],
         "n_train": len(train_examples),
         "n_valid": len(valid_examples),
+        # How the version is saved: "full" weights, a LoRA adapter "merged" into them, or the "adapter" alone.
+        "saved_as": config.lora_save if config.lora_r else "full",
     }

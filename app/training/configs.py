@@ -33,6 +33,57 @@ LENGTH: dict[str, Any] = {"min": 2}
 DEVICES: dict[str, Any] = {"choices": ("cpu",)}  # any other device is accelerate's choice, which None already says
 PRECISIONS: dict[str, Any] = {"choices": ("no", "bf16", "fp16")}
 LR_SCHEDULE_NAMES = ("constant", "cosine")  # the keys of worker/train_ppo.py's LR_SCHEDULES
+WEIGHT_PRECISIONS: dict[str, Any] = {"choices": ("auto", "fp32", "bf16")}
+LORA_SAVE: dict[str, Any] = {"choices": ("merged", "adapter")}
+
+
+@dataclass
+class TrainerOptions:
+    """Where and how big a trainer runs: device, precision and the memory options every trainer takes.
+
+    With `lora_r` > 0 the model's weights stay frozen and only LoRA adapters (peft) train; PPO then keeps
+    one frozen base for the policy and its reference (the same base with the adapter off), and the value
+    network is an adapter on the reward model's base (see worker/ppo_models.py).
+    """
+
+    device: str | None = field(
+        default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose.", **DEVICES}
+    )
+    mixed_precision: str = field(
+        default="no",
+        metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16' (weights stay fp32).", **PRECISIONS},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the weights: 'auto' is bf16 for a LoRA run's frozen base where the device has bf16 "
+            "(a GPU), fp32 otherwise; 'bf16' also trains full weights in bf16 (half the memory, less exact).",
+            **WEIGHT_PRECISIONS,
+        },
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank; 0 trains every weight (full fine-tuning).", **NON_NEGATIVE}
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling α (the update is scaled by α / r).", **AT_LEAST_1})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", **RATIO})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names that get adapters, or 'all-linear'; None: peft's default for "
+            "the architecture (q_proj,v_proj for Llama, Qwen2, Mistral; c_attn for GPT-2)."
+        },
+    )
+    lora_save: str = field(
+        default="merged",
+        metadata={
+            "help": "With LoRA, save the adapter merged into the weights (loads with plain from_pretrained) or the "
+            "adapter alone (peft loads it on its base; a reward model saved so shares PPO's base).",
+            **LORA_SAVE,
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."}
+    )
 
 
 @dataclass
@@ -46,7 +97,7 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainerOptions):
     """Settings of one supervised fine-tuning run."""
 
     epochs: int = field(default=3, metadata={"help": "Passes over the demonstrations (InstructGPT: 16).", **AT_LEAST_1})
@@ -80,17 +131,10 @@ class SFTConfig:
     eval_batch_size: int = field(
         default=16, metadata={"help": "Examples per forward pass when validating.", **AT_LEAST_1}
     )
-    device: str | None = field(
-        default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose.", **DEVICES}
-    )
-    mixed_precision: str = field(
-        default="no",
-        metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16' (weights stay fp32).", **PRECISIONS},
-    )
 
 
 @dataclass
-class RMConfig:
+class RMConfig(TrainerOptions):
     """Settings of one reward-model training run."""
 
     epochs: int = field(
@@ -134,16 +178,10 @@ class RMConfig:
     eval_batch_size: int = field(
         default=16, metadata={"help": "Rankings per forward pass when evaluating.", **AT_LEAST_1}
     )
-    device: str | None = field(
-        default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose.", **DEVICES}
-    )
-    mixed_precision: str = field(
-        default="no", metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16'.", **PRECISIONS}
-    )
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainerOptions):
     """Settings of one PPO run."""
 
     steps: int = field(
@@ -228,12 +266,6 @@ class PPOConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and minibatch shuffling.", **SEED})
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N PPO steps.", **AT_LEAST_1})
-    device: str | None = field(
-        default=None, metadata={"help": "'cpu' forces CPU; None lets accelerate choose.", **DEVICES}
-    )
-    mixed_precision: str = field(
-        default="no", metadata={"help": "accelerate mixed precision: 'no', 'bf16' or 'fp16'.", **PRECISIONS}
-    )
 
 
 CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
@@ -297,6 +329,12 @@ def _fits(value: Any, kinds: tuple[type, ...], meta: Any) -> tuple[bool, Any]:
     return within, number
 
 
+def ordered_fields(cls: type) -> list[Field]:
+    """A config's fields, the trainer's own settings first, then the options every trainer shares."""
+    shared = {f.name for f in fields(TrainerOptions)}
+    return sorted(fields(cls), key=lambda f: f.name in shared)
+
+
 def validate_params(kind: str, params: Any, *, ignore_unknown: bool = False) -> dict[str, Any]:
     """Checks a run's params against its trainer's config and returns them as the config takes them.
 
@@ -309,7 +347,7 @@ def validate_params(kind: str, params: Any, *, ignore_unknown: bool = False) -> 
         raise FieldError("kind", f"must be one of {', '.join(CONFIGS)} to take params, not {kind!r}")
     if not isinstance(params, dict):
         raise FieldError("params", 'must be a JSON object such as {"epochs": 2}')
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in ordered_fields(cls)}
     checked: dict[str, Any] = {}
     for name, value in params.items():
         f = known.get(name)
@@ -334,7 +372,7 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
     if cls is None:
         return {}
     specs = {}
-    for f in fields(cls):
+    for f in ordered_fields(cls):
         limits = {key: list(v) if key == "choices" else v for key, v in f.metadata.items() if key != "help"}
         specs[f.name] = {
             "type": str(f.type),
