@@ -52,8 +52,17 @@ def run_seed(seed: int, sizes: dict[str, Any], args: argparse.Namespace, workdir
         kl_coef=args.kl_coef,
         demo_error_rate=args.demo_error_rate,
         max_new_tokens=args.max_new_tokens,
+        lora=lora_options(args),
+        lora_lr_scale=args.lora_lr_scale,
         log=log,
     )
+
+
+def lora_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The trainers' memory options for --lora R (None: full fine-tuning)."""
+    if not args.lora:
+        return None
+    return {"lora_r": args.lora, "lora_alpha": 2 * args.lora, "lora_target_modules": args.lora_targets}
 
 
 def main() -> None:
@@ -83,6 +92,15 @@ def main() -> None:
         help="PPO's KL coefficient β (0.02, InstructGPT's, lets PPO overfit this small reward model)",
     )
     parser.add_argument("--demo-error-rate", type=float, default=0.2, help="simulated demonstrators' error rate")
+    parser.add_argument(
+        "--lora", type=int, default=0, help="train LoRA adapters of this rank in every stage (0: full fine-tuning)"
+    )
+    parser.add_argument(
+        "--lora-lr-scale", type=float, default=10.0, help="with --lora, every stage's learning rate times this"
+    )
+    parser.add_argument(
+        "--lora-targets", default="all-linear", help="with --lora, the modules that get adapters (peft's names)"
+    )
     parser.add_argument("--keep", default=None, help="keep each seed's SFT, RM and policy under this folder")
     parser.add_argument(
         "--max-new-tokens", type=int, default=PPO["max_new_tokens"], help="longest completion, in tokens"
@@ -153,6 +171,8 @@ def main() -> None:
         "wall_s": round(wall, 1),
         "sizes": sizes,
         "kl_coef": args.kl_coef,
+        "lora": lora_options(args),
+        "lora_lr_scale": args.lora_lr_scale if args.lora else None,
         "summary": summary,
         "gains": gains,
         "aims": aims,

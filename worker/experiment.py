@@ -176,9 +176,19 @@ def run_loop(
     demo_error_rate: float = 0.2,
     max_new_tokens: int = PPO["max_new_tokens"],
     sampled_view: bool = True,
+    lora: dict[str, Any] | None = None,
+    lora_lr_scale: float = 1.0,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """One full loop (SFT → rankings → RM → PPO → evaluation) for one seed in workdir; returns its figures."""
+    """One full loop (SFT → rankings → RM → PPO → evaluation) for one seed in workdir; returns its figures.
+
+    With `lora` (memory options such as {"lora_r": 8}) every trainer trains LoRA adapters instead of all
+    weights, at its learning rate times lora_lr_scale; the reward model is saved as an adapter on the SFT
+    model, so PPO runs its four networks on one frozen base.
+    """
+    memory = dict(lora or {})
+    rm_memory = {**memory, "lora_save": "adapter"} if memory else {}
+    lr_scale = lora_lr_scale if memory else 1.0
     from app.world import (
         DEFAULT_NOISE,
         SimulatedDemonstrator,
@@ -219,10 +229,11 @@ def run_loop(
             **{
                 **SFT,
                 "epochs": sizes["sft_epochs"],
-                "learning_rate": sizes["sft_lr"],
+                "learning_rate": sizes["sft_lr"] * lr_scale,
                 "early_stopping_patience": None,
                 "seed": seed,
                 "device": "cpu",
+                **memory,
             }
         ),
         sft_dir,
@@ -290,11 +301,12 @@ def run_loop(
             **{
                 **RM,
                 "epochs": sizes["rm_epochs"],
-                "learning_rate": sizes["rm_lr"],
+                "learning_rate": sizes["rm_lr"] * lr_scale,
                 "rankings_per_step": sizes["rm_batch"],
                 "rankings_per_micro_batch": sizes["rm_batch"],
                 "seed": seed,
                 "device": "cpu",
+                **rm_memory,
             }
         ),
         rm_dir,
@@ -318,8 +330,8 @@ def run_loop(
             "minibatch_size": sizes["ppo_batch"] // 4,
             "micro_batch_size": sizes["ppo_batch"] // 4,
             "ppo_epochs": sizes["ppo_epochs"],
-            "learning_rate": sizes["ppo_lr"],
-            "value_learning_rate": sizes["ppo_value_lr"],
+            "learning_rate": sizes["ppo_lr"] * lr_scale,
+            "value_learning_rate": sizes["ppo_value_lr"] * lr_scale,
             "lr_schedule": sizes["ppo_lr_schedule"],
             "kl_coef": kl_coef,
             "max_new_tokens": max_new_tokens,
@@ -327,6 +339,7 @@ def run_loop(
             "seed": seed,
             "checkpoint_every": 10_000,
             "device": "cpu",
+            **memory,
         }
     )
 

@@ -135,15 +135,34 @@ def gae(
 
 
 def response_logprobs(
-    model: torch.nn.Module, sequences: torch.Tensor, mask: torch.Tensor, prompt_length: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the response tokens under the model, and the entropy at each response position."""
-    logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
-    # Position t predicts token t+1: the response's logits start one before it.
-    logits = logits[:, prompt_length - 1 : -1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, sequences[:, prompt_length:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    mask: torch.Tensor,
+    prompt_length: int,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the response tokens under the model and, if asked, the entropy at each response position.
+
+    Vocabulary-sized tensors dominate PPO's activations, so only the response's logits are computed
+    (`logits_to_keep`), the log-probability is read as logit − logsumexp (no full log-softmax kept for the
+    backward pass), and the entropy, a logged statistic, is computed without a graph.
+    """
+    response_length = sequences.shape[1] - prompt_length
+    # Position t predicts token t+1: the response's logits start one before it and end one before the last.
+    logits = model(
+        input_ids=sequences,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        logits_to_keep=response_length + 1,
+    ).logits
+    logits = logits[:, :-1].float() / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)
+    chosen = logits.gather(-1, sequences[:, prompt_length:].unsqueeze(-1)).squeeze(-1) - normaliser
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return chosen, entropy
 
 
@@ -408,7 +427,9 @@ def train_ppo(
                     m = mask[rows]
                     args = (rollout.sequences[rows], rollout.mask[rows], rollout.prompt_length)
                     with accelerator.autocast():
-                        logprobs, entropy = response_logprobs(policy_model, *args, config.temperature)
+                        logprobs, entropy = response_logprobs(
+                            policy_model, *args, config.temperature, with_entropy=True
+                        )
                     ratio = torch.exp(logprobs - old_logprobs[rows])
                     pg_losses = torch.max(
                         -advantages[rows] * ratio,
@@ -434,7 +455,7 @@ def train_ppo(
                     with torch.no_grad():
                         clipped = ((ratio - 1).abs() > config.cliprange).float()
                         stats["clipfrac"].append(masked_mean(clipped, m).item())
-                        stats["entropy"].append(masked_mean(entropy, m).item())
+                        stats["entropy"].append(masked_mean(cast(torch.Tensor, entropy), m).item())
                         stats["approx_kl"].append(masked_mean(0.5 * (logprobs - old_logprobs[rows]) ** 2, m).item())
                 if ptx and config.ptx_coef > 0:
                     picks = torch.randint(len(ptx), (config.ptx_batch_size,)).tolist()
