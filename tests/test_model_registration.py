@@ -433,3 +433,38 @@ def test_the_admin_page_registers_through_the_same_path_and_shows_validation(cli
     assert 'data-testid="facts"' in page and "GPT2LMHeadModel" in page and "16352" in page
     duplicate = client.post("/admin/models", data=form)
     assert duplicate.status_code == 409 and "name: a model version called" in duplicate.text
+
+
+@pytest.mark.slow
+def test_a_hub_model_is_pinned_to_the_validated_revision(tmp_path, tiny_models):
+    """A hub id (here served from a prepared offline hub cache) is saved under pin_to, with its commit."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny-llama"
+    shutil.copytree(tiny_models["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "import json, sys; from pathlib import Path; from worker.validate import validate_model; "
+        "facts = validate_model('test-org/tiny-llama', 'base', 'main', device='cpu', pin_to=Path(sys.argv[1])); "
+        "print(json.dumps(facts))"
+    )
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    pinned = tmp_path / "pinned"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(pinned)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert facts["pinned"] == str(pinned) and facts["commit"] == commit and facts["revision"] == "main"
+    assert (pinned / "config.json").is_file() and (pinned / "tokenizer_config.json").is_file()
+    from worker.modeling import load_model
+
+    model, _ = load_model(pinned, device="cpu")
+    assert sum(p.numel() for p in model.parameters()) == facts["parameters"]
+    # A local folder is used where it lies: nothing is copied.
+    from worker.validate import validate_model
+
+    local = validate_model(str(tiny_models["llama"]), "base", device="cpu", pin_to=tmp_path / "not-made")
+    assert "pinned" not in local and not (tmp_path / "not-made").exists()

@@ -174,9 +174,12 @@ def run_validate(run_id: int, report) -> tuple[dict[str, Any], int | None]:
             version.revision,
         )
     report(0.1, f"loading {source}", force=True)
-    facts = validate_model(source, kind, revision)
+    # A hub model is saved where every worker reads artifacts, so the revision validated is the one sampled
+    # and trained, whatever the hub's branch points to later; a local folder is used where it lies.
+    pinned = get_settings().artifacts_dir / "models" / f"{kind}-registered-{version_id}"
+    facts = validate_model(source, kind, revision, pin_to=pinned)
     with session_scope() as db:
-        registry.record_facts(db, version_id, facts)
+        registry.record_facts(db, version_id, facts, str(pinned) if facts.get("pinned") else None)
     return {"parameters": facts["parameters"]}, version_id
 
 

@@ -84,8 +84,14 @@ def _context_length(config: PretrainedConfig, tokenizer: Any) -> int | None:
     return limit if isinstance(limit, int) and limit < 10**9 else None
 
 
-def validate_model(source: str, kind: str, revision: str | None = None, device: str | None = None) -> dict[str, Any]:
-    """Loads and tries a model; returns its facts, or raises ModelInvalid saying what is wrong."""
+def validate_model(
+    source: str, kind: str, revision: str | None = None, device: str | None = None, pin_to: Path | None = None
+) -> dict[str, Any]:
+    """Loads and tries a model; returns its facts, or raises ModelInvalid saying what is wrong.
+
+    With pin_to, a model that came from the hub (not a local folder) is saved there once it passed, with
+    `pinned` and the hub's `commit` in the facts.
+    """
     device = device or default_device()
     config = _config(source, revision)
     use_as = _use_as(config, kind)
@@ -140,4 +146,21 @@ def validate_model(source: str, kind: str, revision: str | None = None, device: 
                 "text": tokenizer.decode(new, skip_special_tokens=True),
                 "tokens": int(new.shape[0]),
             }
+    if pin_to is not None and not Path(source).expanduser().is_dir():
+        cast(Any, model).to("cpu").save_pretrained(pin_to, safe_serialization=True)
+        tokenizer.save_pretrained(pin_to)
+        facts["pinned"] = str(pin_to)
+        facts["commit"] = _hub_commit(source, revision)
     return facts
+
+
+def _hub_commit(source: str, revision: str | None) -> str | None:
+    """The hub commit a revision of a model resolved to (its snapshot folder is named after it)."""
+    from transformers.utils import cached_file
+
+    try:
+        config_file = cached_file(source, "config.json", revision=revision)
+    except OSError:
+        return None
+    snapshot = Path(config_file).parent if config_file else None
+    return snapshot.name if snapshot is not None and snapshot.parent.name == "snapshots" else None

@@ -170,12 +170,20 @@ def register_model(
     return version
 
 
-def record_facts(db: Session, version_id: int, facts: dict[str, Any]) -> ModelVersion:
-    """Stores what validation found on a version (the worker calls this before the run finishes)."""
+def record_facts(
+    db: Session, version_id: int, facts: dict[str, Any], artifact_path: str | None = None
+) -> ModelVersion:
+    """Stores what validation found on a version (the worker calls this before the run finishes).
+
+    artifact_path, when given, is where the validated files now lie (a hub model pinned to the revision
+    that was validated), and what sampling and training load from then on.
+    """
     version = db.get(ModelVersion, version_id)
     if version is None:
         raise RegistryError("version_id", f"no model version {version_id}", status=404)
     version.facts = facts
+    if artifact_path is not None:
+        version.artifact_path = artifact_path
     db.flush()
     return version
 
