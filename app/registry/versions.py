@@ -170,9 +170,7 @@ def register_model(
     return version
 
 
-def record_facts(
-    db: Session, version_id: int, facts: dict[str, Any], artifact_path: str | None = None
-) -> ModelVersion:
+def record_facts(db: Session, version_id: int, facts: dict[str, Any], artifact_path: str | None = None) -> ModelVersion:
     """Stores what validation found on a version (the worker calls this before the run finishes).
 
     artifact_path, when given, is where the validated files now lie (a hub model pinned to the revision
