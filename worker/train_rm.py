@@ -162,7 +162,9 @@ class RewardModel(nn.Module):
         if meta.get("adapter_base"):
             from peft import PeftModel
 
-            body = AutoModel.from_pretrained(meta["adapter_base"], dtype=dtype)
+            # The base may itself be an adapter saved alone (an SFT version): load_model merges it first.
+            lm, _ = load_model(meta["adapter_base"], device="cpu", dtype=dtype)
+            body = cast(PreTrainedModel, lm.base_model)
             backbone = PeftModel.from_pretrained(body, str(path / "backbone")).merge_and_unload()
         else:
             backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype)
