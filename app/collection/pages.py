@@ -23,10 +23,11 @@ from sqlalchemy.orm import Session
 
 from app.collection import batches
 from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
+from app.collection.prompt_import import CATEGORIES
 from app.deps import AdminPage, SessionDep
 from app.errors import AppError, Invalid, renders_on_error, validated
-from app.models import USABLE_STATUSES, Assignment, ModelVersion, PromptBatch, Task, User, utcnow
-from app.templating import render
+from app.models import USABLE_STATUSES, Assignment, ModelVersion, Prompt, PromptBatch, Task, User, utcnow
+from app.templating import plural, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -185,8 +186,31 @@ def _batch_page(request: Request, principal, db: Session, batch: PromptBatch, st
             if s in ACTIONS and not (batch.status == "draft" and s == "sampling")
         ],
         dropped_count=len(report.get("dropped", [])),
+        categories=CATEGORIES,
+        import_message=_import_message(request),
         **context,
     )
+
+
+def _count(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def _import_message(request: Request) -> str:
+    """Says what the last import did, from the counts the upload's redirect carries."""
+    imported = _count(request, "imported")
+    if imported is None:
+        return ""
+    removed, before = _count(request, "removed") or 0, _count(request, "before") or 0
+    if removed:
+        return f"Removed the {plural(removed, 'prompt')} the batch had and imported {plural(imported, 'prompt')}."
+    if before:
+        return (
+            f"Imported {plural(imported, 'prompt')}, added to the {before:,} already in the batch "
+            f"({before + imported:,} in all)."
+        )
+    return f"Imported {plural(imported, 'prompt')}."
 
 
 def _form_fields(form: dict[str, str]) -> dict[str, Any]:
@@ -314,7 +338,8 @@ def batch_upload(
     if file is None or not file.filename:
         raise Invalid("file", "choose a JSON Lines or CSV file to upload")
     upload = Upload(file.file.read(), file.filename, file.content_type)
-    outcome, _replaced = run_import(
+    before = db.scalar(select(func.count()).where(Prompt.batch_id == batch.id)) or 0
+    outcome, replaced = run_import(
         db, batch, upload, replace=replace == "on", prefix_chars=prefix_chars, max_per_user=max_per_user
     )
     if not outcome.ok:
@@ -328,7 +353,9 @@ def batch_upload(
             upload_name=file.filename,
             error=f"{file.filename}: {outcome.errors['total']} errors; nothing was imported",
         )
-    return RedirectResponse(f"/admin/batches/{batch.id}?imported={outcome.stored}", status_code=303)
+    # Appending is the default; replacing is an explicit, confirmed choice, and the message says what it removed.
+    counts = f"imported={outcome.stored}" + (f"&removed={replaced}" if replaced else f"&before={before}" * bool(before))
+    return RedirectResponse(f"/admin/batches/{batch.id}?{counts}", status_code=303)
 
 
 @router.post("/admin/batches/{batch_id}/start")
