@@ -120,10 +120,69 @@ class RateLimited(AppError):
     status = 429
 
 
-def first_validation_error(exc: ValidationError) -> tuple[str, str]:
-    """Returns (field, message) of the first problem pydantic found, e.g. for a form shown again with it."""
-    err = exc.errors()[0]
-    return ".".join(str(part) for part in err["loc"]) or "form", err["msg"]
+class FormInvalid(Invalid):
+    """422 for a form: every problem found, each as a sentence in words ("Temperature must be at most 10.").
+
+    `field` is the first bad field (for the API's shape); `problems` lists (field, sentence) for the page.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__(problems[0][0], " ".join(sentence for _, sentence in problems))
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# How pydantic's error types read in a sentence after the field's label; `{...}` names come from the error's ctx.
+_WORDS = {
+    "missing": "is required",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "int_type": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_parsing": "must be yes or no",
+    "string_too_long": "must be at most {max_length} characters long",
+    "literal_error": "must be one of {expected}",
+    "enum": "must be one of {expected}",
+    "extra_forbidden": "is not a field of this form",
+}
+
+
+def field_label(model: type[BaseModel], name: str) -> str:
+    """The words a form uses for a field: its `title`, else its name with spaces."""
+    info = model.model_fields.get(name)
+    if info is not None and info.title:
+        return info.title
+    return name.replace("_", " ").capitalize()
+
+
+def _sentence(model: type[BaseModel], err: Mapping[str, Any]) -> tuple[str, str]:
+    loc = [str(part) for part in err.get("loc", ())]
+    name = ".".join(loc) or "form"
+    label = field_label(model, loc[0]) if loc else "The form"
+    ctx = err.get("ctx") or {}
+    kind = err.get("type", "")
+    if kind == "string_too_short":
+        words = "must not be empty" if ctx.get("min_length") == 1 else "must be at least {min_length} characters long"
+    elif kind == "value_error" and "error" in ctx:
+        words = str(ctx["error"])  # our own validators' reasons, e.g. "contains a NUL character"
+    else:
+        words = _WORDS.get(kind, "is not valid ({msg})")
+    limits = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ctx.items() if k != "msg"}  # 10, not 10.0
+    words = words.format(msg=err.get("msg", ""), **limits)
+    return name, f"{label} {words}."
+
+
+def validation_problems(model: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
+    """Every problem pydantic found, as (field, sentence in words), in the model's field order."""
+    return [_sentence(model, err) for err in exc.errors()]
 
 
 def validated(model: type[M], data: Any) -> M:
@@ -131,7 +190,16 @@ def validated(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise Invalid(*first_validation_error(exc)) from exc
+        err = exc.errors()[0]
+        raise Invalid(".".join(str(part) for part in err["loc"]) or "form", err["msg"]) from exc
+
+
+def validated_form(model: type[M], data: Any) -> M:
+    """Validates a page's form with an API model, raising FormInvalid with every problem, in words."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise FormInvalid(validation_problems(model, exc)) from exc
 
 
 # --- pages that show their form again -------------------------------------------------------------

@@ -75,7 +75,8 @@ def test_create_form_creates_and_redirects(client, db, admin_csrf):
     duplicate = _create(client, admin_csrf)
     assert duplicate.status_code == 409 and "already exists" in duplicate.text
     bad_k = _create(client, admin_csrf, name="Batch B", k="12")
-    assert bad_k.status_code == 422 and "k: " in bad_k.text and 'value="Batch B"' in bad_k.text
+    assert bad_k.status_code == 422 and "K outputs to rank must be at most 9." in bad_k.text
+    assert 'value="Batch B"' in bad_k.text
     assert _create(client, "wrong", name="Batch C").status_code == 403
 
 
@@ -319,3 +320,46 @@ def test_replacing_prompts_asks_first_in_chromium(live_server, committed_session
     page.click("[data-testid=upload-submit]")
     page.wait_for_selector("text=Removed the 2 prompts the batch had and imported 1 prompt.")
     assert committed_session.scalars(select(Prompt.text).where(Prompt.batch_id == batch.id)).all() == ["gamma prompt"]
+
+
+# -- forms: defaults shown, every error at once in words, the input kept (issue 20) ----------------------------
+
+
+def _value(html: str, name: str) -> str:
+    return re.search(rf'<input name="{name}"[^>]*value="([^"]*)"', html).group(1)
+
+
+def test_the_new_batch_form_shows_the_stored_defaults(client, db, admin_csrf):
+    html = client.get("/admin/batches/new").text
+    shown = {name: _value(html, name) for name in ("temperature", "top_p", "extra_overlap_fraction", "gold_share")}
+    assert shown == {"temperature": "1.0", "top_p": "0.95", "extra_overlap_fraction": "0.0", "gold_share": "0.0"}
+    assert (_value(html, "k"), _value(html, "overlap"), _value(html, "max_new_tokens")) == ("4", "1", "48")
+
+
+def test_a_form_reports_every_error_at_once_in_words_and_keeps_the_input(client, db, admin_csrf):
+    bad = _create(client, admin_csrf, name="Typo batch", k="12", temperature="11", top_p="abc", gold_share="2")
+    assert bad.status_code == 422
+    problems = re.findall(r'<li data-testid="form-problem"[^>]*>([^<]*)</li>', bad.text)
+    assert problems == [
+        "K outputs to rank must be at most 9.",
+        "Temperature must be at most 10.",
+        "top_p must be a number.",
+        "Share of gold checks must be at most 1.",
+    ]
+    assert "Input should" not in bad.text and "k: " not in bad.text
+    kept = {name: _value(bad.text, name) for name in ("name", "k", "temperature", "top_p", "gold_share")}
+    assert kept == {"name": "Typo batch", "k": "12", "temperature": "11", "top_p": "abc", "gold_share": "2"}
+
+
+def test_the_settings_form_keeps_the_typed_values_on_an_error(client, db, admin_csrf):
+    batch_id = int(_create(client, admin_csrf).headers["location"].rsplit("/", 1)[1])
+    bad = client.post(
+        f"/admin/batches/{batch_id}/settings",
+        data={"csrf_token": admin_csrf, "name": "Renamed", "guidelines": "Kept text", "priority": "5000", "k": "3"},
+    )
+    assert bad.status_code == 422
+    problems = re.findall(r'<li data-testid="form-problem"[^>]*>([^<]*)</li>', bad.text)
+    assert problems == ["K outputs to rank must be at least 4.", "Priority must be at most 1000."]
+    assert (_value(bad.text, "name"), _value(bad.text, "priority"), _value(bad.text, "k")) == ("Renamed", "5000", "3")
+    assert "Kept text</textarea>" in bad.text
+    assert db.get(PromptBatch, batch_id).name == "Batch A"

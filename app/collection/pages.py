@@ -25,7 +25,7 @@ from app.collection import batches
 from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
 from app.collection.prompt_import import CATEGORIES
 from app.deps import AdminPage, SessionDep
-from app.errors import AppError, Invalid, renders_on_error, validated
+from app.errors import AppError, FormInvalid, Invalid, renders_on_error, validated_form
 from app.models import USABLE_STATUSES, Assignment, ModelVersion, Prompt, PromptBatch, Task, User, utcnow
 from app.templating import plural, render
 
@@ -229,11 +229,11 @@ def _form_fields(form: dict[str, str]) -> dict[str, Any]:
 
 
 def _validated(fields: dict[str, Any], *, partial: bool) -> dict[str, Any]:
-    """Validates form fields with the API's model, raising Invalid naming the first bad field."""
+    """Validates form fields with the API's model, raising FormInvalid with every bad field, in words."""
     data = dict(fields)
     if partial:
         data.setdefault("name", "placeholder")
-    out = validated(BatchIn, data).model_dump()
+    out = validated_form(BatchIn, data).model_dump()
     return {k: out[k] for k in fields} if partial else out
 
 
@@ -270,10 +270,23 @@ def batch_list(request: Request, principal: AdminPage, db: SessionDep):
     return render(request, "collection/batches.html", principal, rows=rows)
 
 
+def _defaults() -> dict[str, Any]:
+    """The settings a new batch stores when the form leaves them alone, so the form can show them."""
+    fields = {name: info.default for name, info in BatchIn.model_fields.items() if name != "name"}
+    return fields | {"task_mix": "both"}
+
+
+def _problems(exc: AppError) -> dict[str, Any]:
+    """What a form shows of an error: every problem, in words, for a form's validation; else the message."""
+    if isinstance(exc, FormInvalid):
+        return {"problems": [sentence for _, sentence in exc.problems], "error": ""}
+    return {"problems": [], "error": str(exc)}
+
+
 @router.get("/admin/batches/new")
 def new_batch_form(request: Request, principal: AdminPage, db: SessionDep):
-    """Shows the form that creates a batch."""
-    return render(request, "collection/batch_new.html", principal, form={}, models=_models(db), error="")
+    """Shows the form that creates a batch, filled with the defaults a batch gets."""
+    return render(request, "collection/batch_new.html", principal, form=_defaults(), models=_models(db), error="")
 
 
 def _new_batch_again(exc: AppError, request: Request, principal, db: Session, form: SettingsForm, **_):
@@ -282,9 +295,9 @@ def _new_batch_again(exc: AppError, request: Request, principal, db: Session, fo
         "collection/batch_new.html",
         principal,
         status_code=exc.status,
-        form=form,
+        form=_defaults() | form,  # what was typed, as typed
         models=_models(db),
-        error=str(exc),
+        **_problems(exc),
     )
 
 
@@ -304,10 +317,16 @@ def batch_page(batch_id: int, request: Request, principal: AdminPage, db: Sessio
     return _batch_page(request, principal, db, get_batch_or_404(db, batch_id))
 
 
-def _batch_again(exc: AppError, request: Request, principal, db: Session, batch_id: int, **_):
+def _batch_again(exc: AppError, request: Request, principal, db: Session, batch_id: int, **route: Any):
     batch = get_batch_or_404(db, batch_id)
     db.refresh(batch)  # as the failed savepoint left it
-    return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    typed = route.get("form")  # the settings form: shown again as typed, over the stored settings
+    values = None
+    if typed is not None:
+        values = {name: getattr(batch, name) for name in BatchIn.model_fields} | typed
+        if "task_mix" in typed:  # a draft's form: an unticked box is not submitted at all
+            values["allow_prompt_writing"] = typed.get("allow_prompt_writing", "")
+    return _batch_page(request, principal, db, batch, status_code=exc.status, settings_values=values, **_problems(exc))
 
 
 @router.post("/admin/batches/{batch_id}/settings")
