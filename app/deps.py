@@ -85,6 +85,20 @@ SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
+class PageUser(NamedTuple):
+    """What the page header shows of a signed-in user."""
+
+    username: str
+    role: str
+
+
+class Viewer(NamedTuple):
+    """Who an error page is for: the header's user and the CSRF token of its logout form."""
+
+    user: PageUser
+    csrf_token: str
+
+
 @dataclass
 class Principal:
     """The authenticated caller: a user, what they may do, and how they proved it."""
@@ -137,9 +151,10 @@ def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) 
     if loaded is None:
         return None
     session, user = loaded
-    principal = Principal(user=user, scopes=ROLE_SCOPES[user.role], via="session", session=session)
-    request.state.viewer = principal  # the error page shows this user's navigation, even after a 403
-    return principal
+    # The error page shows this user's navigation, even after a 403. A copy of what it reads: the request's
+    # session has rolled back (expiring the ORM objects) by the time an exception handler renders the page.
+    request.state.viewer = Viewer(PageUser(user.username, user.role), session.csrf_token)
+    return Principal(user=user, scopes=ROLE_SCOPES[user.role], via="session", session=session)
 
 
 OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
@@ -229,11 +244,6 @@ LabelerApi = Annotated[Principal, Depends(require_scope("label"))]
 AdminApi = Annotated[Principal, Depends(require_scope("admin"))]
 
 
-class _Viewer(NamedTuple):
-    user: User
-    csrf_token: str
-
-
 async def identify_viewer(request: Request) -> None:
     """Finds who is signed in for the error page of a request no route took (unknown URL, wrong method).
 
@@ -246,13 +256,13 @@ async def identify_viewer(request: Request) -> None:
     request.state.viewer = await anyio.to_thread.run_sync(_load_viewer, cookie)
 
 
-def _load_viewer(cookie: str) -> _Viewer | None:
+def _load_viewer(cookie: str) -> Viewer | None:
     try:
         with get_sessionmaker()() as db:
             loaded = load_session(db, get_settings(), cookie)
             if loaded is None:
                 return None
             session, user = loaded
-            return _Viewer(user, session.csrf_token)  # the loaded attributes stay readable once detached
+            return Viewer(PageUser(user.username, user.role), session.csrf_token)
     except Exception:  # the error page must show even when the database cannot say who is asking
         return None
