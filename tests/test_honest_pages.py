@@ -109,3 +109,33 @@ def test_unknown_pages_and_wrong_methods_get_the_styled_page_with_navigation(
     assert page.get_by_test_id("error-title").inner_text() == "Wrong kind of request"
     assert page.locator("nav a[href='/admin/batches']").is_visible()
     assert missing == [f"{live_server}/admin/no-such-page"]
+
+
+# -- wording (issue 20) -------------------------------------------------------------------------------------
+
+
+def _text(html: str) -> str:
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_counts_names_and_separators_read_as_words(client, db, login):
+    from app.runs import start_run
+    from tests.factories import BatchFactory
+
+    login(AdminFactory().username)
+    UserFactory()  # the one active labeler
+    home = _text(client.get("/admin").text)
+    assert "1 active labeler" in home and "1 active labelers" not in home
+
+    models = _text(client.get("/admin/models").text)
+    assert "No reward model versions yet." in models and "No rm versions yet." not in models
+
+    runs = _text(client.get("/admin/runs").text)
+    assert "Nothing is due." in runs and "Due: none." not in runs
+
+    run = start_run(db, "sample", batch_id=BatchFactory().id, triggered_by="batch-start")
+    db.flush()
+    page = client.get(f"/admin/runs/{run.id}").text
+    for paragraph in re.findall(r'<p class="muted">(.*?)</p>', page, re.S):
+        words = _text(paragraph)
+        assert not words.startswith("·") and not words.endswith("·") and "· ·" not in words, words
