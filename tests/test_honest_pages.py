@@ -139,3 +139,30 @@ def test_counts_names_and_separators_read_as_words(client, db, login):
     for paragraph in re.findall(r'<p class="muted">(.*?)</p>', page, re.S):
         words = _text(paragraph)
         assert not words.startswith("·") and not words.endswith("·") and "· ·" not in words, words
+
+
+def test_the_dashboard_links_its_ids_and_gives_progress_a_figure(client, db, login):
+    from app.runs import start_run
+    from tests.factories import ModelVersionFactory
+
+    login(AdminFactory().username)
+    model = ModelVersionFactory(name="tiny-base")
+    run = start_run(db, "sft", triggered_by="admin")
+    run.progress = 0.25
+    db.flush()
+    home = client.get("/admin").text
+    assert f'<a href="/admin/runs/{run.id}">{run.id}</a>' in home
+    assert f'<a href="/admin/models/{model.id}">tiny-base</a>' in home
+    assert re.search(r"</progress>\s*25%", home)
+
+
+def test_the_batch_page_counts_one_task_in_the_singular(client, db, login):
+    from app.models import Task
+    from tests.factories import BatchFactory, PromptFactory
+
+    login(AdminFactory().username)
+    batch = BatchFactory(status="labeling", wants_rankings=False)
+    db.add(Task(batch_id=batch.id, prompt_id=PromptFactory(batch_id=batch.id).id, kind="demonstration", needed=1))
+    db.flush()
+    page = _text(client.get(f"/admin/batches/{batch.id}").text)
+    assert "0 / 1 1 task " in page and "1 tasks" not in page
