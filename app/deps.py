@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import anyio
 from fastapi import Depends, HTTPException, Request, status
@@ -85,6 +85,20 @@ SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
+class PageUser(NamedTuple):
+    """What the page header shows of a signed-in user."""
+
+    username: str
+    role: str
+
+
+class Viewer(NamedTuple):
+    """Who an error page is for: the header's user and the CSRF token of its logout form."""
+
+    user: PageUser
+    csrf_token: str
+
+
 @dataclass
 class Principal:
     """The authenticated caller: a user, what they may do, and how they proved it."""
@@ -137,6 +151,9 @@ def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) 
     if loaded is None:
         return None
     session, user = loaded
+    # The error page shows this user's navigation, even after a 403. A copy of what it reads: the request's
+    # session has rolled back (expiring the ORM objects) by the time an exception handler renders the page.
+    request.state.viewer = Viewer(PageUser(user.username, user.role), session.csrf_token)
     return Principal(user=user, scopes=ROLE_SCOPES[user.role], via="session", session=session)
 
 
@@ -182,6 +199,12 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     return dependency
 
 
+def _here(request: Request) -> str:
+    """The page asked for, with its query string, to come back to after the login."""
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
 class LoginRequired(Exception):
     """Raised by page dependencies for anonymous visitors; the app redirects to /login."""
 
@@ -196,7 +219,7 @@ def require_role(role: str) -> Callable[..., Principal]:
         request: Request, principal: OptionalPrincipal, _csrf: Annotated[None, Depends(check_csrf)]
     ) -> Principal:
         if principal is None or principal.via != "session":
-            raise LoginRequired(request.url.path)
+            raise LoginRequired(_here(request))
         if principal.user.role != role:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"This page is for {role}s only")
         return principal
@@ -209,7 +232,7 @@ def require_login(
 ) -> Principal:
     """Page dependency for any signed-in user."""
     if principal is None or principal.via != "session":
-        raise LoginRequired(request.url.path)
+        raise LoginRequired(_here(request))
     return principal
 
 
@@ -219,3 +242,27 @@ AnyUserPage = Annotated[Principal, Depends(require_login)]
 ExportReader = Annotated[Principal, Depends(require_scope("export:read"))]
 LabelerApi = Annotated[Principal, Depends(require_scope("label"))]
 AdminApi = Annotated[Principal, Depends(require_scope("admin"))]
+
+
+async def identify_viewer(request: Request) -> None:
+    """Finds who is signed in for the error page of a request no route took (unknown URL, wrong method).
+
+    A route's dependencies have done it already when one ran (`request.state.viewer`); otherwise the
+    session cookie is looked up in a worker thread. Any failure leaves the page without navigation.
+    """
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if hasattr(request.state, "viewer") or not cookie:
+        return
+    request.state.viewer = await anyio.to_thread.run_sync(_load_viewer, cookie)
+
+
+def _load_viewer(cookie: str) -> Viewer | None:
+    try:
+        with get_sessionmaker()() as db:
+            loaded = load_session(db, get_settings(), cookie)
+            if loaded is None:
+                return None
+            session, user = loaded
+            return Viewer(PageUser(user.username, user.role), session.csrf_token)
+    except Exception:  # the error page must show even when the database cannot say who is asking
+        return None

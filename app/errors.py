@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -120,10 +120,69 @@ class RateLimited(AppError):
     status = 429
 
 
-def first_validation_error(exc: ValidationError) -> tuple[str, str]:
-    """Returns (field, message) of the first problem pydantic found, e.g. for a form shown again with it."""
-    err = exc.errors()[0]
-    return ".".join(str(part) for part in err["loc"]) or "form", err["msg"]
+class FormInvalid(Invalid):
+    """422 for a form: every problem found, each as a sentence in words ("Temperature must be at most 10.").
+
+    `field` is the first bad field (for the API's shape); `problems` lists (field, sentence) for the page.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__(problems[0][0], " ".join(sentence for _, sentence in problems))
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# How pydantic's error types read in a sentence after the field's label; `{...}` names come from the error's ctx.
+_WORDS = {
+    "missing": "is required",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "int_type": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_parsing": "must be yes or no",
+    "string_too_long": "must be at most {max_length} characters long",
+    "literal_error": "must be one of {expected}",
+    "enum": "must be one of {expected}",
+    "extra_forbidden": "is not a field of this form",
+}
+
+
+def field_label(model: type[BaseModel], name: str) -> str:
+    """The words a form uses for a field: its `title`, else its name with spaces."""
+    info = model.model_fields.get(name)
+    if info is not None and info.title:
+        return info.title
+    return name.replace("_", " ").capitalize()
+
+
+def _sentence(model: type[BaseModel], err: Mapping[str, Any]) -> tuple[str, str]:
+    loc = [str(part) for part in err.get("loc", ())]
+    name = ".".join(loc) or "form"
+    label = field_label(model, loc[0]) if loc else "The form"
+    ctx = err.get("ctx") or {}
+    kind = err.get("type", "")
+    if kind == "string_too_short":
+        words = "must not be empty" if ctx.get("min_length") == 1 else "must be at least {min_length} characters long"
+    elif kind == "value_error" and "error" in ctx:
+        words = str(ctx["error"])  # our own validators' reasons, e.g. "contains a NUL character"
+    else:
+        words = _WORDS.get(kind, "is not valid ({msg})")
+    limits = {k: f"{v:g}" if isinstance(v, float) else v for k, v in ctx.items() if k != "msg"}  # 10, not 10.0
+    words = words.format(msg=err.get("msg", ""), **limits)
+    return name, f"{label} {words}."
+
+
+def validation_problems(model: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
+    """Every problem pydantic found, as (field, sentence in words), in the model's field order."""
+    return [_sentence(model, err) for err in exc.errors()]
 
 
 def validated(model: type[M], data: Any) -> M:
@@ -131,7 +190,16 @@ def validated(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise Invalid(*first_validation_error(exc)) from exc
+        err = exc.errors()[0]
+        raise Invalid(".".join(str(part) for part in err["loc"]) or "form", err["msg"]) from exc
+
+
+def validated_form(model: type[M], data: Any) -> M:
+    """Validates a page's form with an API model, raising FormInvalid with every problem, in words."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise FormInvalid(validation_problems(model, exc)) from exc
 
 
 # --- pages that show their form again -------------------------------------------------------------
@@ -205,18 +273,52 @@ def _json(body: dict[str, Any], status: int, headers: Mapping[str, str] | None =
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# The error page's heading per status, in words; the message under it says what happened.
+PAGE_TITLES = {
+    400: "Bad request",
+    401: "Please log in",
+    403: "Not allowed",
+    404: "Page not found",
+    405: "Wrong kind of request",
+    409: "Not possible right now",
+    413: "Too large",
+    415: "Unsupported file",
+    422: "Something is wrong with what was sent",
+    429: "Too many attempts",
+    500: "Something went wrong",
+    503: "Unavailable for a moment",
+}
+SERVER_ERROR_MESSAGE = "Something went wrong on our side; the error was logged. Please try again, or tell an admin."
+
+
+def _page_message(request: Request, status: int, message: str) -> str:
+    """Starlette's own answers in words: "Not Found" says nothing about what was not found."""
+    if status == 404 and message == "Not Found":
+        return f"There is no page at {request.url.path}."
+    if status == 405 and message == "Method Not Allowed":
+        return f"{request.url.path} does not answer a {request.method} request: open it from its link or its form."
+    return message
+
+
 def _error_page(request: Request, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """The one error page: styled, with the signed-in user's navigation when they are known."""
     from app.templating import templates
 
-    return templates.TemplateResponse(
-        request, "error.html", {"status": status, "message": message, "user": None}, status_code=status, headers=headers
-    )
+    viewer = getattr(request.state, "viewer", None)
+    context = {
+        "status": status,
+        "title": PAGE_TITLES.get(status, "Error"),
+        "message": _page_message(request, status, message),
+        "user": viewer.user if viewer is not None else None,
+        "csrf_token": viewer.csrf_token if viewer is not None else "",
+    }
+    return templates.TemplateResponse(request, "error.html", context, status_code=status, headers=headers)
 
 
 def app_error_response(request: Request, exc: AppError) -> Response:
-    """Answers an AppError: the error page for browsers, ErrorOut JSON for everyone else."""
+    """Answers an AppError: the error page for browsers (the message in words), ErrorOut JSON for everyone else."""
     if wants_html(request):
-        return _error_page(request, exc.status, exc.detail)
+        return _error_page(request, exc.status, exc.message)
     return _json(error_body(exc.status, exc.message, exc.field, code=exc.code, line=exc.line), exc.status)
 
 
@@ -226,6 +328,13 @@ def http_error_response(request: Request, exc: StarletteHTTPException) -> Respon
     if wants_html(request) and exc.status_code >= 400:
         return _error_page(request, exc.status_code, message, exc.headers)
     return _json(error_body(exc.status_code, message), exc.status_code, exc.headers)
+
+
+def server_error_response(request: Request) -> Response:
+    """Answers a bug (500): the error page or ErrorOut JSON, never the exception's text."""
+    if wants_html(request):
+        return _error_page(request, 500, SERVER_ERROR_MESSAGE)
+    return _json(error_body(500, SERVER_ERROR_MESSAGE), 500)
 
 
 def _field_errors(exc: RequestValidationError) -> list[dict]:
@@ -246,8 +355,12 @@ def validation_error_response(request: Request, exc: RequestValidationError) -> 
     return _json(error_body(422, first["message"], first["field"], detail=summary, errors=errors), 422)
 
 
-def install(app: FastAPI) -> None:
-    """Registers the error handlers and documents ErrorOut on every /api/v1 operation's 4xx answers."""
+def install(app: FastAPI, identify: Callable[[Request], Awaitable[None]] | None = None) -> None:
+    """Registers the error handlers and documents ErrorOut on every /api/v1 operation's 4xx answers.
+
+    `identify(request)` sets `request.state.viewer` for an error page no route's dependencies reached
+    (an unknown URL, a wrong method, a bug), so the page still shows the signed-in user's navigation.
+    """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -256,7 +369,15 @@ def install(app: FastAPI) -> None:
         return app_error_response(request, exc)  # type: ignore[arg-type]
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
+        if wants_html(request) and identify is not None:
+            await identify(request)
         return http_error_response(request, exc)  # type: ignore[arg-type]
+
+    async def on_server_error(request: Request, exc: Exception) -> Response:
+        # Starlette logs the exception and re-raises it to the server after this answer is sent.
+        if wants_html(request) and identify is not None:
+            await identify(request)
+        return server_error_response(request)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         return validation_error_response(request, exc)  # type: ignore[arg-type]
@@ -265,6 +386,7 @@ def install(app: FastAPI) -> None:
     # Starlette's class, so its own 404 and 405 answers take the same shape as FastAPI's HTTPException.
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(500, on_server_error)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

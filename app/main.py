@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,7 @@ from app.collection import pages as collection_pages
 from app.collection import writing_routes
 from app.config import get_settings
 from app.db import max_connections
-from app.deps import LoginRequired
+from app.deps import LoginRequired, identify_viewer
 from app.errors import NotFound, error_body
 from app.export import api as export_api
 from app.labeling import api as labeling_api
@@ -220,11 +221,16 @@ def create_app() -> FastAPI:
     # Added last, so outermost: even a 413 from the body limit carries the headers.
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.secure_cookies)
 
-    errors.install(app)
+    errors.install(app, identify=identify_viewer)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired):
-        return RedirectResponse(f"/login?next={exc.next_url}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(exc.next_url, safe='/')}", status_code=303)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        """The icon browsers ask for on every page that names none (the API docs, JSON answers)."""
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
 
     async def database_unavailable(request: Request, exc: Exception):
         log.warning(

@@ -18,6 +18,14 @@ templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.autoescape = True
 
 
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """Writes a count with its noun in the right number: "1 prompt", "2 prompts", "0 prompts"."""
+    return f"{count:,} {singular if count == 1 else (plural_form or singular + 's')}"
+
+
+templates.env.filters["plural"] = plural
+
+
 class Viewer(Protocol):
     """What a page needs of whoever is signed in (app.deps.Principal; named here, as app.deps imports this)."""
 

@@ -19,7 +19,7 @@ from tests.factories import AdminFactory, UserFactory
 # (path pattern, who may call it). "public": anyone; "user": any signed-in user or token;
 # a scope name: API callers holding it; "page:<role>": browser pages for that role only.
 RULES: list[tuple[str, str]] = [
-    (r"^/(login|healthz)$", "public"),
+    (r"^/(login|healthz|favicon\.ico)$", "public"),
     (r"^/$", "redirect"),
     (r"^/(docs|docs/oauth2-redirect|api/v1/openapi\.json)$", "public"),
     (r"^/logout$", "page:any"),

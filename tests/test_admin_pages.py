@@ -5,11 +5,12 @@ One test drives them in Chromium.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.models import Assignment, Prompt, PromptBatch, Task, TrainingRun, User, utcnow
 from app.security import hash_password
@@ -74,7 +75,8 @@ def test_create_form_creates_and_redirects(client, db, admin_csrf):
     duplicate = _create(client, admin_csrf)
     assert duplicate.status_code == 409 and "already exists" in duplicate.text
     bad_k = _create(client, admin_csrf, name="Batch B", k="12")
-    assert bad_k.status_code == 422 and "k: " in bad_k.text and 'value="Batch B"' in bad_k.text
+    assert bad_k.status_code == 422 and "K outputs to rank must be at most 9." in bad_k.text
+    assert 'value="Batch B"' in bad_k.text
     assert _create(client, "wrong", name="Batch C").status_code == 403
 
 
@@ -230,3 +232,134 @@ def test_admin_fixes_a_bad_file_in_chromium(live_server, committed_session, page
     assert page.locator("[data-testid=upload-error]").count() == 0
     stored = committed_session.scalars(select(Prompt.text).order_by(Prompt.source_line)).all()
     assert stored == ["What is 2 + 2?", "Explain gravity"]
+
+
+# -- a second import, the allowed categories, the hygiene report (issue 20) ------------------------------------
+
+
+def _upload(client, csrf, batch_id, body: str, **form):
+    return client.post(
+        f"/admin/batches/{batch_id}/prompts",
+        data={"csrf_token": csrf, **form},
+        files={"file": ("prompts.jsonl", body.encode(), "application/octet-stream")},
+        follow_redirects=False,
+    )
+
+
+def _lines(*texts: str) -> str:
+    return "\n".join(json.dumps({"text": t}) for t in texts)
+
+
+def test_a_second_import_appends_and_replacing_says_what_it_removed(client, db, admin_csrf):
+    batch_id = int(_create(client, admin_csrf).headers["location"].rsplit("/", 1)[1])
+    first = _upload(client, admin_csrf, batch_id, _lines("one", "two", "three"))
+    assert first.status_code == 303
+    page = client.get(first.headers["location"]).text
+    assert "Imported 3 prompts." in page
+    # The replace box is never ticked for the admin, even once the batch has prompts.
+    box = re.search(r'<input type="checkbox" name="replace"[^>]*>', page).group(0)
+    assert "checked" not in box and 'data-confirm="' in box
+
+    second = _upload(client, admin_csrf, batch_id, _lines("four", "five"))
+    assert second.status_code == 303
+    count = db.query(Prompt).filter(Prompt.batch_id == batch_id).count()
+    assert count == 5
+    assert (
+        "Imported 2 prompts, added to the 3 already in the batch (5 in all)."
+        in client.get(second.headers["location"]).text
+    )
+
+    replaced = _upload(client, admin_csrf, batch_id, _lines("six"), replace="on")
+    assert replaced.status_code == 303
+    assert db.query(Prompt).filter(Prompt.batch_id == batch_id).count() == 1
+    assert "Removed the 5 prompts the batch had and imported 1 prompt." in client.get(replaced.headers["location"]).text
+
+
+def test_the_import_form_lists_the_categories_and_the_report_ends_in_words(client, db, admin_csrf):
+    batch_id = int(_create(client, admin_csrf).headers["location"].rsplit("/", 1)[1])
+    page = client.get(f"/admin/batches/{batch_id}").text
+    assert re.search(r"categor[^<]*plain, few-shot, user-based", page)
+    bad = _upload(client, admin_csrf, batch_id, '{"text": "What is 2 + 2?", "category": "arithmetic"}')
+    assert bad.status_code == 422
+    assert "unknown category &#39;arithmetic&#39; (allowed: plain, few-shot, user-based)" in bad.text
+    good = _upload(client, admin_csrf, batch_id, _lines("What is 2 + 2?", "Name a colour"))
+    report = client.get(good.headers["location"]).text
+    splits = re.search(r"Splits:(.*?)</p>", report, re.S).group(1)
+    assert "PII found: none" in splits and not re.search(r"PII found:\s*$", splits)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_replacing_prompts_asks_first_in_chromium(live_server, committed_session, page, tmp_path):
+    admin = User(username="chrome-replacer", role="admin", password_hash=hash_password(PASSWORD))
+    batch = PromptBatch(name="Replace me")
+    committed_session.add_all([admin, batch])
+    committed_session.commit()
+    page.goto(f"{live_server}/login?next=/admin/batches/{batch.id}")
+    page.fill("input[name=username]", "chrome-replacer")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"**/admin/batches/{batch.id}")
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text(_lines("alpha prompt", "beta prompt"))
+    second.write_text(_lines("gamma prompt"))
+    page.set_input_files("[data-testid=upload-file]", str(first))
+    page.click("[data-testid=upload-submit]")
+    assert page.locator("[data-testid=imported]").inner_text() == "Imported 2 prompts."
+
+    page.set_input_files("[data-testid=upload-file]", str(second))
+    assert not page.locator("[data-testid=upload-replace]").is_checked()
+    page.check("[data-testid=upload-replace]")
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.click("[data-testid=upload-submit]")
+    assert asked == ["Replace: delete the batch's 2 prompts and import only this file?"]
+    assert committed_session.scalar(select(func.count()).where(Prompt.batch_id == batch.id)) == 2
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("[data-testid=upload-submit]")
+    page.wait_for_selector("text=Removed the 2 prompts the batch had and imported 1 prompt.")
+    assert committed_session.scalars(select(Prompt.text).where(Prompt.batch_id == batch.id)).all() == ["gamma prompt"]
+
+
+# -- forms: defaults shown, every error at once in words, the input kept (issue 20) ----------------------------
+
+
+def _value(html: str, name: str) -> str:
+    return re.search(rf'<input name="{name}"[^>]*value="([^"]*)"', html).group(1)
+
+
+def test_the_new_batch_form_shows_the_stored_defaults(client, db, admin_csrf):
+    html = client.get("/admin/batches/new").text
+    shown = {name: _value(html, name) for name in ("temperature", "top_p", "extra_overlap_fraction", "gold_share")}
+    assert shown == {"temperature": "1.0", "top_p": "0.95", "extra_overlap_fraction": "0.0", "gold_share": "0.0"}
+    assert (_value(html, "k"), _value(html, "overlap"), _value(html, "max_new_tokens")) == ("4", "1", "48")
+
+
+def test_a_form_reports_every_error_at_once_in_words_and_keeps_the_input(client, db, admin_csrf):
+    bad = _create(client, admin_csrf, name="Typo batch", k="12", temperature="11", top_p="abc", gold_share="2")
+    assert bad.status_code == 422
+    problems = re.findall(r'<li data-testid="form-problem"[^>]*>([^<]*)</li>', bad.text)
+    assert problems == [
+        "K outputs to rank must be at most 9.",
+        "Temperature must be at most 10.",
+        "top_p must be a number.",
+        "Share of gold checks must be at most 1.",
+    ]
+    assert "Input should" not in bad.text and "k: " not in bad.text
+    kept = {name: _value(bad.text, name) for name in ("name", "k", "temperature", "top_p", "gold_share")}
+    assert kept == {"name": "Typo batch", "k": "12", "temperature": "11", "top_p": "abc", "gold_share": "2"}
+
+
+def test_the_settings_form_keeps_the_typed_values_on_an_error(client, db, admin_csrf):
+    batch_id = int(_create(client, admin_csrf).headers["location"].rsplit("/", 1)[1])
+    bad = client.post(
+        f"/admin/batches/{batch_id}/settings",
+        data={"csrf_token": admin_csrf, "name": "Renamed", "guidelines": "Kept text", "priority": "5000", "k": "3"},
+    )
+    assert bad.status_code == 422
+    problems = re.findall(r'<li data-testid="form-problem"[^>]*>([^<]*)</li>', bad.text)
+    assert problems == ["K outputs to rank must be at least 4.", "Priority must be at most 1000."]
+    assert (_value(bad.text, "name"), _value(bad.text, "priority"), _value(bad.text, "k")) == ("Renamed", "5000", "3")
+    assert "Kept text</textarea>" in bad.text
+    assert db.get(PromptBatch, batch_id).name == "Batch A"

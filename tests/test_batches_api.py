@@ -439,3 +439,36 @@ def test_split_fractions_are_configurable_and_validated(client, auth, db):
     from app.models import Prompt
 
     assert set(db.scalars(select(Prompt.split).where(Prompt.batch_id == batch["id"]))) == {"valid"}
+
+
+def test_a_small_import_gets_held_out_prompts_and_users_keep_their_split_in_later_batches(client, auth, db):
+    import json
+
+    from sqlalchemy import select
+
+    from app.models import Prompt
+
+    users = [f"demo-{i}" for i in range(6)]  # the hash alone puts all six in train
+    splits = []
+    for name in ("first", "second"):
+        batch = client.post("/api/v1/batches", json={"name": f"held-out {name}"}, headers=auth).json()
+        body = "\n".join(json.dumps({"text": f"{name} prompt {i}", "source_user_id": users[i % 6]}) for i in range(24))
+        headers = auth | {"content-type": "application/x-ndjson"}
+        response = client.post(f"/api/v1/batches/{batch['id']}/prompts", content=body, headers=headers)
+        assert response.status_code == 201
+        assert response.json()["hygiene"]["splits"] == {"train": 16, "valid": 4, "test": 4}
+        stored = db.execute(select(Prompt.source_user_id, Prompt.split).where(Prompt.batch_id == batch["id"])).all()
+        splits.append(dict(stored))
+    assert splits[0] == splits[1]  # no user straddles splits across batches
+
+
+def test_the_demo_batch_has_valid_and_test_prompts(committed_session):
+    from sqlalchemy import func, select
+
+    from app.demo import ensure_demo_batch
+    from app.models import Prompt
+
+    ensure_demo_batch()
+    counts = dict(committed_session.execute(select(Prompt.split, func.count()).group_by(Prompt.split)).all())
+    # The evaluation form's default held-out split (test) has prompts to draw from, and so has valid.
+    assert counts.get("valid", 0) > 0 and counts.get("test", 0) > 0 and counts["train"] > counts["test"]

@@ -175,7 +175,7 @@ def test_a_page_without_a_form_shows_the_error_page(client, db, login):
     login(UserFactory().username)
     page = client.get("/label/assignments/424242", headers={"accept": "text/html"})
     assert page.status_code == 404
-    assert "assignment_id: no assignment 424242 of yours" in page.text and 'data-testid="error-message"' in page.text
+    assert "Task 424242 is not one of your tasks" in page.text and 'data-testid="error-message"' in page.text
 
 
 def test_every_service_error_is_an_app_error_with_a_field():

@@ -470,3 +470,43 @@ def test_kept_prompts_carry_their_fields():
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HygieneConfig(**kwargs)
+
+
+# -- held-out prompts in small imports (issue 20) -------------------------------------------------------------
+
+DEMO_USERS = [f"demo-{i}" for i in range(6)]  # the demo's source users: the hash alone puts all six in train
+
+
+def test_the_hash_alone_leaves_a_small_import_without_held_out_prompts():
+    assert {assign_split(u) for u in DEMO_USERS} == {"train"}
+
+
+def test_a_small_import_still_gets_valid_and_test_prompts_split_by_user():
+    items = [PromptRow(i, f"question {i}", DEMO_USERS[i % 6]) for i in range(24)]
+    result = run(items, existing_user_splits={})
+    check_totals(result)
+    by_user: dict[str, set[str]] = {}
+    for kept in result.kept:
+        by_user.setdefault(kept.source_user_id, set()).add(kept.split)
+    assert all(len(splits) == 1 for splits in by_user.values())  # no user straddles splits
+    users_in = {s: sorted(u for u, splits in by_user.items() if s in splits) for s in ("train", "valid", "test")}
+    assert [len(users_in[s]) for s in ("train", "valid", "test")] == [4, 1, 1]
+    assert result.report.splits == {"train": 16, "valid": 4, "test": 4}
+    # Deterministic: the same file splits the same way, in any order.
+    again = run(list(reversed(items)), existing_user_splits={})
+    assert {k.source_user_id: k.split for k in again.kept} == {k.source_user_id: k.split for k in result.kept}
+
+
+def test_stored_users_keep_their_split_and_tiny_imports_stay_on_the_hash():
+    items = [PromptRow(i, f"question {i}", DEMO_USERS[i % 6]) for i in range(12)]
+    stored = dict.fromkeys(DEMO_USERS, "train") | {"demo-2": "test"}
+    asked: list[list[str]] = []
+    result = run(items, existing_user_splits=lambda users: asked.append(users) or stored)
+    assert asked == [sorted(DEMO_USERS)]
+    assert {k.source_user_id: k.split for k in result.kept} == stored
+    # Two new groups under an 80/10/10 split: too few to hold any out, so the hash decides.
+    few = run(rows("alpha question", "beta question"), existing_user_splits={})
+    assert [k.split for k in few.kept] == [assign_split("alpha question"), assign_split("beta question")]
+    # A split whose fraction is 0 never receives a moved user.
+    none_held = run(items, config=HygieneConfig(split_fractions=(1.0, 0.0, 0.0)), existing_user_splits={})
+    assert {k.split for k in none_held.kept} == {"train"}

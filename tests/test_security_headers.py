@@ -249,7 +249,7 @@ def _page_urls(ids: dict[str, int]) -> dict[str, list[str]]:
     """Every GET page of the app, with ids filled in, by who must look at it."""
     urls: dict[str, list[str]] = {"anonymous": [], "labeler": [], "admin": []}
     for method, path in all_routes():
-        if method != "GET" or path.startswith(("/api/", "/docs", "/healthz", "/static")) or path == "/":
+        if method != "GET" or path.startswith(("/api/", "/docs", "/healthz", "/static", "/favicon.ico")) or path == "/":
             continue
         names = re.findall(r"\{([^}]+)\}", path)
         unknown = [n for n in names if n not in ids]

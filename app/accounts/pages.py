@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse
@@ -35,10 +36,15 @@ router = APIRouter(include_in_schema=False)
 
 
 def _safe_next(next_url: str | None) -> str:
-    # Only same-site paths: an attacker-supplied absolute URL would make login an open redirect.
-    if next_url and next_url.startswith("/") and not next_url.startswith("//") and "\\" not in next_url:
-        return next_url
-    return "/"
+    # Only same-site paths (with their query string): an attacker-supplied absolute URL would make login an
+    # open redirect. Browsers drop tabs and newlines from URLs and read "\\" as "/", so "/\t/evil" and
+    # "/\\evil" would become "//evil", another site: no whitespace or control character, no backslash.
+    if not next_url or not next_url.startswith("/") or next_url.startswith("//") or "\\" in next_url:
+        return "/"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in next_url):
+        return "/"
+    parts = urlsplit(next_url)
+    return next_url if not parts.scheme and not parts.netloc else "/"
 
 
 def _client_ip(request: Request) -> str:

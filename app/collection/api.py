@@ -48,24 +48,37 @@ class BatchFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    guidelines: str = Field("", max_length=100_000, description="Markdown shown to labelers beside every task")
-    wants_demonstrations: bool = Field(True, description="Labelers write ideal responses")
-    wants_rankings: bool = Field(True, description="Labelers rank K sampled outputs")
-    allow_prompt_writing: bool = False
-    k: int = Field(4, ge=4, le=9, description="Outputs to rank per prompt")
-    overlap: int = Field(1, ge=1, le=20, description="Distinct labelers per task")
-    extra_overlap_fraction: float = Field(0.0, ge=0, le=1, description="Share of tasks given extra labelers")
-    extra_overlap: int = Field(1, ge=1, le=20, description="How many extra labelers those tasks get")
-    temperature: float = Field(1.0, ge=0, le=10)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1, le=4096)
-    policy_version_id: int | None = Field(
-        None, ge=1, le=MAX_ID, description="Model to sample from; default: the promoted policy"
+    guidelines: str = Field(
+        "", title="Guidelines", max_length=100_000, description="Markdown shown to labelers beside every task"
     )
-    priority: int = Field(0, ge=-1000, le=1000, description="Higher batches are labeled first")
-    pii_policy: PiiPolicy = Field("drop", description="What import does with prompts containing PII")
+    wants_demonstrations: bool = Field(True, title="Demonstrations", description="Labelers write ideal responses")
+    wants_rankings: bool = Field(True, title="Rankings", description="Labelers rank K sampled outputs")
+    allow_prompt_writing: bool = Field(False, title="Prompt writing")
+    k: int = Field(4, title="K outputs to rank", ge=4, le=9, description="Outputs to rank per prompt")
+    overlap: int = Field(1, title="Labelers per task", ge=1, le=20, description="Distinct labelers per task")
+    extra_overlap_fraction: float = Field(
+        0.0, title="Share of tasks with extra labelers", ge=0, le=1, description="Share of tasks given extra labelers"
+    )
+    extra_overlap: int = Field(
+        1, title="Extra labelers", ge=1, le=20, description="How many extra labelers those tasks get"
+    )
+    temperature: float = Field(1.0, title="Temperature", ge=0, le=10)
+    top_p: float = Field(0.95, title="top_p", gt=0, le=1)
+    max_new_tokens: int = Field(48, title="Max new tokens", ge=1, le=4096)
+    policy_version_id: int | None = Field(
+        None,
+        title="The model to sample from",
+        ge=1,
+        le=MAX_ID,
+        description="Model to sample from; default: the promoted policy",
+    )
+    priority: int = Field(0, title="Priority", ge=-1000, le=1000, description="Higher batches are labeled first")
+    pii_policy: PiiPolicy = Field(
+        "drop", title="PII policy", description="What import does with prompts containing PII"
+    )
     gold_share: float = Field(
         0.0,
+        title="Share of gold checks",
         ge=0,
         le=1,
         description="Share of ranking leases that serve one of the batch's "
@@ -76,7 +89,7 @@ class BatchFields(BaseModel):
 
 
 class BatchIn(BatchFields):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(title="Name", min_length=1, max_length=200)
 
     _storable_name = field_validator("name")(storable_text)
 

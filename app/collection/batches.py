@@ -259,6 +259,7 @@ def import_prompts(
         parsed.rows,
         existing_keys=lambda keys: _existing_keys(db, batch.id, keys),
         existing_user_counts=lambda users: _existing_user_counts(db, batch.id, users),
+        existing_user_splits=lambda users: existing_user_splits(db, users),
         config=config,
     )
     _insert_prompts(db, batch.id, result.kept)
@@ -371,6 +372,22 @@ def _existing_user_counts(db: Session, batch_id: int, users: list[str]) -> dict[
         ).all()
         counts.update({user: n for user, n in rows if user is not None})  # IN never matches a NULL user
     return counts
+
+
+def existing_user_splits(db: Session, users: list[str]) -> dict[str, str]:
+    """Returns the split each source user's stored prompts are in (any batch), so later imports keep it."""
+    splits: dict[str, str] = {}
+    for start in range(0, len(users), 5000):
+        chunk = users[start : start + 5000]
+        rows = db.execute(
+            select(Prompt.source_user_id, Prompt.split, func.count())
+            .where(Prompt.source_user_id.in_(chunk))
+            .group_by(Prompt.source_user_id, Prompt.split)
+            .order_by(func.count())
+        ).all()
+        # One split per user; should rows from before this rule disagree, the user's most common split wins.
+        splits.update({user: split for user, split, _ in rows if user is not None})
+    return splits
 
 
 def replace_prompts(db: Session, batch: PromptBatch) -> int:

@@ -23,8 +23,14 @@ another prompt to be dropped):
 
 Kept prompts get a train/valid/test split from a stable hash of their source user id
 (of their text when there is none), so no user's prompts straddle splits, across
-batches too. Everything is pure Python and in memory; the caller looks up the keys
-of earlier batches in the database.
+batches too. On its own the hash leaves a small import without held-out prompts (the
+demo's six users all hash to train), so when the caller says which users are already
+stored, and in which split, stored users keep theirs and the import's new groups (a new
+user, or a prompt without one) are balanced: a held-out split whose share rounds to at
+least one group (n × fraction ≥ ½) but got none takes the train group whose hash lies
+nearest to it. The moved user is stored in that split, so later batches keep it there.
+Everything is pure Python and in memory; the caller looks up the keys of earlier
+batches in the database.
 """
 
 from __future__ import annotations
@@ -213,10 +219,15 @@ def _check_fractions(fractions: Sequence[float]) -> None:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
 
 
+def _split_point(key: str) -> float:
+    """A stable number in [0, 1) for a source user id (or a text)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
+
+
 def assign_split(key: str, fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
     """Maps a source user id (or a text) to "train", "valid" or "test" by a stable sha256 hash."""
     _check_fractions(fractions)
-    point = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
+    point = _split_point(key)
     train, valid, _ = fractions
     if point < train:
         return "train"
@@ -330,6 +341,18 @@ class HygieneResult:
 
 KeyLookup = Callable[[list[str]], set[str]] | set[str] | frozenset[str]
 UserCountLookup = Callable[[list[str]], Mapping[str, int]] | Mapping[str, int]
+UserSplitLookup = Callable[[list[str]], Mapping[str, str]] | Mapping[str, str]
+
+
+def _hold_out(groups: dict[tuple[bool, str], str], fractions: Sequence[float]) -> None:
+    """Moves new train groups into held-out splits an import would otherwise leave empty (see the module doc)."""
+    for held_out, fraction in (("valid", fractions[1]), ("test", fractions[2])):
+        if fraction <= 0 or len(groups) * fraction < 0.5 or held_out in groups.values():
+            continue
+        train = [group for group, split in groups.items() if split == "train"]
+        if len(train) < 2:  # train keeps at least one group
+            return
+        groups[max(train, key=lambda group: _split_point(group[1]))] = held_out
 
 
 def apply_hygiene(
@@ -338,6 +361,7 @@ def apply_hygiene(
     existing_keys: KeyLookup,
     config: HygieneConfig,
     existing_user_counts: UserCountLookup | None = None,
+    existing_user_splits: UserSplitLookup | None = None,
 ) -> HygieneResult:
     """Applies pii, duplicate, shared-prefix and per-user rules in that order, then assigns splits.
 
@@ -345,6 +369,9 @@ def apply_hygiene(
     every normalized_key and prefix_key of this import that returns those found in
     either column. `existing_user_counts` gives how many prompts each source user id
     already has (a mapping, or a function called once with this import's user ids).
+    `existing_user_splits` gives the split of each source user id already stored (the
+    same way); with it, stored users keep their split and a small import's new users are
+    balanced so the held-out splits get prompts. Without it the hash alone decides.
     """
     rows = list(rows)
     report = HygieneReport(received=len(rows), config=asdict(config))
@@ -384,12 +411,21 @@ def apply_hygiene(
             users = sorted({c[0].source_user_id for c in candidates if c[0].source_user_id is not None})
             user_counts = {u: int(c) for u, c in existing_user_counts(users).items()} if users else {}
 
+    stored_splits: dict[str, str] = {}
+    if existing_user_splits is not None:
+        if isinstance(existing_user_splits, Mapping):
+            stored_splits = dict(existing_user_splits)
+        else:
+            users = sorted({c[0].source_user_id for c in candidates if c[0].source_user_id is not None})
+            stored_splits = dict(existing_user_splits(users)) if users else {}
+
     # Pass 2: the order-dependent rules; only kept prompts are remembered.
     first_line_of_key: dict[str, int] = {}
     first_line_of_prefix: dict[str, int] = {}
     kept: list[KeptPrompt] = []
     fractions = config.split_fractions
-    split_of: dict[str, str] = {}
+    # The import's new groups, (has a user, user id or text) -> split; stored users are not among them.
+    new_groups: dict[tuple[bool, str], str] = {}
     for row, text, key, pkey, kinds in candidates:
         line, user = row.line, row.source_user_id
         if key in first_line_of_key:
@@ -425,18 +461,24 @@ def apply_hygiene(
         first_line_of_key[key] = line
         if pkey is not None:
             first_line_of_prefix[pkey] = line
-        if user is None:
-            split = assign_split(text, fractions)
-        elif user in split_of:
-            split = split_of[user]
+        if user is not None and user in stored_splits:
+            split = stored_splits[user]
         else:
-            split = split_of[user] = assign_split(user, fractions)
-        report.splits[split] += 1
+            group = (user is not None, user if user is not None else text)
+            split = new_groups.setdefault(group, assign_split(group[1], fractions))
         redacted = bool(kinds) and policy == "redact"
         report.pii_redacted += redacted
         report.pii_flagged += bool(kinds) and policy == "flag"
         kept.append(KeptPrompt(line, text, user, row.category, row.metadata, split, key, pkey, kinds, redacted))
 
+    if existing_user_splits is not None:
+        _hold_out(new_groups, fractions)
+        for prompt in kept:
+            if prompt.source_user_id is None or prompt.source_user_id not in stored_splits:
+                user = prompt.source_user_id
+                prompt.split = new_groups[(user is not None, user if user is not None else prompt.text)]
+    for prompt in kept:
+        report.splits[prompt.split] += 1
     report.kept = len(kept)
     report.dropped.sort(key=lambda d: d.line)
     return HygieneResult(kept, report)

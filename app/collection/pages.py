@@ -23,10 +23,11 @@ from sqlalchemy.orm import Session
 
 from app.collection import batches
 from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
+from app.collection.prompt_import import CATEGORIES
 from app.deps import AdminPage, SessionDep
-from app.errors import AppError, Invalid, renders_on_error, validated
-from app.models import USABLE_STATUSES, Assignment, ModelVersion, PromptBatch, Task, User, utcnow
-from app.templating import render
+from app.errors import AppError, FormInvalid, Invalid, renders_on_error, validated_form
+from app.models import USABLE_STATUSES, Assignment, ModelVersion, Prompt, PromptBatch, Task, User, utcnow
+from app.templating import plural, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -185,8 +186,31 @@ def _batch_page(request: Request, principal, db: Session, batch: PromptBatch, st
             if s in ACTIONS and not (batch.status == "draft" and s == "sampling")
         ],
         dropped_count=len(report.get("dropped", [])),
+        categories=CATEGORIES,
+        import_message=_import_message(request),
         **context,
     )
+
+
+def _count(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def _import_message(request: Request) -> str:
+    """Says what the last import did, from the counts the upload's redirect carries."""
+    imported = _count(request, "imported")
+    if imported is None:
+        return ""
+    removed, before = _count(request, "removed") or 0, _count(request, "before") or 0
+    if removed:
+        return f"Removed the {plural(removed, 'prompt')} the batch had and imported {plural(imported, 'prompt')}."
+    if before:
+        return (
+            f"Imported {plural(imported, 'prompt')}, added to the {before:,} already in the batch "
+            f"({before + imported:,} in all)."
+        )
+    return f"Imported {plural(imported, 'prompt')}."
 
 
 def _form_fields(form: dict[str, str]) -> dict[str, Any]:
@@ -205,11 +229,11 @@ def _form_fields(form: dict[str, str]) -> dict[str, Any]:
 
 
 def _validated(fields: dict[str, Any], *, partial: bool) -> dict[str, Any]:
-    """Validates form fields with the API's model, raising Invalid naming the first bad field."""
+    """Validates form fields with the API's model, raising FormInvalid with every bad field, in words."""
     data = dict(fields)
     if partial:
         data.setdefault("name", "placeholder")
-    out = validated(BatchIn, data).model_dump()
+    out = validated_form(BatchIn, data).model_dump()
     return {k: out[k] for k in fields} if partial else out
 
 
@@ -246,10 +270,23 @@ def batch_list(request: Request, principal: AdminPage, db: SessionDep):
     return render(request, "collection/batches.html", principal, rows=rows)
 
 
+def _defaults() -> dict[str, Any]:
+    """The settings a new batch stores when the form leaves them alone, so the form can show them."""
+    fields = {name: info.default for name, info in BatchIn.model_fields.items() if name != "name"}
+    return fields | {"task_mix": "both"}
+
+
+def _problems(exc: AppError) -> dict[str, Any]:
+    """What a form shows of an error: every problem, in words, for a form's validation; else the message."""
+    if isinstance(exc, FormInvalid):
+        return {"problems": [sentence for _, sentence in exc.problems], "error": ""}
+    return {"problems": [], "error": str(exc)}
+
+
 @router.get("/admin/batches/new")
 def new_batch_form(request: Request, principal: AdminPage, db: SessionDep):
-    """Shows the form that creates a batch."""
-    return render(request, "collection/batch_new.html", principal, form={}, models=_models(db), error="")
+    """Shows the form that creates a batch, filled with the defaults a batch gets."""
+    return render(request, "collection/batch_new.html", principal, form=_defaults(), models=_models(db), error="")
 
 
 def _new_batch_again(exc: AppError, request: Request, principal, db: Session, form: SettingsForm, **_):
@@ -258,9 +295,9 @@ def _new_batch_again(exc: AppError, request: Request, principal, db: Session, fo
         "collection/batch_new.html",
         principal,
         status_code=exc.status,
-        form=form,
+        form=_defaults() | form,  # what was typed, as typed
         models=_models(db),
-        error=str(exc),
+        **_problems(exc),
     )
 
 
@@ -280,10 +317,16 @@ def batch_page(batch_id: int, request: Request, principal: AdminPage, db: Sessio
     return _batch_page(request, principal, db, get_batch_or_404(db, batch_id))
 
 
-def _batch_again(exc: AppError, request: Request, principal, db: Session, batch_id: int, **_):
+def _batch_again(exc: AppError, request: Request, principal, db: Session, batch_id: int, **route: Any):
     batch = get_batch_or_404(db, batch_id)
     db.refresh(batch)  # as the failed savepoint left it
-    return _batch_page(request, principal, db, batch, status_code=exc.status, error=str(exc))
+    typed = route.get("form")  # the settings form: shown again as typed, over the stored settings
+    values = None
+    if typed is not None:
+        values = {name: getattr(batch, name) for name in BatchIn.model_fields} | typed
+        if "task_mix" in typed:  # a draft's form: an unticked box is not submitted at all
+            values["allow_prompt_writing"] = typed.get("allow_prompt_writing", "")
+    return _batch_page(request, principal, db, batch, status_code=exc.status, settings_values=values, **_problems(exc))
 
 
 @router.post("/admin/batches/{batch_id}/settings")
@@ -314,7 +357,8 @@ def batch_upload(
     if file is None or not file.filename:
         raise Invalid("file", "choose a JSON Lines or CSV file to upload")
     upload = Upload(file.file.read(), file.filename, file.content_type)
-    outcome, _replaced = run_import(
+    before = db.scalar(select(func.count()).where(Prompt.batch_id == batch.id)) or 0
+    outcome, replaced = run_import(
         db, batch, upload, replace=replace == "on", prefix_chars=prefix_chars, max_per_user=max_per_user
     )
     if not outcome.ok:
@@ -328,7 +372,9 @@ def batch_upload(
             upload_name=file.filename,
             error=f"{file.filename}: {outcome.errors['total']} errors; nothing was imported",
         )
-    return RedirectResponse(f"/admin/batches/{batch.id}?imported={outcome.stored}", status_code=303)
+    # Appending is the default; replacing is an explicit, confirmed choice, and the message says what it removed.
+    counts = f"imported={outcome.stored}" + (f"&removed={replaced}" if replaced else f"&before={before}" * bool(before))
+    return RedirectResponse(f"/admin/batches/{batch.id}?{counts}", status_code=303)
 
 
 @router.post("/admin/batches/{batch_id}/start")

@@ -54,7 +54,7 @@ from typing import Any, cast
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from app.collection.batches import labels_needed
+from app.collection.batches import existing_user_splits, labels_needed
 from app.collection.hygiene import HygieneConfig, PiiPolicy, apply_hygiene
 from app.collection.prompt_import import PromptRow
 from app.config import get_settings
@@ -270,7 +270,13 @@ def write_prompt(db: Session, author: User, batch_id: int, draft: PromptDraft) -
         # count() always yields one row; `or 0` only tells the type checker so
         return {u: db.scalar(select(func.count()).where(Prompt.source_user_id == u)) or 0 for u in users}
 
-    result = apply_hygiene([row], existing_keys=existing_keys, existing_user_counts=user_counts, config=config)
+    result = apply_hygiene(
+        [row],
+        existing_keys=existing_keys,
+        existing_user_counts=user_counts,
+        existing_user_splits=lambda users: existing_user_splits(db, users),
+        config=config,
+    )
     if not result.kept:
         dropped = result.dropped[0]
         message = _DROP_MESSAGES[dropped.rule].format(

@@ -238,6 +238,10 @@ def _held_lease(db: Session, labeler: User, kind: str | None) -> Assignment | No
     return db.scalar(_held_query(kind), {"labeler_id": labeler.id, "now": utcnow()})
 
 
+def _not_yours(assignment_id: int) -> str:
+    return f"Task {assignment_id} is not one of your tasks (or it no longer exists). My tasks has your next one."
+
+
 def get_assignment(db: Session, assignment_id: int, labeler: User, *, lock: bool = False) -> Assignment:
     """Returns one of the labeler's own assignments; 404 for anyone else's."""
     query = select(Assignment).where(Assignment.id == assignment_id, Assignment.labeler_id == labeler.id)
@@ -247,7 +251,7 @@ def get_assignment(db: Session, assignment_id: int, labeler: User, *, lock: bool
         query = query.with_for_update().execution_options(populate_existing=True)
     assignment = db.scalar(query)
     if assignment is None:
-        raise LabelingError("assignment_id", f"no assignment {assignment_id} of yours", status=404)
+        raise LabelingError("assignment_id", _not_yours(assignment_id), status=404)
     return assignment
 
 
@@ -269,7 +273,7 @@ def lock_with_task(db: Session, assignment_id: int, labeler: User) -> tuple[Assi
     """Locks one of the labeler's assignments and loads its task in the same round trip; 404 for anyone else's."""
     row = db.execute(_LOCK_WITH_TASK, {"assignment_id": assignment_id, "labeler_id": labeler.id}).first()
     if row is None:
-        raise LabelingError("assignment_id", f"no assignment {assignment_id} of yours", status=404)
+        raise LabelingError("assignment_id", _not_yours(assignment_id), status=404)
     return row[0], row[1]
 
 
