@@ -64,7 +64,9 @@ class TrainerOptions:
     lora_r: int = field(
         default=0, metadata={"help": "LoRA rank; 0 trains every weight (full fine-tuning).", **NON_NEGATIVE}
     )
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling α (the update is scaled by α / r).", **AT_LEAST_1})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA scaling α (the update is scaled by α / r).", **AT_LEAST_1}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input.", **RATIO})
     lora_target_modules: str | None = field(
         default=None,
