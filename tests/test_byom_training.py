@@ -156,6 +156,8 @@ def test_a_registered_llama_is_sampled_labeled_and_trained_sft_rm_ppo_with_lora_
     base = _settled(worker_client, headers, response.json()["id"])
     assert base["status"] == "promoted", base["error"]
     assert base["facts"]["architecture"] == "LlamaForCausalLM" and base["facts"]["has_chat_template"]
+    context = base["facts"]["context_length"]
+    assert context == 96
 
     # Collect data on it: the worker samples K outputs per prompt from the promoted base; one labeler labels all.
     from app.world import generate_prompts
@@ -173,23 +175,23 @@ def test_a_registered_llama_is_sampled_labeled_and_trained_sft_rm_ppo_with_lora_
     assert _label_everything(db, labeler) == {"demonstration": 9, "ranking": 9}
 
     # SFT from the registered base, with LoRA merged into the saved weights.
-    sft_run, sft = _train(
-        worker_client, headers, "sft", {**SMALL, "max_length": 64, "epochs": 1, "batch_size": 4, "micro_batch_size": 2}
-    )
+    sft_run, sft = _train(worker_client, headers, "sft", {**SMALL, "epochs": 1, "batch_size": 4, "micro_batch_size": 2})
     assert sft["parent_id"] == base["id"] and sft["metrics"]["saved_as"] == "merged"
     assert sft_run["metrics"]["steps"] >= 1 and sft_run["metrics"]["n_train"] == 6
     assert sft_run["metrics"]["n_valid"] == 3
+    assert sft_run["metrics"]["config"]["max_length"] == context  # the default 1024 capped at the model's context
 
     # The reward model from the SFT model, saved as the adapter alone.
     rm_run, rm = _train(
         worker_client,
         headers,
         "rm",
-        {**SMALL, "max_length": 64, "lora_save": "adapter", "rankings_per_step": 3, "rankings_per_micro_batch": 3},
+        {**SMALL, "lora_save": "adapter", "rankings_per_step": 3, "rankings_per_micro_batch": 3},
     )
     assert rm["parent_id"] == sft["id"] and rm["metrics"]["saved_as"] == "adapter"
     assert rm_run["metrics"]["steps"] >= 1 and rm_run["metrics"]["n_train"] == 6
     assert (Path(rm["artifact_path"]) / "backbone" / "adapter_config.json").exists()
+    assert rm_run["metrics"]["config"]["max_length"] == context
 
     # PPO from the SFT policy against that reward model: policy, reference, value and reward on one frozen base.
     ppo_run, ppo = _train(
@@ -204,7 +206,6 @@ def test_a_registered_llama_is_sampled_labeled_and_trained_sft_rm_ppo_with_lora_
             "micro_batch_size": 2,
             "ppo_epochs": 1,
             "max_new_tokens": 8,
-            "max_prompt_length": 48,
             "eval_size": 4,
         },
     )
@@ -212,6 +213,7 @@ def test_a_registered_llama_is_sampled_labeled_and_trained_sft_rm_ppo_with_lora_
     assert ppo["parent_id"] == sft["id"] and ppo["lineage"] == {"sft": sft["id"], "rm": rm["id"]}
     assert ppo["metrics"]["saved_as"] == "merged" and metrics["frozen_bases"] == 1
     assert metrics["steps"] >= 1 and len(metrics["reward_curve"]) == 1
+    assert metrics["config"]["max_prompt_length"] == context - 8
     # Only the policy's adapter trained: a small fraction of the model's parameters.
     assert 0 < metrics["trained_parameters"] < base["facts"]["parameters"] / 10
 
@@ -233,3 +235,43 @@ def test_a_registered_llama_is_sampled_labeled_and_trained_sft_rm_ppo_with_lora_
         policy_version_id=ppo["id"],
     )
     assert _made_by(db, again) == [ppo["id"]] * 3 * 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_training_a_registered_model_whose_context_is_shorter_than_the_default_lengths_fits_them_to_it(
+    committed_session, tiny_models
+):
+    """The tiny GPT-2 has 64 positions; the trainers' defaults (max_length 1024, max_prompt_length 512) do not fit.
+
+    The jobs cap the lengths at the model's context, and say so in the config they record, instead of failing
+    with an IndexError from the position embedding on the first long example.
+    """
+    from app.models import ModelVersion
+    from app.registry import versions as registry
+    from app.runs import start_run
+    from tests.test_training_data import collect, demonstrate_all, rank_all
+    from worker import jobs
+
+    db = committed_session
+    bind_factories(db)
+    found = collect(db, tag="a-rather-long-tag-" * 5)  # every prompt well over 64 characters, one token each
+    base = db.scalar(select(ModelVersion).where(ModelVersion.kind == "base"))
+    base.artifact_path = str(tiny_models["gpt2"])
+    labeler = UserFactory()
+    demonstrate_all(db, labeler, found["batch"])
+    rank_all(db, labeler, found["batch"])
+    db.commit()
+
+    def train(kind: str, params: dict) -> dict:
+        run_id = start_run(db, kind, params=params).id
+        db.commit()
+        metrics, version_id = getattr(jobs, f"run_{kind}")(run_id, lambda *a, **k: None)
+        registry.mark_ready(db, version_id, metrics)
+        db.commit()
+        return metrics["config"]
+
+    assert train("sft", {"epochs": 1, "batch_size": 2})["max_length"] == 64
+    assert train("rm", {"rankings_per_step": 2})["max_length"] == 64
+    ppo = train("ppo", {"steps": 1, "rollout_batch_size": 2, "minibatch_size": 2, "max_new_tokens": 16})
+    assert ppo["max_prompt_length"] == 64 - 16 and ppo["max_new_tokens"] == 16
