@@ -275,3 +275,16 @@ def test_training_a_registered_model_whose_context_is_shorter_than_the_default_l
     assert train("rm", {"rankings_per_step": 2})["max_length"] == 64
     ppo = train("ppo", {"steps": 1, "rollout_batch_size": 2, "minibatch_size": 2, "max_new_tokens": 16})
     assert ppo["max_prompt_length"] == 64 - 16 and ppo["max_new_tokens"] == 16
+
+
+def test_a_model_with_a_short_context_samples_prompts_longer_than_it_keeping_their_end(tiny_models):
+    """The tiny GPT-2 has 64 positions: a longer prompt keeps its last tokens, and generation stays inside them."""
+    from worker.generate import sample_completions
+    from worker.modeling import load_model
+
+    model, tokenizer = load_model(tiny_models["gpt2"], "cpu")
+    prompt = "what is " + "one plus two and " * 10 + "three?"
+    assert len(tokenizer(prompt)["input_ids"]) > 64
+    for max_new_tokens in (8, 100):
+        rows = sample_completions(model, tokenizer, [prompt, "hi"], 2, max_new_tokens=max_new_tokens, seed=0)
+        assert [len(row) for row in rows] == [2, 2] and all(isinstance(t, str) for row in rows for t in row)
