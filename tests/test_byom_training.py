@@ -6,7 +6,8 @@ from it by the worker and labeled through the labeling service (train and valid 
 runs are started through the API with LoRA, the reward model saved as an adapter on the SFT model so PPO
 keeps one frozen base; the SFT and PPO versions load with plain `AutoModelForCausalLM.from_pretrained`
 (no peft), differ from their parents only in the modules peft put adapters on, and the PPO policy samples
-the next batch.
+the next batch. A model whose context is shorter than the trainers' default lengths (or than a prompt) has
+them capped, instead of failing in its position embedding.
 """
 
 from __future__ import annotations
