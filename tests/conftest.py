@@ -217,6 +217,29 @@ def committed_session(committed):
     session.close()
 
 
+@pytest.fixture
+def worker_client(committed_session):
+    """An API client whose requests really commit, so the worker process sees what they registered."""
+    from fastapi.testclient import TestClient
+
+    from app.deps import get_db
+    from app.main import create_app
+
+    application = create_app()
+
+    def override():
+        try:
+            yield committed_session
+            committed_session.commit()
+        except BaseException:
+            committed_session.rollback()
+            raise
+
+    application.dependency_overrides[get_db] = override
+    with TestClient(application, base_url="http://testserver") as c:
+        yield c
+
+
 # --- processes ----------------------------------------------------------------------------------
 
 

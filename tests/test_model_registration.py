@@ -199,29 +199,6 @@ def test_registration_answers_202_validating_and_queues_one_validate_run(client,
 # --- the worker validates -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def worker_client(committed_session):
-    """An API client whose requests really commit, so the worker process sees what they registered."""
-    from fastapi.testclient import TestClient
-
-    from app.deps import get_db
-    from app.main import create_app
-
-    application = create_app()
-
-    def override():
-        try:
-            yield committed_session
-            committed_session.commit()
-        except BaseException:
-            committed_session.rollback()
-            raise
-
-    application.dependency_overrides[get_db] = override
-    with TestClient(application, base_url="http://testserver") as c:
-        yield c
-
-
 def _settled(client, headers, version_id: int, timeout: float = 180) -> dict:
     return wait_until(
         lambda: (

@@ -29,7 +29,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from worker.modeling import adds_special_tokens, format_prompt
+from worker.modeling import adds_special_tokens, context_length, format_prompt
 
 
 class _StopAtNewline(StoppingCriteria):
@@ -74,8 +74,16 @@ def _generate_rows(
 ) -> list[str]:
     """Generates one completion for each already formatted text, in a single batch."""
     tokenizer.padding_side = "left"
+    fit: dict[str, Any] = {}
+    limit = context_length(model.config)
+    if limit is not None:
+        # A registered model may have a short context: a longer prompt keeps its end (what the completion
+        # follows), and prompt and completion together stay within the positions the model has.
+        max_new_tokens = min(max_new_tokens, limit - 1)
+        tokenizer.truncation_side = "left"
+        fit = {"truncation": True, "max_length": limit - max_new_tokens}
     enc = tokenizer(
-        list(texts), return_tensors="pt", padding=True, add_special_tokens=adds_special_tokens(tokenizer)
+        list(texts), return_tensors="pt", padding=True, add_special_tokens=adds_special_tokens(tokenizer), **fit
     ).to(model.device)
     prompt_length = enc["input_ids"].shape[1]
     stopping = StoppingCriteriaList()

@@ -25,7 +25,7 @@ from app.models import Evaluation, ModelVersion, PromptBatch, TrainingRun
 from app.quality import evaluations
 from app.registry import versions as registry
 from app.training import data as training
-from app.training.configs import config_for
+from app.training.configs import PPOConfig, config_for
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,28 @@ def _with_recipe(db: Session, start: ModelVersion, kind: str, params: dict[str, 
     return {**recipe, **params}
 
 
+def _fit_context(config: Any, model_path: str) -> None:
+    """Caps a trainer's lengths at the context window of the model it starts from.
+
+    A registered model may have fewer positions than the defaults (max_length 1024, PPO's 512-token prompts);
+    past them its position embedding fails on the first long example. The recorded config shows the cap.
+    """
+    from worker.modeling import saved_context_length
+
+    limit = saved_context_length(model_path)
+    if limit is None:
+        return
+    if isinstance(config, PPOConfig):
+        if config.max_new_tokens >= limit:
+            raise ValueError(
+                f"max_new_tokens ({config.max_new_tokens}) leaves no room for a prompt in the model's context "
+                f"of {limit} tokens"
+            )
+        config.max_prompt_length = min(config.max_prompt_length, limit - config.max_new_tokens)
+    else:
+        config.max_length = min(config.max_length, limit)
+
+
 def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Fine-tunes the newest base model on the demonstrations collected so far."""
     from worker.train_sft import train_sft
@@ -266,6 +288,7 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     config = config_for("sft", params)
     if not data["train"]:
         raise RuntimeError("no demonstrations in the train split yet")
+    _fit_context(config, base_path)
     version_id, out = _begin_version(run_id, "sft", base_id, {"base": base_id}, snap.as_dict())
     metrics = train_sft(
         base_path,
@@ -299,6 +322,7 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     config = config_for("rm", params)
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
+    _fit_context(config, backbone_path)
     version_id, out = _begin_version(run_id, "rm", backbone_id, {"backbone": backbone_id}, snap.as_dict())
     metrics = train_rm(
         backbone_path,
@@ -328,6 +352,7 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         params = _with_recipe(db, sft, "ppo", params)
         sft_id, sft_path, rm_id, rm_path = sft.id, sft.artifact_path, rm.id, rm.artifact_path
     config = config_for("ppo", params)
+    _fit_context(config, sft_path)
     version_id, out = _begin_version(
         run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id}, {"counts": {"prompts": len(prompts)}}
     )

@@ -36,6 +36,8 @@ PROMPT_TEMPLATE = "{prompt}\n\nAnswer:"
 RECIPE_FILE = "training_recipe.json"
 # What peft writes beside a LoRA adapter saved alone.
 ADAPTER_CONFIG = "adapter_config.json"
+# Where model configs keep their context window, by architecture.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 _Tokenizer = TypeVar("_Tokenizer", bound=PreTrainedTokenizerBase)
 
@@ -105,6 +107,29 @@ def load_model(
     cast(torch.nn.Module, model).to(device)
     _sync_special_ids(model, tokenizer)
     return model, tokenizer
+
+
+def context_length(config: Any) -> int | None:
+    """A model's context window in tokens, from its config; None when the config does not say."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def saved_context_length(path_or_id: str | Path) -> int | None:
+    """The context window of a saved model, or of the base of an adapter saved alone; reads configs only."""
+    from transformers import AutoConfig
+
+    source = str(path_or_id)
+    if (Path(source) / ADAPTER_CONFIG).is_file():
+        from peft import PeftConfig
+
+        source = PeftConfig.from_pretrained(source).base_model_name_or_path
+    elif Path(source).is_absolute() and not (Path(source) / "config.json").is_file():
+        return None  # no saved model there: loading it says what is wrong
+    return context_length(AutoConfig.from_pretrained(source))
 
 
 def load_recipe(path: str | Path) -> dict[str, dict[str, Any]]:

@@ -29,11 +29,10 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from worker.modeling import default_device, prepare_tokenizer
+from worker.modeling import context_length, default_device, prepare_tokenizer
 
 SAMPLE_PROMPT = "Hello"
 SAMPLE_TOKENS = 8
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 class ModelInvalid(Exception):
@@ -76,10 +75,9 @@ def _use_as(config: PretrainedConfig, kind: str) -> str:
 
 
 def _context_length(config: PretrainedConfig, tokenizer: Any) -> int | None:
-    for key in CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    found = context_length(config)
+    if found is not None:
+        return found
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and limit < 10**9 else None
 
