@@ -9,10 +9,14 @@ The session cookie carries the session id signed with the secret key.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
+import io
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -265,6 +269,29 @@ def revoke_api_token(db: Session, token_id: int, owner: User | None = None) -> b
         return False
     token.revoked_at = utcnow()
     return True
+
+
+# --- spreadsheets ------------------------------------------------------------------------------
+
+# A spreadsheet reads a cell starting with one of these as a formula (tab and CR too, per OWASP's CSV injection
+# guidance: some programs strip them and then see the formula behind).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """Prefixes a single quote to a CSV cell a spreadsheet would run as a formula (OWASP's CSV injection advice)."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def csv_row(values: Iterable[Any]) -> str:
+    """Writes one CSV row ending in a newline; text cells pass through `spreadsheet_safe`."""
+    buffer = io.StringIO()
+    # Written with CRLF and cut back to LF: Python 3.11's writer quotes a field holding a line-terminator
+    # character, so a lone carriage return inside a text would otherwise go out unquoted and break the row.
+    csv.writer(buffer, lineterminator="\r\n").writerow(
+        spreadsheet_safe(value) if isinstance(value, str) else value for value in values
+    )
+    return buffer.getvalue()[:-2] + "\n"
 
 
 def _aware(value: datetime) -> datetime:
