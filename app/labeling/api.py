@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, SessionDep
-from app.labeling import leases, submissions
+from app.labeling import blind, leases, submissions
 from app.models import RANKING_FLAGS as _FLAGS
 from app.models import Demonstration, EvalJudgment
 
@@ -21,7 +21,9 @@ router = APIRouter(prefix="/api/v1", tags=["labeling"])
 
 
 class CompletionOut(BaseModel):
-    id: int
+    id: int | str = Field(
+        description="The output's id; for eval tasks an opaque id valid for this assignment only (blind)"
+    )
     text: str
 
 
@@ -52,8 +54,9 @@ class SubmitIn(BaseModel):
     text: str | None = Field(None, description="The demonstration (for demonstration tasks)")
     items: list[RankingItemIn] | None = Field(None, description="Ranks and scores (for ranking tasks)")
     all_unacceptable: bool = False
-    choice: int | Literal["tie"] | None = Field(
-        None, description='The id of the better output, or "tie" (for eval tasks: blind side-by-side comparisons)'
+    choice: int | str | None = Field(
+        None,
+        description='The id of the better output as shown, or "tie" (for eval tasks: blind side-by-side comparisons)',
     )
     active_seconds: float = Field(0.0, ge=0, le=86400)
 
@@ -64,7 +67,7 @@ class SubmitOut(BaseModel):
     id: int
     created_at: datetime
     items: list[dict[str, Any]] | None = None
-    choice: int | Literal["tie"] | None = None
+    choice: int | str | None = None
 
 
 class SkipIn(BaseModel):
@@ -100,7 +103,10 @@ def assignment_out(db, assignment, view: leases.TaskView | None = None) -> Assig
         prompt_id=view.prompt.id,
         prompt=view.prompt.text,
         guidelines=view.batch.guidelines,
-        completions=[CompletionOut(id=c.id, text=c.text) for c in view.completions],
+        completions=[
+            CompletionOut(id=blind.output_id(assignment.id, c.id) if view.task.kind == "eval" else c.id, text=c.text)
+            for c in view.completions
+        ],
         draft=assignment.draft or {},
         lease_expires_at=assignment.expires_at,
         state=assignment.state,
@@ -130,7 +136,12 @@ def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
 
 @router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
-    """Submits a demonstration or a ranking; repeating it returns the stored result."""
+    """Submits a demonstration, a ranking or an eval verdict; repeating it returns the stored result."""
+    choice = body.choice
+    if isinstance(choice, str) and choice.startswith(blind.PREFIX):
+        # An eval output as the labeler saw it: only this assignment's outputs can be named.
+        assignment = leases.get_assignment(db, assignment_id, principal.user)
+        choice = blind.completion_for(assignment_id, choice, assignment.display_order or []) or choice
     label = submissions.submit(
         db,
         principal.user,
@@ -138,7 +149,7 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
         text=body.text,
         items=None if body.items is None else [i.model_dump() for i in body.items],
         all_unacceptable=body.all_unacceptable,
-        choice=body.choice,
+        choice=choice,
         active_seconds=body.active_seconds,
     )
     if isinstance(label, EvalJudgment):
@@ -148,7 +159,7 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
             kind="eval",
             id=label.id,
             created_at=label.created_at,
-            choice=label.chosen_completion_id or "tie",
+            choice=blind.output_id(assignment_id, label.chosen_completion_id) if label.chosen_completion_id else "tie",
         )
     elif isinstance(label, Demonstration):
         answer = SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id, created_at=label.created_at)
