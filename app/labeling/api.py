@@ -21,18 +21,16 @@ router = APIRouter(prefix="/api/v1", tags=["labeling"])
 
 
 class CompletionOut(BaseModel):
-    id: int | str = Field(
-        description="The output's id; for eval tasks an opaque id valid for this assignment only (blind)"
-    )
+    id: int = Field(description="The output's id for this assignment only: opaque, and new for every assignment")
     text: str
 
 
 class AssignmentOut(BaseModel):
+    """A leased task as its labeler sees it: no task, prompt or completion id that could single out a check."""
+
     assignment_id: int
-    task_id: int
     kind: str
     batch_id: int
-    prompt_id: int
     prompt: str
     guidelines: str
     completions: list[CompletionOut] = Field(description="In this labeler's display order")
@@ -44,7 +42,7 @@ class AssignmentOut(BaseModel):
 
 
 class RankingItemIn(BaseModel):
-    completion_id: int
+    completion_id: int = Field(description="The output's id as this assignment shows it")
     rank: int = Field(description="Slot, 1 = best; outputs in the same slot are tied")
     likert: int = Field(description="1 (worst) to 7 (best)")
     flags: list[str] = Field(default_factory=list)
@@ -54,7 +52,7 @@ class SubmitIn(BaseModel):
     text: str | None = Field(None, description="The demonstration (for demonstration tasks)")
     items: list[RankingItemIn] | None = Field(None, description="Ranks and scores (for ranking tasks)")
     all_unacceptable: bool = False
-    choice: int | str | None = Field(
+    choice: int | Literal["tie"] | None = Field(
         None,
         description='The id of the better output as shown, or "tie" (for eval tasks: blind side-by-side comparisons)',
     )
@@ -67,7 +65,7 @@ class SubmitOut(BaseModel):
     id: int
     created_at: datetime
     items: list[dict[str, Any]] | None = None
-    choice: int | str | None = None
+    choice: int | Literal["tie"] | None = None
 
 
 class SkipIn(BaseModel):
@@ -97,16 +95,11 @@ def assignment_out(db, assignment, view: leases.TaskView | None = None) -> Assig
     view = view or leases.task_view(db, assignment)
     return AssignmentOut(
         assignment_id=assignment.id,
-        task_id=view.task.id,
         kind=view.task.kind,
         batch_id=view.batch.id,
-        prompt_id=view.prompt.id,
         prompt=view.prompt.text,
         guidelines=view.batch.guidelines,
-        completions=[
-            CompletionOut(id=blind.output_id(assignment.id, c.id) if view.task.kind == "eval" else c.id, text=c.text)
-            for c in view.completions
-        ],
+        completions=[CompletionOut(id=blind.output_id(assignment.id, c.id), text=c.text) for c in view.completions],
         draft=assignment.draft or {},
         lease_expires_at=assignment.expires_at,
         state=assignment.state,
@@ -137,17 +130,24 @@ def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
 @router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
     """Submits a demonstration, a ranking or an eval verdict; repeating it returns the stored result."""
+    items = None if body.items is None else [i.model_dump() for i in body.items]
     choice = body.choice
-    if isinstance(choice, str) and choice.startswith(blind.PREFIX):
-        # An eval output as the labeler saw it: only this assignment's outputs can be named.
-        assignment = leases.get_assignment(db, assignment_id, principal.user)
-        choice = blind.completion_for(assignment_id, choice, assignment.display_order or []) or choice
+    if items is not None or isinstance(choice, int):
+        # Outputs go by the ids this assignment shows (app.labeling.blind); the services take completion ids.
+        order = leases.get_assignment(db, assignment_id, principal.user).display_order or []
+        shown = dict(zip(blind.shown_ids(assignment_id, order), order, strict=True))
+        if items is not None:
+            # Checked against the shown ids first, so an error names the id the labeler sent.
+            submissions.validate_ranking_items(list(shown), items)
+            items = [{**item, "completion_id": shown[item["completion_id"]]} for item in items]
+        if isinstance(choice, int):
+            choice = shown.get(choice, 0)  # 0: no output's id, refused naming `choice`
     label = submissions.submit(
         db,
         principal.user,
         assignment_id,
         text=body.text,
-        items=None if body.items is None else [i.model_dump() for i in body.items],
+        items=items,
         all_unacceptable=body.all_unacceptable,
         choice=choice,
         active_seconds=body.active_seconds,
@@ -170,7 +170,12 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
             id=label.id,
             created_at=label.created_at,
             items=[
-                {"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
+                {
+                    "completion_id": blind.output_id(assignment_id, i.completion_id),
+                    "rank": i.rank,
+                    "likert": i.likert,
+                    "flags": i.flags,
+                }
                 for i in label.items
             ],
         )

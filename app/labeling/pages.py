@@ -61,10 +61,9 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
     if assignment.state in ("submitted", "skipped"):
         # Done already (the back button, a second tab): carry on with the next one of the same kind.
         return RedirectResponse(f"/label/next?kind={kind}", status_code=303)
-    # Eval outputs go by opaque ids: completion ids would tell which model was sampled first (app.labeling.blind).
-    shown_ids: list[int | str] = [
-        blind.output_id(assignment.id, c.id) if kind == "eval" else c.id for c in view.completions
-    ]
+    # Outputs go by ids new for every assignment (app.labeling.blind): completion ids would tell which model
+    # was sampled first in a blind comparison, and which task is a gold check.
+    shown_ids = blind.shown_ids(assignment.id, [c.id for c in view.completions])
     context: dict[str, Any] = {
         "view": view,
         "shown_ids": shown_ids,

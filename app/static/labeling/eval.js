@@ -39,7 +39,7 @@
     button.disabled = true;
     await autosave.stop();
     try {
-      const choice = value; // "tie" or the output's opaque id (blind: never its completion id)
+      const choice = value === "tie" ? "tie" : Number(value);
       await L.api("POST", L.assignmentUrl + "/submit", { choice: choice, active_seconds: Math.floor(clock.seconds) });
       clock.stop();
       window.location.assign(L.data.next_url);
