@@ -130,27 +130,16 @@ def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
 @router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
     """Submits a demonstration, a ranking or an eval verdict; repeating it returns the stored result."""
-    items = None if body.items is None else [i.model_dump() for i in body.items]
-    choice = body.choice
-    if items is not None or isinstance(choice, int):
-        # Outputs go by the ids this assignment shows (app.labeling.blind); the services take completion ids.
-        order = leases.get_assignment(db, assignment_id, principal.user).display_order or []
-        shown = dict(zip(blind.shown_ids(assignment_id, order), order, strict=True))
-        if items is not None:
-            # Checked against the shown ids first, so an error names the id the labeler sent.
-            submissions.validate_ranking_items(list(shown), items)
-            items = [{**item, "completion_id": shown[item["completion_id"]]} for item in items]
-        if isinstance(choice, int):
-            choice = shown.get(choice, 0)  # 0: no output's id, refused naming `choice`
     label = submissions.submit(
         db,
         principal.user,
         assignment_id,
         text=body.text,
-        items=items,
+        items=None if body.items is None else [i.model_dump() for i in body.items],
         all_unacceptable=body.all_unacceptable,
-        choice=choice,
+        choice=body.choice,
         active_seconds=body.active_seconds,
+        shown=True,  # outputs go by the ids this assignment shows (app.labeling.blind)
     )
     if isinstance(label, EvalJudgment):
         # Blind: the answer echoes the output chosen, never which model wrote it.
