@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         description="Held-out prompts of the blind evaluation started after each PPO run (0: none).",
     )
     eval_overlap: int = Field(1, ge=1, le=20, description="Labelers per prompt in scheduled evaluations.")
+    webhook_allow_hosts: str = Field(
+        "",
+        description="Comma-separated hosts (names, addresses or networks like 10.0.0.0/8) that webhooks may reach "
+        "although they are loopback, private, link-local or otherwise not public; empty: public addresses only.",
+    )
     promotion_requires_eval_win: bool = Field(
         False,
         description="A policy is promoted only after winning a blind evaluation against the promoted one.",
@@ -95,6 +100,11 @@ class Settings(BaseSettings):
     def artifacts_dir(self) -> Path:
         """Where model versions and training runs write their files."""
         return (self.data_dir / "artifacts").resolve()
+
+    @property
+    def webhook_allowed(self) -> tuple[str, ...]:
+        """The webhook allow-list, lower-cased, without blanks."""
+        return tuple(h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip())
 
     @property
     def secure_cookies(self) -> bool:

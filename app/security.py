@@ -9,10 +9,14 @@ The session cookie carries the session id signed with the secret key.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
+import io
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -98,22 +102,35 @@ def authenticate(db: Session, username: str, password: str) -> User | None:
 
 
 # --- login rate limit -------------------------------------------------------------------------
+#
+# Counted in the database, so the limit holds across every web process. An attempt is written (and committed)
+# before its password is checked, and only then are the attempts counted, its own included: whatever the
+# interleaving, the k-th attempt to commit sees at least k, so at most `login_max_failures` are ever checked.
+# (Counting first and writing after the slow password check let every concurrent attempt through.)
+
+
+def claim_login_attempt(db: Session, settings: Settings, username: str, ip: str) -> LoginFailure:
+    """Records a login attempt as a failure until it succeeds; the caller commits before `login_blocked`."""
+    attempt = LoginFailure(username=username[:64], ip=ip[:64])
+    db.add(attempt)
+    cutoff = utcnow() - timedelta(seconds=settings.login_window_s * 2)
+    db.execute(delete(LoginFailure).where(LoginFailure.at < cutoff))
+    db.flush()
+    return attempt
 
 
 def login_blocked(db: Session, settings: Settings, username: str, ip: str) -> bool:
-    """Tells whether recent failures for this account or this IP exceed the limit."""
+    """Tells whether the attempts within the window, the caller's claimed one included, exceed the limit."""
     since = utcnow() - timedelta(seconds=settings.login_window_s)
     # count() always yields one row; `or 0` only tells the type checker so
     by_user = db.scalar(select(func.count()).where(LoginFailure.username == username, LoginFailure.at >= since)) or 0
     by_ip = db.scalar(select(func.count()).where(LoginFailure.ip == ip, LoginFailure.at >= since)) or 0
-    return by_user >= settings.login_max_failures or by_ip >= settings.login_max_failures * 4
+    return by_user > settings.login_max_failures or by_ip > settings.login_max_failures * 4
 
 
-def record_login_failure(db: Session, settings: Settings, username: str, ip: str) -> None:
-    """Records a failed login and forgets failures older than the window."""
-    db.add(LoginFailure(username=username[:64], ip=ip[:64]))
-    cutoff = utcnow() - timedelta(seconds=settings.login_window_s * 2)
-    db.execute(delete(LoginFailure).where(LoginFailure.at < cutoff))
+def release_login_attempt(db: Session, attempt: LoginFailure) -> None:
+    """Forgets a refused attempt: only checked passwords count, so hammering a locked account does not extend it."""
+    db.execute(delete(LoginFailure).where(LoginFailure.id == attempt.id))
 
 
 def clear_login_failures(db: Session, username: str) -> None:
@@ -265,6 +282,29 @@ def revoke_api_token(db: Session, token_id: int, owner: User | None = None) -> b
         return False
     token.revoked_at = utcnow()
     return True
+
+
+# --- spreadsheets ------------------------------------------------------------------------------
+
+# A spreadsheet reads a cell starting with one of these as a formula (tab and CR too, per OWASP's CSV injection
+# guidance: some programs strip them and then see the formula behind).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """Prefixes a single quote to a CSV cell a spreadsheet would run as a formula (OWASP's CSV injection advice)."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def csv_row(values: Iterable[Any]) -> str:
+    """Writes one CSV row ending in a newline; text cells pass through `spreadsheet_safe`."""
+    buffer = io.StringIO()
+    # Written with CRLF and cut back to LF: Python 3.11's writer quotes a field holding a line-terminator
+    # character, so a lone carriage return inside a text would otherwise go out unquoted and break the row.
+    csv.writer(buffer, lineterminator="\r\n").writerow(
+        spreadsheet_safe(value) if isinstance(value, str) else value for value in values
+    )
+    return buffer.getvalue()[:-2] + "\n"
 
 
 def _aware(value: datetime) -> datetime:

@@ -268,7 +268,6 @@ class Ack:
 
     username: str
     assignment_id: int
-    task_id: int
     kind: str  # ranking | demonstration | skip
     label_id: int | None
 
@@ -472,7 +471,6 @@ class Labeler:
             Ack(
                 self.identity.username,
                 task["assignment_id"],
-                task["task_id"],
                 kind,
                 None if kind == "skip" else data["id"],
             )

@@ -44,6 +44,9 @@ os.environ.update(
         "INSTRUCTLOOP_BROKER_URL": REDIS_URL,
         "INSTRUCTLOOP_DATA_DIR": str(DATA_DIR),
         "INSTRUCTLOOP_SECRET_KEY": "test-secret-" + _RUN_ID,
+        # The webhook tests deliver to receivers on this machine, which webhooks may not reach by default
+        # (tests/security/test_webhook_ssrf.py checks that default).
+        "INSTRUCTLOOP_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
     }
 )
 

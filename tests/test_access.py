@@ -17,7 +17,8 @@ from app.security import create_api_token
 from tests.factories import AdminFactory, UserFactory
 
 # (path pattern, who may call it). "public": anyone; "user": any signed-in user or token;
-# a scope name: API callers holding it; "page:<role>": browser pages for that role only.
+# a scope name: API callers holding it; "page:<role>": browser pages for that role only; "tokens": any
+# signed-in user's session, or a token with the admin scope (tests/security/test_token_scope.py).
 RULES: list[tuple[str, str]] = [
     (r"^/(login|healthz|favicon\.ico)$", "public"),
     (r"^/$", "redirect"),
@@ -25,7 +26,8 @@ RULES: list[tuple[str, str]] = [
     (r"^/logout$", "page:any"),
     (r"^/label(/.*)?$", "page:labeler"),
     (r"^/admin(/.*)?$", "page:admin"),
-    (r"^/api/v1/(me|tokens)(/.*)?$", "user"),
+    (r"^/api/v1/me$", "user"),
+    (r"^/api/v1/tokens(/.*)?$", "tokens"),
     (r"^/api/v1/export(/.*)?$", "export:read"),
     (r"^/api/v1/(tasks|assignments|prompts/written|prompts/writable-batches)(/.*)?$", "label"),
     (r"^/api/v1/(batches|models|runs|webhooks|evaluations)(/.*)?$", "admin"),
@@ -111,8 +113,10 @@ def _expected(rule: str, caller: str) -> str:
         if kind == "token":
             return "anonymous"  # pages need a browser session
         return "allow" if role in ("any", detail) else "forbidden"
-    if rule == "user":
+    if rule == "user" or (rule == "tokens" and kind == "session"):
         return "allow"
+    if rule == "tokens":
+        return "allow" if detail == "admin" else "forbidden"
     if kind == "session":
         return (
             "allow"

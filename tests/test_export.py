@@ -569,7 +569,6 @@ def test_http_export_streams_the_service_rows(client, db):
         ("compress=brotli", "compress"),
         ("batch=no-such-batch", "batch"),
         ("labeler=lab_nobody", "labeler"),
-        ("cursor=12:x", "cursor"),
         ("exclude_flagged=maybe", "exclude_flagged"),
         ("labler=lab_typo", "labler"),
         ("since=2026-11-02T00:00:00&until=2026-11-01T00:00:00", "until"),

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.labeling import leases, submissions
-from app.models import GoldAnswer, Ranking, Task
+from app.models import Assignment, GoldAnswer, Ranking, Task
 from app.quality import gold
 from app.security import create_api_token
 from app.training import data as training
@@ -204,7 +204,8 @@ def test_a_gold_task_looks_like_any_other_task_through_the_api(client, db, seede
     response = client.get("/api/v1/tasks/next?kind=ranking", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
     body = response.json()
-    assert body["task_id"] == first.id and body["batch_id"] == batch.id
+    assert db.get(Assignment, body["assignment_id"]).task_id == first.id and body["batch_id"] == batch.id
+    assert "task_id" not in body and "prompt_id" not in body  # ids that would single the check out
     assert "gold" not in json.dumps(body).lower()
     submitted = client.post(
         f"/api/v1/assignments/{body['assignment_id']}/submit",

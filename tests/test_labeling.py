@@ -379,7 +379,10 @@ def test_next_page_leases_and_redirects_then_says_when_nothing_is_left(client, l
         assert "src=" in tag or 'type="application/json"' in tag
     assert not re.search(r"\sstyle=|\son[a-z]+=", page.text)
 
-    items = [{"completion_id": cid, "rank": 1, "likert": 4} for cid in db.get(Assignment, assignment_id).display_order]
+    # The ids the page shows for this assignment (not completion ids: app.labeling.blind).
+    shown = [int(cid) for cid in dict.fromkeys(re.findall(r'data-completion-id="(\d+)"', page.text))]
+    assert len(shown) == 4 and not set(shown) & set(db.get(Assignment, assignment_id).display_order)
+    items = [{"completion_id": cid, "rank": 1, "likert": 4} for cid in shown]
     assert (
         client.post(
             f"/api/v1/assignments/{assignment_id}/submit", json={"items": items}, headers={"X-CSRF-Token": csrf}
@@ -401,7 +404,7 @@ def test_demonstration_page_shows_the_draft_and_guidelines(client, login, db):
     page = client.get(f"/label/assignments/{lease.id}")
     assert 'data-testid="demonstration-page"' in page.text
     assert "half &lt;/textarea&gt;&lt;script&gt;x&lt;/script&gt; done</textarea>" in page.text
-    assert "Be <strong>kind</strong>.</p>" in page.text and "<li>short</li><li>true</li>" in page.text
+    assert "Be <strong>kind</strong>.</p>" in page.text and "<li>short</li>\n<li>true</li>" in page.text
 
 
 def test_next_without_a_kind_offers_rankings_then_demonstrations(client, login, db):
@@ -433,6 +436,6 @@ def test_guidelines_are_escaped_before_the_small_markdown_subset():
     )
     assert "<h3>Rules</h3>" in html
     assert "<p><strong>Be kind</strong> and <em>brief</em>, use <code>code</code>.</p>" in html
-    assert "<ul><li>one</li><li>&lt;script&gt;alert(1)&lt;/script&gt;</li></ul>" in html
+    assert "<ul>\n<li>one</li>\n<li>&lt;script&gt;alert(1)&lt;/script&gt;</li>\n</ul>" in html
     assert "<p>&lt;img src=x onerror=alert(2)&gt; 2 * 3 * 4</p>" in html
     assert "<script" not in html and "<img" not in html

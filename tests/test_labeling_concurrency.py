@@ -45,10 +45,14 @@ def items(order: list[int], labeler_index: int) -> list[dict]:
 
 
 def check_the_books(submitted: list[tuple[int, int, int]]) -> None:
-    """Asserts the database holds exactly the submissions the clients saw succeed, OVERLAP per task."""
+    """Asserts the database holds exactly the submissions the clients saw succeed, OVERLAP per task.
+
+    `submitted`: (ranking id, assignment id, labeler id) as each client saw it acknowledged.
+    """
     with get_sessionmaker()() as db:
+        acknowledged = db.execute(select(Ranking.id, Ranking.assignment_id, Ranking.labeler_id)).all()
+        assert sorted(tuple(r) for r in acknowledged) == sorted(submitted)
         rankings = db.execute(select(Ranking.id, Ranking.task_id, Ranking.labeler_id)).all()
-        assert sorted(tuple(r) for r in rankings) == sorted(submitted)
         assert len(rankings) == PROMPTS * OVERLAP
         per_task = Counter(task_id for _, task_id, _ in rankings)
         assert set(per_task.values()) == {OVERLAP} and len(per_task) == PROMPTS
@@ -88,7 +92,7 @@ def test_32_labelers_through_the_service_never_share_a_slot(committed):
                     db, labeler, assignment.id, items(assignment.display_order, i), active_seconds=3
                 )
                 db.commit()
-                done.append((ranking.id, ranking.task_id, labeler.id))
+                done.append((ranking.id, ranking.assignment_id, labeler.id))
 
     results = run_crowd(work)
     check_the_books([row for rows in results for row in rows])
@@ -114,7 +118,7 @@ def test_32_labelers_through_the_http_api_never_share_a_slot(committed, live_ser
                     answers = list(pair.map(lambda _, url=url, body=body: client.post(url, json=body), range(2)))
                 assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
                 assert answers[0].json()["id"] == answers[1].json()["id"]
-                done.append((answers[0].json()["id"], task["task_id"], user_ids[i]))
+                done.append((answers[0].json()["id"], task["assignment_id"], user_ids[i]))
 
     results = run_crowd(work)
     check_the_books([row for rows in results for row in rows])

@@ -53,7 +53,9 @@ DRAFT = "</textarea></script><script>window.__xss=1</script><b data-xss>draft</b
 MODEL_NAME = "<svg onload=window.__xss=1 data-xss> sft"
 METRIC = "<i data-xss onmouseover=alert(1)>acc</i>"
 SHORT = "<b data-xss onclick=alert(1)>"  # fits triggered_by (32 characters)
-GUIDELINES = "\n\n".join(["# " + PAYLOADS[0], "- " + PAYLOADS[1], *PAYLOADS[2:]])
+# Guidelines are Markdown: the template-injection probe goes in a code span, where its asterisks stay asterisks
+# (in running text CommonMark reads `7*7} ... (7*` as emphasis, which would hide them, not run anything).
+GUIDELINES = "\n\n".join(["# " + PAYLOADS[0], "- " + PAYLOADS[1], *PAYLOADS[2:8], f"`{PAYLOADS[8]}`", *PAYLOADS[9:]])
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -58,6 +58,18 @@ def _authenticated(principal: OptionalPrincipal, _csrf: Annotated[None, Depends(
 Authenticated = Annotated[Principal, Depends(_authenticated)]
 
 
+def _token_manager(principal: Authenticated) -> Principal:
+    # A browser session manages its user's own tokens (an admin's, anyone's). An API token manages tokens only
+    # with the `admin` scope: an export or labeling token that leaks must not be able to revoke, list or keep
+    # alive the others. Its scopes are already cut down to its owner's role, so it never acts beyond its owner.
+    if principal.via != "session" and "admin" not in principal.scopes:
+        raise HTTPException(403, "Managing tokens with a token needs the 'admin' scope")
+    return principal
+
+
+TokenManager = Annotated[Principal, Depends(_token_manager)]
+
+
 @router.get("/me", response_model=MeOut, tags=["account"])
 def me(principal: Authenticated):
     """Tells who the caller is and what they may do."""
@@ -71,14 +83,14 @@ def me(principal: Authenticated):
 
 
 @router.get("/tokens", response_model=list[TokenOut], tags=["account"])
-def list_tokens(db: SessionDep, principal: Authenticated):
+def list_tokens(db: SessionDep, principal: TokenManager):
     """Lists the caller's API tokens (never their secrets)."""
     rows = db.scalars(select(ApiToken).where(ApiToken.user_id == principal.user.id).order_by(ApiToken.id)).all()
     return [TokenOut.model_validate(row, from_attributes=True) for row in rows]
 
 
 @router.post("/tokens", response_model=NewTokenOut, status_code=201, tags=["account"])
-def create_token(body: TokenIn, db: SessionDep, principal: Authenticated):
+def create_token(body: TokenIn, db: SessionDep, principal: TokenManager):
     """Creates an API token for the caller; the secret is shown once."""
     if principal.via != "session":
         raise HTTPException(403, "Create tokens from a browser session or the CLI, not with another token")
@@ -87,8 +99,8 @@ def create_token(body: TokenIn, db: SessionDep, principal: Authenticated):
 
 
 @router.delete("/tokens/{token_id}", status_code=204, tags=["account"])
-def delete_token(token_id: int, db: SessionDep, principal: Authenticated):
-    """Revokes one of the caller's tokens (admins may revoke anyone's)."""
-    owner = None if principal.is_admin else principal.user
+def delete_token(token_id: int, db: SessionDep, principal: TokenManager):
+    """Revokes one of the caller's tokens (admins may revoke anyone's; with a token, one with the admin scope)."""
+    owner = None if principal.is_admin and "admin" in principal.scopes else principal.user
     if not revoke_api_token(db, token_id, owner):
         raise HTTPException(404, f"No active token {token_id} of yours")

@@ -21,11 +21,12 @@ from app.security import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     authenticate,
+    claim_login_attempt,
     clear_login_failures,
     csrf_matches,
     end_session,
     login_blocked,
-    record_login_failure,
+    release_login_attempt,
     sign_login_csrf,
     start_session,
     unsign_login_csrf,
@@ -115,13 +116,15 @@ def login(
     if expected is None or not csrf_matches(expected, csrf_token):
         raise Forbidden(None, "The form expired; please try again.")
     ip = _client_ip(request)
+    attempt = claim_login_attempt(db, settings, username, ip)
+    db.commit()  # visible to every web process before this one counts: see app.security's rate limit
     if login_blocked(db, settings, username, ip):
+        release_login_attempt(db, attempt)
         minutes = settings.login_window_s // 60
         raise RateLimited(None, f"Too many failed attempts; wait {minutes} minutes and try again.")
     user = authenticate(db, username, password)
     if user is None:
-        record_login_failure(db, settings, username, ip)  # still committed: the login page is an answer
-        raise Unauthorized(None, "Wrong username or password.")
+        raise Unauthorized(None, "Wrong username or password.")  # the claimed attempt stays, as a failure
     clear_login_failures(db, username)
     cookie, _ = start_session(db, settings, user)
     target = _safe_next(next)

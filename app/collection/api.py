@@ -29,6 +29,7 @@ from app.collection.prompt_import import detect_format, why_unstorable
 from app.deps import AdminApi, SessionDep
 from app.errors import Invalid, error_body
 from app.models import MAX_ID, PromptBatch
+from app.security import spreadsheet_safe
 
 router = APIRouter(prefix="/api/v1", tags=["batches"])
 
@@ -335,7 +336,8 @@ def dropped_csv(batch: PromptBatch) -> str:
     writer = csv.writer(out)
     writer.writerow(["line", "rule", "detail"])
     for entry in (batch.hygiene_report or {}).get("dropped", []):
-        writer.writerow([entry.get("line"), entry.get("rule"), entry.get("detail")])
+        rule, detail = (spreadsheet_safe(str(entry.get(key) or "")) for key in ("rule", "detail"))
+        writer.writerow([entry.get("line"), rule, detail])
     return out.getvalue()
 
 

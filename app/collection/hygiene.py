@@ -35,9 +35,7 @@ batches in the database.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import ipaddress
 import re
 import unicodedata
@@ -46,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from app.collection.prompt_import import PromptRow
+from app.security import csv_row
 
 PiiPolicy = Literal["drop", "redact", "flag"]
 PII_POLICIES = ("drop", "redact", "flag")
@@ -486,8 +485,7 @@ def apply_hygiene(
 
 def dropped_csv(result: HygieneResult) -> str:
     """Returns the dropped lines as CSV (line, rule, detail) for the admin to download."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["line", "rule", "detail"])
-    writer.writerows((d.line, d.rule, d.detail) for d in result.report.dropped)
-    return out.getvalue()
+    # The detail quotes the prompt, which whoever wrote the file chose: csv_row keeps any cell from starting a formula.
+    return csv_row(["line", "rule", "detail"]) + "".join(
+        csv_row((d.line, d.rule, d.detail)) for d in result.report.dropped
+    )

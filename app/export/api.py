@@ -128,6 +128,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The export, streamed; every row carries its `cursor`.",
         "content": {"application/x-ndjson": {}, "text/csv": {}, "application/gzip": {}},
     },
+    400: {"description": "A malformed or out-of-range `cursor`; `field` is `cursor`."},
     422: {"description": "A bad filter; `detail` starts with the parameter's name."},
 }
 

@@ -10,10 +10,8 @@ field in a row are the constants below (see the queries in `app.export.stream`).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
-import io
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +24,7 @@ from sqlalchemy import Connection, select
 
 from app.models import ModelVersion
 from app.quality.agreement import borda_consensus
+from app.security import csv_row, spreadsheet_safe
 
 _mv = ModelVersion.__table__
 
@@ -221,9 +220,10 @@ def _comparison_jsonl(unit: tuple[Sequence, list], skip_through: int, names: Nam
 
 
 def _csv_field(value: str | None) -> str:
-    """Quotes a text field the way csv.writer's QUOTE_MINIMAL does."""
+    """Quotes a text field the way csv.writer's QUOTE_MINIMAL does, after neutralising a formula (see csv_line)."""
     if value is None:
         return ""
+    value = spreadsheet_safe(value)
     if _CSV_SPECIAL.search(value):
         return '"' + value.replace('"', '""') + '"'
     return value
@@ -233,9 +233,8 @@ _CSV_SPECIAL = re.compile(r'[",\r\n]')
 
 
 def csv_line(values: Iterable[Any]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(values)
-    return buffer.getvalue()
+    """One CSV row; a text cell a spreadsheet would run as a formula gets a leading quote (JSON Lines keeps it)."""
+    return csv_row(values)
 
 
 def _comparison_csv(unit: tuple[Sequence, list], skip_through: int, names: Names) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import re
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ GZIP_LEVEL = 3
 
 
 class ExportError(AppError):
-    """A user-caused problem with an export request (422); `param` names the query parameter at fault."""
+    """A user-caused problem with an export request (422; a bad cursor 400); `param` names the query parameter."""
 
     status = 422
 
@@ -98,19 +99,31 @@ class Cursor:
     pair_index: int | None = None
 
 
+# A cursor is what a row carried: ASCII digits, at most a 64-bit id (and for comparisons ':' and a pair index).
+_CURSOR = re.compile(r"([0-9]{1,19})(?::([0-9]{1,19}))?")
+
+
 def parse_cursor(kind: str, text: str) -> Cursor:
-    """Parses a cursor from a row of this export: 'ranking_id:pair_index' for comparisons, else an id."""
-    unit, sep, pair = text.partition(":")
-    try:
-        if sep and kind != "comparisons":
-            raise ValueError
-        cursor = Cursor(int(unit), int(pair) if sep else None)
-    except ValueError:
+    """Parses a cursor from a row of this export: 'ranking_id:pair_index' for comparisons, else an id.
+
+    Anything else is a 400 naming `cursor`, decided here: an id past the database's 64-bit range would
+    otherwise fail in the query, after the answer began.
+    """
+    match = _CURSOR.fullmatch(text)
+    if match is None or (match.group(2) is not None and kind != "comparisons"):
         shape = "'<ranking_id>:<pair_index>'" if kind == "comparisons" else "a row id"
-        raise ExportError("cursor", f"expected {shape} copied from the last row received, got {text!r}") from None
-    if cursor.unit_id < 0 or (cursor.pair_index is not None and cursor.pair_index < 0):
-        raise ExportError("cursor", f"must not be negative, got {text!r}")
-    return cursor
+        raise ExportError(
+            "cursor", f"expected {shape} copied from the last row received, got {_shown(text)}", status=400
+        )
+    unit, pair = int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+    if unit > MAX_ID or (pair is not None and pair > MAX_ID):
+        raise ExportError("cursor", f"is out of range: {_shown(text)} is past any row id", status=400)
+    return Cursor(unit, pair)
+
+
+def _shown(text: str) -> str:
+    """Quotes a bad value for an error message, cut short: the message must not echo a megabyte back."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 def resolve_filters(

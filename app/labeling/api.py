@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from app.deps import LabelerApi, SessionDep
-from app.labeling import leases, submissions
+from app.labeling import blind, leases, submissions
 from app.models import RANKING_FLAGS as _FLAGS
 from app.models import Demonstration, EvalJudgment
 
@@ -21,16 +21,16 @@ router = APIRouter(prefix="/api/v1", tags=["labeling"])
 
 
 class CompletionOut(BaseModel):
-    id: int
+    id: int = Field(description="The output's id for this assignment only: opaque, and new for every assignment")
     text: str
 
 
 class AssignmentOut(BaseModel):
+    """A leased task as its labeler sees it: no task, prompt or completion id that could single out a check."""
+
     assignment_id: int
-    task_id: int
     kind: str
     batch_id: int
-    prompt_id: int
     prompt: str
     guidelines: str
     completions: list[CompletionOut] = Field(description="In this labeler's display order")
@@ -42,7 +42,7 @@ class AssignmentOut(BaseModel):
 
 
 class RankingItemIn(BaseModel):
-    completion_id: int
+    completion_id: int = Field(description="The output's id as this assignment shows it")
     rank: int = Field(description="Slot, 1 = best; outputs in the same slot are tied")
     likert: int = Field(description="1 (worst) to 7 (best)")
     flags: list[str] = Field(default_factory=list)
@@ -53,7 +53,8 @@ class SubmitIn(BaseModel):
     items: list[RankingItemIn] | None = Field(None, description="Ranks and scores (for ranking tasks)")
     all_unacceptable: bool = False
     choice: int | Literal["tie"] | None = Field(
-        None, description='The id of the better output, or "tie" (for eval tasks: blind side-by-side comparisons)'
+        None,
+        description='The id of the better output as shown, or "tie" (for eval tasks: blind side-by-side comparisons)',
     )
     active_seconds: float = Field(0.0, ge=0, le=86400)
 
@@ -94,13 +95,11 @@ def assignment_out(db, assignment, view: leases.TaskView | None = None) -> Assig
     view = view or leases.task_view(db, assignment)
     return AssignmentOut(
         assignment_id=assignment.id,
-        task_id=view.task.id,
         kind=view.task.kind,
         batch_id=view.batch.id,
-        prompt_id=view.prompt.id,
         prompt=view.prompt.text,
         guidelines=view.batch.guidelines,
-        completions=[CompletionOut(id=c.id, text=c.text) for c in view.completions],
+        completions=[CompletionOut(id=blind.output_id(assignment.id, c.id), text=c.text) for c in view.completions],
         draft=assignment.draft or {},
         lease_expires_at=assignment.expires_at,
         state=assignment.state,
@@ -130,7 +129,7 @@ def get_assignment(assignment_id: int, db: SessionDep, principal: LabelerApi):
 
 @router.post("/assignments/{assignment_id}/submit", response_model=SubmitOut)
 def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: LabelerApi):
-    """Submits a demonstration or a ranking; repeating it returns the stored result."""
+    """Submits a demonstration, a ranking or an eval verdict; repeating it returns the stored result."""
     label = submissions.submit(
         db,
         principal.user,
@@ -140,6 +139,7 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
         all_unacceptable=body.all_unacceptable,
         choice=body.choice,
         active_seconds=body.active_seconds,
+        shown=True,  # outputs go by the ids this assignment shows (app.labeling.blind)
     )
     if isinstance(label, EvalJudgment):
         # Blind: the answer echoes the output chosen, never which model wrote it.
@@ -148,7 +148,7 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
             kind="eval",
             id=label.id,
             created_at=label.created_at,
-            choice=label.chosen_completion_id or "tie",
+            choice=blind.output_id(assignment_id, label.chosen_completion_id) if label.chosen_completion_id else "tie",
         )
     elif isinstance(label, Demonstration):
         answer = SubmitOut(assignment_id=assignment_id, kind="demonstration", id=label.id, created_at=label.created_at)
@@ -159,7 +159,12 @@ def submit(assignment_id: int, body: SubmitIn, db: SessionDep, principal: Labele
             id=label.id,
             created_at=label.created_at,
             items=[
-                {"completion_id": i.completion_id, "rank": i.rank, "likert": i.likert, "flags": i.flags}
+                {
+                    "completion_id": blind.output_id(assignment_id, i.completion_id),
+                    "rank": i.rank,
+                    "likert": i.likert,
+                    "flags": i.flags,
+                }
                 for i in label.items
             ],
         )

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse
 
 from app.deps import LabelerPage, SessionDep
-from app.labeling import leases
+from app.labeling import blind, leases
 from app.models import RANKING_FLAGS
 from app.templating import render, render_guidelines
 
@@ -61,8 +61,12 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
     if assignment.state in ("submitted", "skipped"):
         # Done already (the back button, a second tab): carry on with the next one of the same kind.
         return RedirectResponse(f"/label/next?kind={kind}", status_code=303)
+    # Outputs go by ids new for every assignment (app.labeling.blind): completion ids would tell which model
+    # was sampled first in a blind comparison, and which task is a gold check.
+    shown_ids = blind.shown_ids(assignment.id, [c.id for c in view.completions])
     context: dict[str, Any] = {
         "view": view,
+        "shown_ids": shown_ids,
         "guidelines_html": render_guidelines(view.batch.guidelines),
         "skip_reasons": leases.SKIP_REASONS,
         "page_data": {
@@ -70,7 +74,7 @@ def assignment_page(assignment_id: int, request: Request, db: SessionDep, princi
             "kind": kind,
             "draft": assignment.draft or {},
             "active_seconds": assignment.active_seconds or 0.0,
-            "completion_ids": [c.id for c in view.completions],
+            "completion_ids": shown_ids,
             "next_url": f"/label/next?kind={kind}",
             "max_chars": leases.MAX_DEMONSTRATION_CHARS,
         },

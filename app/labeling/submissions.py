@@ -20,7 +20,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from app.collection.batches import complete_if_done
 from app.collection.prompt_import import why_unstorable
 from app.db import get_existing
-from app.labeling import leases
+from app.labeling import blind, leases
 from app.labeling.leases import MAX_DEMONSTRATION_CHARS, MAX_DRAFT_CHARS, SKIP_REASONS, LabelingError, get_assignment
 from app.models import (
     RANKING_FLAGS,
@@ -259,9 +259,16 @@ def submit(
     all_unacceptable: bool = False,
     choice: int | str | None = None,
     active_seconds: float = 0.0,
+    shown: bool = False,
 ) -> Demonstration | Ranking | Any:
-    """Submits a demonstration, a ranking or an eval verdict, whichever the task is; repeats return the stored one."""
+    """Submits a demonstration, a ranking or an eval verdict, whichever the task is; repeats return the stored one.
+
+    With `shown`, the outputs in `items` and `choice` go by the ids this assignment shows its labeler
+    (app.labeling.blind), as the pages and the API do; otherwise by completion id.
+    """
     assignment, task = leases.lock_with_task(db, assignment_id, labeler)
+    if shown and task.kind != "demonstration":
+        items, choice = _from_shown(assignment, items, choice)
     if task.kind == "demonstration":
         return _submit_demonstration(db, labeler, assignment, task, text or "", active_seconds)
     if task.kind == "ranking":
@@ -269,6 +276,21 @@ def submit(
             raise LabelingError("items", "give a rank and a Likert score for every output")
         return _submit_ranking(db, labeler, assignment, task, items or [], all_unacceptable, active_seconds)
     return _submit_judgment(db, labeler, assignment, task, choice, active_seconds)
+
+
+def _from_shown(
+    assignment: Assignment, items: list[dict[str, Any]] | None, choice: int | str | None
+) -> tuple[list[dict[str, Any]] | None, int | str | None]:
+    """Translates the shown ids of a submission into completion ids, within this assignment only."""
+    order = assignment.display_order or []
+    by_shown = dict(zip(blind.shown_ids(assignment.id, order), order, strict=True))
+    if items is not None:
+        # Checked against the shown ids first, so an error names the id the labeler sent.
+        validate_ranking_items(list(by_shown), items)
+        items = [{**item, "completion_id": by_shown[item["completion_id"]]} for item in items]
+    if isinstance(choice, int) and not isinstance(choice, bool):
+        choice = by_shown.get(choice, 0)  # 0 is no output's id: refused, naming `choice`
+    return items, choice
 
 
 def _submit_judgment(

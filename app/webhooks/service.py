@@ -9,14 +9,26 @@ with exponential backoff until MAX_ATTEMPTS, keeping the last status and
 error for the admin's delivery log. Receivers check signatures with
 `verify_signature` (or its few lines in any language) and deduplicate on
 the event id, since a delivery may arrive more than once.
+
+Webhooks are a server-side request an admin aims, so they reach public
+addresses only (SSRF): a URL whose host is or resolves to a loopback,
+private, link-local (cloud metadata), shared, multicast or reserved address
+is refused when registered, and checked again at every delivery against the
+address it resolves to then (DNS may change: rebinding), which is the address
+connected to. Redirects are never followed. `Settings.webhook_allow_hosts`
+lists hosts or networks allowed anyway (an internal receiver, the tests').
+The delivery log keeps a receiver's status code and how long it took, never
+its body.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +41,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app import events
+from app.config import get_settings
 from app.errors import AppError
 from app.models import WEBHOOK_EVENTS, User, Webhook, WebhookDelivery, utcnow
 
@@ -66,6 +79,12 @@ def create_webhook(
     parts = urlsplit(url)
     if "\x00" in url or "\x00" in description or parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError("url", "must be an absolute http:// or https:// URL")
+    try:
+        destination(url)
+    except DestinationRefused as exc:
+        raise WebhookError("url", str(exc)) from None
+    except OSError:
+        pass  # the name does not resolve yet; every delivery checks it again
     unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
     if unknown or not events:
         raise WebhookError(
@@ -82,6 +101,62 @@ def create_webhook(
     db.add(webhook)
     db.flush()
     return webhook
+
+
+# --- where a webhook may go (SSRF) ----------------------------------------------------------------
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class DestinationRefused(Exception):
+    """A webhook URL leads to an address webhooks may not reach."""
+
+
+def _not_public(address: Address) -> str | None:
+    """Says why an address is refused (loopback, private, ...), or None for a public one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if address.is_global else "non-public"
+
+
+def _allowed(host: str, address: Address, allow: tuple[str, ...]) -> bool:
+    for entry in allow:
+        if entry == host:
+            return True
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name, not a network
+    return False
+
+
+def destination(url: str) -> str:
+    """Resolves a webhook URL's host and returns the address to connect to; raises DestinationRefused.
+
+    Every address the name resolves to must be public (or allowed by `Settings.webhook_allow_hosts`), since
+    a client may use any of them. OSError when the name does not resolve.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    allow = get_settings().webhook_allowed
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    for address in addresses:
+        why = _not_public(address)
+        if why is not None and not _allowed(host, address, allow):
+            verb = "is" if str(address) == host.strip("[]") else "resolves to"
+            raise DestinationRefused(
+                f"{host} {verb} a {why} address ({address}); webhooks reach public addresses only "
+                "(INSTRUCTLOOP_WEBHOOK_ALLOW_HOSTS lists exceptions)"
+            )
+    return str(addresses[0])
 
 
 def deactivate_webhook(db: Session, webhook_id: int) -> bool:
@@ -188,21 +263,42 @@ def _attempt(client: httpx.Client, delivery: WebhookDelivery, webhook: Webhook, 
         SIGNATURE_HEADER: sign(webhook.secret, timestamp, body),
     }
     delivery.attempts += 1
+    started = time.monotonic()
+    ok = False
+    delivery.last_status_code = None
     try:
-        response = client.post(webhook.url, content=body, headers=headers)
-        delivery.last_status_code = response.status_code
+        # Checked at every attempt, and the checked address is the one connected to: the name may point
+        # somewhere else now than when the webhook was registered (DNS rebinding).
+        address = destination(webhook.url)
+        url = httpx.URL(webhook.url)
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        headers["host"] = url.netloc.decode("ascii")
+        # Streamed and never read: the receiver's body is not ours to keep or show.
+        with client.stream(
+            "POST",
+            url.copy_with(host=address),
+            content=body,
+            headers=headers,
+            follow_redirects=False,
+            extensions=extensions,
+        ) as response:
+            delivery.last_status_code = response.status_code
         ok = 200 <= response.status_code < 300
-        delivery.last_error = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
-    except httpx.HTTPError as exc:
-        ok = False
-        delivery.last_status_code = None
-        delivery.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        delivery.last_error = None if ok else f"HTTP {response.status_code} after {_ms_since(started)} ms"
+    except DestinationRefused as exc:
+        delivery.last_error = f"refused: {exc}"[:500]
+    except (httpx.HTTPError, OSError) as exc:
+        delivery.last_error = f"{type(exc).__name__} after {_ms_since(started)} ms: {exc}"[:500]
     if ok:
         delivery.status, delivery.delivered_at = "delivered", now
     elif delivery.attempts >= MAX_ATTEMPTS:
         delivery.status = "failed"
     else:
         delivery.next_attempt_at = now + retry_delay(delivery.attempts)
+
+
+def _ms_since(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
 
 
 def list_deliveries(db: Session, webhook_id: int, limit: int = 100) -> list[WebhookDelivery]:
