@@ -12,6 +12,7 @@ same token sequences.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -44,8 +45,30 @@ OPERATIONAL_FIELDS = frozenset({"checkpoint_every", "device"})
 # ----------------------------------------------------------------- devices, seeds
 
 
+def return_freed_memory() -> None:
+    """Makes glibc give large freed blocks back to the OS at once (a fixed mmap threshold of 128 KiB).
+
+    glibc raises its mmap threshold each time a large block is freed, after which blocks of that size come
+    from the heap and stay in the process when freed: a trainer's activations, freed after every backward
+    pass, then pile up as resident memory the next phase cannot always reuse. Measured on LoRA PPO of a
+    60 M-parameter Llama on CPU: a peak of 9.6 bytes per parameter with glibc's default, 5.9 with this
+    (bench/memory.py). Fixing the threshold turns the adjustment off; no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl)
+        return
+    m_mmap_threshold = -3  # from malloc.h
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def make_accelerator(device: str | None = None, mixed_precision: str = "no") -> Accelerator:
-    """Returns the accelerate handle: the given device ("cpu" forces CPU), else what accelerate finds."""
+    """Returns the accelerate handle: the given device ("cpu" forces CPU), else what accelerate finds.
+
+    Every trainer starts here, so this is also where the process stops hoarding freed activations
+    (return_freed_memory).
+    """
+    return_freed_memory()
     # Under `accelerate launch` every process gets one GPU; in a Celery worker it
     # is a single process on the first visible GPU, or the CPU. accelerate keeps
     # one process-wide state and refuses different settings later, but a worker
