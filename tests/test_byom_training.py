@@ -289,3 +289,41 @@ def test_a_model_with_a_short_context_samples_prompts_longer_than_it_keeping_the
     for max_new_tokens in (8, 100):
         rows = sample_completions(model, tokenizer, [prompt, "hi"], 2, max_new_tokens=max_new_tokens, seed=0)
         assert [len(row) for row in rows] == [2, 2] and all(isinstance(t, str) for row in rows for t in row)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_each_architecture_trains_sft_rm_and_ppo_with_lora_on_one_base(tiny_models, tmp_path, arch):
+    """peft's default targets per architecture (GPT-2's fused Conv1D c_attn, Llama/Qwen2's q/v projections)
+    train, merge on save and load as plain models; PPO runs its four networks on one frozen base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.training.configs import PPOConfig, RMConfig, SFTConfig
+    from worker.train_ppo import train_ppo
+    from worker.train_rm import RankingExample, train_rm
+    from worker.train_sft import train_sft
+
+    base = tiny_models[arch]
+    memory = {"lora_r": 4, "lora_dropout": 0.0, "device": "cpu"}
+    pairs = [(f"Say {w}", f"{w} {w}") for w in ("ab", "ba", "cab", "abc", "bca", "cc")]
+    sft = train_sft(base, pairs, [], SFTConfig(epochs=1, batch_size=3, learning_rate=1e-2, max_length=48, **memory),
+                    tmp_path / "sft")  # fmt: skip
+    assert sft["saved_as"] == "merged" and sft["steps"] == 2
+    rankings = [RankingExample(p, [c, c[::-1] + "x", "zz"], [1, 2, 3]) for p, c in pairs]
+    rm = train_rm(tmp_path / "sft", rankings, [], RMConfig(epochs=1, rankings_per_step=3, learning_rate=1e-2,
+                  max_length=48, lora_save="adapter", **memory), tmp_path / "rm")  # fmt: skip
+    assert rm["saved_as"] == "adapter" and (tmp_path / "rm" / "backbone" / "adapter_config.json").exists()
+    config = PPOConfig(steps=1, rollout_batch_size=4, minibatch_size=4, micro_batch_size=2, ppo_epochs=1,
+                       max_new_tokens=6, max_prompt_length=24, eval_size=2, learning_rate=1e-2, **memory)  # fmt: skip
+    ppo = train_ppo(tmp_path / "sft", tmp_path / "rm", [p for p, _ in pairs], config, tmp_path / "policy")
+    assert ppo["frozen_bases"] == 1 and ppo["saved_as"] == "merged"
+    models = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("sft", "policy")}
+    parent = AutoModelForCausalLM.from_pretrained(base)
+    for name, child in (("sft", models["sft"]), ("policy", models["policy"])):
+        before = parent if name == "sft" else models["sft"]
+        assert not any("lora_" in n for n, _ in child.named_parameters())
+        changed = {n for n, p in child.named_parameters() if not torch.equal(p, before.get_parameter(n))}
+        targets = ("c_attn",) if arch == "gpt2" else ("q_proj", "v_proj")
+        assert changed and all(any(t in n for t in targets) for n in changed), (name, changed)
