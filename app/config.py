@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     beat_webhooks_s: float = Field(10.0, gt=0, description="Beat: seconds between webhook delivery passes.")
     retrain_min_new_demonstrations: int = Field(50, description="New demonstrations before beat retrains SFT.")
     retrain_min_new_rankings: int = Field(50, description="New rankings before beat retrains the reward model.")
+    retrain_failure_backoff_s: float = Field(
+        3600.0,
+        ge=0,
+        description="A scheduled SFT, RM or PPO run that failed is not started again by the schedule for this long.",
+    )
     max_prompt_chars: int = Field(20000, description="Longest prompt text accepted at import.")
     eval_after_ppo_prompts: int = Field(
         50,

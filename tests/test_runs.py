@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app import runs
 from app.collection import batches
@@ -72,6 +72,46 @@ def test_cancelled_sampling_pauses_the_batch_and_resume_samples_again(db, client
         select(TrainingRun).where(TrainingRun.batch_id == batch.id, TrainingRun.status == "queued")
     ).all()
     assert len(queued) == 1 and queued[0].triggered_by == "batch-resume"
+
+
+def test_a_scheduled_run_that_failed_waits_out_the_backoff_instead_of_failing_at_every_check(db, monkeypatch):
+    from datetime import timedelta
+
+    from app.config import get_settings
+    from app.models import utcnow
+    from app.labeling import leases, submissions
+    from app.training import data as training
+    from tests.factories import UserFactory
+    from tests.test_labeling import seed_batch
+
+    monkeypatch.setenv("INSTRUCTLOOP_RETRAIN_MIN_NEW_DEMONSTRATIONS", "2")
+    monkeypatch.setenv("INSTRUCTLOOP_RETRAIN_FAILURE_BACKOFF_S", "600")
+    get_settings.cache_clear()
+    try:
+        seed_batch(db, n_prompts=2, rankings=False, demonstrations=True, overlap=1)
+        labeler = UserFactory()
+        for _ in range(2):
+            assignment = leases.lease_next_task(db, labeler, "demonstration")
+            submissions.submit_demonstration(db, labeler, assignment.id, "an answer")
+        [first] = training.start_due_runs(db)
+        assert runs.claim_run(db, first.id)
+        runs.fail_run(db, first.id, "CUDA out of memory")
+        assert training.due_kinds(db) == ["sft"]  # still due: nothing was trained
+        assert training.start_due_runs(db) == []  # but not started again at once
+        assert training.failed_recently(db, "sft").id == first.id
+        # After the backoff the schedule tries once more.
+        db.execute(
+            update(TrainingRun).where(TrainingRun.id == first.id).values(finished_at=utcnow() - timedelta(seconds=601))
+        )
+        [second] = training.start_due_runs(db)
+        assert second.kind == "sft" and second.id != first.id
+        # A run an admin started and that failed does not hold the schedule back.
+        assert runs.claim_run(db, second.id)
+        db.get(TrainingRun, second.id).triggered_by = "admin"
+        runs.fail_run(db, second.id, "bad params")
+        assert [run.kind for run in training.start_due_runs(db)] == ["sft"]
+    finally:
+        get_settings.cache_clear()
 
 
 def test_schedule_starts_the_chain_one_stage_at_a_time(db, monkeypatch):

@@ -11,13 +11,24 @@ or a newer upstream model arrives, one run per kind at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.models import Completion, Demonstration, ModelVersion, Prompt, Ranking, RankingItem, TrainingRun, User
+from app.models import (
+    Completion,
+    Demonstration,
+    ModelVersion,
+    Prompt,
+    Ranking,
+    RankingItem,
+    TrainingRun,
+    User,
+    utcnow,
+)
 from app.runs import RunError, active_run, start_run
 
 
@@ -131,11 +142,27 @@ def due_kinds(db: Session, min_demonstrations: int | None = None, min_rankings: 
     return due
 
 
+def failed_recently(db: Session, kind: str) -> TrainingRun | None:
+    """The kind's latest run, when the schedule started it and it failed within retrain_failure_backoff_s."""
+    last = db.scalar(select(TrainingRun).where(TrainingRun.kind == kind).order_by(TrainingRun.id.desc()).limit(1))
+    if last is None or last.status != "failed" or last.triggered_by != "schedule":
+        return None
+    since = utcnow() - timedelta(seconds=get_settings().retrain_failure_backoff_s)
+    recent = db.scalar(select(TrainingRun.id).where(TrainingRun.id == last.id, TrainingRun.finished_at > since))
+    return last if recent is not None else None
+
+
 def start_due_runs(db: Session) -> list[TrainingRun]:
-    """Starts the first due stage of the chain that is not already running (beat's retrain check)."""
+    """Starts the first due stage of the chain that is not already running (beat's retrain check).
+
+    A stage whose scheduled run just failed waits (retrain_failure_backoff_s) instead of failing again at
+    every check; later stages wait with it, since they need its model. An admin can start it at any time.
+    """
     if any(active_run(db, kind) for kind in ("sft", "rm", "ppo")):
         return []  # one stage at a time: the next one waits for this one's model
     for kind in due_kinds(db):
+        if failed_recently(db, kind) is not None:
+            return []
         try:
             return [start_run(db, kind, triggered_by="schedule")]
         except RunError:
