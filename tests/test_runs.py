@@ -78,8 +78,8 @@ def test_a_scheduled_run_that_failed_waits_out_the_backoff_instead_of_failing_at
     from datetime import timedelta
 
     from app.config import get_settings
-    from app.models import utcnow
     from app.labeling import leases, submissions
+    from app.models import utcnow
     from app.training import data as training
     from tests.factories import UserFactory
     from tests.test_labeling import seed_batch
