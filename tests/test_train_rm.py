@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from tests.tiny_lm import char_tokenizer, one_torch_thread, save_tiny_model
 from worker.train_rm import (
@@ -17,6 +18,7 @@ from worker.train_rm import (
     RMConfig,
     collate_rankings,
     kway_loss,
+    listwise_loss,
     load_reward_model,
     score_completions,
     train_rm,
@@ -196,3 +198,86 @@ def test_lora_reward_model_learns_and_saves_an_adapter_on_its_base(base_model: P
         if r.ranks[i] < r.ranks[j]
     )
     assert correct / sum(r.n_pairs for r in valid) == pytest.approx(metrics["valid_accuracy"], abs=1e-6)
+
+
+# --- the listwise (Plackett–Luce) loss ------------------------------------------------------------------------
+
+
+def test_listwise_loss_of_two_outputs_is_the_pairwise_loss() -> None:
+    scores = torch.tensor([0.3, 1.7])
+    assert listwise_loss(scores, [2, 1]).item() == pytest.approx(-F.logsigmoid(torch.tensor(1.4)).item() / 2)
+    # Per group: the pairwise loss is one term, the listwise one is that term over two groups (the last is 0).
+    assert 2 * listwise_loss(scores, [2, 1]).item() == pytest.approx(kway_loss(scores, [2, 1]).item())
+
+
+def test_listwise_loss_matches_efrons_formula_by_hand_with_a_tie() -> None:
+    a, b, c, d = 2.0, 0.5, 0.1, -1.0  # ranks: a first, b and c tied second, d last
+    scores = torch.tensor([c, a, d, b])
+    ranks = [2, 1, 3, 2]
+    e = math.exp
+    first = a - math.log(e(a) + e(b) + e(c) + e(d))
+    # The tie group {b, c} from {b, c, d}: Efron's two terms, the second with half the group's mass removed.
+    tie = (b + c) - math.log(e(b) + e(c) + e(d)) - math.log(e(d) + 0.5 * (e(b) + e(c)))
+    last = d - math.log(e(d))  # = 0
+    expected = -(first + tie + last) / 3
+    assert listwise_loss(scores, ranks).item() == pytest.approx(expected, rel=1e-6)
+    # The order the outputs come in does not matter, only their ranks.
+    order = [3, 0, 2, 1]
+    assert listwise_loss(scores[order], [ranks[i] for i in order]).item() == pytest.approx(expected, rel=1e-6)
+    assert listwise_loss(torch.tensor([1.0, 1.0, 1.0]), [1, 1, 1]).item() == 0.0  # all ties: nothing to learn
+
+
+def test_listwise_loss_pulls_tied_outputs_together_and_orders_the_rest() -> None:
+    scores = torch.tensor([0.0, 1.0, -0.5], requires_grad=True)  # outputs 0 and 1 tied best, 2 worst
+    listwise_loss(scores, [1, 1, 2]).backward()
+    grad = scores.grad
+    assert grad[0] < 0 < grad[1]  # descent raises the lower tied score and lowers the higher one
+    assert grad[2] > 0  # and lowers the worst
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_listwise_reward_model_learns_a_separable_preference(base_model: Path, tmp_path: Path) -> None:
+    train, valid = keyword_rankings(64, seed=2), keyword_rankings(40, seed=3)
+    config = RMConfig(
+        epochs=2,
+        learning_rate=3e-3,
+        rankings_per_step=8,
+        rankings_per_micro_batch=4,
+        warmup_ratio=0.1,
+        seed=0,
+        device="cpu",
+        loss="listwise",
+    )
+    metrics = train_rm(base_model, train, valid, config, tmp_path / "rm")
+    assert metrics["valid_accuracy"] > 0.9
+    assert metrics["valid_accuracy"] > metrics["initial_valid_accuracy"] + 0.2
+    assert metrics["train_loss_curve"][-1] < metrics["train_loss_curve"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("loss", ["pairwise", "listwise"])
+def test_killed_reward_model_run_resumes_to_the_same_weights(base_model: Path, tmp_path: Path, loss: str) -> None:
+    train, valid = keyword_rankings(16, seed=4), keyword_rankings(6, seed=5)
+    config = RMConfig(
+        epochs=2, learning_rate=3e-3, rankings_per_step=4, rankings_per_micro_batch=2, checkpoint_every=2,
+        seed=1, device="cpu", loss=loss,
+    )  # fmt: skip
+    full = train_rm(base_model, train, valid, config, tmp_path / "full")
+
+    def kill_at_step_5(step: int, total: int, metrics: dict) -> None:
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_rm(base_model, train, valid, config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt",
+                 progress=kill_at_step_5)  # fmt: skip
+    steps: list[int] = []
+    resumed = train_rm(base_model, train, valid, config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt",
+                       progress=lambda step, total, m: steps.append(step))  # fmt: skip
+    assert steps == [5, 6, 7, 8]  # the step-4 checkpoint (an epoch end) survived; step 5 is redone
+    assert resumed == full
+    for part in ("head.safetensors", "backbone/model.safetensors"):
+        a, b = load_file(tmp_path / "full" / part), load_file(tmp_path / "resumed" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

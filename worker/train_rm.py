@@ -192,6 +192,43 @@ def kway_loss(scores: torch.Tensor, ranks: list[int] | torch.Tensor, l2: float =
     return loss + l2 * scores.pow(2).mean() if l2 else loss
 
 
+def listwise_loss(scores: torch.Tensor, ranks: list[int] | torch.Tensor, l2: float = 0.0) -> torch.Tensor:
+    """Plackett–Luce negative log-likelihood of one ranking with ties (Efron's method), per tie group.
+
+    A ranking with tie groups G_1 (best), …, G_m is read as choosing each group in turn from what is left,
+    R_k = G_k ∪ … ∪ G_m. Without ties, P = Π_k exp(r_k) / Σ_{j∈R_k} exp(r_j) (Plackett 1975, Luce 1959).
+    A tie group of d outputs is scored with Efron's (1977) approximation of the tied partial likelihood
+    (JASA 72:557, eq. 3.1, the form Cox regression uses for tied event times):
+
+        log L_k = Σ_{i∈G_k} r_i − Σ_{l=0}^{d−1} log( Σ_{j∈R_k} e^{r_j} − (l/d) Σ_{i∈G_k} e^{r_i} )
+
+    which is Plackett–Luce when d = 1 and, unlike Breslow's approximation, is largest when the tied outputs
+    score alike. For K = 2 without a tie it is exactly the pairwise loss, −log σ(r_w − r_l). The loss is
+    −Σ_k log L_k divided by the number of groups, so every ranking weighs about the same whatever its K.
+    """
+    ranks = torch.as_tensor(ranks, device=scores.device)
+    levels = torch.unique(ranks)  # sorted: best rank first
+    if len(levels) < 2:
+        return scores.sum() * 0.0  # an all-tie ranking teaches nothing, as in kway_loss
+    total = scores.sum() * 0.0
+    for level in levels:
+        tied = ranks == level
+        left = ranks >= level  # this group and every worse one
+        rest = scores[left & ~tied]
+        group = scores[tied]
+        d = int(tied.sum())
+        for step in range(d):
+            # log(Σ_{R∖G} e^r + (1 − l/d) Σ_G e^r) with l = step, stably
+            weighted = group + math.log(1.0 - step / d)
+            total = total - torch.logsumexp(torch.cat([rest, weighted]), dim=0)
+        total = total + group.sum()
+    loss = -total / len(levels)
+    return loss + l2 * scores.pow(2).mean() if l2 else loss
+
+
+RANKING_LOSSES = {"pairwise": kway_loss, "listwise": listwise_loss}
+
+
 def pair_outcomes(scores: torch.Tensor, ranks: list[int]) -> tuple[float, int]:
     """(correctly ordered pairs, pairs) of one ranking; equal scores count half."""
     ranks_t = torch.as_tensor(ranks, device=scores.device)
@@ -226,7 +263,7 @@ def ranking_losses(
     loss = scores.sum() * 0.0
     correct, pairs = 0.0, 0
     for ranking, span in zip(rankings, spans, strict=True):
-        loss = loss + kway_loss(scores[span], ranking.ranks, config.score_l2)
+        loss = loss + RANKING_LOSSES[config.loss](scores[span], ranking.ranks, config.score_l2)
         ok, n = pair_outcomes(scores[span].detach(), ranking.ranks)
         correct, pairs = correct + ok, pairs + n
     return loss, scores.detach(), correct, pairs

@@ -35,6 +35,7 @@ PRECISIONS: dict[str, Any] = {"choices": ("no", "bf16", "fp16")}
 LR_SCHEDULE_NAMES = ("constant", "cosine")  # the keys of worker/train_ppo.py's LR_SCHEDULES
 WEIGHT_PRECISIONS: dict[str, Any] = {"choices": ("auto", "fp32", "bf16")}
 LORA_SAVE: dict[str, Any] = {"choices": ("merged", "adapter")}
+RM_LOSSES: dict[str, Any] = {"choices": ("pairwise", "listwise")}  # worker/train_rm.py's RANKING_LOSSES
 
 
 @dataclass
@@ -168,6 +169,14 @@ class RMConfig(TrainerOptions):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", **NON_NEGATIVE})
     max_length: int = field(
         default=1024, metadata={"help": "Tokens per (prompt, completion); longer ones are truncated.", **LENGTH}
+    )
+    loss: str = field(
+        default="pairwise",
+        metadata={
+            "help": "'pairwise': InstructGPT's mean -log σ(r_w − r_l) over a ranking's pairs; 'listwise': the "
+            "Plackett–Luce likelihood of the whole ranking, ties by Efron's method.",
+            **RM_LOSSES,
+        },
     )
     score_l2: float = field(
         default=0.0,
