@@ -144,9 +144,15 @@ def matched_rankings_per_step(rankings: list[Any], pairs_per_step: int) -> int:
 
 
 def run_ours(
-    base: str, train: list[Any], valid: list[Any], args: argparse.Namespace, out: Path, epochs: int = 1
+    base: str,
+    train: list[Any],
+    valid: list[Any],
+    args: argparse.Namespace,
+    out: Path,
+    epochs: int = 1,
+    loss: str = "pairwise",
 ) -> dict[str, Any]:
-    """Trains our K-way reward model; returns throughput and held-out accuracy."""
+    """Trains our K-way reward model (all-pairs or listwise loss); returns throughput and held-out accuracy."""
     from worker.train_rm import RMConfig, load_reward_model, score_completions, train_rm
 
     clock = StepClock()
@@ -160,6 +166,7 @@ def run_ours(
         max_length=128,
         seed=0,
         device="cpu",
+        loss=loss,
     )
     started = time.perf_counter()
     train_rm(base, train, [], config, out, progress=lambda step, total, metrics: clock.tick())
@@ -268,7 +275,9 @@ def compare(k: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"reward-speed-{k}-") as tmp:
         ours = run_ours(args.model, train, valid, args, Path(tmp) / "ours")
         print(f"K={k} repeat {repeat} ours: {ours}", file=sys.stderr, flush=True)
-        theirs = run_trl(args.model, train, valid, args, Path(tmp) / "trl")
+        listwise = run_ours(args.model, train, valid, args, Path(tmp) / "listwise", loss="listwise")
+        print(f"K={k} repeat {repeat} ours, listwise: {listwise}", file=sys.stderr, flush=True)
+        theirs = None if args.skip_trl else run_trl(args.model, train, valid, args, Path(tmp) / "trl")
         print(f"K={k} repeat {repeat} TRL: {theirs}", file=sys.stderr, flush=True)
         longer = None
         if args.extra_epochs > 1:
@@ -280,12 +289,18 @@ def compare(k: int, repeat: int, args: argparse.Namespace) -> dict[str, Any]:
         "valid_rankings": len(valid),
         "noise_ceiling": round(noise_ceiling(valid), 4),
         "ours": ours,
-        "trl": theirs,
-        "speedup": round(ours["rankings_per_s"] / theirs["rankings_per_s"], 2),
-        "cpu_speedup": round(ours["rankings_per_cpu_s"] / theirs["rankings_per_cpu_s"], 2),
-        "accuracy_difference": round(ours["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
+        "listwise": listwise,
+        "listwise_minus_pairwise": round(listwise["held_out_accuracy"] - ours["held_out_accuracy"], 4),
     }
-    if longer:
+    if theirs is not None:
+        result |= {
+            "trl": theirs,
+            "speedup": round(ours["rankings_per_s"] / theirs["rankings_per_s"], 2),
+            "cpu_speedup": round(ours["rankings_per_cpu_s"] / theirs["rankings_per_cpu_s"], 2),
+            "accuracy_difference": round(ours["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
+            "listwise_accuracy_difference": round(listwise["held_out_accuracy"] - theirs["held_out_accuracy"], 4),
+        }
+    if longer and theirs is not None:
         # Our trainer given more passes: its time against TRL's one epoch, and the accuracy it reaches.
         result[f"ours_{args.extra_epochs}_epochs"] = {
             **longer,
@@ -330,14 +345,22 @@ def main() -> None:
         help="torch CPU threads (1: on a shared 2-core machine a 2-thread pool is often much slower)",
     )
     parser.add_argument("--quick", action="store_true", help="a small run (40 rankings per K, 30 held out, 1 repeat)")
+    parser.add_argument(
+        "--skip-trl", action="store_true", help="compare our two losses only (no TRL needed); no speedups then"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rankings, args.valid, args.repeats = 40, 30, 1
 
+    trl: Any = None
     try:
         import trl
     except ImportError:
-        sys.exit("reward_speed needs TRL, a benchmark-only dependency: .venv/bin/pip install trl (keep torch pinned)")
+        if not args.skip_trl:
+            sys.exit(
+                "reward_speed needs TRL, a benchmark-only dependency: .venv/bin/pip install trl (keep torch pinned)"
+                " or --skip-trl"
+            )
     import datasets
     import torch
     import transformers
@@ -357,11 +380,24 @@ def main() -> None:
                 name: spread([pick(run) for run in runs])
                 for name, pick in (
                     ("ours_accuracy", lambda run: run["ours"]["held_out_accuracy"]),
-                    ("trl_accuracy", lambda run: run["trl"]["held_out_accuracy"]),
-                    ("accuracy_difference", lambda run: run["accuracy_difference"]),
+                    ("listwise_accuracy", lambda run: run["listwise"]["held_out_accuracy"]),
+                    ("listwise_minus_pairwise", lambda run: run["listwise_minus_pairwise"]),
                     ("noise_ceiling", lambda run: run["noise_ceiling"]),
-                    ("speedup", lambda run: run["speedup"]),
-                    ("cpu_speedup", lambda run: run["cpu_speedup"]),
+                    (
+                        "listwise_speed_ratio",
+                        lambda run: run["listwise"]["rankings_per_s"] / run["ours"]["rankings_per_s"],
+                    ),
+                    *(
+                        ()
+                        if args.skip_trl
+                        else (
+                            ("trl_accuracy", lambda run: run["trl"]["held_out_accuracy"]),
+                            ("accuracy_difference", lambda run: run["accuracy_difference"]),
+                            ("listwise_accuracy_difference", lambda run: run["listwise_accuracy_difference"]),
+                            ("speedup", lambda run: run["speedup"]),
+                            ("cpu_speedup", lambda run: run["cpu_speedup"]),
+                        )
+                    ),
                 )
             },
         }
@@ -374,7 +410,11 @@ def main() -> None:
         "lr": args.lr,
         "pairs_per_step": args.pairs_per_step,
         "repeats": args.repeats,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__ if trl else None,
+        },
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "by_k": by_k,
