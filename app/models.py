@@ -62,7 +62,9 @@ MODEL_STATUSES = ("training", "validating", "ready", "failed", "promoted", "reti
 USABLE_STATUSES = ("ready", "promoted")
 GOLD_SOURCES = ("ranking", "consensus")
 EVALUATION_STATUSES = ("sampling", "labeling", "completed", "cancelled")
-RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo", "validate")
+RUN_KINDS = ("pretrain", "sample", "sft", "rm", "ppo", "validate", "dpo")
+# The trainers of the loop: one run of each kind at a time (the scheduler and admins cannot start a second).
+TRAINING_KINDS = ("sft", "rm", "ppo", "dpo")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 RANKING_FLAGS = (
     "fails_instruction",
@@ -503,8 +505,8 @@ class TrainingRun(Base):
             "uq_training_runs_one_active",
             "kind",
             unique=True,
-            postgresql_where=text("status IN ('queued', 'running') AND kind IN ('sft', 'rm', 'ppo')"),
-            sqlite_where=text("status IN ('queued', 'running') AND kind IN ('sft', 'rm', 'ppo')"),
+            postgresql_where=text(f"status IN ('queued', 'running') AND {_in('kind', TRAINING_KINDS)}"),
+            sqlite_where=text(f"status IN ('queued', 'running') AND {_in('kind', TRAINING_KINDS)}"),
         ),
         # The outbox: runs committed but not yet handed to the broker.
         Index("ix_training_runs_unsent", "status", "enqueued_at"),

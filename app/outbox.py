@@ -35,6 +35,7 @@ RUN_TASKS = {
     "rm": "instructloop.train_rm",
     "ppo": "instructloop.train_ppo",
     "validate": "instructloop.validate_model",
+    "dpo": "instructloop.train_dpo",
 }
 LIGHT_TASKS = (
     "instructloop.ping",

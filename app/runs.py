@@ -23,7 +23,7 @@ from app import events
 from app.config import get_settings
 from app.db import rowcount
 from app.errors import AppError
-from app.models import RUN_KINDS, ModelVersion, TrainingRun, utcnow
+from app.models import RUN_KINDS, TRAINING_KINDS, ModelVersion, TrainingRun, utcnow
 from app.outbox import enqueue_run
 
 MAX_ATTEMPTS = 3
@@ -46,7 +46,7 @@ def start_run(
     """Queues a run of `kind`; refuses a second active SFT, RM or PPO run."""
     if kind not in RUN_KINDS:
         raise RunError("kind", f"must be one of {', '.join(RUN_KINDS)}", 422)
-    if kind in ("sft", "rm", "ppo") and active_run(db, kind) is not None:
+    if kind in TRAINING_KINDS and active_run(db, kind) is not None:
         raise RunError("kind", f"a {kind} run is already queued or running")
     run = TrainingRun(kind=kind, batch_id=batch_id, params=params or {}, triggered_by=triggered_by)
     try:

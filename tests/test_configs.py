@@ -28,12 +28,18 @@ from app.training.configs import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINERS = {"sft": "worker/train_sft.py", "rm": "worker/train_rm.py", "ppo": "worker/train_ppo.py"}
+TRAINERS = {
+    "sft": "worker/train_sft.py",
+    "rm": "worker/train_rm.py",
+    "ppo": "worker/train_ppo.py",
+    "dpo": "worker/train_dpo.py",
+}
 # Where a trainer's settings are read besides its own module: the memory options, and PPO's four networks.
 HELPERS = {
     "sft": ["worker/adapters.py"],
     "rm": ["worker/adapters.py"],
     "ppo": ["worker/adapters.py", "worker/ppo_models.py"],
+    "dpo": ["worker/adapters.py"],
 }
 
 
@@ -236,7 +242,7 @@ def test_valid_params_round_trip(client, db, auth):
 
 def test_params_listing_comes_from_the_dataclasses(client, db, auth):
     listed = client.get("/api/v1/runs/params", headers=auth).json()
-    assert set(listed) == {"sft", "rm", "ppo", "pretrain"}
+    assert set(listed) == {"sft", "rm", "ppo", "dpo", "pretrain"}
     for kind, specs in listed.items():
         assert list(specs) == [f.name for f in ordered_fields(CONFIGS[kind])]  # own settings first
         assert specs == json.loads(json.dumps(param_specs(kind)))

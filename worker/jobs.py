@@ -337,6 +337,41 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     return _jsonable({**metrics, "config": asdict(config)}), version_id
 
 
+def run_dpo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
+    """Trains the newest SFT model (else the base) on the rankings with DPO; the result is a policy version."""
+    from worker.train_dpo import train_dpo
+    from worker.train_rm import RankingExample
+
+    params = _params(run_id)
+    with session_scope() as db:
+        start = training.latest(db, "sft") or registry.promoted(db, "base") or training.latest(db, "base")
+        if start is None:
+            raise RuntimeError("no SFT or base model to start DPO from")
+        data, snap = training.rankings(db)
+        params = _with_recipe(db, start, "dpo", params)
+        start_id, start_path = start.id, start.artifact_path
+
+    def examples(rows):
+        return [RankingExample(r.prompt, r.completions, r.ranks, r.labeler) for r in rows]
+
+    config = config_for("dpo", params)
+    if not data["train"]:
+        raise RuntimeError("no rankings in the train split yet")
+    _fit_context(config, start_path)
+    lineage = {"sft": start_id, "algorithm": "dpo"}
+    version_id, out = _begin_version(run_id, "policy", start_id, lineage, snap.as_dict())
+    metrics = train_dpo(
+        start_path,
+        examples(data["train"]),
+        examples(data["valid"]),
+        config,
+        out,
+        checkpoint_dir=run_dir(run_id) / "checkpoint",
+        progress=_progress(report),
+    )
+    return _jsonable({**metrics, "algorithm": "dpo", "config": asdict(config)}), version_id
+
+
 def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Optimises the SFT policy against the newest reward model with PPO (KL-penalised)."""
     from worker.train_ppo import train_ppo
@@ -354,7 +389,11 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     config = config_for("ppo", params)
     _fit_context(config, sft_path)
     version_id, out = _begin_version(
-        run_id, "policy", sft_id, {"sft": sft_id, "rm": rm_id}, {"counts": {"prompts": len(prompts)}}
+        run_id,
+        "policy",
+        sft_id,
+        {"sft": sft_id, "rm": rm_id, "algorithm": "ppo"},
+        {"counts": {"prompts": len(prompts)}},
     )
     metrics = train_ppo(
         sft_path,

@@ -145,6 +145,12 @@ def train_ppo(run_id: int) -> str:
     return execute_run(run_id, _job("run_ppo"))
 
 
+@app.task(name="instructloop.train_dpo")
+def train_dpo(run_id: int) -> str:
+    """Trains the SFT policy on whole rankings with DPO (pairwise or listwise), no reward model."""
+    return execute_run(run_id, _job("run_dpo"))
+
+
 @app.task(name="instructloop.validate_model")
 def validate_model(run_id: int) -> str:
     """Validates a model registered from a folder or hub id; it becomes ready, or failed with the reason."""

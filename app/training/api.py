@@ -22,16 +22,16 @@ from app.config import get_settings
 from app.db import rowcount
 from app.deps import AdminApi, SessionDep
 from app.errors import FieldError
-from app.models import ModelVersion, PromptBatch, TrainingRun, utcnow
+from app.models import TRAINING_KINDS, ModelVersion, PromptBatch, TrainingRun, utcnow
 from app.runs import active_run, start_run
 from app.training import data as training
 from app.training.configs import param_specs, validate_params
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 
-RunKind = Literal["pretrain", "sample", "sft", "rm", "ppo"]
+RunKind = Literal["pretrain", "sample", "sft", "rm", "ppo", "dpo", "validate"]
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ManualRunKind = Literal["sft", "rm", "ppo", "pretrain"]
+ManualRunKind = Literal["sft", "rm", "ppo", "dpo", "pretrain"]
 ACTIVE = ("queued", "running")
 
 
@@ -128,7 +128,7 @@ def cancel_run(db: Session, run: TrainingRun, username: str) -> TrainingRun:
 def schedule_preview(db: Session) -> Schedule:
     """Says what the retrain schedule would start now, and why not when it would wait."""
     due = training.due_kinds(db)
-    active = [kind for kind in ("sft", "rm", "ppo") if active_run(db, kind) is not None]
+    active = [kind for kind in TRAINING_KINDS if active_run(db, kind) is not None]
     return Schedule(
         due=due,
         active=active,
@@ -175,7 +175,7 @@ def run_schedule(db: SessionDep, principal: AdminApi):
 @router.get("/runs/params")
 def run_params(principal: AdminApi) -> dict[str, dict[str, dict[str, Any]]]:
     """Lists the settings each kind of run accepts in `params`: type, default, help and allowed range."""
-    return {kind: param_specs(kind) for kind in ("sft", "rm", "ppo", "pretrain")}
+    return {kind: param_specs(kind) for kind in ("sft", "rm", "ppo", "dpo", "pretrain")}
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)

@@ -279,7 +279,54 @@ class PPOConfig(TrainerOptions):
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N PPO steps.", **AT_LEAST_1})
 
 
-CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+@dataclass
+class DPOConfig(TrainerOptions):
+    """Settings of one DPO run on whole rankings (worker/train_dpo.py)."""
+
+    beta: float = field(
+        default=0.1, metadata={"help": "β: scale of the implicit reward β·(log π − log π_ref) (DPO: 0.1).", **POSITIVE}
+    )
+    loss: str = field(
+        default="pairwise",
+        metadata={
+            "help": "'pairwise': DPO's −log σ over every non-tied pair of a ranking; 'listwise': the Plackett–Luce "
+            "likelihood of the whole ranking on the implicit rewards, ties by Efron's method.",
+            **RM_LOSSES,
+        },
+    )
+    epochs: int = field(default=1, metadata={"help": "Passes over the rankings.", **AT_LEAST_1})
+    learning_rate: float = field(default=5e-7, metadata={"help": "Peak AdamW learning rate.", **POSITIVE})
+    rankings_per_step: int = field(default=8, metadata={"help": "Rankings per optimizer step.", **AT_LEAST_1})
+    rankings_per_micro_batch: int = field(
+        default=4,
+        metadata={"help": "Whole rankings per forward pass; all K completions of a ranking share it.", **AT_LEAST_1},
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay on weight matrices.", **NON_NEGATIVE}
+    )
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Fraction of steps of linear warmup before cosine decay.", **RATIO}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables).", **NON_NEGATIVE})
+    max_length: int = field(
+        default=1024, metadata={"help": "Tokens per (prompt, completion); longer ones are truncated.", **LENGTH}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for shuffling and dropout.", **SEED})
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "Write a checkpoint every N optimizer steps.", **AT_LEAST_1}
+    )
+    eval_batch_size: int = field(
+        default=8, metadata={"help": "Rankings per forward pass when evaluating.", **AT_LEAST_1}
+    )
+
+
+CONFIGS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "dpo": DPOConfig,
+}
 """The config dataclass of each run kind that takes params (sampling runs take theirs from the batch)."""
 
 

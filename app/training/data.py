@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.models import (
+    TRAINING_KINDS,
     Completion,
     Demonstration,
     ModelVersion,
@@ -158,7 +159,7 @@ def start_due_runs(db: Session) -> list[TrainingRun]:
     A stage whose scheduled run just failed waits (retrain_failure_backoff_s) instead of failing again at
     every check; later stages wait with it, since they need its model. An admin can start it at any time.
     """
-    if any(active_run(db, kind) for kind in ("sft", "rm", "ppo")):
+    if any(active_run(db, kind) for kind in TRAINING_KINDS):
         return []  # one stage at a time: the next one waits for this one's model
     for kind in due_kinds(db):
         if failed_recently(db, kind) is not None:

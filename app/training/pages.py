@@ -28,7 +28,7 @@ from app.training.configs import param_specs
 
 router = APIRouter(include_in_schema=False)
 
-MANUAL_KINDS = ("sft", "rm", "ppo", "pretrain")
+MANUAL_KINDS = ("sft", "rm", "ppo", "dpo", "pretrain")
 RECENT_RUNS = 50
 
 
