@@ -157,6 +157,7 @@ def start_evaluation(
             {
                 "batch_id": batch.id,
                 "text": p.text,
+                "messages": p.messages,
                 "source_user_id": p.source_user_id,
                 "category": p.category,
                 "split": p.split,

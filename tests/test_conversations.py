@@ -1,0 +1,311 @@
+"""Conversations as prompts: the shape rule, the migration that makes every prompt one, and the import."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.conversations import conversation_problems, last_user_text, validate_messages
+from app.errors import Invalid
+from tests.conftest import PG_ADMIN_URL
+
+
+def test_migration_0006_turns_every_prompt_into_a_conversation_and_back_on_postgresql():
+    """Rows stored before 0006 become one-message conversations; downgrading keeps their text."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    from app.db import alembic_config
+    from app.models import PromptBatch
+
+    name = f"instructloop_conv_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    engine = create_engine(url)
+    texts = ["What is 2 + 2?", "Say 'hi' with \"quotes\", a \\ backslash\nand a newline: ünïcode 🙂", "x" * 5000]
+    try:
+        config = alembic_config(url)
+        command.upgrade(config, "0005")
+        with Session(engine) as session:
+            batch = PromptBatch(name="before-conversations")
+            session.add(batch)
+            session.flush()
+            for i, t in enumerate(texts):
+                session.execute(
+                    text(
+                        "INSERT INTO prompts (batch_id, text, category, split, normalized_key, metadata, pii_flags,"
+                        " created_at) VALUES (:b, :t, 'plain', 'train', :k, '{}', '[]', now())"
+                    ),
+                    {"b": batch.id, "t": t, "k": f"{i:064x}"},
+                )
+            session.commit()
+        command.upgrade(config, "0006")
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT text, messages FROM prompts ORDER BY id")).all()
+            nullable = conn.execute(
+                text(
+                    "SELECT is_nullable FROM information_schema.columns WHERE table_name = 'prompts'"
+                    " AND column_name = 'messages'"
+                )
+            ).scalar_one()
+        assert [(r.text, r.messages) for r in rows] == [(t, [{"role": "user", "content": t}]) for t in texts]
+        assert nullable == "NO"
+        with engine.begin() as conn:  # a multi-turn prompt written under 0006
+            conn.execute(
+                text(
+                    "INSERT INTO prompts (batch_id, text, messages, category, split, normalized_key, metadata,"
+                    " pii_flags, created_at) SELECT batch_id, 'and doubled?', CAST(:m AS jsonb), 'plain', 'train',"
+                    " repeat('f', 64), '{}', '[]', now() FROM prompts LIMIT 1"
+                ),
+                {
+                    "m": '[{"role":"user","content":"2+2?"},{"role":"assistant","content":"4"},'
+                    '{"role":"user","content":"and doubled?"}]'
+                },
+            )
+        command.downgrade(config, "0005")
+        with engine.connect() as conn:
+            columns = (
+                conn.execute(text("SELECT column_name FROM information_schema.columns WHERE table_name = 'prompts'"))
+                .scalars()
+                .all()
+            )
+            after = conn.execute(text("SELECT text FROM prompts ORDER BY id")).scalars().all()
+        assert "messages" not in columns
+        assert after == [*texts, "and doubled?"]
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM prompts WHERE messages IS NULL")).scalar_one() == 0
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.mark.sqlite
+def test_a_prompt_written_with_text_only_is_a_one_message_conversation(db, backend):
+    from sqlalchemy import insert, select
+
+    from app.models import Prompt
+    from tests.factories import BatchFactory, PromptFactory
+
+    prompt = PromptFactory(batch=BatchFactory(), text="Reverse abc.")
+    db.refresh(prompt)
+    assert prompt.messages == [{"role": "user", "content": "Reverse abc."}]
+    batch = BatchFactory()
+    db.execute(insert(Prompt), [{"batch_id": batch.id, "text": t, "normalized_key": t * 64} for t in "ab"])
+    stored = db.scalars(select(Prompt.messages).where(Prompt.batch_id == batch.id).order_by(Prompt.id)).all()
+    assert stored == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+
+
+GOOD = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "x2?"}],
+]
+
+
+@pytest.mark.parametrize("messages", GOOD)
+def test_valid_conversations_pass(messages):
+    assert conversation_problems(messages) == []
+    assert validate_messages(messages) == messages
+
+
+@pytest.mark.parametrize(
+    ("messages", "field", "message"),
+    [
+        ("hi", "messages", "must be a list of messages"),
+        ([], "messages", "must hold at least one message"),
+        (["hi"], "messages[0]", 'must be an object with "role" and "content"'),
+        ([{"role": "bot", "content": "x"}], "messages[0].role", "must be one of system, user, assistant"),
+        ([{"role": "user", "content": "  "}], "messages[0].content", "is empty"),
+        ([{"role": "user", "content": 3}], "messages[0].content", "must be a string"),
+        ([{"role": "user", "content": "x", "name": "a"}], "messages[0].name", "unknown key"),
+        ([{"role": "system", "content": "x"}], "messages", "must end with a user message"),
+        ([{"role": "assistant", "content": "x"}], "messages[0].role", "must be user"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "messages[1].role",
+            "must be assistant",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+            "messages[1].role",
+            "system may only be the first message",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "messages[1].role",
+            "must be user: a conversation ends with a user message",
+        ),
+    ],
+)
+def test_invalid_conversations_name_the_field(messages, field, message):
+    with pytest.raises(Invalid) as caught:
+        validate_messages(messages)
+    assert caught.value.field == field
+    assert message in caught.value.message
+
+
+def test_last_user_text_is_the_question():
+    assert last_user_text(GOOD[2]) == "x2?"
+
+
+# -- import ---------------------------------------------------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And doubled?"},
+]
+
+
+def _jsonl(*objects) -> bytes:
+    import json
+
+    return "".join(json.dumps(o) + "\n" for o in objects).encode()
+
+
+def test_jsonl_import_reads_messages_beside_text():
+    from app.collection.prompt_import import parse_prompts
+
+    result = parse_prompts(_jsonl({"messages": CONVERSATION, "source_user_id": "u1"}, {"text": "Hi"}), "jsonl")
+    assert result.ok
+    conversation, single = result.rows
+    assert conversation.messages == CONVERSATION and conversation.text == "And doubled?"
+    assert conversation.source_user_id == "u1"
+    assert single.messages is None and single.text == "Hi"
+
+
+def test_jsonl_import_errors_are_line_numbered_and_name_the_message_field():
+    from app.collection.prompt_import import parse_prompts
+
+    bad_role = [*CONVERSATION[:2], {"role": "bot", "content": "4"}, CONVERSATION[3]]
+    data = _jsonl(
+        {"text": "fine"},
+        {"messages": CONVERSATION, "text": "both"},
+        {"messages": bad_role},
+        {"messages": [{"role": "user", "content": ""}]},
+        {"messages": CONVERSATION[:3]},
+        {"messages": "hello"},
+        {"messages": [{"role": "user", "content": "x" * 11}]},
+    )
+    result = parse_prompts(data, "jsonl", max_text_chars=10)
+    assert not result.ok and result.rows[0].text == "fine"
+    got = [(e.line, e.field, e.message) for e in result.errors]
+    assert got == [
+        (2, "text", "give either text or messages, not both"),
+        (2, "messages[0].content", "has 15 characters; the maximum is 10"),
+        (2, "messages[1].content", "has 14 characters; the maximum is 10"),
+        (2, "messages[3].content", "has 12 characters; the maximum is 10"),
+        (3, "messages[2].role", "must be one of system, user, assistant"),
+        (4, "messages[0].content", "is empty"),
+        (5, "messages[2].role", "must be user: a conversation ends with a user message"),
+        (6, "messages", "must be a list of messages"),
+        (7, "messages[0].content", "has 11 characters; the maximum is 10"),
+    ]
+
+
+def _hygiene(rows, **config):
+    from app.collection.hygiene import HygieneConfig, apply_hygiene
+
+    return apply_hygiene(rows, existing_keys=set(), config=HygieneConfig(**config))
+
+
+def _row(line, messages=None, text=None, user=None):
+    from app.collection.prompt_import import PromptRow
+
+    if messages is not None:
+        text = [m for m in messages if m["role"] == "user"][-1]["content"]
+    return PromptRow(line, text, user, "plain", {}, messages)
+
+
+def test_hygiene_finds_pii_in_every_turn_and_redacts_each():
+    earlier_email = [
+        {"role": "user", "content": "Mail me at ann@example.com"},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "Now summarise."},
+    ]
+    dropped = _hygiene([_row(1, earlier_email)])
+    assert dropped.kept == [] and dropped.dropped[0].rule == "pii"
+    redacted = _hygiene([_row(1, earlier_email)], pii_policy="redact").kept[0]
+    assert redacted.messages[0]["content"] == "Mail me at [EMAIL]"
+    assert redacted.messages[2]["content"] == redacted.text == "Now summarise."
+    assert redacted.pii_flags == ["email"]
+
+
+def test_hygiene_dedupes_over_the_whole_conversation():
+    from app.collection.hygiene import normalized_key
+
+    other_history = [{"role": "user", "content": "What is 3 + 3?"}, *CONVERSATION[2:]]
+    result = _hygiene(
+        [
+            _row(1, CONVERSATION),
+            _row(2, other_history),  # same last question, other history: not a duplicate
+            _row(3, [dict(m, content=m["content"].upper()) for m in CONVERSATION]),  # same after normalising
+            _row(4, text="And doubled?"),  # the last question alone is another prompt
+            _row(5, [{"role": "user", "content": "and  DOUBLED?"}]),  # a one-message conversation is its text
+        ],
+        prefix_chars=None,
+    )
+    assert [p.line for p in result.kept] == [1, 2, 4]
+    assert [(d.line, d.rule) for d in result.dropped] == [(3, "duplicate"), (5, "duplicate")]
+    assert result.kept[2].normalized_key == normalized_key("And doubled?")
+    assert result.kept[2].messages == [{"role": "user", "content": "And doubled?"}]
+
+
+def test_hygiene_caps_and_splits_conversations_by_source_user():
+    rows = [
+        _row(
+            i,
+            [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": f"then {i}?"},
+            ],
+            user="u1" if i < 4 else "u2",
+        )
+        for i in range(1, 7)
+    ]
+    result = _hygiene(rows, max_per_user=2, prefix_chars=None)
+    assert [p.line for p in result.kept] == [1, 2, 4, 5]
+    assert {d.rule for d in result.dropped} == {"over_user_limit"}
+    splits = {p.source_user_id: set() for p in result.kept}
+    for p in result.kept:
+        splits[p.source_user_id].add(p.split)
+    assert all(len(s) == 1 for s in splits.values())
+
+
+@pytest.mark.sqlite
+def test_import_stores_conversations_all_or_nothing(db, backend):
+    from sqlalchemy import select
+
+    from app.collection.batches import import_prompts
+    from app.models import Prompt
+    from tests.factories import BatchFactory
+
+    batch = BatchFactory()
+    bad = _jsonl({"messages": CONVERSATION}, {"messages": [{"role": "assistant", "content": "hi"}]})
+    outcome = import_prompts(db, batch, bad, "jsonl")
+    assert outcome.errors["errors"] == [
+        {
+            "line": 2,
+            "field": "messages[0].role",
+            "message": "must be user: after an optional system message, user and assistant alternate",
+        }
+    ]
+    assert db.scalars(select(Prompt).where(Prompt.batch_id == batch.id)).all() == []
+    outcome = import_prompts(db, batch, _jsonl({"messages": CONVERSATION}, {"text": "Hi there"}), "jsonl")
+    assert not outcome.errors and outcome.stored == 2
+    stored = db.execute(
+        select(Prompt.text, Prompt.messages).where(Prompt.batch_id == batch.id).order_by(Prompt.source_line)
+    ).all()
+    assert [tuple(r) for r in stored] == [
+        ("And doubled?", CONVERSATION),
+        ("Hi there", [{"role": "user", "content": "Hi there"}]),
+    ]
