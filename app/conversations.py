@@ -18,6 +18,8 @@ from app.errors import Invalid
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
+# What a model is asked to answer: a text (one user message) or a conversation ending with a user message.
+PromptInput = str | list[Message]
 
 
 def single_turn(text: str) -> list[Message]:
@@ -93,6 +95,17 @@ def last_user_text(messages: list[Message]) -> str:
 def messages_of(messages: list[Message] | None, text: str) -> list[Message]:
     """Returns a prompt's conversation, or the single-turn one of its text when it has none (older rows, SQL)."""
     return list(messages) if messages else single_turn(text)
+
+
+def prompt_input(messages: list[Message] | None, text: str) -> PromptInput:
+    """Returns what trainers get for a prompt: its text when it is a lone user message, else the conversation.
+
+    Single-turn prompts stay plain strings, so every trainer and its data fingerprints see exactly what they
+    saw before conversations existed; format_prompt renders either form.
+    """
+    if not messages or (len(messages) == 1 and messages[0]["role"] == "user"):
+        return text
+    return list(messages)
 
 
 def user_turns(messages: list[Message]) -> list[str]:

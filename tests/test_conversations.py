@@ -309,3 +309,55 @@ def test_import_stores_conversations_all_or_nothing(db, backend):
         ("And doubled?", CONVERSATION),
         ("Hi there", [{"role": "user", "content": "Hi there"}]),
     ]
+
+
+@pytest.mark.sqlite
+def test_the_sampling_job_is_given_the_whole_conversation(db, backend):
+    from app.collection.batches import import_prompts
+    from app.collection.sampling import prompts_needing_samples
+    from tests.factories import BatchFactory, ModelVersionFactory
+
+    batch = BatchFactory()
+    assert not import_prompts(db, batch, _jsonl({"messages": CONVERSATION}, {"text": "Hi there"}), "jsonl").errors
+    policy = ModelVersionFactory()
+    todo = prompts_needing_samples(db, batch, policy.id)
+    assert [messages for _, messages in todo] == [CONVERSATION, [{"role": "user", "content": "Hi there"}]]
+
+
+# -- training data --------------------------------------------------------------------------------
+
+
+def conversation_world(db):
+    """A batch with a multi-turn prompt that has a demonstration and a ranking, and a single-turn one likewise."""
+    from app.models import Prompt, Task
+    from tests.test_export import add_batch, add_demonstration, add_ranking, add_task, add_user
+
+    batch, labeler = add_batch(db), add_user(db)
+    multi = add_task(db, batch, 4, text="And doubled?")
+    prompt = db.get(Prompt, multi.prompt_id)
+    prompt.messages = CONVERSATION
+    single = add_task(db, batch, 4, text="Sort 3 1 2")
+    db.flush()
+    rankings = {
+        "multi": add_ranking(db, batch, labeler, [1, 2, 2, 3], task=multi, texts=["8", "eight", "6", "<b>4</b>"]),
+        "single": add_ranking(db, batch, labeler, [2, 1, 3, 4], task=single, texts=["1 2 3", "123", "3", "x"]),
+    }
+    demos = {}
+    for name, task in (("multi", multi), ("single", single)):
+        demo_task = Task(batch_id=batch.id, prompt_id=task.prompt_id, kind="demonstration", needed=1)
+        db.add(demo_task)
+        db.flush()
+        demos[name] = add_demonstration(db, batch, labeler, "8" if name == "multi" else "1 2 3", task=demo_task)
+    return {"batch": batch, "rankings": rankings, "demos": demos, "prompt": prompt}
+
+
+@pytest.mark.sqlite
+def test_trainers_get_the_conversation_of_a_multi_turn_prompt_and_the_text_of_a_single_turn_one(db, backend):
+    from app.training import data as training
+
+    conversation_world(db)
+    demos, _ = training.demonstrations(db)
+    assert demos["train"] == [(CONVERSATION, "8"), ("Sort 3 1 2", "1 2 3")]
+    rankings, _ = training.rankings(db)
+    assert [r.prompt for r in rankings["train"]] == [CONVERSATION, "Sort 3 1 2"]
+    assert training.prompts_for_ppo(db, "train") == [CONVERSATION, "Sort 3 1 2"]

@@ -29,7 +29,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from worker.modeling import adds_special_tokens, format_prompt
+from worker.modeling import PromptInput, adds_special_tokens, format_prompt
 
 
 class _StopAtNewline(StoppingCriteria):
@@ -104,7 +104,7 @@ def _generate_rows(
 def sample_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[PromptInput],
     k: int,
     *,
     temperature: float = 1.0,
@@ -135,7 +135,7 @@ def sample_completions(
 def sample_one_at_a_time(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[PromptInput],
     k: int,
     *,
     temperature: float = 1.0,
@@ -166,7 +166,7 @@ def sample_one_at_a_time(
 def _sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[PromptInput],
     k: int,
     *,
     temperature: float,
