@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -361,3 +362,139 @@ def test_trainers_get_the_conversation_of_a_multi_turn_prompt_and_the_text_of_a_
     rankings, _ = training.rankings(db)
     assert [r.prompt for r in rankings["train"]] == [CONVERSATION, "Sort 3 1 2"]
     assert training.prompts_for_ppo(db, "train") == [CONVERSATION, "Sort 3 1 2"]
+
+
+# -- export schemas -------------------------------------------------------------------------------
+
+
+def export_rows(db, kind, schema, cursor=None) -> list[dict]:
+    """Exports through the service on the test's own connection in a schema; returns parsed rows."""
+    import json
+
+    from app.config import get_settings
+    from app.export.stream import export_chunks, parse_cursor, resolve_filters
+
+    conn, secret = db.connection(), get_settings().secret_key
+    body = b"".join(
+        export_chunks(
+            conn,
+            kind,
+            resolve_filters(conn, kind, secret),
+            secret_key=secret,
+            schema=schema,
+            cursor=parse_cursor(kind, cursor) if cursor else None,
+        )
+    )
+    return [json.loads(line) for line in body.decode().splitlines()]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+HH_PROMPT = "Answer briefly.\n\nHuman: What is 2 + 2?\n\nAssistant: 4\n\nHuman: And doubled?"
+PROVENANCE = {"ranking_id", "prompt_id", "task_id", "chosen_rank", "weight", "labeler", "split", "cursor"}
+
+
+@pytest.mark.sqlite
+def test_comparisons_of_a_conversation_in_every_schema(db, backend):
+    world = conversation_world(db)
+    default = export_rows(db, "comparisons", "trl")
+    multi = [row for row in default if row["ranking_id"] == world["rankings"]["multi"].id]
+    assert len(multi) == 5 and multi[0]["prompt"] == "And doubled?"  # trl is unchanged: the prompt's text
+    pairs = [(row["chosen"], row["rejected"], row["cursor"]) for row in multi]
+    assert pairs[0] == ("8", "eight", f"{world['rankings']['multi'].id}:0")
+
+    chat = export_rows(db, "comparisons", "trl_chat")
+    assert len(chat) == len(default) and [r["cursor"] for r in chat] == [r["cursor"] for r in default]
+    first = chat[0]
+    assert first["prompt"] == CONVERSATION
+    assert (first["chosen"], first["rejected"]) == (_assistant("8"), _assistant("eight"))
+    assert set(first) >= PROVENANCE and "completion" not in first
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in chat[:5]] == [p[:2] for p in pairs]
+    assert chat[5]["prompt"] == [{"role": "user", "content": "Sort 3 1 2"}]  # single-turn: one user message
+
+    openai = export_rows(db, "comparisons", "openai")
+    assert openai[0] == {
+        "input": {"messages": CONVERSATION},
+        "preferred_output": _assistant("8"),
+        "non_preferred_output": _assistant("eight"),
+        "cursor": pairs[0][2],
+    }
+    assert openai[3]["non_preferred_output"] == _assistant("<b>4</b>")
+
+    hh = export_rows(db, "comparisons", "hh_rlhf")
+    assert hh[0]["chosen"] == HH_PROMPT + "\n\nAssistant: 8"
+    assert hh[0]["rejected"] == HH_PROMPT + "\n\nAssistant: eight"
+    assert set(hh[0]) >= PROVENANCE and "prompt" not in hh[0]
+    assert hh[5]["chosen"] == "\n\nHuman: Sort 3 1 2\n\nAssistant: 123"
+
+    # A cursor resumes a schema export exactly where the default one would.
+    assert export_rows(db, "comparisons", "trl_chat", cursor=chat[2]["cursor"]) == chat[3:]
+
+
+@pytest.mark.sqlite
+def test_demonstrations_of_a_conversation_in_every_schema(db, backend):
+    conversation_world(db)
+    default = export_rows(db, "demonstrations", "trl")
+    assert [(r["prompt"], r["completion"]) for r in default] == [("And doubled?", "8"), ("Sort 3 1 2", "1 2 3")]
+    chat = export_rows(db, "demonstrations", "trl_chat")
+    assert chat[0]["messages"] == [*CONVERSATION, *_assistant("8")]
+    assert chat[1]["messages"] == [{"role": "user", "content": "Sort 3 1 2"}, *_assistant("1 2 3")]
+    assert {"demonstration_id", "labeler", "split", "cursor"} <= set(chat[0]) and "prompt" not in chat[0]
+    openai = export_rows(db, "demonstrations", "openai")
+    assert openai[0] == {"messages": [*CONVERSATION, *_assistant("8")], "cursor": default[0]["cursor"]}
+    hh = export_rows(db, "demonstrations", "hh_rlhf")
+    assert (hh[0]["prompt"], hh[0]["completion"]) == (HH_PROMPT + "\n\nAssistant:", " 8")
+    assert hh[0]["cursor"] == default[0]["cursor"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "query", "message"),
+    [
+        ("comparisons", "schema=alpaca", "schema: must be one of trl, trl_chat, openai, hh_rlhf"),
+        ("demonstrations", "schema=", "schema: must be one of"),
+        ("comparisons", "schema=trl_chat&format=csv", "schema: trl_chat rows hold lists of messages"),
+        ("rankings", "schema=openai", "schema: openai applies to the comparisons and demonstrations"),
+    ],
+)
+def test_a_bad_schema_is_a_422_naming_schema(client, db, kind, query, message):
+    from app.security import create_api_token
+    from tests.test_export import add_user
+
+    token, _ = create_api_token(db, add_user(db, "admin"), ["export:read"])
+    response = client.get(f"/api/v1/export/{kind}?{query}", headers={"authorization": f"Bearer {token}"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(message), response.json()
+
+
+@pytest.mark.sqlite(only=True)
+def test_http_export_takes_the_schema_parameter(client, db):
+    from app.security import create_api_token
+    from tests.test_export import add_user
+
+    conversation_world(db)
+    token, _ = create_api_token(db, add_user(db, "admin"), ["export:read"])
+    db.commit()
+    auth = {"authorization": f"Bearer {token}"}
+    for kind in ("comparisons", "demonstrations"):
+        for schema in ("trl", "trl_chat", "openai", "hh_rlhf"):
+            response = client.get(f"/api/v1/export/{kind}?schema={schema}", headers=auth)
+            assert response.status_code == 200, response.text
+            assert [json.loads(line) for line in response.text.splitlines()] == export_rows(db, kind, schema)
+    plain = client.get("/api/v1/export/comparisons", headers=auth)
+    assert plain.text == client.get("/api/v1/export/comparisons?schema=trl", headers=auth).text
+
+
+def test_the_cli_exports_in_a_schema(committed_session, tmp_path):
+    from tests.test_cli import instructloop
+
+    conversation_world(committed_session)
+    committed_session.commit()
+    out = tmp_path / "pairs.jsonl"
+    done = instructloop("export", "comparisons", "--out", str(out), "--schema", "openai")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["input"]["messages"] == CONVERSATION and rows[0]["preferred_output"] == _assistant("8")
+    bad = instructloop("export", "comparisons", "--out", str(out), "--schema", "nope")
+    assert bad.returncode == 2 and "schema: must be one of" in bad.stdout + bad.stderr
