@@ -6,6 +6,7 @@ import json
 import uuid
 
 import pytest
+from sqlalchemy import select
 
 from app.conversations import conversation_problems, last_user_text, validate_messages
 from app.errors import Invalid
@@ -498,3 +499,18 @@ def test_the_cli_exports_in_a_schema(committed_session, tmp_path):
     assert rows[0]["input"]["messages"] == CONVERSATION and rows[0]["preferred_output"] == _assistant("8")
     bad = instructloop("export", "comparisons", "--out", str(out), "--schema", "nope")
     assert bad.returncode == 2 and "schema: must be one of" in bad.stdout + bad.stderr
+
+
+def test_the_labeling_api_gives_the_whole_conversation(client, db):
+    from app.models import Prompt
+    from app.security import create_api_token
+    from tests.factories import UserFactory
+    from tests.test_labeling import seed_batch
+
+    batch = seed_batch(db, n_prompts=1, k=4)
+    prompt = db.scalar(select(Prompt).where(Prompt.batch_id == batch.id))
+    prompt.messages, prompt.text = CONVERSATION, "And doubled?"
+    db.flush()
+    raw, _ = create_api_token(db, UserFactory(), ["label"])
+    task = client.get("/api/v1/tasks/next", headers={"Authorization": f"Bearer {raw}"}).json()
+    assert (task["prompt"], task["messages"]) == ("And doubled?", CONVERSATION)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
+from app.conversations import messages_of
 from app.deps import LabelerApi, SessionDep
 from app.labeling import leases, submissions
 from app.models import RANKING_FLAGS as _FLAGS
@@ -31,7 +32,10 @@ class AssignmentOut(BaseModel):
     kind: str
     batch_id: int
     prompt_id: int
-    prompt: str
+    prompt: str = Field(description="The prompt's text: the last user message of `messages`")
+    messages: list[dict[str, str]] = Field(
+        description="The prompt as a conversation, [{role, content}, ...] ending with the user message answered"
+    )
     guidelines: str
     completions: list[CompletionOut] = Field(description="In this labeler's display order")
     draft: dict[str, Any]
@@ -99,6 +103,7 @@ def assignment_out(db, assignment, view: leases.TaskView | None = None) -> Assig
         batch_id=view.batch.id,
         prompt_id=view.prompt.id,
         prompt=view.prompt.text,
+        messages=messages_of(view.prompt.messages, view.prompt.text),
         guidelines=view.batch.guidelines,
         completions=[CompletionOut(id=c.id, text=c.text) for c in view.completions],
         draft=assignment.draft or {},
