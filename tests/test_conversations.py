@@ -514,3 +514,65 @@ def test_the_labeling_api_gives_the_whole_conversation(client, db):
     raw, _ = create_api_token(db, UserFactory(), ["label"])
     task = client.get("/api/v1/tasks/next", headers={"Authorization": f"Bearer {raw}"}).json()
     assert (task["prompt"], task["messages"]) == ("And doubled?", CONVERSATION)
+
+
+PROBE_TEMPLATE = "{{ messages[0]['content'] }}\n\nAnswer:"
+
+
+@pytest.fixture
+def probe_model_path(tmp_path):
+    """The shipped world model with a probe chat template that renders only a conversation's FIRST message.
+
+    Its greedy answer to a conversation is then its answer to the first question, which only reaches the model
+    if the whole conversation does (the last message alone would give another answer).
+    """
+    import shutil
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "probe-model"
+    shutil.copytree(ROOT / "models" / "world-base", path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": PROBE_TEMPLATE}))
+    return path
+
+
+@pytest.mark.slow
+def test_the_sampling_job_samples_in_the_context_of_the_conversation(
+    committed_session, celery_worker, probe_model_path
+):
+    """Through the real worker: a multi-turn prompt is sampled from its whole conversation, not its last message."""
+    from app.collection.batches import create_batch, start_batch
+    from app.models import Completion, Prompt
+    from app.registry.versions import register_base_model
+    from tests.conftest import wait_until
+    from tests.test_jobs import _run_of
+    from worker.generate import sample_completions
+    from worker.modeling import load_model
+
+    first = [{"role": "user", "content": "Reverse abc."}]
+    conversation = [*first, {"role": "assistant", "content": "cba"}, {"role": "user", "content": "What is 2 + 2?"}]
+    db = committed_session
+    register_base_model(db, str(probe_model_path))
+    batch = create_batch(
+        db, name="conversation-sampling", k=4, wants_demonstrations=False, temperature=0.0, max_new_tokens=8
+    )
+    prompt = Prompt(batch_id=batch.id, text="What is 2 + 2?", messages=conversation, normalized_key="c" * 64)
+    db.add(prompt)
+    db.flush()
+    start_batch(db, batch)
+    db.commit()
+    run = wait_until(
+        lambda: (r := _run_of(db, batch.id)) and r.status in ("succeeded", "failed") and r,
+        timeout=120,
+        message="the sampling run to finish",
+    )
+    assert run.status == "succeeded", run.error
+    stored = db.scalars(select(Completion.text).where(Completion.prompt_id == prompt.id)).all()
+    model, tokenizer = load_model(probe_model_path, device="cpu")
+    settings = {"temperature": 0.0, "top_p": 0.95, "max_new_tokens": 8}
+    ((of_first,), (of_last,)) = (
+        set(sample_completions(model, tokenizer, [p], 4, **settings)[0]) for p in (first, "What is 2 + 2?")
+    )
+    assert of_first != of_last  # the probe tells the two apart
+    assert set(stored) == {of_first}
