@@ -212,6 +212,9 @@ def export_cmd(
     min_overlap: Annotated[int | None, typer.Option(help="Only tasks labeled by at least N labelers.")] = None,
     exclude_flagged: Annotated[bool, typer.Option(help="Drop rankings marked all-unacceptable.")] = False,
     cursor: Annotated[str | None, typer.Option(help="Resume after the row carrying this cursor.")] = None,
+    schema: Annotated[
+        str, typer.Option(help="Row shape of comparisons and demonstrations: trl, trl_chat, openai or hh_rlhf.")
+    ] = "trl",
 ) -> None:
     """Export demonstrations, comparisons or rankings from one database snapshot, with a progress bar."""
     from datetime import datetime
@@ -235,6 +238,7 @@ def export_cmd(
             fmt=fmt,
             cursor=cursor,
             gzip=gzip,
+            schema=schema,
             batch=batch,
             split=split,
             since=when("since", since),

@@ -243,6 +243,11 @@ class PromptBatch(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+def _single_turn_default(context: Any) -> list[dict[str, str]]:
+    # A context-sensitive default: the row's own text as its one user message (bulk inserts too).
+    return [{"role": "user", "content": context.get_current_parameters()["text"]}]
+
+
 class Prompt(Base):
     __tablename__ = "prompts"
     __table_args__ = (
@@ -253,7 +258,11 @@ class Prompt(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     batch_id: Mapped[int] = mapped_column(ForeignKey("prompt_batches.id", ondelete="CASCADE"), index=True)
+    # The last user message of `messages`, for readers that only want the question.
     text: Mapped[str] = mapped_column(Text)
+    # The conversation, [{"role", "content"}, ...] ending with a user turn (app.conversations says what is
+    # valid); writers that give only `text` get the one-message conversation.
+    messages: Mapped[list[Any]] = mapped_column(default=_single_turn_default)
     source_user_id: Mapped[str | None] = mapped_column(String(200), index=True)
     category: Mapped[str] = mapped_column(String(16), default="plain")
     split: Mapped[str] = mapped_column(String(8), default="train")

@@ -99,13 +99,14 @@ def parse_args() -> argparse.Namespace:
 # Bulk load: the ids of each row follow from the prompt number p (1..P) and output j (0..K-1), so the
 # tables can be filled set-wise on the server without a round trip per row.
 LOAD_SQL = [
-    """INSERT INTO prompts (id, batch_id, text, source_user_id, category, split, normalized_key, prefix_key,
-                            metadata, pii_flags, created_at)
-       SELECT p, %(batch)s, 'Sort these numbers from smallest to largest: ' || (p %% 97) || ', ' || (p %% 89)
-                  || ', ' || (p %% 83) || ' (prompt ' || p || ')',
+    """INSERT INTO prompts (id, batch_id, text, messages, source_user_id, category, split, normalized_key,
+                            prefix_key, metadata, pii_flags, created_at)
+       SELECT p, %(batch)s, t, jsonb_build_array(jsonb_build_object('role', 'user', 'content', t)),
               'src-' || (p %% 5000), 'plain', 'train', md5(p::text) || md5((-p)::text), NULL,
               '{}'::jsonb, '[]'::jsonb, now() - interval '30 days'
-       FROM generate_series(1, %(prompts)s) p""",
+       FROM (SELECT p, 'Sort these numbers from smallest to largest: ' || (p %% 97) || ', ' || (p %% 89)
+                       || ', ' || (p %% 83) || ' (prompt ' || p || ')' AS t
+             FROM generate_series(1, %(prompts)s) p) AS numbered""",
     """INSERT INTO completions (id, prompt_id, text, model_version_id, sampling, created_at)
        SELECT (p - 1) * 6 + j + 1, p, 'Answer ' || j || ' to prompt ' || p || ': ' || repeat('the numbers are ', 4 + j),
               %(model)s, '{"temperature": 1.0}'::jsonb, now() - interval '29 days'

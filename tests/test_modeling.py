@@ -77,6 +77,57 @@ def test_format_prompt_uses_plain_template_or_chat_template(tokenizer):
     assert format_prompt(copy, "Hi?") == "<user>Hi?</user><bot>"
 
 
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": " 4 "},
+    {"role": "user", "content": "And doubled?"},
+]
+
+
+def test_format_prompt_renders_a_conversation_as_a_plain_transcript_or_through_the_chat_template(tokenizer):
+    # A one-message conversation is byte-identical to the single-turn template the shipped model learnt.
+    for text in PROMPTS:
+        assert format_prompt(tokenizer, [{"role": "user", "content": text}]) == PROMPT_TEMPLATE.format(prompt=text)
+    assert (
+        format_prompt(tokenizer, CONVERSATION)
+        == "Answer briefly.\n\nWhat is 2 + 2?\n\nAnswer: 4\n\nAnd doubled?\n\nAnswer:"
+    )
+    with pytest.raises(ValueError, match="ends with a user message"):
+        format_prompt(tokenizer, CONVERSATION[:3])
+    chat = train_tokenizer(corpus(50, seed=0), vocab_size=280)
+    chat.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert format_prompt(chat, CONVERSATION) == (
+        "<system>Answer briefly.</system><user>What is 2 + 2?</user><assistant> 4 </assistant>"
+        "<user>And doubled?</user><assistant>"
+    )
+
+
+def test_training_examples_of_a_conversation_learn_the_reply_only(tokenizer):
+    from worker.common import encode_prompt
+    from worker.train_sft import build_example
+
+    example = build_example(tokenizer, CONVERSATION, "8", 256)
+    prompt_ids = encode_prompt(tokenizer, CONVERSATION)
+    assert example["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert example["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert tokenizer.decode(prompt_ids).endswith("And doubled?\n\nAnswer:")
+
+
+def test_sampling_takes_conversations(saved):
+    model, tok = load_model(saved[0], device="cpu")
+    single = [[{"role": "user", "content": p}] for p in PROMPTS]
+    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 12, "seed": 3}
+    assert sample_completions(model, tok, single, 4, **settings) == sample_completions(
+        model, tok, PROMPTS, 4, **settings
+    )
+    (out,) = sample_completions(model, tok, [CONVERSATION], 4, **settings)
+    assert len(out) == 4 and all(isinstance(c, str) for c in out)
+
+
 def test_sample_completions_gives_k_distinct_one_line_strings(saved):
     model, tok = load_model(saved[0], device="cpu")
     out = sample_completions(model, tok, PROMPTS, 5, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0)

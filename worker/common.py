@@ -31,6 +31,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from app.conversations import PromptInput
 from worker.modeling import adds_special_tokens, format_completion, format_prompt
 
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -215,7 +216,7 @@ def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
 # ----------------------------------------------------------- tokenisation
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: PromptInput) -> list[int]:
     """Token ids of format_prompt(prompt): what every model of the loop sees before a completion."""
     text = format_prompt(tokenizer, prompt)
     return tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer))["input_ids"]
@@ -245,7 +246,7 @@ def fit_to_length(prompt_ids: list[int], completion_ids: list[int], max_length: 
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompt: PromptInput, completion: str, max_length: int
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids with EOS) for one pair, fitted to max_length."""
     return fit_to_length(encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion), max_length)

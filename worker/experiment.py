@@ -99,7 +99,7 @@ def world_score(prompt: str, completion: str) -> float:
     return found
 
 
-def true_scores(prompts: list[str], completions: list[str]) -> list[float]:
+def true_scores(prompts: list[Any], completions: list[str]) -> list[float]:
     """The world's true score of each completion."""
     return [world_score(p, c) for p, c in zip(prompts, completions, strict=True)]
 

@@ -29,7 +29,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from worker.modeling import adds_special_tokens, context_length, format_prompt
+from worker.modeling import PromptInput, adds_special_tokens, context_length, format_prompt
 
 
 class _StopAtNewline(StoppingCriteria):
@@ -112,7 +112,7 @@ def _generate_rows(
 def sample_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[PromptInput],
     k: int,
     *,
     temperature: float = 1.0,
@@ -143,7 +143,7 @@ def sample_completions(
 def sample_one_at_a_time(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[PromptInput],
     k: int,
     *,
     temperature: float = 1.0,
@@ -174,7 +174,7 @@ def sample_one_at_a_time(
 def _sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[PromptInput],
     k: int,
     *,
     temperature: float,

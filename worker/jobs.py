@@ -75,7 +75,7 @@ def run_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     done = 0
     for start in range(0, len(todo), SAMPLE_CHUNK):
         chunk = todo[start : start + SAMPLE_CHUNK]
-        outputs = sample_completions(model, tokenizer, [text for _, text in chunk], k, **settings)
+        outputs = sample_completions(model, tokenizer, [messages for _, messages in chunk], k, **settings)
         with session_scope() as db:
             store_samples(
                 db,
@@ -119,7 +119,7 @@ def run_eval_sampling(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         model, tokenizer = load_model(artifact)
         for start in range(0, len(todo), SAMPLE_CHUNK):
             chunk = todo[start : start + SAMPLE_CHUNK]
-            outputs = sample_completions(model, tokenizer, [text for _, text in chunk], 1, **settings)
+            outputs = sample_completions(model, tokenizer, [messages for _, messages in chunk], 1, **settings)
             with session_scope() as db:
                 store_samples(
                     db,

@@ -26,12 +26,21 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.conversations import PromptInput
 from worker.adapters import is_peft, merged_state_dict
 
 # Plain template for tokenizers without a chat template. The world corpus never
 # contains "Answer:", so a base model pretrained on it does not know what to do
 # after this marker: it continues text, and SFT is what teaches it to answer.
 PROMPT_TEMPLATE = "{prompt}\n\nAnswer:"
+# A conversation without a chat template is a plain transcript built from the same
+# template, so a one-message conversation renders exactly as PROMPT_TEMPLATE: a
+# system message is a first paragraph, each user turn is followed by "Answer:",
+# and each assistant turn is that answer (" " + reply, as format_completion writes
+# it), turns separated by a blank line. For system S, user U1, assistant A1, user U2:
+#     "S\n\nU1\n\nAnswer: A1\n\nU2\n\nAnswer:"
+SYSTEM_TEMPLATE = "{system}\n\n"
+ASSISTANT_TEMPLATE = " {reply}\n\n"
 # Trainer settings measured for a base model, shipped beside its weights: {"sft": {...}, "rm": {...}, "ppo": {...}}.
 RECIPE_FILE = "training_recipe.json"
 # What peft writes beside a LoRA adapter saved alone.
@@ -193,17 +202,29 @@ def saved_format(path: str | Path) -> str:
     return "adapter" if (Path(path) / ADAPTER_CONFIG).is_file() else "merged"
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """Turns a prompt text into model input: the chat template if any, else PROMPT_TEMPLATE."""
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: PromptInput) -> str:
+    """Turns a prompt (a text or a conversation) into model input: the chat template if any, else a transcript."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
         # With tokenize=False the template renders to text; transformers types every return mode at once.
-        return cast(
-            str,
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            ),
-        )
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+        return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return plain_transcript(messages)
+
+
+def plain_transcript(messages: list[dict[str, str]]) -> str:
+    """Renders a conversation for a model without a chat template (see PROMPT_TEMPLATE and the lines after it)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a conversation to answer ends with a user message")
+    parts: list[str] = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            parts.append(SYSTEM_TEMPLATE.format(system=content))
+        elif role == "user":
+            parts.append(PROMPT_TEMPLATE.format(prompt=content))
+        else:
+            parts.append(ASSISTANT_TEMPLATE.format(reply=content.strip()))
+    return "".join(parts)
 
 
 def format_completion(tokenizer: PreTrainedTokenizerBase, completion: str) -> str:

@@ -49,7 +49,8 @@ from worker.common import disable_dropout
 from worker.modeling import load_model, prepare_tokenizer
 from worker.train_rm import HEAD_FILE, META_FILE, RewardModel, load_reward_model, score_completions
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+# Prompts are texts, or conversations for multi-turn prompts (the bundled world's scorer only sees texts).
+RewardFn = Callable[[list[Any], list[str]], list[float]]
 """reward_fn(prompts, completions) -> one score per completion (e.g. the bundled world's true scorer)."""
 
 Params = list[tuple[str, nn.Parameter]]

@@ -28,6 +28,7 @@ samples the next batch of comparisons.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -43,6 +44,7 @@ from transformers import (
 
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
 # it stays importable from here.
+from app.conversations import PromptInput
 from app.training.configs import PPOConfig
 from worker.common import (
     Progress,
@@ -177,7 +179,7 @@ def response_values(
 class Rollout:
     """Sampled completions of one prompt batch, as token tensors and texts."""
 
-    prompts: list[str]
+    prompts: list[PromptInput]
     sequences: torch.Tensor  # [B, P + R]: left-padded prompt, then response
     mask: torch.Tensor  # [B, P + R]: 1 on real prompt tokens and response tokens up to and including EOS
     prompt_length: int
@@ -212,7 +214,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_at_newline: bool | N
 
 @torch.no_grad()
 def sample(
-    policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: PPOConfig
+    policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[PromptInput], config: PPOConfig
 ) -> Rollout:
     """Samples one completion per prompt and masks everything after its first stop token."""
     device = next(policy.parameters()).device
@@ -252,7 +254,7 @@ def sample(
         for row, n in zip(responses.tolist(), keep.sum(1).tolist(), strict=True)
     ]
     return Rollout(
-        prompts=prompts,
+        prompts=list(prompts),
         sequences=torch.cat([input_ids.to(device), responses], 1),
         mask=torch.cat([attention.to(device), keep], 1),
         prompt_length=width,
@@ -267,7 +269,7 @@ def evaluate_policy(
     reference: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     scorer: RewardFn,
-    prompts: list[str],
+    prompts: Sequence[PromptInput],
     config: PPOConfig,
 ) -> dict[str, float]:
     """Mean score, KL to the SFT reference (nats per completion), length and stop rate on prompts."""
@@ -296,7 +298,7 @@ def evaluate_policy(
 
 
 def ptx_example(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompt: PromptInput, completion: str, max_length: int
 ) -> dict[str, list[int]]:
     """An SFT example; with an empty prompt, plain pretraining text trained on every token."""
     if prompt:
@@ -308,14 +310,14 @@ def ptx_example(
 def train_ppo(
     policy_path: str | Path,
     reward_model_path: str | Path | RewardFn,
-    prompts: list[str],
+    prompts: Sequence[PromptInput],
     config: PPOConfig | None,
     out_dir: str | Path,
     *,
-    ptx_examples: list[tuple[str, str]] | None = None,
+    ptx_examples: Sequence[tuple[PromptInput, str]] | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: Progress | None = None,
-    eval_prompts: list[str] | None = None,
+    eval_prompts: Sequence[PromptInput] | None = None,
 ) -> dict[str, Any]:
     """Optimises the SFT policy with PPO against a saved reward model (or a reward_fn); saves it to out_dir."""
     config = config or PPOConfig()
@@ -372,7 +374,7 @@ def train_ppo(
     kl_control = AdaptiveKLController(history["kl_coef"], config.kl_target, config.kl_horizon)
     policy_model, value_model, optimizer = accelerator.prepare(policy, value, optimizer)
 
-    def prompts_for(step: int) -> list[str]:
+    def prompts_for(step: int) -> list[PromptInput]:
         # Walk through the prompts in a fresh seeded order on every pass.
         orders: dict[int, list[int]] = {}
         chosen = []

@@ -20,6 +20,7 @@ import json
 import math
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -33,6 +34,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
 # it stays importable from here.
+from app.conversations import PromptInput
 from app.training.configs import RMConfig
 from worker.adapters import (
     AdapterView,
@@ -72,7 +74,7 @@ META_FILE = "reward_model.json"
 class RankingExample:
     """One labeler's ranking of K completions of a prompt (rank 1 is best; ties share a rank)."""
 
-    prompt: str
+    prompt: PromptInput
     completions: list[str]
     ranks: list[int]
     labeler: str | None = None
@@ -304,7 +306,7 @@ def evaluate_rankings(
 def score_completions(
     rm: RewardModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: Sequence[PromptInput],
     completions: list[str],
     batch_size: int = 16,
 ) -> list[float]:
@@ -333,7 +335,7 @@ def train_rm(
     *,
     checkpoint_dir: str | Path | None = None,
     progress: Progress | None = None,
-    demonstrations: list[tuple[str, str]] | None = None,
+    demonstrations: Sequence[tuple[PromptInput, str]] | None = None,
 ) -> dict[str, Any]:
     """Trains a reward model on rankings from the causal LM at base_model_path, normalises it, saves it to out_dir."""
     config = config or RMConfig()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 # The config lives in the torch-free app.training.configs, where the web lists and checks a run's params;
 # it stays importable from here.
+from app.conversations import PromptInput
 from app.training.configs import SFTConfig
 from worker.adapters import load_trainable_state, prepare_for_training, trainable_state, weights_dtype
 from worker.common import (
@@ -51,7 +53,7 @@ IGNORE_INDEX = -100
 
 
 def build_example(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompt: PromptInput, completion: str, max_length: int
 ) -> dict[str, list[int]]:
     """One training example: input ids of prompt + completion + EOS, labels -100 on the prompt."""
     prompt_ids, completion_ids = encode_pair(tokenizer, prompt, completion, max_length)
@@ -105,8 +107,8 @@ def validation_loss(
 
 def train_sft(
     model_path: str | Path,
-    train: list[tuple[str, str]],
-    valid: list[tuple[str, str]],
+    train: Sequence[tuple[PromptInput, str]],
+    valid: Sequence[tuple[PromptInput, str]],
     config: SFTConfig | None,
     out_dir: str | Path,
     *,

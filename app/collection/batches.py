@@ -275,6 +275,7 @@ def import_prompts(
 PROMPT_COLUMNS = (
     "batch_id",
     "text",
+    "messages",
     "source_user_id",
     "category",
     "split",
@@ -301,6 +302,7 @@ def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
                     (
                         batch_id,
                         p.text,
+                        json.dumps(p.messages),
                         p.source_user_id,
                         p.category,
                         p.split,
@@ -317,6 +319,7 @@ def _insert_prompts(db: Session, batch_id: int, kept: list) -> None:
         {
             "batch_id": batch_id,
             "text": p.text,
+            "messages": p.messages,
             "source_user_id": p.source_user_id,
             "category": p.category,
             "split": p.split,

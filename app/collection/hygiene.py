@@ -21,6 +21,14 @@ another prompt to be dropped):
    ones kept, counting prompts already stored when the caller supplies the counts.
    Runs last so duplicates do not use up a user's quota.
 
+A conversation (a row with `messages`) is checked whole: PII is looked for in every
+message (user turns, and the system and assistant turns too, which an import may carry
+with it) and redacted in each; its duplicate and prefix keys are over the whole
+conversation with its roles, so two conversations ending with the same question are
+not duplicates, while a one-message conversation keeps the key of its text alone
+(it matches single-turn prompts of earlier batches); the per-user cap and the split
+count it as one prompt of its source user.
+
 Kept prompts get a train/valid/test split from a stable hash of their source user id
 (of their text when there is none), so no user's prompts straddle splits, across
 batches too. On its own the hash leaves a small import without held-out prompts (the
@@ -44,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from app.collection.prompt_import import PromptRow
+from app.conversations import Message, last_user_text, single_turn
 from app.security import csv_row
 
 PiiPolicy = Literal["drop", "redact", "flag"]
@@ -79,6 +88,13 @@ def _sha256(value: str) -> str:
 def _prefix_of(normalized: str, n: int) -> str | None:
     # The length is part of the hashed string so keys made with another prefix_chars never match.
     return _sha256(f"prefix:{n}:{normalized[:n]}") if len(normalized) >= n else None
+
+
+def normalize_conversation(messages: Sequence[Message]) -> str:
+    """Returns the form used to compare conversations; a lone user message is compared by its text alone."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return normalize_text(messages[0]["content"])
+    return "\n".join(f"{m['role']}: {normalize_text(m['content'])}" for m in messages)
 
 
 def normalized_key(text: str) -> str:
@@ -269,6 +285,8 @@ class KeptPrompt:
     prefix_key: str | None
     pii_flags: list[str] = field(default_factory=list)
     pii_redacted: bool = False
+    # The conversation (redacted like `text`); `text` is its last user message.
+    messages: list[Message] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -377,13 +395,14 @@ def apply_hygiene(
     policy, n, cap = config.pii_policy, config.prefix_chars, config.max_per_user
 
     # Pass 1: PII and keys, so earlier batches can be looked up in one round trip.
-    candidates: list[tuple[PromptLike, str, str, str | None, list[str]]] = []
+    candidates: list[tuple[PromptLike, str, str, str | None, list[str], list[Message]]] = []
     for row in rows:
         text = row.text
+        messages: list[Message] = getattr(row, "messages", None) or single_turn(text)
         kinds: list[str] = []
-        matches = find_pii(text)
-        if matches:
-            kinds = sorted({m.kind for m in matches})
+        found = [find_pii(m["content"]) for m in messages]
+        if any(found):
+            kinds = sorted({m.kind for matches in found for m in matches})
             for kind in kinds:
                 report.pii_kinds[kind] += 1
             if policy == "drop":
@@ -391,11 +410,15 @@ def apply_hygiene(
                 report.dropped.append(DroppedPrompt(row.line, "pii", "contains " + ", ".join(kinds)))
                 continue
             if policy == "redact":
-                text = redact_pii(text, matches)
-        normalized = normalize_text(text)
+                messages = [
+                    {"role": m["role"], "content": redact_pii(m["content"], matches) if matches else m["content"]}
+                    for m, matches in zip(messages, found, strict=True)
+                ]
+                text = last_user_text(messages)
+        normalized = normalize_conversation(messages)
         key = _sha256(normalized)
         pkey = _prefix_of(normalized, n) if n is not None else None
-        candidates.append((row, text, key, pkey, kinds))
+        candidates.append((row, text, key, pkey, kinds, messages))
 
     if isinstance(existing_keys, (set, frozenset)):
         earlier: set[str] | frozenset[str] = existing_keys
@@ -425,7 +448,7 @@ def apply_hygiene(
     fractions = config.split_fractions
     # The import's new groups, (has a user, user id or text) -> split; stored users are not among them.
     new_groups: dict[tuple[bool, str], str] = {}
-    for row, text, key, pkey, kinds in candidates:
+    for row, text, key, pkey, kinds, messages in candidates:
         line, user = row.line, row.source_user_id
         if key in first_line_of_key:
             report.duplicates += 1
@@ -468,7 +491,9 @@ def apply_hygiene(
         redacted = bool(kinds) and policy == "redact"
         report.pii_redacted += redacted
         report.pii_flagged += bool(kinds) and policy == "flag"
-        kept.append(KeptPrompt(line, text, user, row.category, row.metadata, split, key, pkey, kinds, redacted))
+        kept.append(
+            KeptPrompt(line, text, user, row.category, row.metadata, split, key, pkey, kinds, redacted, messages)
+        )
 
     if existing_user_splits is not None:
         _hold_out(new_groups, fractions)

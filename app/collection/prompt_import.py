@@ -13,6 +13,10 @@ Decisions worth knowing:
   `source_user` would otherwise silently lose the user id that the per-user cap and
   the split depend on.
 - `text` is kept verbatim (not stripped); it only has to be non-empty after strip.
+- A JSON line gives either `text` (a single-turn prompt) or `messages`, a conversation
+  `[{"role", "content"}, ...]` ending with a user turn (`app.conversations` has the rule);
+  its issues name the element (`messages[2].role`), and each content obeys the text limits.
+  The row's `text` is then the last user message.
 - `null` (JSON) or an empty cell (CSV) means "absent" for the optional fields.
 - Strings PostgreSQL cannot store (NUL characters, lone surrogates from `\\ud800`
   escapes) and JSON `NaN`/`Infinity` are rejected here rather than failing at insert.
@@ -33,10 +37,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
+from app.conversations import Message, conversation_problems, last_user_text
 from app.errors import AppError
 
 CATEGORIES = ("plain", "few-shot", "user-based")
 FIELDS = ("text", "source_user_id", "category", "metadata")
+# JSON Lines may give a conversation instead of a text (the TRL / OpenAI `messages` format); CSV may not.
+JSONL_FIELDS = ("text", "messages", "source_user_id", "category", "metadata")
 MAX_SOURCE_USER_ID_CHARS = 200  # prompts.source_user_id is String(200)
 
 ImportFormat = Literal["jsonl", "csv"]
@@ -51,6 +58,8 @@ class PromptRow:
     source_user_id: str | None = None
     category: str = "plain"
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The conversation when the line gave `messages`; None for a single-turn `text` prompt.
+    messages: list[Message] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -210,11 +219,17 @@ def _validate(
     start = len(errors)
     if not from_csv:
         for key in record:
-            if key not in FIELDS:
-                errors.append(ImportIssue(line, key, f"unknown field {key!r} (allowed: {', '.join(FIELDS)})"))
+            if key not in JSONL_FIELDS:
+                errors.append(ImportIssue(line, key, f"unknown field {key!r} (allowed: {', '.join(JSONL_FIELDS)})"))
 
     text = record.get("text")
-    if text is None:
+    messages: list[Message] | None = None
+    if not from_csv and "messages" in record:
+        if text is not None:
+            errors.append(ImportIssue(line, "text", "give either text or messages, not both"))
+        messages = _validate_messages(line, record["messages"], max_text_chars, errors, escapes)
+        text = last_user_text(messages) if messages is not None else None
+    elif text is None:
         errors.append(ImportIssue(line, "text", "text is missing"))
     elif not isinstance(text, str):
         errors.append(ImportIssue(line, "text", f"text must be a string, not {_type_name(text)}"))
@@ -274,7 +289,27 @@ def _validate(
     if len(errors) > start:
         return None
     # No issue was added, so every check above passed: text and category are strings, user one or None.
-    return PromptRow(line, cast(str, text), cast("str | None", user), cast(str, category), metadata)
+    return PromptRow(line, cast(str, text), cast("str | None", user), cast(str, category), metadata, messages)
+
+
+def _validate_messages(
+    line: int, messages: Any, max_text_chars: int, errors: list[ImportIssue], escapes: bool
+) -> list[Message] | None:
+    """Checks a line's conversation; returns it, or None after appending its issues (each naming the element)."""
+    problems = conversation_problems(messages)
+    if not problems:
+        for i, message in enumerate(messages):
+            content = message["content"]
+            if len(content) > max_text_chars:
+                problems.append(
+                    (f"messages[{i}].content", f"has {len(content)} characters; the maximum is {max_text_chars}")
+                )
+            elif escapes and (why := why_unstorable(content)) is not None:
+                problems.append((f"messages[{i}].content", why))
+    errors.extend(ImportIssue(line, where, message) for where, message in problems)
+    if problems:
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 # -- JSON Lines ---------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.collection.batches import create_tasks, transition
+from app.conversations import Message
 from app.models import Completion, Prompt, PromptBatch, utcnow
 
 
-def prompts_needing_samples(db: Session, batch: PromptBatch, model_version_id: int) -> list[tuple[int, str]]:
-    """Returns (id, text) of the batch's prompts that have fewer than K outputs from this model."""
+def prompts_needing_samples(db: Session, batch: PromptBatch, model_version_id: int) -> list[tuple[int, list[Message]]]:
+    """Returns (id, conversation) of the batch's prompts that have fewer than K outputs from this model."""
     have = (
         select(Completion.prompt_id, func.count().label("n"))
         .where(Completion.model_version_id == model_version_id)
@@ -25,12 +26,12 @@ def prompts_needing_samples(db: Session, batch: PromptBatch, model_version_id: i
         .subquery()
     )
     rows = db.execute(
-        select(Prompt.id, Prompt.text)
+        select(Prompt.id, Prompt.messages)
         .outerjoin(have, have.c.prompt_id == Prompt.id)
         .where(Prompt.batch_id == batch.id, func.coalesce(have.c.n, 0) < batch.k)
         .order_by(Prompt.id)
     ).all()
-    return [(row.id, row.text) for row in rows]
+    return [(row.id, row.messages) for row in rows]
 
 
 def store_samples(db: Session, model_version_id: int, samples: dict[int, list[str]], sampling: dict) -> int:

@@ -53,6 +53,14 @@ class ExportQuery(BaseModel):
     )
     exclude_flagged: bool = Field(False, description="Drop rankings whose outputs were all marked unacceptable.")
     cursor: str | None = Field(None, description="Resume after the row carrying this cursor.")
+    row_schema: str = Field(
+        "trl",
+        alias="schema",
+        description="Comparisons and demonstrations: the row shape. 'trl' (default: TRL's standard format, the "
+        "prompt as text), 'trl_chat' (TRL's conversational format: messages), 'openai' (OpenAI fine-tuning JSONL: "
+        "preference rows for comparisons, chat rows for demonstrations) or 'hh_rlhf' (Human:/Assistant: "
+        "transcripts). JSON Lines only, except 'trl'.",
+    )
     aggregate: Literal["none", "consensus"] = Field(
         "none",
         description="Rankings only: 'consensus' gives one row per task with its labelers' ranks and their "
@@ -95,7 +103,7 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
     settings = get_settings()
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
-    filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate"})
+    filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate", "row_schema"})
     export = SnapshotExport(
         db.get_bind().engine,
         kind,
@@ -104,6 +112,7 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
         cursor=query.cursor,
         gzip=file_gzip or transfer_gzip,
         aggregate=query.aggregate,
+        schema=query.row_schema,
         **filters,
     )
     chunks = export.chunks()

@@ -31,6 +31,7 @@ from sqlalchemy import Connection, Engine, Select, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.errors import AppError
+from app.export import schemas
 from app.export.rows import (
     AGGREGATES,
     COLUMNS,
@@ -277,7 +278,7 @@ def _unit_conditions(kind: str, filters: ExportFilters, cursor: Cursor | None) -
     return conds
 
 
-def _ranking_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select:
+def _ranking_rows_query(filters: ExportFilters, cursor: Cursor | None, with_messages: bool = False) -> Select:
     joined = (
         _r.join(_p, _p.c.id == _r.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id).join(_u, _u.c.id == _r.c.labeler_id)
     )
@@ -296,6 +297,7 @@ def _ranking_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select
             _p.c.batch_id,
             _b.c.name,
             _u.c.held_out,
+            *([_p.c.messages] if with_messages else []),  # last, for a row schema (app.export.schemas)
         )
         .select_from(joined)
         .where(*_unit_conditions("rankings", filters, cursor))
@@ -327,7 +329,7 @@ def _item_rows_query(kind: str, filters: ExportFilters, cursor: Cursor | None) -
     )
 
 
-def _demonstration_rows_query(filters: ExportFilters, cursor: Cursor | None) -> Select:
+def _demonstration_rows_query(filters: ExportFilters, cursor: Cursor | None, with_messages: bool = False) -> Select:
     joined = (
         _d.join(_p, _p.c.id == _d.c.prompt_id).join(_b, _b.c.id == _p.c.batch_id).join(_u, _u.c.id == _d.c.labeler_id)
     )
@@ -345,6 +347,7 @@ def _demonstration_rows_query(filters: ExportFilters, cursor: Cursor | None) -> 
             _p.c.batch_id,
             _b.c.name,
             _u.c.held_out,
+            *([_p.c.messages] if with_messages else []),  # last, for a row schema (app.export.schemas)
         )
         .select_from(joined)
         .where(*_unit_conditions("demonstrations", filters, cursor))
@@ -369,13 +372,15 @@ def _stream(conn: Connection, query: Select) -> Iterator[Any]:
     return itertools.chain.from_iterable(result.partitions())
 
 
-def _units(conn: Connection, kind: str, filters: ExportFilters, cursor: Cursor | None) -> Iterator[Any]:
+def _units(
+    conn: Connection, kind: str, filters: ExportFilters, cursor: Cursor | None, with_messages: bool = False
+) -> Iterator[Any]:
     """Yields one unit per ranking, (ranking row, item rows), or per demonstration (its row), in export order."""
     if kind == "demonstrations":
-        yield from _stream(conn, _demonstration_rows_query(filters, cursor))
+        yield from _stream(conn, _demonstration_rows_query(filters, cursor, with_messages))
         return
     # Two cursors walk rankings and items in the same id order, merged here; the snapshot keeps them in step.
-    rankings = _stream(conn, _ranking_rows_query(filters, cursor))
+    rankings = _stream(conn, _ranking_rows_query(filters, cursor, with_messages))
     groups = itertools.groupby(_stream(conn, _item_rows_query(kind, filters, cursor)), key=itemgetter(I_RANKING))
     pending = next(groups, None)
     for ranking in rankings:
@@ -399,9 +404,13 @@ def _consensus_units(conn: Connection, filters: ExportFilters, cursor: Cursor | 
         yield task_id, by_task[task_id]
 
 
-def _texts(kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, names: Names) -> Iterator[tuple[str, int]]:
+def _texts(
+    kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, names: Names, schema: str = "trl"
+) -> Iterator[tuple[str, int]]:
     """Yields (text, units consumed) pieces of the export body of about CHUNK_CHARS each."""
     render = RENDER[kind, fmt]
+    if schema != "trl":
+        render = schemas.schema_render(kind, schema, render)
     # Only the ranking a comparisons cursor points into is cut; later ones start from their first pair.
     skip_id: int | None = None
     skip_through = -1
@@ -432,15 +441,17 @@ def export_chunks(
     gzip: bool = False,
     on_progress: Callable[[int], None] | None = None,
     aggregate: str = "none",
+    schema: str = "trl",
 ) -> Iterator[bytes]:
     """Streams an export read from `conn` as UTF-8 (optionally gzip) chunks; `on_progress` gets units read."""
-    _check_kind_and_format(kind, fmt, aggregate)
+    _check_kind_and_format(kind, fmt, aggregate, schema)
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if gzip else None
     names = Names(conn, secret_key)
     if aggregate == "consensus":
         pieces = _texts("consensus", fmt, _consensus_units(conn, filters, cursor), cursor, names)
     else:
-        pieces = _texts(kind, fmt, _units(conn, kind, filters, cursor), cursor, names)
+        rows = _units(conn, kind, filters, cursor, with_messages=schema != "trl")
+        pieces = _texts(kind, fmt, rows, cursor, names, schema)
     for text, units in pieces:
         data = text.encode()
         if compressor is not None:
@@ -453,7 +464,7 @@ def export_chunks(
         yield compressor.flush()
 
 
-def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none") -> None:
+def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none", schema: str = "trl") -> None:
     if kind not in EXPORT_KINDS:
         raise ExportError("kind", f"must be one of {', '.join(EXPORT_KINDS)}")
     if fmt not in EXPORT_FORMATS:
@@ -462,6 +473,8 @@ def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none") -> None
         raise ExportError("aggregate", f"must be one of {', '.join(AGGREGATES)}")
     if aggregate != "none" and kind != "rankings":
         raise ExportError("aggregate", "only the rankings export can be aggregated")
+    if (problem := schemas.schema_problem(kind, fmt, schema)) is not None:
+        raise ExportError("schema", problem)
 
 
 class SnapshotExport:
@@ -477,10 +490,12 @@ class SnapshotExport:
         cursor: str | None = None,
         gzip: bool = False,
         aggregate: str = "none",
+        schema: str = "trl",
         **filter_values: Any,
     ):
-        _check_kind_and_format(kind, fmt, aggregate)
+        _check_kind_and_format(kind, fmt, aggregate, schema)
         self.kind, self.secret_key, self.fmt, self.gzip, self.aggregate = kind, secret_key, fmt, gzip, aggregate
+        self.schema = schema
         self.cursor = parse_cursor(kind, cursor) if cursor else None
         self.conn: Connection | None = open_snapshot(engine)
         try:
@@ -508,6 +523,7 @@ class SnapshotExport:
                 gzip=self.gzip,
                 on_progress=on_progress,
                 aggregate=self.aggregate,
+                schema=self.schema,
             )
         finally:
             self.close()

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
+from app.conversations import messages_of
 from app.deps import LabelerApi, SessionDep
 from app.labeling import blind, leases, submissions
 from app.models import RANKING_FLAGS as _FLAGS
@@ -31,7 +32,10 @@ class AssignmentOut(BaseModel):
     assignment_id: int
     kind: str
     batch_id: int
-    prompt: str
+    prompt: str = Field(description="The prompt's text: the last user message of `messages`")
+    messages: list[dict[str, str]] = Field(
+        description="The prompt as a conversation, [{role, content}, ...] ending with the user message answered"
+    )
     guidelines: str
     completions: list[CompletionOut] = Field(description="In this labeler's display order")
     draft: dict[str, Any]
@@ -98,6 +102,7 @@ def assignment_out(db, assignment, view: leases.TaskView | None = None) -> Assig
         kind=view.task.kind,
         batch_id=view.batch.id,
         prompt=view.prompt.text,
+        messages=messages_of(view.prompt.messages, view.prompt.text),
         guidelines=view.batch.guidelines,
         completions=[CompletionOut(id=blind.output_id(assignment.id, c.id), text=c.text) for c in view.completions],
         draft=assignment.draft or {},

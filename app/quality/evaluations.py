@@ -157,6 +157,7 @@ def start_evaluation(
             {
                 "batch_id": batch.id,
                 "text": p.text,
+                "messages": p.messages,
                 "source_user_id": p.source_user_id,
                 "category": p.category,
                 "split": p.split,
@@ -198,13 +199,15 @@ def for_batch(db: Session, batch_id: int) -> Evaluation | None:
 # --- sampling (called by the worker) -------------------------------------------------------------
 
 
-def prompts_needing_output(db: Session, evaluation: Evaluation, model_version_id: int) -> list[tuple[int, str]]:
-    """Returns (id, text) of the evaluation's prompts that have no output from this model yet."""
+def prompts_needing_output(
+    db: Session, evaluation: Evaluation, model_version_id: int
+) -> list[tuple[int, list[dict[str, str]]]]:
+    """Returns (id, conversation) of the evaluation's prompts that have no output from this model yet."""
     have = select(Completion.prompt_id).where(Completion.model_version_id == model_version_id)
     return [
-        (pid, text)
-        for pid, text in db.execute(
-            select(Prompt.id, Prompt.text)
+        (pid, messages)
+        for pid, messages in db.execute(
+            select(Prompt.id, Prompt.messages)
             .where(Prompt.batch_id == evaluation.batch_id, Prompt.id.not_in(have))
             .order_by(Prompt.id)
         )

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.conversations import PromptInput, prompt_input
 from app.models import (
     TRAINING_KINDS,
     Completion,
@@ -37,7 +38,7 @@ from app.runs import RunError, active_run, start_run
 class RankingRow:
     """One ranking as the reward model trains on it."""
 
-    prompt: str
+    prompt: PromptInput  # the text, or the conversation of a multi-turn prompt
     completions: list[str]
     ranks: list[int]
     labeler: str
@@ -55,19 +56,19 @@ class Snapshot:
         return {"counts": self.counts, "max_ids": self.max_ids}
 
 
-def demonstrations(db: Session, max_id: int | None = None) -> tuple[dict[str, list[tuple[str, str]]], Snapshot]:
-    """Returns (prompt, demonstration) pairs by split, up to a demonstration id."""
+def demonstrations(db: Session, max_id: int | None = None) -> tuple[dict[str, list[tuple[PromptInput, str]]], Snapshot]:
+    """Returns (prompt, demonstration) pairs by split, up to a demonstration id; a prompt is its conversation."""
     query = (
-        select(Demonstration.id, Prompt.text, Demonstration.text, Prompt.split)
+        select(Demonstration.id, Prompt.text, Demonstration.text, Prompt.split, Prompt.messages)
         .join(Prompt, Prompt.id == Demonstration.prompt_id)
         .order_by(Demonstration.id)
     )
     if max_id is not None:
         query = query.where(Demonstration.id <= max_id)
-    by_split: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
+    by_split: dict[str, list[tuple[PromptInput, str]]] = {"train": [], "valid": [], "test": []}
     last = 0
-    for demo_id, prompt, text, split in db.execute(query):
-        by_split[split].append((prompt, text))
+    for demo_id, prompt, text, split, messages in db.execute(query):
+        by_split[split].append((prompt_input(messages, prompt), text))
         last = demo_id
     snap = Snapshot(counts={k: len(v) for k, v in by_split.items()}, max_ids={"demonstration": last})
     return by_split, snap
@@ -76,7 +77,16 @@ def demonstrations(db: Session, max_id: int | None = None) -> tuple[dict[str, li
 def rankings(db: Session, max_id: int | None = None) -> tuple[dict[str, list[RankingRow]], Snapshot]:
     """Returns rankings with their K outputs by split; held-out labelers' rankings go to validation."""
     query = (
-        select(Ranking.id, Prompt.text, Prompt.split, User.id, User.held_out, Completion.text, RankingItem.rank)
+        select(
+            Ranking.id,
+            Prompt.text,
+            Prompt.split,
+            User.id,
+            User.held_out,
+            Completion.text,
+            RankingItem.rank,
+            Prompt.messages,
+        )
         .join(Prompt, Prompt.id == Ranking.prompt_id)
         .join(User, User.id == Ranking.labeler_id)
         .join(RankingItem, RankingItem.ranking_id == Ranking.id)
@@ -89,10 +99,11 @@ def rankings(db: Session, max_id: int | None = None) -> tuple[dict[str, list[Ran
     if max_id is not None:
         query = query.where(Ranking.id <= max_id)
     rows: dict[int, tuple[str, RankingRow]] = {}
-    for ranking_id, prompt, split, labeler_id, held_out, text, rank in db.execute(query):
+    for ranking_id, prompt, split, labeler_id, held_out, text, rank, messages in db.execute(query):
         if ranking_id not in rows:
             target = "valid" if held_out and split == "train" else split
-            rows[ranking_id] = (target, RankingRow(prompt, [], [], f"labeler-{labeler_id}", ranking_id))
+            row = RankingRow(prompt_input(messages, prompt), [], [], f"labeler-{labeler_id}", ranking_id)
+            rows[ranking_id] = (target, row)
         rows[ranking_id][1].completions.append(text)
         rows[ranking_id][1].ranks.append(rank)
     by_split: dict[str, list[RankingRow]] = {"train": [], "valid": [], "test": []}
@@ -102,9 +113,20 @@ def rankings(db: Session, max_id: int | None = None) -> tuple[dict[str, list[Ran
     return by_split, snap
 
 
-def prompts_for_ppo(db: Session, split: str = "train", limit: int = 5000) -> list[str]:
-    """Returns distinct prompt texts of a split for PPO rollouts or evaluation."""
-    return list(db.scalars(select(Prompt.text).where(Prompt.split == split).distinct().limit(limit)))
+def prompts_for_ppo(db: Session, split: str = "train", limit: int = 5000) -> list[PromptInput]:
+    """Returns distinct prompts of a split for PPO rollouts or evaluation: texts, or multi-turn conversations."""
+    rows = db.execute(select(Prompt.text, Prompt.messages).where(Prompt.split == split).order_by(Prompt.id))
+    seen: set[str] = set()
+    prompts: list[PromptInput] = []
+    for text, messages in rows:
+        prompt = prompt_input(messages, text)
+        key = prompt if isinstance(prompt, str) else repr(prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+            if len(prompts) >= limit:
+                break
+    return prompts
 
 
 def latest(db: Session, kind: str) -> ModelVersion | None:
