@@ -228,6 +228,10 @@
     });
   }
 
+  // On a phone the guidelines sit above the task: folded, so the prompt is on the first screen.
+  const guidelines = document.querySelector("details.guidelines");
+  if (guidelines && window.matchMedia("(max-width: 900px)").matches) guidelines.open = false;
+
   window.Labeling = {
     data: data,
     root: root,
