@@ -391,8 +391,11 @@ def test_next_page_leases_and_redirects_then_says_when_nothing_is_left(client, l
     )
     done = client.get("/label/next?kind=ranking")
     assert done.status_code == 200 and 'data-testid="nothing-left"' in done.text
+    # Back on a submitted task shows it read-only (issue 20), never another task in its place.
     back = client.get(location, follow_redirects=False)
-    assert back.status_code == 303 and back.headers["location"] == "/label/next?kind=ranking"
+    assert back.status_code == 200 and 'data-testid="submitted-page"' in back.text
+    assert "Say &lt;b&gt;hi&lt;/b&gt; &amp; bye" in back.text and back.headers["cache-control"] == "no-store"
+    assert 'data-testid="submit"' not in back.text and 'href="/label/next?kind=ranking"' in back.text
 
 
 def test_demonstration_page_shows_the_draft_and_guidelines(client, login, db):

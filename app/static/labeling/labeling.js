@@ -232,6 +232,11 @@
   const guidelines = document.querySelector("details.guidelines");
   if (guidelines && window.matchMedia("(max-width: 900px)").matches) guidelines.open = false;
 
+  // The "submitted" confirmation is shown once: a reload of this page should not say it again.
+  if (new URLSearchParams(window.location.search).has("submitted")) {
+    window.history.replaceState(null, "", window.location.pathname);
+  }
+
   window.Labeling = {
     data: data,
     root: root,
