@@ -422,6 +422,12 @@ def test_next_without_a_kind_offers_rankings_then_demonstrations(client, login, 
     )
     assert skip.json()["state"] == "skipped"
     assert 'data-testid="demonstration-page"' in client.get("/label/next").text
+    # Back on the skipped task: it says so, read-only, with the reason; not the demonstration in its place.
+    back = client.get(ranking_url, follow_redirects=False)
+    assert back.status_code == 200 and "You skipped this task" in back.text
+    assert "It is in a language I do not read" in back.text and 'data-testid="demonstration-page"' not in back.text
+    # A confirmation names only the user's own submitted assignment; anything else is ignored.
+    assert 'data-testid="just-submitted"' not in client.get("/label/next?submitted=999999").text
 
 
 def test_labeling_pages_are_for_labelers_only(client, login, db):
