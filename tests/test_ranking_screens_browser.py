@@ -143,3 +143,23 @@ def test_no_sideways_scrolling_at_390_px(screen_page, live_server, committed_ses
     box = page.get_by_role("button", name="Log out").bounding_box()
     assert box is not None and box["x"] + box["width"] <= 390
     assert not page.js_errors
+
+
+@pytest.mark.parametrize("screen_page", [LAPTOP], ids=["1280x800"], indirect=True)
+def test_not_ready_list_follows_the_fixes(screen_page, live_server, committed_session, labeler):
+    page = screen_page
+    seed_batch(committed_session, n_prompts=1, k=4)
+    committed_session.commit()
+    log_in(page, live_server, labeler.username)
+    open_next(page, live_server, "ranking")
+    page.keyboard.press("Enter")  # nothing done yet: the list of what is missing
+    message = page.get_by_test_id("form-message")
+    assert "Output A needs a Likert score and a rank slot." in message.inner_text()
+    page.keyboard.press("1")  # A's slot: the line for A shrinks at once
+    assert "Output A needs a Likert score." in message.inner_text()
+    page.keyboard.press("4")  # A's score: its line goes
+    assert "Output A" not in message.inner_text() and "Output B needs" in message.inner_text()
+    for key in ("2", "4", "3", "4", "4", "4"):
+        page.keyboard.press(key)
+    assert message.is_hidden()  # all fixed: the list is gone
+    assert not page.js_errors
