@@ -391,8 +391,11 @@ def test_next_page_leases_and_redirects_then_says_when_nothing_is_left(client, l
     )
     done = client.get("/label/next?kind=ranking")
     assert done.status_code == 200 and 'data-testid="nothing-left"' in done.text
+    # Back on a submitted task shows it read-only (issue 20), never another task in its place.
     back = client.get(location, follow_redirects=False)
-    assert back.status_code == 303 and back.headers["location"] == "/label/next?kind=ranking"
+    assert back.status_code == 200 and 'data-testid="submitted-page"' in back.text
+    assert "Say &lt;b&gt;hi&lt;/b&gt; &amp; bye" in back.text and back.headers["cache-control"] == "no-store"
+    assert 'data-testid="submit"' not in back.text and 'href="/label/next?kind=ranking"' in back.text
 
 
 def test_demonstration_page_shows_the_draft_and_guidelines(client, login, db):
@@ -419,6 +422,12 @@ def test_next_without_a_kind_offers_rankings_then_demonstrations(client, login, 
     )
     assert skip.json()["state"] == "skipped"
     assert 'data-testid="demonstration-page"' in client.get("/label/next").text
+    # Back on the skipped task: it says so, read-only, with the reason; not the demonstration in its place.
+    back = client.get(ranking_url, follow_redirects=False)
+    assert back.status_code == 200 and "You skipped this task" in back.text
+    assert "It is in a language I do not read" in back.text and 'data-testid="demonstration-page"' not in back.text
+    # A confirmation names only the user's own submitted assignment; anything else is ignored.
+    assert 'data-testid="just-submitted"' not in client.get("/label/next?submitted=999999").text
 
 
 def test_labeling_pages_are_for_labelers_only(client, login, db):

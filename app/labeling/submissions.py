@@ -385,3 +385,26 @@ def save_draft(
         assignment.state = "leased"
     assignment.expires_at = leases.lease_expiry()
     return assignment
+
+
+def submitted_work(db: Session, assignment: Assignment) -> dict[str, Any]:
+    """Gets what a labeler sent for a finished assignment, to show it read-only (the Back button lands here).
+
+    Keys: `text` (a demonstration), `ranked` (a ranking: position on the page -> rank, Likert, flags, in page
+    order), `all_unacceptable`, `chosen_position` (an eval verdict: the chosen output's position, None for a
+    tie). Empty for a skipped assignment.
+    """
+    if assignment.state != "submitted":
+        return {}
+    demonstration = db.scalar(select(Demonstration.text).where(Demonstration.assignment_id == assignment.id))
+    if demonstration is not None:
+        return {"text": demonstration}
+    ranking = db.scalar(
+        select(Ranking).options(selectinload(Ranking.items)).where(Ranking.assignment_id == assignment.id)
+    )
+    if ranking is not None:
+        items = {item.position: item for item in ranking.items}
+        return {"ranked": items, "all_unacceptable": ranking.all_unacceptable}
+    chosen = db.scalar(select(EvalJudgment.chosen_completion_id).where(EvalJudgment.assignment_id == assignment.id))
+    order = list(assignment.display_order or [])
+    return {"chosen_position": order.index(chosen) if chosen in order else None, "judged": True}

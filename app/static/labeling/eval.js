@@ -42,7 +42,7 @@
       const choice = value === "tie" ? "tie" : Number(value);
       await L.api("POST", L.assignmentUrl + "/submit", { choice: choice, active_seconds: Math.floor(clock.seconds) });
       clock.stop();
-      window.location.assign(L.data.next_url);
+      window.location.assign(L.data.submitted_url || L.data.next_url);
     } catch (err) {
       L.showMessage(message, "Not submitted: " + err.message, err.status === 409);
       submitting = false;

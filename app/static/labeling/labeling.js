@@ -228,6 +228,15 @@
     });
   }
 
+  // On a phone the guidelines sit above the task: folded, so the prompt is on the first screen.
+  const guidelines = document.querySelector("details.guidelines");
+  if (guidelines && window.matchMedia("(max-width: 900px)").matches) guidelines.open = false;
+
+  // The "submitted" confirmation is shown once: a reload of this page should not say it again.
+  if (new URLSearchParams(window.location.search).has("submitted")) {
+    window.history.replaceState(null, "", window.location.pathname);
+  }
+
   window.Labeling = {
     data: data,
     root: root,

@@ -1,7 +1,9 @@
 /* The ranking page (InstructGPT's interface): rate each of K outputs 1-7, tick flags, then drag each output
- * into a rank slot, best to worst; several outputs in one slot are a tie. A keyboard-only path: focus an
- * output (Tab, arrow keys) and press 1-9 to put it in that slot, 0 to take it out. The whole state is
- * autosaved as the assignment's draft and restored on reload.
+ * into a rank slot, best to worst; several outputs in one slot are a tie. The keyboard path takes 2K + 1 keys
+ * from page load: focus starts on output A; on a focused output a digit 1-K puts it in that slot, after which
+ * the card's pending field is its Likert score (shown on the card), the next digit 1-7 sets it and focus moves
+ * to the next output; after the last one Enter submits. On a touch screen: tap an output's chip, then a slot.
+ * The whole state is autosaved as the assignment's draft and restored on reload.
  */
 (function () {
   "use strict";
@@ -22,6 +24,9 @@
   const chipOf = new Map(rankCards.map((chip) => [Number(chip.dataset.completionId), chip]));
   const clock = new L.ActiveClock(L.data.active_seconds, document.getElementById("active-time"));
   const autosave = new L.Autosave(collect, document.getElementById("save-status"), clock);
+  const shortcuts = document.getElementById("shortcuts");
+  const keyMode = new Map(ids.map((id) => [id, "rank"])); // which field the next digit on a card sets
+  let selectedChip = null; // the chip tapped last, waiting for a tap on a slot
   let submitting = false;
 
   function zoneFor(slot) {
@@ -53,6 +58,7 @@
     if (hadFocus) chip.focus(); // moving a node drops its focus; the keyboard user keeps their place
     renderPlacement(id);
     if (!(options && options.quiet)) {
+      refreshProblems();
       announce("Output " + letterOf.get(id) + (slot ? " is in slot " + slot : " is not ranked"));
       autosave.changed();
     }
@@ -70,6 +76,40 @@
   /** Drops an output's "missing" mark once it has both a score and a slot. */
   function clearMissing(id) {
     if (likertOf(id) && slotOf.get(id)) cardOf.get(id).classList.remove("missing");
+  }
+
+  /** Says on the card which field its next digit sets, so a score never lands the output in a slot. */
+  function setKeyMode(id, mode) {
+    keyMode.set(id, mode);
+    const card = cardOf.get(id);
+    card.dataset.keyMode = mode;
+    card.querySelector(".key-mode").textContent = mode === "likert" ? "Next key: score 1–7" : "Next key: rank 1–" + K;
+  }
+
+  function isComplete(id) {
+    return Boolean(likertOf(id) && slotOf.get(id));
+  }
+
+  /** Sets an output's Likert score from the keyboard, as a click on the radio would. */
+  function setLikert(id, score) {
+    const radio = document.querySelector('input[name="likert-' + id + '"][value="' + score + '"]');
+    radio.checked = true;
+    clearMissing(id);
+    refreshProblems();
+    autosave.changed();
+    announce("Output " + letterOf.get(id) + " scored " + score);
+  }
+
+  /** After an output's score: on to the next output, or to Submit once every output is done. */
+  function advance(id) {
+    const index = outputCards.indexOf(cardOf.get(id));
+    if (index < outputCards.length - 1) {
+      outputCards[index + 1].focus();
+    } else if (ids.every(isComplete)) {
+      button.focus();
+    } else {
+      cardOf.get(ids.find((other) => !isComplete(other))).focus();
+    }
   }
 
   function renderFlagCount(id) {
@@ -125,6 +165,14 @@
     return problems;
   }
 
+  /** Keeps a shown "Not ready" list in step with the page as the labeler fixes things. */
+  function refreshProblems() {
+    if (message.hidden || !message.dataset.problems) return;
+    const problems = missing();
+    if (problems.length) showProblems(problems);
+    else L.hideMessage(message);
+  }
+
   function showProblems(problems) {
     message.textContent = "";
     const intro = document.createElement("p");
@@ -136,6 +184,7 @@
       list.append(item);
     });
     message.append(intro, list);
+    message.dataset.problems = "1";
     message.hidden = false;
   }
 
@@ -147,6 +196,7 @@
       return;
     }
     L.hideMessage(message);
+    delete message.dataset.problems;
     submitting = true;
     button.disabled = true;
     await autosave.stop();
@@ -158,7 +208,7 @@
     try {
       await L.api("POST", L.assignmentUrl + "/submit", body);
       clock.stop();
-      window.location.assign(L.data.next_url);
+      window.location.assign(L.data.submitted_url || L.data.next_url);
     } catch (err) {
       L.showMessage(message, "Not submitted: " + err.message, err.status === 409);
       submitting = false;
@@ -167,12 +217,23 @@
     }
   }
 
-  /** Keys on a focused output or rank card: digits place it, arrows move between cards. */
+  /** Keys on a focused output or rank card: digits set its slot (then, on an output, its score), arrows move. */
   function onCardKey(event, group) {
     if (event.target !== event.currentTarget || event.ctrlKey || event.metaKey || event.altKey) return;
     const id = Number(event.currentTarget.dataset.completionId);
     const key = event.key;
-    if (/^[0-9]$/.test(key)) {
+    const scoring = group === "output" && keyMode.get(id) === "likert";
+    if (/^[0-9]$/.test(key) && scoring) {
+      event.preventDefault();
+      const score = Number(key);
+      if (score < 1 || score > 7) {
+        announce("Scores go from 1 to 7; press Escape to set the rank slot instead.");
+        return;
+      }
+      setLikert(id, score);
+      setKeyMode(id, "rank");
+      advance(id);
+    } else if (/^[0-9]$/.test(key)) {
       event.preventDefault();
       const slot = Number(key);
       if (slot > K) {
@@ -180,6 +241,17 @@
         return;
       }
       place(id, slot);
+      if (group === "output" && slot > 0) setKeyMode(id, "likert");
+    } else if (group === "output" && (key === "s" || key === "l")) {
+      event.preventDefault();
+      setKeyMode(id, "likert");
+    } else if (group === "output" && (key === "r" || key === "Escape")) {
+      if (key === "Escape" && !scoring) return;
+      event.preventDefault();
+      setKeyMode(id, "rank");
+    } else if (key === "Enter" && group === "output") {
+      event.preventDefault();
+      submit();
     } else if (key === "Backspace" || key === "Delete") {
       event.preventDefault();
       place(id, 0);
@@ -192,11 +264,41 @@
     }
   }
 
+  /** Tapping: a tap on a chip picks it up, a tap on a slot (or on a chip already there) puts it down. */
+  function select(chip) {
+    if (selectedChip) selectedChip.classList.remove("selected");
+    if (selectedChip) selectedChip.setAttribute("aria-pressed", "false");
+    selectedChip = chip;
+    if (chip) {
+      chip.classList.add("selected");
+      chip.setAttribute("aria-pressed", "true");
+      announce("Output " + chip.dataset.letter + " picked up: tap a slot to put it there.");
+    }
+    document.querySelector(".ranking-board").classList.toggle("placing", Boolean(chip));
+  }
+
+  function onBoardTap(event) {
+    const chip = event.target.closest(".rank-card");
+    const zone = event.target.closest(".dropzone");
+    if (chip && (!selectedChip || chip === selectedChip || Number(zone.dataset.slot) === 0)) {
+      select(chip === selectedChip ? null : chip);
+      return;
+    }
+    if (selectedChip && zone) {
+      const id = Number(selectedChip.dataset.completionId);
+      select(null);
+      place(id, Number(zone.dataset.slot));
+    }
+  }
+
   outputCards.forEach((card) => {
     const id = Number(card.dataset.completionId);
     card.addEventListener("keydown", (event) => onCardKey(event, "output"));
+    // Arriving on a card that has a slot but no score, the score is what is pending.
+    card.addEventListener("focus", () => setKeyMode(id, slotOf.get(id) && !likertOf(id) ? "likert" : "rank"));
     card.querySelectorAll('input[type="radio"]').forEach((radio) => radio.addEventListener("change", () => {
       clearMissing(id);
+      refreshProblems();
       autosave.changed();
     }));
     card.querySelectorAll('input[type="checkbox"]').forEach((box) => box.addEventListener("change", () => {
@@ -208,6 +310,7 @@
   rankCards.forEach((chip) => {
     chip.addEventListener("keydown", (event) => onCardKey(event, "rank"));
     chip.addEventListener("dragstart", (event) => {
+      select(null);
       event.dataTransfer.setData("text/plain", chip.dataset.completionId);
       event.dataTransfer.effectAllowed = "move";
       chip.classList.add("dragging");
@@ -232,10 +335,26 @@
     });
   });
 
+  document.querySelector(".ranking-board").addEventListener("click", onBoardTap);
+
+  /** `?` anywhere outside a text field opens the list of shortcuts; Escape closes it. */
+  document.addEventListener("keydown", (event) => {
+    const typing = event.target.closest && event.target.closest("input[type=text], textarea, select");
+    if (event.key === "?" && !typing && !shortcuts.open) {
+      event.preventDefault();
+      shortcuts.showModal();
+    }
+  });
+  document.getElementById("show-shortcuts").addEventListener("click", () => shortcuts.showModal());
+  document.getElementById("close-shortcuts").addEventListener("click", () => shortcuts.close());
+
   unacceptable.addEventListener("change", () => autosave.changed());
   button.addEventListener("click", submit);
   L.onSubmitShortcut(submit);
   L.setupSkip(autosave);
   ids.forEach(renderPlacement);
   if (restore(L.data.draft)) autosave.setStatus("Draft restored", "saved");
+  ids.forEach((id) => setKeyMode(id, "rank"));
+  // Focus starts on the first output, so the first key ranks it; the page stays scrolled to the prompt.
+  outputCards[0].focus({ preventScroll: true });
 })();
