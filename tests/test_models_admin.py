@@ -255,12 +255,12 @@ def test_start_run_by_hand_refuses_a_second_and_bad_fields(client, db, auth, adm
     assert body["triggered_by"] == f"admin:{admin.username}"
     second = client.post("/api/v1/runs", json={"kind": "sft"}, headers=auth)
     assert second.status_code == 409 and "already queued or running" in second.json()["detail"]
-    for kind, params in (("ppo", {"adaptive_kl": True}), ("pretrain", {"steps": 10})):
+    for kind, params in (("ppo", {"adaptive_kl": True}), ("dpo", {"loss": "listwise"}), ("pretrain", {"steps": 10})):
         assert client.post("/api/v1/runs", json={"kind": kind, "params": params}, headers=auth).status_code == 201
     assert client.post("/api/v1/runs", json={"kind": "pretrain"}, headers=auth).status_code == 409
 
     for body, field in [
-        ({"kind": "dpo"}, "kind"),
+        ({"kind": "rloo"}, "kind"),
         ({"kind": "sample"}, "kind"),
         ({}, "kind"),
         ({"kind": "rm", "params": [1]}, "params"),
