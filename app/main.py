@@ -20,6 +20,8 @@ from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, loop
+from app.accounts import admin_api as accounts_admin_api
+from app.accounts import admin_pages as accounts_admin_pages
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.collection import api as collection_api
@@ -199,6 +201,8 @@ def create_app() -> FastAPI:
     for module in (
         accounts_pages,
         accounts_api,
+        accounts_admin_pages,
+        accounts_admin_api,
         collection_pages,
         collection_api,
         writing_routes,

@@ -30,7 +30,7 @@ RULES: list[tuple[str, str]] = [
     (r"^/api/v1/tokens(/.*)?$", "tokens"),
     (r"^/api/v1/export(/.*)?$", "export:read"),
     (r"^/api/v1/(tasks|assignments|prompts/written|prompts/writable-batches)(/.*)?$", "label"),
-    (r"^/api/v1/(batches|models|runs|webhooks|evaluations)(/.*)?$", "admin"),
+    (r"^/api/v1/(batches|models|runs|webhooks|evaluations|users|audit)(/.*)?$", "admin"),
 ]
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 

@@ -39,6 +39,7 @@ KERNEL = {
     "app.runs",
     "app.charts",
     "app.events",
+    "app.audit",
 }
 # The bundled world is a library of its own (prompts, scorer, corpus): kernel rank too.
 KERNEL_PACKAGES = ("app.world", "app.training.configs")

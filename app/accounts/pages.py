@@ -17,6 +17,7 @@ from fastapi.responses import RedirectResponse
 from app.accounts import dashboard
 from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, SessionDep, SettingsDep
 from app.errors import AppError, Forbidden, RateLimited, Unauthorized, renders_on_error
+from app.models import utcnow
 from app.security import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -126,6 +127,7 @@ def login(
     if user is None:
         raise Unauthorized(None, "Wrong username or password.")  # the claimed attempt stays, as a failure
     clear_login_failures(db, username)
+    user.last_login_at = utcnow()
     cookie, _ = start_session(db, settings, user)
     target = _safe_next(next)
     if target == "/":
