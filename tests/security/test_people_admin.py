@@ -173,3 +173,43 @@ def test_the_users_api_needs_the_admin_scope_and_does_the_same(client, db, auth)
     short = client.post(f"/api/v1/users/{uid}/password", json={"password": "short"}, headers=auth)
     assert short.status_code == 422 and "password" in short.text
     assert client.patch("/api/v1/users/999999", json={"role": "admin"}, headers=auth).status_code == 404
+
+
+def test_an_admin_onboards_then_deactivates_a_labeler_in_chromium(live_server, committed_session, chromium):
+    from app.security import hash_password
+
+    committed_session.add(User(username="chrome-boss", role="admin", password_hash=hash_password(PASSWORD)))
+    committed_session.commit()
+    boss = chromium.new_context().new_page()
+    boss.goto(f"{live_server}/login?next=/admin/users")
+    boss.fill("input[name=username]", "chrome-boss")
+    boss.fill("input[name=password]", PASSWORD)
+    boss.click("button[type=submit]")
+    boss.wait_for_url("**/admin/users")
+
+    form = boss.locator("[data-testid=add-user-form]")
+    form.locator("input[name=username]").fill("chrome-newbie")
+    form.locator("button[type=submit]").click()
+    boss.wait_for_selector("[data-testid=generated-password]")
+    password = boss.locator("[data-testid=generated-password]").inner_text().strip()
+    assert len(password) >= 16
+
+    newbie = chromium.new_context().new_page()
+    newbie.goto(f"{live_server}/login")
+    newbie.fill("input[name=username]", "chrome-newbie")
+    newbie.fill("input[name=password]", password)
+    newbie.click("button[type=submit]")
+    newbie.wait_for_url("**/label")
+
+    boss.goto(f"{live_server}/admin/users")
+    row = boss.locator("[data-testid=user-chrome-newbie]")
+    assert "never" not in row.locator("td").nth(3).inner_text()  # last login shown
+    row.get_by_role("button", name="Deactivate").click()
+    boss.wait_for_selector("[data-testid=flash]")
+    assert "deactivated" in boss.locator("[data-testid=flash]").inner_text()
+    assert "deactivated" in boss.locator("[data-testid=user-chrome-newbie] td").nth(2).inner_text()
+
+    newbie.reload()
+    newbie.wait_for_url("**/login**")
+    newbie.context.close()
+    boss.context.close()
