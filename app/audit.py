@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Update, event, select
+from sqlalchemy.orm import ORMExecuteState, Session
 
-from app.models import AuditEntry, User
+from app.models import AuditEntry, TrainingRun, User
 
 MAX_LIST = 500
 
@@ -44,6 +44,50 @@ def record(
     )
     db.add(entry)
     return entry
+
+
+# --- training runs ---------------------------------------------------------------------------
+#
+# Runs are started and cancelled by the training stage's routes and by batch starts (a sampling run). Rather than
+# each of those call sites, the session notices: a request's session knows who is asking (`remember_actor`, from
+# `app.deps`), and a run inserted or cancelled in it is recorded as that person's action. Runs the scheduler starts
+# (no person behind the session) are not admin actions and are not recorded.
+
+ACTOR_KEY = "audit_actor"
+
+
+def remember_actor(db: Session, user: User, request: Request | None) -> None:
+    """Tells a request's session who is asking, for the entries its listeners write."""
+    db.info[ACTOR_KEY] = (user.id, user.username, client_address(request))
+
+
+def _entry_for(db: Session, action: str, target: str, **details: Any) -> None:
+    actor_id, username, ip = db.info[ACTOR_KEY]
+    db.add(AuditEntry(actor_id=actor_id, actor=username, action=action, target=target, ip=ip, details=details))
+
+
+@event.listens_for(Session, "after_flush")
+def _runs_started(db: Session, _flush: Any) -> None:
+    if ACTOR_KEY not in db.info:
+        return
+    for obj in db.new:
+        if isinstance(obj, TrainingRun):
+            _entry_for(db, "run.started", f"run {obj.id} {obj.kind}", batch_id=obj.batch_id)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _runs_cancelled(state: ORMExecuteState) -> None:
+    # The training stage cancels with one conditional UPDATE ... SET status='cancelled' WHERE id = :id.
+    if not state.is_update or ACTOR_KEY not in state.session.info:
+        return
+    statement = state.statement
+    if not isinstance(statement, Update) or state.bind_mapper is not TrainingRun.__mapper__:
+        return
+    params = statement.compile().params
+    if params.get("status") != "cancelled":
+        return
+    run_ids = [v for k, v in params.items() if k.startswith("id_") and isinstance(v, int)]
+    _entry_for(state.session, "run.cancelled", " ".join(f"run {i}" for i in run_ids) or "run")
 
 
 def list_entries(

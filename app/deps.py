@@ -23,6 +23,7 @@ import anyio
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
+from app.audit import remember_actor
 from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.models import User, UserSession
@@ -145,12 +146,14 @@ def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) 
                 headers={"WWW-Authenticate": "Bearer"},
             )
         token, user = found
+        remember_actor(db, user, request)
         scopes = frozenset(token.scopes) & ROLE_SCOPES[user.role]
         return Principal(user=user, scopes=scopes, via="token", token_id=token.id)
     loaded = load_session(db, settings, request.cookies.get(SESSION_COOKIE))
     if loaded is None:
         return None
     session, user = loaded
+    remember_actor(db, user, request)
     # The error page shows this user's navigation, even after a 403. A copy of what it reads: the request's
     # session has rolled back (expiring the ORM objects) by the time an exception handler renders the page.
     request.state.viewer = Viewer(PageUser(user.username, user.role), session.csrf_token)
