@@ -23,10 +23,11 @@ import anyio
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
-from app.audit import remember_actor
+from app.audit import client_address, remember_actor
 from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.models import User, UserSession
+from app.ratelimit import check_api_rate
 from app.security import ROLE_SCOPES, SESSION_COOKIE, csrf_matches, load_session, resolve_api_token
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -135,8 +136,11 @@ def _bearer(request: Request) -> str | None:
 
 
 def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) -> Principal | None:
-    """Returns the caller if they are authenticated, else None; a bad token is a 401."""
+    """Returns the caller if they are authenticated, else None; a bad token is a 401, too many API requests 429."""
     raw = _bearer(request)
+    api = request.url.path.startswith("/api/")
+    if api:  # counted before the token is looked up, so guessing tokens counts too
+        check_api_rate(settings, client_address(request), None)
     if raw is not None:
         found = resolve_api_token(db, raw)
         if found is None:
@@ -146,6 +150,8 @@ def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) 
                 headers={"WWW-Authenticate": "Bearer"},
             )
         token, user = found
+        if api:
+            check_api_rate(settings, None, token.id)
         remember_actor(db, user, request)
         scopes = frozenset(token.scopes) & ROLE_SCOPES[user.role]
         return Principal(user=user, scopes=scopes, via="token", token_id=token.id)
