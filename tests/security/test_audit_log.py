@@ -117,3 +117,24 @@ def test_the_audit_page_shows_page_actions_newest_first_and_filters(client, db, 
     assert f"user {labeler.id} {labeler.username}" in page and admin.username in page and "testclient" in page
     filtered = client.get("/admin/audit?action=token.revoked").text.split('data-testid="audit-table"')[1]
     assert "token.revoked" in filtered and "token.created" not in filtered and "webhook.created" not in filtered
+
+
+def test_evaluations_started_and_cancelled_are_recorded(client, db, admin, auth):
+    from tests.test_evaluations import held_out_batch, two_models
+
+    held_out_batch(db, n=3)
+    a, b = two_models(db)
+    created = client.post(
+        "/api/v1/evaluations", headers=auth, json={"model_a_id": a.id, "model_b_id": b.id, "n_prompts": 2}
+    )
+    assert created.status_code == 201, created.text
+    evaluation_id = created.json()["id"]
+    assert client.post(f"/api/v1/evaluations/{evaluation_id}/cancel", headers=auth).status_code == 200
+    assert client.post(f"/api/v1/evaluations/{evaluation_id}/cancel", headers=auth).status_code == 409
+    entries = db.scalars(select(AuditEntry).where(AuditEntry.action.startswith("evaluation."))).all()
+    assert [(e.action, e.target) for e in entries] == [
+        ("evaluation.started", f"evaluation {evaluation_id}"),
+        ("evaluation.cancelled", f"evaluation {evaluation_id}"),
+    ]
+    assert entries[0].details == {"model_a_id": a.id, "model_b_id": b.id}
+    assert "run.started" in _actions(db)  # its sampling run, started by the same admin
