@@ -24,6 +24,7 @@ RULES: list[tuple[str, str]] = [
     (r"^/$", "redirect"),
     (r"^/(docs|docs/oauth2-redirect|api/v1/openapi\.json)$", "public"),
     (r"^/logout$", "page:any"),
+    (r"^/account/password$", "page:any"),
     (r"^/label(/.*)?$", "page:labeler"),
     (r"^/admin(/.*)?$", "page:admin"),
     (r"^/api/v1/me$", "user"),

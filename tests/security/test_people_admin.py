@@ -213,3 +213,38 @@ def test_an_admin_onboards_then_deactivates_a_labeler_in_chromium(live_server, c
     newbie.wait_for_url("**/login**")
     newbie.context.close()
     boss.context.close()
+
+
+def test_a_user_changes_their_own_password_and_their_other_sessions_end(client, app, db, login):
+    labeler = UserFactory()
+    db.commit()
+    csrf = login(labeler.username)
+    form = client.get("/account/password")
+    assert form.status_code == 200 and 'name="current_password"' in form.text
+    data = {"current_password": PASSWORD, "new_password": "a fresh secret", "confirm_password": "a fresh secret"}
+    assert client.post("/account/password", data=data).status_code == 403  # no CSRF
+    with _second_client(app) as elsewhere:
+        assert _log_in(elsewhere, labeler.username) == 303
+        wrong = client.post("/account/password", data=data | {"current_password": "nope", "csrf_token": csrf})
+        assert wrong.status_code == 422 and "current_password" in wrong.text
+        mismatch = client.post("/account/password", data=data | {"confirm_password": "other", "csrf_token": csrf})
+        assert mismatch.status_code == 422 and "confirm_password" in mismatch.text
+        short = client.post(
+            "/account/password",
+            data={
+                "current_password": PASSWORD,
+                "new_password": "short",
+                "confirm_password": "short",
+                "csrf_token": csrf,
+            },
+        )
+        assert short.status_code == 422 and "password" in short.text
+        assert elsewhere.get("/label").status_code == 200  # nothing changed yet
+
+        done = client.post("/account/password", data=data | {"csrf_token": csrf})
+        assert done.status_code == 200 and "other sessions have ended" in done.text
+        assert client.get("/label").status_code == 200  # this session stays
+        assert elsewhere.get("/label", follow_redirects=False).status_code == 303  # the other one ended
+        assert _log_in(elsewhere, labeler.username) == 401
+        assert _log_in(elsewhere, labeler.username, "a fresh secret") == 303
+    assert client.get("/account/password", follow_redirects=False).status_code == 200
