@@ -214,6 +214,15 @@ def _here(request: Request) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
+class PasswordChangeRequired(Exception):
+    """Raised by page dependencies while the user holds a one-time password; the app sends them to change it."""
+
+
+def _must_change_password(request: Request, principal: Principal) -> None:
+    if principal.user.must_change_password and request.url.path != "/account/password":
+        raise PasswordChangeRequired()
+
+
 class LoginRequired(Exception):
     """Raised by page dependencies for anonymous visitors; the app redirects to /login."""
 
@@ -229,6 +238,7 @@ def require_role(role: str) -> Callable[..., Principal]:
     ) -> Principal:
         if principal is None or principal.via != "session":
             raise LoginRequired(_here(request))
+        _must_change_password(request, principal)
         if principal.user.role != role:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"This page is for {role}s only")
         return principal
@@ -242,6 +252,7 @@ def require_login(
     """Page dependency for any signed-in user."""
     if principal is None or principal.via != "session":
         raise LoginRequired(_here(request))
+    _must_change_password(request, principal)
     return principal
 
 

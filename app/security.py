@@ -203,6 +203,7 @@ def set_password(db: Session, user: User, password: str, keep: UserSession | Non
     if len(password) > 1024:
         raise CredentialError("password", "must be at most 1024 characters")
     user.password_hash = hash_password(password)
+    user.must_change_password = False
     end_user_sessions(db, user.id, keep)
 
 

@@ -175,6 +175,7 @@ def admin_home(request: Request, principal: AdminPage, db: SessionDep):
 
 
 def _password_page(request: Request, principal: Principal, status: int = 200, **context: Any) -> Response:
+    context.setdefault("user_must_change", principal.user.must_change_password)
     return render(request, "accounts/password.html", principal, status_code=status, **context)
 
 

@@ -66,6 +66,7 @@ def add_user(
     """Creates an account; with no password, generates one and returns it (shown once)."""
     generated = generated_password() if not password else None
     user = create_user(db, username.strip(), role, password or generated or "")
+    user.must_change_password = generated is not None
     audit.record(db, actor, "user.created", f"user {user.id} {user.username}", request, role=role)
     return user, generated
 
@@ -102,6 +103,7 @@ def reset_password(
     user = get_user(db, user_id)
     generated = generated_password() if not password else None
     set_password(db, user, password or generated or "", keep if actor.id == user.id else None)
+    user.must_change_password = generated is not None  # a one-time password: replaced at the next login
     audit.record(
         db, actor, "user.password_reset", f"user {user.id} {user.username}", request, generated=bool(generated)
     )

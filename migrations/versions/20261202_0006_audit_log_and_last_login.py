@@ -1,4 +1,5 @@
-"""Audit log and last login: the `audit_log` table of admin actions and `users.last_login_at`.
+"""Audit log and account state: the `audit_log` table of admin actions, `users.last_login_at` and
+`users.must_change_password` (set by a generated password an admin hands out).
 
 Revision ID: 0006_audit
 Revises: 0005
@@ -23,6 +24,9 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgres
 def upgrade() -> None:
     with op.batch_alter_table("users") as batch:
         batch.add_column(sa.Column("last_login_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(
+            sa.Column("must_change_password", sa.Boolean(), nullable=False, server_default=sa.text("false"))
+        )
     op.create_table(
         "audit_log",
         sa.Column("id", BigId, nullable=False),
@@ -47,4 +51,5 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_audit_log_at"), table_name="audit_log")
     op.drop_table("audit_log")
     with op.batch_alter_table("users") as batch:
+        batch.drop_column("must_change_password")
         batch.drop_column("last_login_at")

@@ -73,6 +73,13 @@ def test_adding_a_user_with_a_generated_password_shows_it_once_and_it_logs_in(cl
     assert generated not in client.get("/admin/users").text  # shown once
     with _second_client(app) as other:
         assert _log_in(other, "newbie", generated) == 303
+        # a one-time password: every page asks for a new one first
+        assert other.get("/label", follow_redirects=False).headers["location"] == "/account/password"
+        form = other.get("/account/password")
+        assert 'data-testid="must-change"' in form.text
+        mine = {"current_password": generated, "new_password": "my own secret", "confirm_password": "my own secret"}
+        assert other.post("/account/password", data=mine | {"csrf_token": _csrf(form.text)}).status_code == 200
+        assert other.get("/label").status_code == 200
     user = db.scalar(select(User).where(User.username == "newbie"))
     assert user.role == "labeler" and user.last_login_at is not None
     assert "never" not in client.get("/admin/users").text.split('data-testid="user-newbie"')[1].split("</tr>")[0]
@@ -199,6 +206,13 @@ def test_an_admin_onboards_then_deactivates_a_labeler_in_chromium(live_server, c
     newbie.fill("input[name=username]", "chrome-newbie")
     newbie.fill("input[name=password]", password)
     newbie.click("button[type=submit]")
+    newbie.wait_for_url("**/account/password")  # a one-time password is replaced first
+    newbie.fill("input[name=current_password]", password)
+    newbie.fill("input[name=new_password]", "chosen by me")
+    newbie.fill("input[name=confirm_password]", "chosen by me")
+    newbie.click("[data-testid=password-form] button[type=submit]")
+    newbie.wait_for_selector("[data-testid=flash]")
+    newbie.goto(f"{live_server}/label")
     newbie.wait_for_url("**/label")
 
     boss.goto(f"{live_server}/admin/users")
