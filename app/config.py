@@ -37,6 +37,16 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(5, description="Failed logins per account or IP before a lockout.")
     login_window_s: int = Field(300, description="Window of the login rate limit, in seconds.")
     max_body_bytes: int = Field(50 * 1024 * 1024, description="Largest request body accepted.")
+    api_rate_per_token: int = Field(
+        0, ge=0, description="API requests one token may make per rate window; 0: no limit. Counted in Redis."
+    )
+    api_rate_per_address: int = Field(
+        0, ge=0, description="API requests one client address may make per rate window; 0: no limit."
+    )
+    api_rate_window_s: int = Field(60, ge=1, description="Window of the API rate limits, in seconds.")
+    rate_limit_redis_url: str = Field(
+        "", description="Redis that counts the API rate limits; empty: the broker when it is Redis."
+    )
     lease_minutes: int = Field(20, description="How long a labeler holds a task before it returns.")
     run_stale_after_s: int = Field(180, description="A run with no heartbeat for this long is re-queued.")
     job_time_limit_s: int = Field(
@@ -90,6 +100,12 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'instructloop.sqlite3').resolve()}"
+
+    @property
+    def resolved_rate_limit_url(self) -> str:
+        """The Redis URL the API rate limits count in; empty when there is none (the limits cannot hold)."""
+        url = self.rate_limit_redis_url or self.broker_url
+        return url if url.startswith(("redis://", "rediss://")) else ""
 
     @property
     def resolved_broker_url(self) -> str:

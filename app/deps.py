@@ -23,9 +23,11 @@ import anyio
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
+from app.audit import client_address, remember_actor
 from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.models import User, UserSession
+from app.ratelimit import check_api_rate
 from app.security import ROLE_SCOPES, SESSION_COOKIE, csrf_matches, load_session, resolve_api_token
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -134,8 +136,11 @@ def _bearer(request: Request) -> str | None:
 
 
 def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) -> Principal | None:
-    """Returns the caller if they are authenticated, else None; a bad token is a 401."""
+    """Returns the caller if they are authenticated, else None; a bad token is a 401, too many API requests 429."""
     raw = _bearer(request)
+    api = request.url.path.startswith("/api/")
+    if api:  # counted before the token is looked up, so guessing tokens counts too
+        check_api_rate(settings, client_address(request), None)
     if raw is not None:
         found = resolve_api_token(db, raw)
         if found is None:
@@ -145,12 +150,16 @@ def optional_principal(request: Request, db: SessionDep, settings: SettingsDep) 
                 headers={"WWW-Authenticate": "Bearer"},
             )
         token, user = found
+        if api:
+            check_api_rate(settings, None, token.id)
+        remember_actor(db, user, request)
         scopes = frozenset(token.scopes) & ROLE_SCOPES[user.role]
         return Principal(user=user, scopes=scopes, via="token", token_id=token.id)
     loaded = load_session(db, settings, request.cookies.get(SESSION_COOKIE))
     if loaded is None:
         return None
     session, user = loaded
+    remember_actor(db, user, request)
     # The error page shows this user's navigation, even after a 403. A copy of what it reads: the request's
     # session has rolled back (expiring the ORM objects) by the time an exception handler renders the page.
     request.state.viewer = Viewer(PageUser(user.username, user.role), session.csrf_token)
@@ -205,6 +214,15 @@ def _here(request: Request) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
+class PasswordChangeRequired(Exception):
+    """Raised by page dependencies while the user holds a one-time password; the app sends them to change it."""
+
+
+def _must_change_password(request: Request, principal: Principal) -> None:
+    if principal.user.must_change_password and request.url.path != "/account/password":
+        raise PasswordChangeRequired()
+
+
 class LoginRequired(Exception):
     """Raised by page dependencies for anonymous visitors; the app redirects to /login."""
 
@@ -220,6 +238,7 @@ def require_role(role: str) -> Callable[..., Principal]:
     ) -> Principal:
         if principal is None or principal.via != "session":
             raise LoginRequired(_here(request))
+        _must_change_password(request, principal)
         if principal.user.role != role:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"This page is for {role}s only")
         return principal
@@ -233,6 +252,7 @@ def require_login(
     """Page dependency for any signed-in user."""
     if principal is None or principal.via != "session":
         raise LoginRequired(_here(request))
+    _must_change_password(request, principal)
     return principal
 
 

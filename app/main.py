@@ -20,6 +20,8 @@ from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors, loop
+from app.accounts import admin_api as accounts_admin_api
+from app.accounts import admin_pages as accounts_admin_pages
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.collection import api as collection_api
@@ -27,7 +29,7 @@ from app.collection import pages as collection_pages
 from app.collection import writing_routes
 from app.config import get_settings
 from app.db import max_connections
-from app.deps import LoginRequired, identify_viewer
+from app.deps import LoginRequired, PasswordChangeRequired, identify_viewer
 from app.errors import NotFound, error_body
 from app.export import api as export_api
 from app.labeling import api as labeling_api
@@ -199,6 +201,8 @@ def create_app() -> FastAPI:
     for module in (
         accounts_pages,
         accounts_api,
+        accounts_admin_pages,
+        accounts_admin_api,
         collection_pages,
         collection_api,
         writing_routes,
@@ -222,6 +226,10 @@ def create_app() -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.secure_cookies)
 
     errors.install(app, identify=identify_viewer)
+
+    @app.exception_handler(PasswordChangeRequired)
+    async def password_change_required(request: Request, exc: PasswordChangeRequired):
+        return RedirectResponse("/account/password", status_code=303)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired):

@@ -21,10 +21,11 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from itsdangerous import BadSignature, URLSafeSerializer
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import rowcount
 from app.errors import AppError
 from app.models import ROLES, TOKEN_SCOPES, ApiToken, LoginFailure, User, UserSession, utcnow
 
@@ -185,6 +186,25 @@ def load_session(db: Session, settings: Settings, cookie: str | None) -> tuple[U
 def end_session(db: Session, session: UserSession) -> None:
     """Revokes a session (logout)."""
     session.revoked_at = utcnow()
+
+
+def end_user_sessions(db: Session, user_id: int, keep: UserSession | None = None) -> int:
+    """Revokes every live session of a user but `keep` (the one making the change); returns how many."""
+    query = update(UserSession).where(UserSession.user_id == user_id, UserSession.revoked_at.is_(None))
+    if keep is not None:
+        query = query.where(UserSession.id != keep.id)
+    return rowcount(db.execute(query.values(revoked_at=utcnow())))
+
+
+def set_password(db: Session, user: User, password: str, keep: UserSession | None = None) -> None:
+    """Sets a new password and ends the user's other sessions (a stolen session must not outlive the change)."""
+    if len(password) < 8:
+        raise CredentialError("password", "must be at least 8 characters")
+    if len(password) > 1024:
+        raise CredentialError("password", "must be at most 1024 characters")
+    user.password_hash = hash_password(password)
+    user.must_change_password = False
+    end_user_sessions(db, user.id, keep)
 
 
 def csrf_matches(expected: str, given: str | None) -> bool:

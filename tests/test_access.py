@@ -24,13 +24,14 @@ RULES: list[tuple[str, str]] = [
     (r"^/$", "redirect"),
     (r"^/(docs|docs/oauth2-redirect|api/v1/openapi\.json)$", "public"),
     (r"^/logout$", "page:any"),
+    (r"^/account/password$", "page:any"),
     (r"^/label(/.*)?$", "page:labeler"),
     (r"^/admin(/.*)?$", "page:admin"),
     (r"^/api/v1/me$", "user"),
     (r"^/api/v1/tokens(/.*)?$", "tokens"),
     (r"^/api/v1/export(/.*)?$", "export:read"),
     (r"^/api/v1/(tasks|assignments|prompts/written|prompts/writable-batches)(/.*)?$", "label"),
-    (r"^/api/v1/(batches|models|runs|webhooks|evaluations)(/.*)?$", "admin"),
+    (r"^/api/v1/(batches|models|runs|webhooks|evaluations|users|audit)(/.*)?$", "admin"),
 ]
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 

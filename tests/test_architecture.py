@@ -40,6 +40,8 @@ KERNEL = {
     "app.charts",
     "app.events",
     "app.conversations",
+    "app.audit",
+    "app.ratelimit",
 }
 # The bundled world is a library of its own (prompts, scorer, corpus): kernel rank too.
 KERNEL_PACKAGES = ("app.world", "app.training.configs")

@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from app import audit
 from app.deps import OptionalPrincipal, Principal, SessionDep, check_csrf
 from app.models import ApiToken
 from app.security import create_api_token, parse_scopes, revoke_api_token
@@ -90,17 +91,19 @@ def list_tokens(db: SessionDep, principal: TokenManager):
 
 
 @router.post("/tokens", response_model=NewTokenOut, status_code=201, tags=["account"])
-def create_token(body: TokenIn, db: SessionDep, principal: TokenManager):
+def create_token(body: TokenIn, request: Request, db: SessionDep, principal: TokenManager):
     """Creates an API token for the caller; the secret is shown once."""
     if principal.via != "session":
         raise HTTPException(403, "Create tokens from a browser session or the CLI, not with another token")
     raw, token = create_api_token(db, principal.user, parse_scopes(body.scopes), body.name, body.expires_at)
+    audit.record(db, principal.user, "token.created", f"token {token.id} of {principal.user.username}", request)
     return NewTokenOut(token=raw, **TokenOut.model_validate(token, from_attributes=True).model_dump())
 
 
 @router.delete("/tokens/{token_id}", status_code=204, tags=["account"])
-def delete_token(token_id: int, db: SessionDep, principal: TokenManager):
+def delete_token(token_id: int, request: Request, db: SessionDep, principal: TokenManager):
     """Revokes one of the caller's tokens (admins may revoke anyone's; with a token, one with the admin scope)."""
     owner = None if principal.is_admin and "admin" in principal.scopes else principal.user
     if not revoke_api_token(db, token_id, owner):
         raise HTTPException(404, f"No active token {token_id} of yours")
+    audit.record(db, principal.user, "token.revoked", f"token {token_id}", request)

@@ -8,15 +8,17 @@ session exists yet), and the login is rate-limited per account and per IP.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 
+from app import audit
 from app.accounts import dashboard
-from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, SessionDep, SettingsDep
-from app.errors import AppError, Forbidden, RateLimited, Unauthorized, renders_on_error
+from app.deps import AdminPage, AnyUserPage, LabelerPage, OptionalPrincipal, Principal, SessionDep, SettingsDep
+from app.errors import AppError, Forbidden, Invalid, RateLimited, Unauthorized, renders_on_error
+from app.models import utcnow
 from app.security import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -27,9 +29,11 @@ from app.security import (
     end_session,
     login_blocked,
     release_login_attempt,
+    set_password,
     sign_login_csrf,
     start_session,
     unsign_login_csrf,
+    verify_password,
 )
 from app.templating import render, templates
 
@@ -126,6 +130,7 @@ def login(
     if user is None:
         raise Unauthorized(None, "Wrong username or password.")  # the claimed attempt stays, as a failure
     clear_login_failures(db, username)
+    user.last_login_at = utcnow()
     cookie, _ = start_session(db, settings, user)
     target = _safe_next(next)
     if target == "/":
@@ -167,3 +172,40 @@ def admin_home(request: Request, principal: AdminPage, db: SessionDep):
     """The admin's dashboard: batches, labeling progress, runs and models at a glance."""
     summary = dashboard.admin_summary(db)
     return render(request, "accounts/admin_home.html", principal, summary=summary)
+
+
+def _password_page(request: Request, principal: Principal, status: int = 200, **context: Any) -> Response:
+    context.setdefault("user_must_change", principal.user.must_change_password)
+    return render(request, "accounts/password.html", principal, status_code=status, **context)
+
+
+@router.get("/account/password")
+def password_form(request: Request, principal: AnyUserPage) -> Response:
+    """Shows the form to change one's own password."""
+    return _password_page(request, principal)
+
+
+def _password_again(exc: AppError, request: Request, principal: Principal, **_: Any) -> Response:
+    return _password_page(request, principal, status=exc.status, error=str(exc))
+
+
+@router.post("/account/password")
+@renders_on_error(_password_again)
+def change_password(
+    request: Request,
+    principal: AnyUserPage,
+    db: SessionDep,
+    current_password: Annotated[str, Form(max_length=1024)],
+    new_password: Annotated[str, Form(max_length=1024)],
+    confirm_password: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    """Changes one's own password after checking the current one; every other session of the user ends."""
+    user = principal.user
+    db.add(user)
+    if not verify_password(user.password_hash, current_password):
+        raise Invalid("current_password", "is not your current password")
+    if new_password != confirm_password:
+        raise Invalid("confirm_password", "does not match the new password")
+    set_password(db, user, new_password, keep=principal.session)
+    audit.record(db, user, "user.password_changed", f"user {user.id} {user.username}", request)
+    return _password_page(request, principal, flash="Password changed; your other sessions have ended.")

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
+from app import audit
 from app.collection import batches
 from app.collection.batches import ImportOutcome
 from app.collection.prompt_import import detect_format, why_unstorable
@@ -240,9 +241,10 @@ def run_import(
 
 
 @router.post("/batches", status_code=201, response_model=BatchOut)
-def create_batch(body: BatchIn, db: SessionDep, principal: AdminApi):
+def create_batch(body: BatchIn, request: Request, db: SessionDep, principal: AdminApi):
     """Creates a draft batch; 409 when the name is taken."""
     batch = batches.create_batch(db, created_by_id=principal.user.id, **body.model_dump())
+    audit.record(db, principal.user, "batch.created", f"batch {batch.id} {batch.name}", request)
     return batch_out(db, batch)
 
 
@@ -264,12 +266,13 @@ def get_batch(batch_id: int, db: SessionDep, principal: AdminApi):
 
 
 @router.patch("/batches/{batch_id}", response_model=BatchOut)
-def patch_batch(batch_id: int, body: BatchPatch, db: SessionDep, principal: AdminApi):
+def patch_batch(batch_id: int, body: BatchPatch, request: Request, db: SessionDep, principal: AdminApi):
     """Edits a batch (sampling and labeling settings only as a draft) and/or changes its status."""
     batch = get_batch_or_404(db, batch_id)
     # An explicit null leaves a setting as it is; only the sampling model has a meaningful null (the default).
     fields = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k == "policy_version_id"}
     change_batch(db, batch, fields)
+    audit.record(db, principal.user, "batch.changed", f"batch {batch.id} {batch.name}", request, fields=sorted(fields))
     return batch_out(db, batch)
 
 
@@ -281,6 +284,7 @@ def patch_batch(batch_id: int, body: BatchPatch, db: SessionDep, principal: Admi
 def import_file(
     batch_id: int,
     upload: UploadDep,
+    request: Request,
     db: SessionDep,
     principal: AdminApi,
     replace: Annotated[bool, Query(description="Replace the draft's prompts instead of adding to them")] = False,
@@ -317,6 +321,15 @@ def import_file(
         message = f"the file has {total} error{'s' if total != 1 else ''}; nothing was imported"
         return JSONResponse(error_body(422, message, **outcome.errors), status_code=422)
     report = batch.hygiene_report
+    audit.record(
+        db,
+        principal.user,
+        "batch.imported",
+        f"batch {batch.id} {batch.name}",
+        request,
+        stored=outcome.stored,
+        replaced=replaced,
+    )
     return {
         "batch_id": batch.id,
         "stored": outcome.stored,
@@ -353,9 +366,10 @@ def download_dropped(batch_id: int, db: SessionDep, principal: AdminApi):
 
 
 @router.post("/batches/{batch_id}/start", response_model=BatchOut)
-def start_batch(batch_id: int, db: SessionDep, principal: AdminApi):
+def start_batch(batch_id: int, request: Request, db: SessionDep, principal: AdminApi):
     """Starts a draft batch: queues sampling (or creates demonstration tasks); 409 without prompts."""
     batch = get_batch_or_404(db, batch_id)
     batches.start_batch(db, batch)
+    audit.record(db, principal.user, "batch.started", f"batch {batch.id} {batch.name}", request)
     db.flush()
     return batch_out(db, batch)

@@ -21,6 +21,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app import audit
 from app.collection import batches
 from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, run_import
 from app.collection.prompt_import import CATEGORIES
@@ -308,6 +309,7 @@ def new_batch(request: Request, principal: AdminPage, db: SessionDep, form: Sett
     fields = _validated(_form_fields(dict(form)), partial=False)
     with db.begin_nested():
         batch = batches.create_batch(db, created_by_id=principal.user.id, **fields)
+        audit.record(db, principal.user, "batch.created", f"batch {batch.id} {batch.name}", request)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)
 
 
@@ -337,6 +339,9 @@ def batch_settings(batch_id: int, request: Request, principal: AdminPage, db: Se
     fields = _validated(_form_fields(dict(form)), partial=True)
     with db.begin_nested():
         change_batch(db, batch, fields)
+        audit.record(
+            db, principal.user, "batch.changed", f"batch {batch.id} {batch.name}", request, fields=sorted(fields)
+        )
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)
 
 
@@ -372,6 +377,15 @@ def batch_upload(
             upload_name=file.filename,
             error=f"{file.filename}: {outcome.errors['total']} errors; nothing was imported",
         )
+    audit.record(
+        db,
+        principal.user,
+        "batch.imported",
+        f"batch {batch.id} {batch.name}",
+        request,
+        stored=outcome.stored,
+        replaced=replaced,
+    )
     # Appending is the default; replacing is an explicit, confirmed choice, and the message says what it removed.
     counts = f"imported={outcome.stored}" + (f"&removed={replaced}" if replaced else f"&before={before}" * bool(before))
     return RedirectResponse(f"/admin/batches/{batch.id}?{counts}", status_code=303)
@@ -384,6 +398,7 @@ def batch_start(batch_id: int, request: Request, principal: AdminPage, db: Sessi
     batch = get_batch_or_404(db, batch_id)
     with db.begin_nested():
         batches.start_batch(db, batch)
+        audit.record(db, principal.user, "batch.started", f"batch {batch.id} {batch.name}", request)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)
 
 
@@ -396,4 +411,5 @@ def batch_status(batch_id: int, request: Request, principal: AdminPage, db: Sess
         raise HTTPException(422, f"status: unknown status {status!r}")
     with db.begin_nested():
         batches.transition(db, batch, status)
+        audit.record(db, principal.user, f"batch.{status}", f"batch {batch.id} {batch.name}", request)
     return RedirectResponse(f"/admin/batches/{batch.id}", status_code=303)

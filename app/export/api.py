@@ -21,8 +21,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
+from app import audit
 from app.config import get_settings
-from app.deps import ExportReader, SessionDep
+from app.deps import ExportReader, Principal, SessionDep
 from app.export.stream import SnapshotExport
 
 router = APIRouter()
@@ -99,7 +100,7 @@ class ExportResponse(StreamingResponse):
                 await anyio.to_thread.run_sync(self.chunks.close)
 
 
-def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> StreamingResponse:
+def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep, principal: Principal) -> StreamingResponse:
     settings = get_settings()
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
@@ -118,6 +119,21 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep) -> 
     chunks = export.chunks()
     # The first chunk is read before answering, so a database error is a 500, not a truncated 200.
     first = next(chunks, b"")
+    # Recorded once the export is known to start (its filters and cursor were accepted).
+    audit.record(
+        db,
+        principal.user,
+        f"export.{kind}",
+        kind,
+        request,
+        format=query.format,
+        filters={
+            k: v
+            for k, v in query.model_dump(mode="json", exclude={"format", "cursor"}).items()
+            if v not in (None, "", [])
+        },
+        resumed=query.cursor is not None,
+    )
     filename = f"{kind}.{query.format}" + (".gz" if file_gzip else "")
     headers = {
         "content-disposition": f'attachment; filename="{filename}"',
@@ -145,19 +161,19 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 @export_router.get("/demonstrations", response_class=ExportResponse, responses=RESPONSES, status_code=200)
 def export_demonstrations(query: Params, request: Request, db: SessionDep, principal: ExportReader):
     """Streams demonstrations as TRL prompt-completion rows (`prompt`, `completion`, provenance, `cursor`)."""
-    return _export("demonstrations", query, request, db)
+    return _export("demonstrations", query, request, db, principal)
 
 
 @export_router.get("/comparisons", response_class=ExportResponse, responses=RESPONSES, status_code=200)
 def export_comparisons(query: Params, request: Request, db: SessionDep, principal: ExportReader):
     """Streams one TRL reward/DPO row (`prompt`, `chosen`, `rejected`, ...) per pair of differently ranked outputs."""
-    return _export("comparisons", query, request, db)
+    return _export("comparisons", query, request, db, principal)
 
 
 @export_router.get("/rankings", response_class=ExportResponse, responses=RESPONSES, status_code=200)
 def export_rankings(query: Params, request: Request, db: SessionDep, principal: ExportReader):
     """Streams one row per ranking with all K outputs, ranks, Likert, flags, display order (or per task: consensus)."""
-    return _export("rankings", query, request, db)
+    return _export("rankings", query, request, db, principal)
 
 
 # --- webhooks -------------------------------------------------------------------------------------

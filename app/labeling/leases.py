@@ -305,3 +305,13 @@ def expire_leases(db: Session) -> int:
         .values(state="expired")
     )
     return rowcount(result)
+
+
+def release_leases(db: Session, labeler: User) -> int:
+    """Returns a labeler's open leases to the pool at once (deactivation); their submitted labels stay."""
+    result = db.execute(
+        update(Assignment)
+        .where(Assignment.labeler_id == labeler.id, Assignment.state == "leased")
+        .values(state="expired")
+    )
+    return rowcount(result)

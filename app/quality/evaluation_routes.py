@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import audit
 from app.charts import interval_bars
-from app.deps import AdminApi, AdminPage, SessionDep
+from app.deps import AdminApi, AdminPage, Principal, SessionDep
 from app.errors import AppError, renders_on_error, validated
 from app.models import MAX_ID, Evaluation, ModelVersion, PromptBatch
 from app.quality import evaluations
@@ -125,14 +126,26 @@ def get_evaluation_or_404(db: Session, evaluation_id: int) -> Evaluation:
     return evaluation
 
 
-def _cancel(db: Session, evaluation_id: int) -> Evaluation:
+def _cancel(db: Session, evaluation_id: int, principal: Principal, request: Request) -> Evaluation:
     """Cancels an evaluation for the API and the page alike: 404 when unknown, 409 once it has ended."""
-    return evaluations.cancel_evaluation(db, get_evaluation_or_404(db, evaluation_id))
+    evaluation = evaluations.cancel_evaluation(db, get_evaluation_or_404(db, evaluation_id))
+    audit.record(db, principal.user, "evaluation.cancelled", f"evaluation {evaluation.id}", request)
+    return evaluation
 
 
-def _start(db: Session, body: EvaluationIn, user_id: int) -> Evaluation:
+def _start(db: Session, body: EvaluationIn, principal: Principal, request: Request) -> Evaluation:
     with db.begin_nested():
-        return evaluations.start_evaluation(db, **body.model_dump(), created_by_id=user_id)
+        evaluation = evaluations.start_evaluation(db, **body.model_dump(), created_by_id=principal.user.id)
+        audit.record(
+            db,
+            principal.user,
+            "evaluation.started",
+            f"evaluation {evaluation.id}",
+            request,
+            model_a_id=body.model_a_id,
+            model_b_id=body.model_b_id,
+        )
+        return evaluation
 
 
 # --- API -----------------------------------------------------------------------------------------
@@ -158,9 +171,9 @@ def list_evaluations(
 
 
 @api_router.post("/evaluations", status_code=201, response_model=EvaluationOut)
-def create_evaluation(body: EvaluationIn, db: SessionDep, principal: AdminApi):
+def create_evaluation(body: EvaluationIn, request: Request, db: SessionDep, principal: AdminApi):
     """Starts a blind comparison of two versions on held-out prompts; the worker samples both, labelers judge."""
-    return evaluation_out(db, _start(db, body, principal.user.id))
+    return evaluation_out(db, _start(db, body, principal, request))
 
 
 @api_router.get("/evaluations/{evaluation_id}", response_model=EvaluationOut)
@@ -170,9 +183,9 @@ def get_evaluation(evaluation_id: int, db: SessionDep, principal: AdminApi):
 
 
 @api_router.post("/evaluations/{evaluation_id}/cancel", response_model=EvaluationOut)
-def cancel_evaluation(evaluation_id: int, db: SessionDep, principal: AdminApi):
+def cancel_evaluation(evaluation_id: int, request: Request, db: SessionDep, principal: AdminApi):
     """Cancels an evaluation that has not completed (its tasks leave the queues); 409 otherwise."""
-    return evaluation_out(db, _cancel(db, evaluation_id))
+    return evaluation_out(db, _cancel(db, evaluation_id, principal, request))
 
 
 # --- pages ---------------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ def evaluations_start(
 ):
     """Starts an evaluation from the form; shows the form again with the error when it is refused."""
     body = validated(EvaluationIn, {k: v for k, v in form.items() if v != ""})
-    evaluation = _start(db, body, principal.user.id)
+    evaluation = _start(db, body, principal, request)
     return RedirectResponse(f"/admin/evaluations/{evaluation.id}", status_code=303)
 
 
@@ -275,9 +288,9 @@ def evaluation_page(evaluation_id: int, request: Request, principal: AdminPage, 
 
 
 @pages_router.post("/admin/evaluations/{evaluation_id}/cancel")
-def evaluation_cancel(evaluation_id: int, principal: AdminPage, db: SessionDep):
+def evaluation_cancel(evaluation_id: int, request: Request, principal: AdminPage, db: SessionDep):
     """Cancels an evaluation that has not completed."""
-    return RedirectResponse(f"/admin/evaluations/{_cancel(db, evaluation_id).id}", status_code=303)
+    return RedirectResponse(f"/admin/evaluations/{_cancel(db, evaluation_id, principal, request).id}", status_code=303)
 
 
 router.include_router(api_router)

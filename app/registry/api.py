@@ -13,11 +13,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import audit
 from app.deps import AdminApi, SessionDep
 from app.models import ModelVersion
 from app.quality.behaviour import model_behaviour
@@ -129,10 +130,13 @@ def list_models(
 
 
 @router.post("/models", response_model=ModelDetail, status_code=202)
-def register_model(body: ModelRegistration, db: SessionDep, principal: AdminApi):
+def register_model(body: ModelRegistration, request: Request, db: SessionDep, principal: AdminApi):
     """Registers a model from a folder or hub id; 202 with the version `validating` while a worker checks it."""
     version = registry.register_model(
         db, body.source, body.name, kind=body.kind, revision=body.revision, promote=body.promote
+    )
+    audit.record(
+        db, principal.user, "model.registered", f"model {version.id} {version.name}", request, source=body.source
     )
     return model_detail(db, version)
 
@@ -150,23 +154,27 @@ def model_behaviour_api(version_id: int, db: SessionDep, principal: AdminApi) ->
 
 
 @router.post("/models/rollback", response_model=ModelDetail)
-def rollback_model(db: SessionDep, principal: AdminApi, kind: Annotated[ModelKind, Query()]):
+def rollback_model(request: Request, db: SessionDep, principal: AdminApi, kind: Annotated[ModelKind, Query()]):
     """Promotes the version of `kind` promoted before the current one; 409 when there is none."""
-    return model_detail(db, registry.rollback(db, kind))
+    version = registry.rollback(db, kind)
+    audit.record(db, principal.user, "model.rolled_back", f"model {version.id} {version.name}", request, kind=kind)
+    return model_detail(db, version)
 
 
 @router.post("/models/{version_id}/promote", response_model=ModelDetail)
-def promote_model(version_id: int, db: SessionDep, principal: AdminApi):
+def promote_model(version_id: int, request: Request, db: SessionDep, principal: AdminApi):
     """Makes a ready version the promoted one of its kind (the previous one becomes ready); 409 otherwise."""
     version = get_version_or_404(db, version_id)
     if version.status != "promoted":  # promoting the promoted one changes nothing, not even its history
         registry.promote(db, version)
+        audit.record(db, principal.user, "model.promoted", f"model {version.id} {version.name}", request)
     return model_detail(db, version)
 
 
 @router.post("/models/{version_id}/retire", response_model=ModelDetail)
-def retire_model(version_id: int, db: SessionDep, principal: AdminApi):
+def retire_model(version_id: int, request: Request, db: SessionDep, principal: AdminApi):
     """Retires a ready version; 409 for the promoted one or one that is not ready."""
     version = get_version_or_404(db, version_id)
     registry.retire(db, version)
+    audit.record(db, principal.user, "model.retired", f"model {version.id} {version.name}", request)
     return model_detail(db, version)

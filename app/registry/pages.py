@@ -17,6 +17,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import audit
 from app.charts import curves, flat_metrics, fmt, interval_bars, pretty_json
 from app.deps import AdminPage, SessionDep
 from app.errors import AppError, renders_on_error
@@ -98,6 +99,9 @@ def model_register(
     """Registers a model from a folder or hub id (the API's code path); its page shows the validation."""
     with db.begin_nested():
         version = registry.register_model(db, source, name, kind=kind, revision=revision or None, promote=promote)
+        audit.record(
+            db, principal.user, "model.registered", f"model {version.id} {version.name}", request, source=source
+        )
     return RedirectResponse(f"/admin/models/{version.id}", status_code=303)
 
 
@@ -109,6 +113,7 @@ def model_rollback(request: Request, principal: AdminPage, db: SessionDep, kind:
         raise HTTPException(422, f"kind: must be one of {', '.join(MODEL_KINDS)}")
     with db.begin_nested():
         version = registry.rollback(db, kind)
+        audit.record(db, principal.user, "model.rolled_back", f"model {version.id} {version.name}", request, kind=kind)
     return RedirectResponse(f"/admin/models?rolled_back={version.id}", status_code=303)
 
 
@@ -194,6 +199,7 @@ def model_promote(
     if version.status != "promoted":
         with db.begin_nested():
             registry.promote(db, version)
+            audit.record(db, principal.user, "model.promoted", f"model {version.id} {version.name}", request)
     return RedirectResponse(_back(next_url, "/admin/models"), status_code=303)
 
 
@@ -204,4 +210,5 @@ def model_retire(version_id: int, request: Request, principal: AdminPage, db: Se
     version = get_version_or_404(db, version_id)
     with db.begin_nested():
         registry.retire(db, version)
+        audit.record(db, principal.user, "model.retired", f"model {version.id} {version.name}", request)
     return RedirectResponse(f"/admin/models/{version.id}", status_code=303)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from app import audit
 from app.deps import AdminApi, SessionDep
 from app.models import WEBHOOK_EVENTS, Webhook
 from app.webhooks import service as webhooks
@@ -61,17 +62,19 @@ def list_webhooks(db: SessionDep, principal: AdminApi):
 
 
 @router.post("", response_model=NewWebhookOut, status_code=201)
-def create_webhook(body: WebhookIn, db: SessionDep, principal: AdminApi):
+def create_webhook(body: WebhookIn, request: Request, db: SessionDep, principal: AdminApi):
     """Registers a URL for events; the signing secret is in the response."""
     hook = webhooks.create_webhook(db, body.url, body.events, principal.user, body.description)
+    audit.record(db, principal.user, "webhook.created", f"webhook {hook.id} {hook.url}", request)
     return NewWebhookOut.model_validate(hook, from_attributes=True)
 
 
 @router.delete("/{webhook_id}", status_code=204)
-def delete_webhook(webhook_id: int, db: SessionDep, principal: AdminApi):
+def delete_webhook(webhook_id: int, request: Request, db: SessionDep, principal: AdminApi):
     """Deactivates a webhook: no more events; its delivery log stays."""
     if not webhooks.deactivate_webhook(db, webhook_id):
         raise HTTPException(404, f"No active webhook {webhook_id}")
+    audit.record(db, principal.user, "webhook.deactivated", f"webhook {webhook_id}", request)
     return Response(status_code=204)
 
 

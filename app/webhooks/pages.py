@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 
+from app import audit
 from app.deps import AdminPage, SessionDep
 from app.errors import AppError, renders_on_error
 from app.models import WEBHOOK_EVENTS, Webhook
@@ -61,12 +62,14 @@ def create_webhook_form(
 ):
     """Registers a webhook and shows its signing secret once."""
     hook = webhooks.create_webhook(db, url, events, principal.user, description)
+    audit.record(db, principal.user, "webhook.created", f"webhook {hook.id} {hook.url}", request)
     return _page(request, principal, db, status_code=201, created=hook)
 
 
 @router.post("/admin/webhooks/{webhook_id}/deactivate")
-def deactivate_webhook_form(webhook_id: int, principal: AdminPage, db: SessionDep):
+def deactivate_webhook_form(webhook_id: int, request: Request, principal: AdminPage, db: SessionDep):
     """Stops sending events to a webhook; its log stays."""
     if not webhooks.deactivate_webhook(db, webhook_id):
         raise HTTPException(404, f"No active webhook {webhook_id}")
+    audit.record(db, principal.user, "webhook.deactivated", f"webhook {webhook_id}", request)
     return RedirectResponse("/admin/webhooks", status_code=303)
