@@ -34,13 +34,13 @@ from app.errors import NotFound, error_body
 from app.export import api as export_api
 from app.labeling import api as labeling_api
 from app.labeling import pages as labeling_pages
-from app.models import MAX_ID
 from app.quality import evaluation_routes
 from app.quality import routes as quality_routes
 from app.registry import api as registry_api
 from app.registry import pages as registry_pages
 from app.training import api as training_api
 from app.training import pages as training_pages
+from app.vocabulary import MAX_ID
 from app.webhooks import api as webhooks_api
 from app.webhooks import pages as webhooks_pages
 

@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import rowcount
 from app.errors import AppError
-from app.models import ROLES, TOKEN_SCOPES, ApiToken, LoginFailure, User, UserSession, utcnow
+from app.models import ROLES, ApiToken, LoginFailure, User, UserSession, utcnow
+from app.vocabulary import TOKEN_SCOPES
 
 SESSION_COOKIE = "il_session"
 LOGIN_CSRF_COOKIE = "il_login_csrf"

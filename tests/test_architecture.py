@@ -40,6 +40,7 @@ KERNEL = {
     "app.charts",
     "app.events",
     "app.conversations",
+    "app.vocabulary",
     "app.audit",
     "app.ratelimit",
 }

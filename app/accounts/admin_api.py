@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from app import audit
 from app.accounts import users as people
 from app.deps import AdminApi, SessionDep
-from app.models import MAX_ID, User
+from app.models import User
+from app.vocabulary import MAX_ID
 
 router = APIRouter(prefix="/api/v1")
 

@@ -18,9 +18,10 @@ from app import audit
 from app.accounts import users as people
 from app.deps import AdminPage, Principal, SessionDep
 from app.errors import AppError, FieldError, NotFound, renders_on_error
-from app.models import ROLES, TOKEN_SCOPES, ApiToken, User, utcnow
+from app.models import ROLES, ApiToken, User, utcnow
 from app.security import create_api_token, parse_scopes, revoke_api_token
 from app.templating import render
+from app.vocabulary import TOKEN_SCOPES
 
 router = APIRouter(include_in_schema=False)
 

@@ -29,8 +29,9 @@ from app.collection.batches import ImportOutcome
 from app.collection.prompt_import import detect_format, why_unstorable
 from app.deps import AdminApi, SessionDep
 from app.errors import Invalid, error_body
-from app.models import MAX_ID, PromptBatch
+from app.models import PromptBatch
 from app.security import spreadsheet_safe
+from app.vocabulary import MAX_ID
 
 router = APIRouter(prefix="/api/v1", tags=["batches"])
 

@@ -24,8 +24,9 @@ from app.collection.prompt_import import ImportFormat, ParseResult, parse_prompt
 from app.config import get_settings
 from app.db import get_existing, rowcount
 from app.errors import FieldError
-from app.models import USABLE_STATUSES, Completion, ModelVersion, Prompt, PromptBatch, Task, TaskItem, utcnow
+from app.models import Completion, ModelVersion, Prompt, PromptBatch, Task, TaskItem, utcnow
 from app.runs import start_run
+from app.vocabulary import USABLE_STATUSES
 
 TRANSITIONS: dict[str, set[str]] = {
     "draft": {"sampling", "archived"},

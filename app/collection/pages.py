@@ -27,8 +27,9 @@ from app.collection.api import BatchIn, Upload, change_batch, get_batch_or_404, 
 from app.collection.prompt_import import CATEGORIES
 from app.deps import AdminPage, SessionDep
 from app.errors import AppError, FormInvalid, Invalid, renders_on_error, validated_form
-from app.models import USABLE_STATUSES, Assignment, ModelVersion, Prompt, PromptBatch, Task, User, utcnow
+from app.models import Assignment, ModelVersion, Prompt, PromptBatch, Task, User, utcnow
 from app.templating import plural, render
+from app.vocabulary import USABLE_STATUSES
 
 router = APIRouter(include_in_schema=False)
 

@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 from app.collection import prompt_writing as writing
 from app.deps import LabelerApi, LabelerPage, SessionDep
 from app.errors import AppError, renders_on_error
-from app.models import MAX_ID
 from app.templating import render, render_guidelines
+from app.vocabulary import MAX_ID
 
 router = APIRouter()
 

@@ -43,18 +43,8 @@ from app.export.rows import (
     csv_line,
     labeler_pseudonym,
 )
-from app.models import (
-    MAX_ID,
-    SPLITS,
-    Completion,
-    Demonstration,
-    ModelVersion,
-    Prompt,
-    PromptBatch,
-    Ranking,
-    RankingItem,
-    User,
-)
+from app.models import SPLITS, Completion, Demonstration, ModelVersion, Prompt, PromptBatch, Ranking, RankingItem, User
+from app.vocabulary import MAX_ID
 
 EXPORT_KINDS = ("demonstrations", "comparisons", "rankings")
 EXPORT_FORMATS = ("jsonl", "csv")

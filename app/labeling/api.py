@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 from app.conversations import messages_of
 from app.deps import LabelerApi, SessionDep
 from app.labeling import blind, leases, submissions
-from app.models import RANKING_FLAGS as _FLAGS
 from app.models import Demonstration, EvalJudgment
+from app.vocabulary import RANKING_FLAGS as _FLAGS
 
 router = APIRouter(prefix="/api/v1", tags=["labeling"])
 

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from app.deps import LabelerPage, SessionDep
 from app.labeling import blind, leases, submissions
-from app.models import RANKING_FLAGS, Assignment, Task, User
+from app.models import Assignment, Task, User
 from app.templating import render, render_guidelines
+from app.vocabulary import RANKING_FLAGS
 
 router = APIRouter(include_in_schema=False)
 

@@ -23,7 +23,6 @@ from app.db import get_existing
 from app.labeling import blind, leases
 from app.labeling.leases import MAX_DEMONSTRATION_CHARS, MAX_DRAFT_CHARS, SKIP_REASONS, LabelingError, get_assignment
 from app.models import (
-    RANKING_FLAGS,
     Assignment,
     Completion,
     Demonstration,
@@ -36,6 +35,7 @@ from app.models import (
     User,
     utcnow,
 )
+from app.vocabulary import RANKING_FLAGS
 
 _COUNT_LABEL = (
     update(Task)

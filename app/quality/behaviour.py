@@ -18,8 +18,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import RANKING_FLAGS, Completion, Ranking, RankingItem
+from app.models import Completion, Ranking, RankingItem
 from app.quality.stats import Estimate, mean_with_interval, proportion_with_interval
+from app.vocabulary import RANKING_FLAGS
 
 
 @dataclass

@@ -22,9 +22,10 @@ from app import audit
 from app.charts import interval_bars
 from app.deps import AdminApi, AdminPage, Principal, SessionDep
 from app.errors import AppError, renders_on_error, validated
-from app.models import MAX_ID, Evaluation, ModelVersion, PromptBatch
+from app.models import Evaluation, ModelVersion, PromptBatch
 from app.quality import evaluations
 from app.templating import render
+from app.vocabulary import MAX_ID
 
 router = APIRouter()
 api_router = APIRouter(prefix="/api/v1", tags=["evaluations"])

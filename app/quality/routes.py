@@ -22,11 +22,12 @@ from app.charts import interval_bars
 from app.collection.api import get_batch_or_404
 from app.deps import AdminApi, AdminPage, SessionDep
 from app.errors import AppError, renders_on_error, validated
-from app.models import MAX_ID, PromptBatch
+from app.models import PromptBatch
 from app.quality import gold
 from app.quality import report as quality
 from app.quality.report import DailyAgreement
 from app.templating import render
+from app.vocabulary import MAX_ID
 
 router = APIRouter()
 api_router = APIRouter(prefix="/api/v1", tags=["quality"])

@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 from app import events, runs
 from app.config import get_settings
 from app.errors import AppError, Invalid
-from app.models import MODEL_KINDS, USABLE_STATUSES, Evaluation, ModelVersion, TrainingRun, promoted_version, utcnow
+from app.models import MODEL_KINDS, Evaluation, ModelVersion, TrainingRun, promoted_version, utcnow
 from app.quality import evaluations
+from app.vocabulary import USABLE_STATUSES
 
 # The registry's name for it; `promoted_version` lives with the table so earlier stages can ask too.
 promoted = promoted_version
