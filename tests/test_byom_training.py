@@ -212,6 +212,7 @@ def test_a_registered_llama_is_sampled_labeled_and_trained_sft_rm_ppo_with_lora_
     )
     metrics = ppo_run["metrics"]
     assert ppo["parent_id"] == sft["id"] and ppo["lineage"] == {"sft": sft["id"], "rm": rm["id"]}
+    assert ppo["metrics"]["algorithm"] == "ppo"
     assert ppo["metrics"]["saved_as"] == "merged" and metrics["frozen_bases"] == 1
     assert metrics["steps"] >= 1 and len(metrics["reward_curve"]) == 1
     assert metrics["config"]["max_prompt_length"] == context - 8

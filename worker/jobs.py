@@ -358,8 +358,7 @@ def run_dpo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
     _fit_context(config, start_path)
-    lineage = {"sft": start_id, "algorithm": "dpo"}
-    version_id, out = _begin_version(run_id, "policy", start_id, lineage, snap.as_dict())
+    version_id, out = _begin_version(run_id, "policy", start_id, {"sft": start_id}, snap.as_dict())
     metrics = train_dpo(
         start_path,
         examples(data["train"]),
@@ -392,7 +391,7 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         run_id,
         "policy",
         sft_id,
-        {"sft": sft_id, "rm": rm_id, "algorithm": "ppo"},
+        {"sft": sft_id, "rm": rm_id},
         {"counts": {"prompts": len(prompts)}},
     )
     metrics = train_ppo(
@@ -406,4 +405,4 @@ def run_ppo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         progress=_progress(report),
         eval_prompts=eval_prompts or None,
     )
-    return _jsonable({**metrics, "config": asdict(config)}), version_id
+    return _jsonable({**metrics, "algorithm": "ppo", "config": asdict(config)}), version_id
