@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     beat_webhooks_s: float = Field(10.0, gt=0, description="Beat: seconds between webhook delivery passes.")
     retrain_min_new_demonstrations: int = Field(50, description="New demonstrations before beat retrains SFT.")
     retrain_min_new_rankings: int = Field(50, description="New rankings before beat retrains the reward model.")
+    retrain_policy_algorithm: Literal["ppo", "dpo"] = Field(
+        "ppo",
+        description="How the schedule trains the policy: 'ppo' (SFT → reward model → PPO) or 'dpo' (SFT → DPO on "
+        "the rankings, no reward model).",
+    )
     retrain_failure_backoff_s: float = Field(
         3600.0,
         ge=0,

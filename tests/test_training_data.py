@@ -188,6 +188,35 @@ def test_the_snapshot_bound_includes_the_row_at_it_and_excludes_rows_added_after
 # --- gold checks and evaluations --------------------------------------------------------------------------
 
 
+def test_with_dpo_chosen_the_schedule_trains_the_policy_on_new_rankings_without_a_reward_model(db, monkeypatch):
+    from app.config import get_settings
+
+    monkeypatch.setenv("INSTRUCTLOOP_RETRAIN_POLICY_ALGORITHM", "dpo")
+    get_settings.cache_clear()
+    try:
+        found = collect(db)
+        first, second = UserFactory(), UserFactory()
+        demonstrate_all(db, first, found["batch"])
+        early = rank_all(db, first, found["batch"])
+        _, demo_snap = training.demonstrations(db)
+        _, rank_snap = training.rankings(db)
+        sft = ModelVersionFactory(kind="sft", status="ready", data_snapshot=demo_snap.as_dict())
+        # No DPO policy yet: every ranking is new to it; never a reward model.
+        assert training.due_kinds(db, min_demonstrations=10**6, min_rankings=len(early)) == ["dpo"]
+        assert training.due_kinds(db, min_demonstrations=10**6, min_rankings=len(early) + 1) == []
+        ModelVersionFactory(kind="policy", status="ready", parent_id=sft.id, data_snapshot=rank_snap.as_dict())
+        assert training.due_kinds(db, min_demonstrations=10**6, min_rankings=1) == []  # trained on all of them
+        late = rank_all(db, second, found["batch"])
+        assert training.due_kinds(db, min_demonstrations=10**6, min_rankings=len(late)) == ["dpo"]
+        # A newer SFT model makes the policy due again, whatever the count.
+        ModelVersionFactory(kind="sft", status="ready", data_snapshot=demo_snap.as_dict())
+        assert training.due_kinds(db, min_demonstrations=10**6, min_rankings=10**6) == ["dpo"]
+        [run] = training.start_due_runs(db)
+        assert run.kind == "dpo" and run.triggered_by == "schedule"
+    finally:
+        get_settings.cache_clear()
+
+
 def test_gold_checks_are_left_out_and_the_gold_answer_stays_in(db):
     found = collect(db)
     batch = found["batch"]

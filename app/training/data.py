@@ -156,6 +156,13 @@ def due_kinds(db: Session, min_demonstrations: int | None = None, min_rankings: 
     new_demos = db.scalar(select(func.count()).where(Demonstration.id > _trained_up_to(sft, "demonstration"))) or 0
     if new_demos >= min_demonstrations:
         due.append("sft")
+    if settings.retrain_policy_algorithm == "dpo":
+        # SFT → DPO: the policy trains on the rankings directly, whenever enough are new or SFT changed.
+        new_for_policy = db.scalar(select(func.count()).where(Ranking.id > _trained_up_to(policy, "ranking"))) or 0
+        newer_start = sft is not None and policy is not None and policy.parent_id != sft.id
+        if new_for_policy >= min_rankings or (newer_start and db.scalar(select(func.count()).select_from(Ranking))):
+            due.append("dpo")
+        return due
     new_rankings = db.scalar(select(func.count()).where(Ranking.id > _trained_up_to(rm, "ranking"))) or 0
     newer_backbone = sft is not None and rm is not None and rm.parent_id != sft.id
     if new_rankings >= min_rankings or (newer_backbone and db.scalar(select(func.count()).select_from(Ranking))):
