@@ -277,6 +277,15 @@ def test_training_a_registered_model_whose_context_is_shorter_than_the_default_l
     assert train("rm", {"rankings_per_step": 2})["max_length"] == 64
     ppo = train("ppo", {"steps": 1, "rollout_batch_size": 2, "minibatch_size": 2, "max_new_tokens": 16})
     assert ppo["max_prompt_length"] == 64 - 16 and ppo["max_new_tokens"] == 16
+    # DPO from the rankings, with LoRA: a policy version from the SFT model, its metrics saying the algorithm.
+    run_id = start_run(db, "dpo", params={"rankings_per_step": 2, "lora_r": 4, "loss": "listwise"}).id
+    db.commit()
+    metrics, version_id = jobs.run_dpo(run_id, lambda *a, **k: None)
+    dpo = db.get(ModelVersion, version_id)
+    sft = db.scalar(select(ModelVersion).where(ModelVersion.kind == "sft").order_by(ModelVersion.id.desc()))
+    assert dpo.kind == "policy" and dpo.parent_id == sft.id and dpo.lineage == {"sft": sft.id}
+    assert metrics["algorithm"] == "dpo" and metrics["config"]["max_length"] == 64 and metrics["steps"] >= 1
+    assert metrics["saved_as"] == "merged" and metrics["forward_rows_per_epoch"] >= 4
 
 
 def test_a_model_with_a_short_context_samples_prompts_longer_than_it_keeping_their_end(tiny_models):
