@@ -27,8 +27,12 @@ $(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# `make demo PORT=8080` (or HOST=0.0.0.0) serves elsewhere.
+PORT ?= 8000
+HOST ?= 127.0.0.1
+
 demo: install
-	$(VENV)/bin/instructloop demo
+	$(VENV)/bin/instructloop demo --host $(HOST) --port $(PORT)
 
 test: test-chromium test-services install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from app import loop
 from app.config import get_settings
-from app.db import ROOT, run_migrations
+from app.db import run_migrations
 
 cli = typer.Typer(help="InstructLoop: collect human feedback and retrain models on it.", no_args_is_help=True)
 world_cli = typer.Typer(help="The bundled world: a toy domain with checkable answers and a tiny model.")
@@ -176,7 +176,10 @@ def demo(
 
 @world_cli.command("pretrain")
 def world_pretrain(
-    out: Annotated[Path, typer.Option(help="Where to save the base model.")] = ROOT / "models" / "world-base",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to save the base model (default: the data folder's artifacts/models/world-base)."),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     register: Annotated[bool, typer.Option(help="Register it as the base model version.")] = True,
@@ -184,6 +187,8 @@ def world_pretrain(
     """Pretrain the tiny base model on the bundled world's corpus (CPU, minutes)."""
     from worker.world_model import pretrain_base
 
+    # Generated files go to the data folder, never into the source tree (models/world-base is the shipped one).
+    out = out or get_settings().artifacts_dir / "models" / "world-base"
     kwargs = {"steps": steps} if steps else {}
     metrics = pretrain_base(out, seed=seed, progress=True, **kwargs)
     console.print(f"saved base model to {out}: {metrics}")

@@ -192,3 +192,11 @@ def test_readme_names_the_two_commands():
     # One place pins the CPU torch wheel: the Makefile's TORCH default (the lock holds the same version).
     assert re.findall(r"^TORCH \?= (.*)$", Path(ROOT / "Makefile").read_text(), re.M) == ["torch==2.13.0"]
     assert re.search(r"^torch==2\.13\.0 ", (ROOT / "requirements-dev.lock").read_text(), re.M)
+
+
+def test_make_demo_takes_the_port_and_host():
+    dry = subprocess.run(
+        ["make", "-n", "demo", "PORT=8123", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "instructloop demo --host 0.0.0.0 --port 8123" in dry.stdout
