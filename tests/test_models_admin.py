@@ -419,7 +419,8 @@ def test_runs_pages_start_show_and_cancel(client, db, admin_csrf):
         traceback="Traceback (most recent call last):\n  <b>File</b>",
     )
     page = client.get(f"/admin/runs/{failed.id}").text
-    assert "RuntimeError: PPO needs an SFT model" in page and "&lt;b&gt;File&lt;/b&gt;" in page  # escaped
+    assert text(page, "run-reason") == "PPO needs an SFT model."  # the reason in words, the traceback folded
+    assert "&lt;b&gt;File&lt;/b&gt;</pre></details>" in page  # escaped
 
 
 @pytest.mark.slow

@@ -1,15 +1,19 @@
-"""Runs refuse what cannot work before anything is queued: no model to start from, no train data.
+"""Training you can trust: runs refuse what cannot work, and a failed run says why in words.
 
 Starting an SFT, RM, DPO or PPO run by hand (the API and the runs form both) answers 409 naming `kind`
-with what to do first, and queues nothing; the data is made the way the product makes it.
+with what to do first, and queues nothing; the data is made the way the product makes it. A failed
+run's page shows its reason; the traceback stays folded away in a details element, for admins only.
 """
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import func, select
 
-from app.models import Task, TrainingRun
+from app.models import Task, TrainingRun, utcnow
 from tests.factories import ModelVersionFactory, UserFactory
+from tests.html_text import text
 from tests.test_quality import rank
 from tests.test_training_data import collect, demonstrate_all
 
@@ -100,3 +104,34 @@ def test_runs_form_says_what_to_do_first(client, db, admin, login):
     assert "SFT needs demonstrations in the train split: label some first (0 so far)" in response.text
     assert "&#34;epochs&#34;: 2" in response.text  # the form keeps what was typed
     assert runs_queued(db) == 0
+
+
+TRACEBACK = """Traceback (most recent call last):
+  File "/srv/worker/jobs.py", line 290, in run_sft
+    raise RuntimeError("no demonstrations in the train split yet")
+RuntimeError: no demonstrations in the train split yet"""
+
+
+def test_a_failed_runs_page_says_why_and_folds_the_traceback_away(client, db, admin, login):
+    run = TrainingRun(
+        kind="sft",
+        status="failed",
+        error="RuntimeError: no demonstrations in the train split yet",
+        traceback=TRACEBACK,
+        finished_at=utcnow(),
+    )
+    db.add(run)
+    db.flush()
+    labeler = UserFactory()
+    login(labeler.username)
+    assert client.get(f"/admin/runs/{run.id}", follow_redirects=False).status_code == 403  # admins only
+    login(admin.username)
+    page = client.get(f"/admin/runs/{run.id}").text
+    assert text(page, "run-reason") == "No demonstrations in the train split yet."
+    # The traceback is there for an admin who asks, inside a details element that starts closed.
+    details = re.search(r"<details([^>]*)>(.*?)</details>", page, re.S)
+    assert details is not None and 'data-testid="run-traceback-details"' in details.group(1), page
+    assert " open" not in details.group(1)
+    assert "<summary>" in details.group(2) and "File &#34;/srv/worker/jobs.py&#34;, line 290" in details.group(2)
+    outside = page.replace(details.group(0), "")
+    assert "Traceback (most recent call last)" not in outside and "/srv/worker/jobs.py" not in outside
