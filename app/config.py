@@ -54,6 +54,14 @@ class Settings(BaseSettings):
         ge=1,
         description="A job running longer is stopped (Celery's soft time limit) and its run fails; killed 300 s later.",
     )
+    worker_torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "torch intra-op threads per worker process; unset: the CPUs this process may use divided by the "
+            "worker's concurrency, at least 1."
+        ),
+    )
     beat_dispatch_s: float = Field(15.0, gt=0, description="Beat: seconds between sends of runs the broker lost.")
     beat_reap_s: float = Field(60.0, gt=0, description="Beat: seconds between re-queues of runs with no heartbeat.")
     beat_expire_leases_s: float = Field(60.0, gt=0, description="Beat: seconds between returns of lapsed leases.")

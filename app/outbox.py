@@ -39,6 +39,7 @@ RUN_TASKS = {
 }
 LIGHT_TASKS = (
     "instructloop.ping",
+    "instructloop.torch_threads",
     "instructloop.dispatch_pending_runs",
     "instructloop.reap_stale_runs",
     "instructloop.expire_leases",

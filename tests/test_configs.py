@@ -26,6 +26,7 @@ from app.training.configs import (
     param_specs,
     validate_params,
 )
+from tests.test_run_readiness import ready_for_every_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = {
@@ -210,6 +211,7 @@ def test_api_refuses_bad_params_naming_the_field(client, db, auth):
 
 @pytest.mark.sqlite
 def test_valid_params_round_trip(client, db, auth):
+    ready_for_every_run(db)
     sent = {
         "sft": {
             "epochs": 2,

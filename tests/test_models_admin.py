@@ -14,6 +14,7 @@ from app.models import ModelVersion, TrainingRun, User, utcnow
 from app.security import create_api_token, hash_password
 from tests.factories import PASSWORD, ModelVersionFactory, UserFactory
 from tests.html_text import text
+from tests.test_run_readiness import ready_for_every_run
 
 
 @pytest.fixture
@@ -246,6 +247,7 @@ def test_lists_and_shows_runs(client, db, auth):
 
 @pytest.mark.sqlite
 def test_start_run_by_hand_refuses_a_second_and_bad_fields(client, db, auth, admin):
+    ready_for_every_run(db)
     started = client.post(
         "/api/v1/runs", json={"kind": "sft", "params": {"epochs": 2, "learning_rate": 1e-3}}, headers=auth
     )
@@ -300,6 +302,7 @@ def test_cancel_stops_the_worker_and_fails_its_model(client, db, auth):
     again = client.post(f"/api/v1/runs/{running.id}/cancel", headers=auth)
     assert again.status_code == 409 and "is cancelled" in again.json()["detail"]
     # A cancelled SFT run no longer blocks a new one.
+    ready_for_every_run(db)
     assert client.post("/api/v1/runs", json={"kind": "sft"}, headers=auth).status_code == 201
 
 
@@ -374,6 +377,7 @@ def test_promote_and_rollback_forms(client, db, admin_csrf):
 
 
 def test_runs_pages_start_show_and_cancel(client, db, admin_csrf):
+    ready_for_every_run(db)
     response = client.post(
         "/admin/runs", data={"csrf_token": admin_csrf, "kind": "rm", "params": '{"epochs": 2}'}, follow_redirects=False
     )
@@ -415,7 +419,8 @@ def test_runs_pages_start_show_and_cancel(client, db, admin_csrf):
         traceback="Traceback (most recent call last):\n  <b>File</b>",
     )
     page = client.get(f"/admin/runs/{failed.id}").text
-    assert "RuntimeError: PPO needs an SFT model" in page and "&lt;b&gt;File&lt;/b&gt;" in page  # escaped
+    assert text(page, "run-reason") == "PPO needs an SFT model."  # the reason in words, the traceback folded
+    assert "&lt;b&gt;File&lt;/b&gt;</pre></details>" in page  # escaped
 
 
 @pytest.mark.slow

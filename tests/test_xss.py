@@ -353,6 +353,7 @@ def test_admin_pages_show_payloads_as_text(browser_page, live_server, hostile):
     wait_for_rewrite(page, "[data-testid=run]", ("message", "latest"))
     assert page.get_by_test_id("run-message").inner_text() == PAYLOADS[2]
     assert page.get_by_test_id("live-metrics").locator("th").all_inner_texts() == ["step", METRIC]
+    page.get_by_test_id("run-traceback-details").locator("summary").click()  # the traceback starts folded
     assert_inert(page, visible=[PAYLOADS[2], PAYLOADS[4], PAYLOADS[6], METRIC, SHORT])
     page.goto(f"{live_server}/admin/runs/{hostile['failed']}")
     assert_inert(page, visible=[PAYLOADS[1], PAYLOADS[3]])

@@ -22,7 +22,7 @@ from app.config import get_settings
 from app.db import session_scope
 from app.outbox import send_pending_runs
 from app.registry import versions as registry
-from worker.celery_app import app
+from worker.celery_app import app, cap_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def _job(name: str) -> JobBody:
     def body(run_id: int, report: RunReporter) -> tuple[dict[str, Any], int | None]:
         from worker import jobs
 
+        cap_torch_threads()
         return getattr(jobs, name)(run_id, report)
 
     return body
@@ -164,6 +165,15 @@ def validate_model(run_id: int) -> str:
 def ping() -> str:
     """Answers, proving a worker consumes the default queue."""
     return "pong"
+
+
+@app.task(name="instructloop.torch_threads")
+def torch_threads() -> int:
+    """Says how many intra-op threads torch uses in this worker process (INSTRUCTLOOP_WORKER_TORCH_THREADS)."""
+    import torch
+
+    cap_torch_threads()
+    return torch.get_num_threads()
 
 
 @app.task(name="instructloop.dispatch_pending_runs")

@@ -91,10 +91,14 @@ class RunRequestError(FieldError):
 
 
 def start_manual_run(db: Session, kind: str, params: dict[str, Any], username: str) -> TrainingRun:
-    """Starts a run by hand; 422 naming the first bad setting in params, 409 while one of that kind is active."""
+    """Starts a run by hand; 422 naming the first bad setting in params, 409 while one of that kind is active
+    or while it lacks what it starts from (a model, train data), saying what to do first."""
     params = validate_params(kind, params)
     if active_run(db, kind) is not None:
         raise RunRequestError("kind", f"a {kind} run is already queued or running", 409)
+    missing = training.missing_for(db, kind)
+    if missing is not None:  # the worker's own checks stay as a backstop for data deleted in between
+        raise RunRequestError("kind", missing, 409)
     with db.begin_nested():  # a RunError (409, about `kind`) when another admin's run got in first
         return start_run(db, kind, params=params, triggered_by=f"admin:{username}"[:32])
 

@@ -198,3 +198,33 @@ def start_due_runs(db: Session) -> list[TrainingRun]:
         except RunError:
             return []
     return []
+
+
+def missing_for(db: Session, kind: str) -> str | None:
+    """Says what a run of `kind` still lacks to start (a model to start from, train data), or None when it can.
+
+    The same queries the worker's jobs read, so a run that is refused here is one the job would fail.
+    """
+    base = latest(db, "base")  # a promoted base is usable too, so this finds one whenever the job would
+    if kind == "sft":
+        if base is None:
+            return "SFT needs a base model to start from: register one first"
+        count = len(demonstrations(db)[0]["train"])
+        if count == 0:
+            return f"SFT needs demonstrations in the train split: label some first ({count} so far)"
+    elif kind in ("rm", "dpo"):
+        name = "the reward model" if kind == "rm" else "DPO"
+        if latest(db, "sft") is None and base is None:
+            return f"{name} needs an SFT or base model to start from: register a base model first"
+        train = rankings(db)[0]["train"]
+        useful = sum(1 for row in train if len(set(row.ranks)) >= 2)
+        if useful == 0:
+            return (
+                f"{name} needs rankings in the train split that put outputs in at least two different ranks: "
+                f"rank some first ({useful} so far, of {len(train)} rankings)"
+            )
+    elif kind == "ppo":
+        lacking = [name for name, k in (("an SFT model", "sft"), ("a reward model", "rm")) if latest(db, k) is None]
+        if lacking:
+            return f"PPO needs an SFT model and a reward model: train {' and '.join(lacking)} first"
+    return None

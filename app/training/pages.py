@@ -11,6 +11,7 @@ error and traceback, with a cancel button. Forms share the API's helpers
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
@@ -87,6 +88,19 @@ def run_start(
     return RedirectResponse(f"/admin/runs/{run.id}", status_code=303)
 
 
+# The worker records a failure as "ExceptionName: message"; the page leads with the message, in words.
+_EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Cancelled): ")
+
+
+def readable_reason(error: str | None) -> str:
+    """Says why a run failed as a sentence: the message without the exception's class name."""
+    if not error:
+        return ""
+    reason = _EXCEPTION_PREFIX.sub("", error.strip(), count=1).strip() or error.strip()
+    reason = reason[0].upper() + reason[1:]
+    return reason if reason.endswith((".", "!", "?", ")")) else f"{reason}."
+
+
 def _run_page(request: Request, principal, db: Session, run: TrainingRun, status_code: int = 200, **context: Any):
     rows, other = flat_metrics(run.metrics or {})
     live = (run.metrics or {}).get("curve") or []
@@ -97,6 +111,7 @@ def _run_page(request: Request, principal, db: Session, run: TrainingRun, status
         principal,
         status_code=status_code,
         run=run,
+        reason=readable_reason(run.error),
         charts=curves(run.metrics or {}),
         metric_rows=rows,
         metric_other=pretty_json(other) if other else "",
