@@ -186,3 +186,24 @@ def test_the_cli_exports_kto_kway_and_margin_from_postgresql(committed_session, 
     assert all(isinstance(json.loads(line)["margin"], int) for line in out.read_text().splitlines())
     bad = instructloop("export", "comparisons", "--out", str(out), "--margin", "nope")
     assert bad.returncode == 2 and "margin: must be one of" in bad.stdout + bad.stderr
+
+
+@pytest.mark.sqlite(only=True)
+def test_http_export_takes_kto_kway_and_margin(client, db):
+    from app.security import create_api_token
+    from tests.test_export import add_user
+
+    kto_world(db)
+    token, _ = create_api_token(db, add_user(db, "admin"), ["export:read"])
+    db.commit()
+    auth = {"authorization": f"Bearer {token}"}
+    for kind, query, schema, margin in (
+        ("rankings", "schema=kto", "kto", None),
+        ("rankings", "schema=kway", "kway", None),
+        ("comparisons", "schema=openai&margin=likert", "openai", "likert"),
+        ("comparisons", "margin=rank", "trl", "rank"),
+    ):
+        response = client.get(f"/api/v1/export/{kind}?{query}", headers=auth)
+        assert response.status_code == 200, response.text
+        rows = [json.loads(line) for line in response.text.splitlines()]
+        assert rows and rows == rows_of(db, kind, schema, margin=margin)
