@@ -218,8 +218,12 @@ def export_cmd(
     exclude_flagged: Annotated[bool, typer.Option(help="Drop rankings marked all-unacceptable.")] = False,
     cursor: Annotated[str | None, typer.Option(help="Resume after the row carrying this cursor.")] = None,
     schema: Annotated[
-        str, typer.Option(help="Row shape of comparisons and demonstrations: trl, trl_chat, openai or hh_rlhf.")
+        str,
+        typer.Option(
+            help="Row shape: trl, trl_chat, openai or hh_rlhf (comparisons, demonstrations); kto or kway (rankings)."
+        ),
     ] = "trl",
+    margin: Annotated[str | None, typer.Option(help="Comparisons: add a margin per pair, rank or likert.")] = None,
 ) -> None:
     """Export demonstrations, comparisons or rankings from one database snapshot, with a progress bar."""
     from datetime import datetime
@@ -244,6 +248,7 @@ def export_cmd(
             cursor=cursor,
             gzip=gzip,
             schema=schema,
+            margin=margin,
             batch=batch,
             split=split,
             since=when("since", since),

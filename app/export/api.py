@@ -60,7 +60,13 @@ class ExportQuery(BaseModel):
         description="Comparisons and demonstrations: the row shape. 'trl' (default: TRL's standard format, the "
         "prompt as text), 'trl_chat' (TRL's conversational format: messages), 'openai' (OpenAI fine-tuning JSONL: "
         "preference rows for comparisons, chat rows for demonstrations) or 'hh_rlhf' (Human:/Assistant: "
-        "transcripts). JSON Lines only, except 'trl'.",
+        "transcripts). Rankings: 'kto' (TRL unpaired rows with a boolean label, one per output the ranking and "
+        "Likert label) or 'kway' (lossless: the conversation and every output). JSON Lines only, except 'trl'.",
+    )
+    margin: str | None = Field(
+        None,
+        description="Comparisons, JSON Lines: add a `margin` per pair, 'rank' (rejected_rank - chosen_rank) or "
+        "'likert' (chosen_likert - rejected_likert).",
     )
     aggregate: Literal["none", "consensus"] = Field(
         "none",
@@ -104,7 +110,7 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep, pri
     settings = get_settings()
     file_gzip = query.compress == "gzip"
     transfer_gzip = not file_gzip and _accepts_gzip(request.headers.get("accept-encoding", ""))
-    filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate", "row_schema"})
+    filters = query.model_dump(exclude={"format", "compress", "cursor", "aggregate", "row_schema", "margin"})
     export = SnapshotExport(
         db.get_bind().engine,
         kind,
@@ -114,6 +120,7 @@ def _export(kind: str, query: ExportQuery, request: Request, db: SessionDep, pri
         gzip=file_gzip or transfer_gzip,
         aggregate=query.aggregate,
         schema=query.row_schema,
+        margin=query.margin,
         **filters,
     )
     chunks = export.chunks()

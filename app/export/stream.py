@@ -94,15 +94,16 @@ class Cursor:
 _CURSOR = re.compile(r"([0-9]{1,19})(?::([0-9]{1,19}))?")
 
 
-def parse_cursor(kind: str, text: str) -> Cursor:
-    """Parses a cursor from a row of this export: 'ranking_id:pair_index' for comparisons, else an id.
+def parse_cursor(kind: str, text: str, schema: str = "trl") -> Cursor:
+    """Parses a cursor from a row of this export: 'ranking_id:pair_index' for comparisons (and KTO rows), else an id.
 
     Anything else is a 400 naming `cursor`, decided here: an id past the database's 64-bit range would
     otherwise fail in the query, after the answer began.
     """
     match = _CURSOR.fullmatch(text)
-    if match is None or (match.group(2) is not None and kind != "comparisons"):
-        shape = "'<ranking_id>:<pair_index>'" if kind == "comparisons" else "a row id"
+    paired = kind == "comparisons" or (kind == "rankings" and schema == "kto")
+    if match is None or (match.group(2) is not None and not paired):
+        shape = "'<ranking_id>:<pair_index>'" if paired else "a row id"
         raise ExportError(
             "cursor", f"expected {shape} copied from the last row received, got {_shown(text)}", status=400
         )
@@ -395,12 +396,18 @@ def _consensus_units(conn: Connection, filters: ExportFilters, cursor: Cursor | 
 
 
 def _texts(
-    kind: str, fmt: str, units: Iterable[Any], cursor: Cursor | None, names: Names, schema: str = "trl"
+    kind: str,
+    fmt: str,
+    units: Iterable[Any],
+    cursor: Cursor | None,
+    names: Names,
+    schema: str = "trl",
+    margin: str | None = None,
 ) -> Iterator[tuple[str, int]]:
     """Yields (text, units consumed) pieces of the export body of about CHUNK_CHARS each."""
     render = RENDER[kind, fmt]
-    if schema != "trl":
-        render = schemas.schema_render(kind, schema, render)
+    if schema != "trl" or margin is not None:
+        render = schemas.schema_render(kind, schema, render, margin)
     # Only the ranking a comparisons cursor points into is cut; later ones start from their first pair.
     skip_id: int | None = None
     skip_through = -1
@@ -432,16 +439,17 @@ def export_chunks(
     on_progress: Callable[[int], None] | None = None,
     aggregate: str = "none",
     schema: str = "trl",
+    margin: str | None = None,
 ) -> Iterator[bytes]:
     """Streams an export read from `conn` as UTF-8 (optionally gzip) chunks; `on_progress` gets units read."""
-    _check_kind_and_format(kind, fmt, aggregate, schema)
+    _check_kind_and_format(kind, fmt, aggregate, schema, margin)
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if gzip else None
     names = Names(conn, secret_key)
     if aggregate == "consensus":
         pieces = _texts("consensus", fmt, _consensus_units(conn, filters, cursor), cursor, names)
     else:
         rows = _units(conn, kind, filters, cursor, with_messages=schema != "trl")
-        pieces = _texts(kind, fmt, rows, cursor, names, schema)
+        pieces = _texts(kind, fmt, rows, cursor, names, schema, margin)
     for text, units in pieces:
         data = text.encode()
         if compressor is not None:
@@ -454,7 +462,9 @@ def export_chunks(
         yield compressor.flush()
 
 
-def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none", schema: str = "trl") -> None:
+def _check_kind_and_format(
+    kind: str, fmt: str, aggregate: str = "none", schema: str = "trl", margin: str | None = None
+) -> None:
     if kind not in EXPORT_KINDS:
         raise ExportError("kind", f"must be one of {', '.join(EXPORT_KINDS)}")
     if fmt not in EXPORT_FORMATS:
@@ -465,6 +475,10 @@ def _check_kind_and_format(kind: str, fmt: str, aggregate: str = "none", schema:
         raise ExportError("aggregate", "only the rankings export can be aggregated")
     if (problem := schemas.schema_problem(kind, fmt, schema)) is not None:
         raise ExportError("schema", problem)
+    if aggregate != "none" and schema != "trl":
+        raise ExportError("schema", "a consensus is exported as it is; leave schema out")
+    if (problem := schemas.margin_problem(kind, fmt, margin)) is not None:
+        raise ExportError("margin", problem)
 
 
 class SnapshotExport:
@@ -481,12 +495,13 @@ class SnapshotExport:
         gzip: bool = False,
         aggregate: str = "none",
         schema: str = "trl",
+        margin: str | None = None,
         **filter_values: Any,
     ):
-        _check_kind_and_format(kind, fmt, aggregate, schema)
+        _check_kind_and_format(kind, fmt, aggregate, schema, margin)
         self.kind, self.secret_key, self.fmt, self.gzip, self.aggregate = kind, secret_key, fmt, gzip, aggregate
-        self.schema = schema
-        self.cursor = parse_cursor(kind, cursor) if cursor else None
+        self.schema, self.margin = schema, margin
+        self.cursor = parse_cursor(kind, cursor, schema) if cursor else None
         self.conn: Connection | None = open_snapshot(engine)
         try:
             # Resolved inside the snapshot, so a batch or labeler named here is the one exported.
@@ -514,6 +529,7 @@ class SnapshotExport:
                 on_progress=on_progress,
                 aggregate=self.aggregate,
                 schema=self.schema,
+                margin=self.margin,
             )
         finally:
             self.close()
