@@ -302,9 +302,16 @@ def run_sft(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     return _jsonable({**metrics, "config": asdict(config)}), version_id
 
 
+def _ranking_examples(rows: list[Any]) -> list[Any]:
+    """The trainers' RankingExamples from training.rankings() rows (the reward model's and DPO's data)."""
+    from worker.train_rm import RankingExample
+
+    return [RankingExample(r.prompt, r.completions, r.ranks, r.labeler) for r in rows]
+
+
 def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Trains a reward model on the rankings, from the newest SFT model (else the base)."""
-    from worker.train_rm import RankingExample, train_rm
+    from worker.train_rm import train_rm
 
     params = _params(run_id)
     with session_scope() as db:
@@ -316,9 +323,6 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         params = _with_recipe(db, backbone, "rm", params)
         backbone_id, backbone_path = backbone.id, backbone.artifact_path
 
-    def examples(rows):
-        return [RankingExample(r.prompt, r.completions, r.ranks, r.labeler) for r in rows]
-
     config = config_for("rm", params)
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
@@ -326,8 +330,8 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     version_id, out = _begin_version(run_id, "rm", backbone_id, {"backbone": backbone_id}, snap.as_dict())
     metrics = train_rm(
         backbone_path,
-        examples(data["train"]),
-        examples(data["valid"]),
+        _ranking_examples(data["train"]),
+        _ranking_examples(data["valid"]),
         config,
         out,
         checkpoint_dir=run_dir(run_id) / "checkpoint",
@@ -340,7 +344,6 @@ def run_rm(run_id: int, report) -> tuple[dict[str, Any], int | None]:
 def run_dpo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     """Trains the newest SFT model (else the base) on the rankings with DPO; the result is a policy version."""
     from worker.train_dpo import train_dpo
-    from worker.train_rm import RankingExample
 
     params = _params(run_id)
     with session_scope() as db:
@@ -351,9 +354,6 @@ def run_dpo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
         params = _with_recipe(db, start, "dpo", params)
         start_id, start_path = start.id, start.artifact_path
 
-    def examples(rows):
-        return [RankingExample(r.prompt, r.completions, r.ranks, r.labeler) for r in rows]
-
     config = config_for("dpo", params)
     if not data["train"]:
         raise RuntimeError("no rankings in the train split yet")
@@ -361,8 +361,8 @@ def run_dpo(run_id: int, report) -> tuple[dict[str, Any], int | None]:
     version_id, out = _begin_version(run_id, "policy", start_id, {"sft": start_id}, snap.as_dict())
     metrics = train_dpo(
         start_path,
-        examples(data["train"]),
-        examples(data["valid"]),
+        _ranking_examples(data["train"]),
+        _ranking_examples(data["valid"]),
         config,
         out,
         checkpoint_dir=run_dir(run_id) / "checkpoint",
